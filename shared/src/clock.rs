@@ -1,0 +1,268 @@
+//! The stack's clock. Off by default it is the system clock. With the test
+//! clock on (`--test-clock`), now = system time + an offset kept in Redis, so
+//! one AdvanceTime call moves all three services at once and tests cross
+//! cycle ends and the 90-day window without waiting. The offset only grows.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, TimeZone, Utc};
+use redis::Script;
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::idempotency::{REQUEST_RETENTION, digest};
+use crate::proto::testclock::v1 as pb;
+use crate::storage::Redis;
+use crate::time::{from_timestamp, to_timestamp};
+use crate::validate::Checks;
+
+/// One slot for the offset and the request records of the clock (Redis
+/// Cluster: the scripts below touch both).
+const OFFSET_KEY: &str = "testclock:{clock}:offset_ms";
+const REQUEST_KEY_PREFIX: &str = "testclock:{clock}:request:";
+const DOMAIN: &str = "testclock.inmail";
+/// AdvanceTime accepts at most this much at once.
+const MAX_ADVANCE: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+
+/// KEYS[1] offset, KEYS[2] request record. ARGV[1] fingerprint, ARGV[2]
+/// mode ("by" or "to"), ARGV[3] amount ms (delta, or target epoch ms),
+/// ARGV[4] system time ms, ARGV[5] retention ms.
+/// Checks, before any write: request id reuse; the clock never goes back.
+/// Returns {"ok", now_ms} | {"mismatch"} | {"back", now_ms}.
+const MOVE_SCRIPT: &str = r#"
+local rec = redis.call('HMGET', KEYS[2], 'fp', 'now')
+if rec[1] then
+  if rec[1] ~= ARGV[1] then return {'mismatch'} end
+  return {'ok', rec[2]}
+end
+local offset = tonumber(redis.call('GET', KEYS[1]) or '0')
+local system = tonumber(ARGV[4])
+local new_offset
+if ARGV[2] == 'by' then
+  new_offset = offset + tonumber(ARGV[3])
+else
+  if tonumber(ARGV[3]) < system + offset then return {'back', tostring(system + offset)} end
+  new_offset = tonumber(ARGV[3]) - system
+end
+redis.call('SET', KEYS[1], string.format('%d', new_offset))
+local now = string.format('%d', system + new_offset)
+redis.call('HSET', KEYS[2], 'fp', ARGV[1], 'now', now)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return {'ok', now}
+"#;
+
+#[derive(Clone)]
+pub struct Clock {
+    test: Option<Arc<TestClock>>,
+}
+
+struct TestClock {
+    redis: Redis,
+    move_script: Script,
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clock")
+            .field("test", &self.test.is_some())
+            .finish()
+    }
+}
+
+impl Clock {
+    pub fn system() -> Self {
+        Self { test: None }
+    }
+
+    /// The shared test clock, stored in `redis`.
+    pub fn test(redis: Redis) -> Self {
+        Self {
+            test: Some(Arc::new(TestClock {
+                redis,
+                move_script: Script::new(MOVE_SCRIPT),
+            })),
+        }
+    }
+
+    pub fn is_test(&self) -> bool {
+        self.test.is_some()
+    }
+
+    pub async fn now(&self) -> Result<DateTime<Utc>, ApiError> {
+        Ok(millis_to_datetime(self.now_ms().await?))
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub async fn now_ms(&self) -> Result<i64, ApiError> {
+        let system = system_ms();
+        match &self.test {
+            None => Ok(system),
+            Some(test) => {
+                let offset: Option<i64> = redis::cmd("GET")
+                    .arg(OFFSET_KEY)
+                    .query_async(&mut test.redis.conn())
+                    .await?;
+                Ok(system + offset.unwrap_or(0))
+            }
+        }
+    }
+
+    async fn move_clock(
+        &self,
+        request_id: &str,
+        mode: &str,
+        amount_ms: i64,
+    ) -> Result<DateTime<Utc>, ApiError> {
+        let Some(test) = &self.test else {
+            return Err(ApiError::failed_precondition(
+                "TEST_CLOCK_DISABLED",
+                "the test clock is off; start the services with --test-clock (TEST_CLOCK=true) to move time",
+            ));
+        };
+        let fp = digest(&[mode.as_bytes(), &amount_ms.to_be_bytes()]);
+        let reply: Vec<String> = test
+            .move_script
+            .key(OFFSET_KEY)
+            .key(format!("{REQUEST_KEY_PREFIX}{request_id}"))
+            .arg(fp)
+            .arg(mode)
+            .arg(amount_ms)
+            .arg(system_ms())
+            .arg(REQUEST_RETENTION.as_millis() as u64)
+            .invoke_async(&mut test.redis.conn())
+            .await?;
+        let now = |i: usize| -> Result<DateTime<Utc>, ApiError> {
+            reply
+                .get(i)
+                .and_then(|s| s.parse::<i64>().ok())
+                .map(millis_to_datetime)
+                .ok_or_else(|| ApiError::internal("clock script answered no time"))
+        };
+        match reply.first().map(String::as_str) {
+            Some("ok") => now(1),
+            Some("mismatch") => Err(ApiError::request_id_reused()),
+            Some("back") => Err(ApiError::failed_precondition(
+                "CLOCK_WOULD_GO_BACK",
+                format!(
+                    "the clock is already at {}; it only moves forward",
+                    now(1)?.to_rfc3339()
+                ),
+            )),
+            _ => Err(ApiError::internal("unexpected reply from the clock script")),
+        }
+    }
+}
+
+pub fn system_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn millis_to_datetime(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// `inmail.testclock.v1.TestClockService`, served by every service.
+#[derive(Clone, Debug)]
+pub struct TestClockApi {
+    clock: Clock,
+}
+
+impl TestClockApi {
+    pub fn new(clock: Clock) -> Self {
+        Self { clock }
+    }
+
+    pub fn into_server(self) -> pb::test_clock_service_server::TestClockServiceServer<Self> {
+        pb::test_clock_service_server::TestClockServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::test_clock_service_server::TestClockService for TestClockApi {
+    async fn get_time(
+        &self,
+        _request: Request<pb::GetTimeRequest>,
+    ) -> Result<Response<pb::GetTimeResponse>, Status> {
+        let now = self.clock.now().await.map_err(|e| e.into_status(DOMAIN))?;
+        Ok(Response::new(pb::GetTimeResponse {
+            now: Some(to_timestamp(now)),
+            test_clock_enabled: self.clock.is_test(),
+        }))
+    }
+
+    async fn advance_time(
+        &self,
+        request: Request<pb::AdvanceTimeRequest>,
+    ) -> Result<Response<pb::AdvanceTimeResponse>, Status> {
+        let request = request.into_inner();
+        let mut checks = Checks::new();
+        checks.request_id(&request.request_id);
+        let by = match request.by.map(Duration::try_from) {
+            Some(Ok(by)) if !by.is_zero() && by <= MAX_ADVANCE => Some(by),
+            Some(Ok(by)) if by.is_zero() => {
+                checks.add("by", "must be positive");
+                None
+            }
+            Some(Ok(_)) => {
+                checks.add("by", "must be at most 100 years");
+                None
+            }
+            Some(Err(_)) => {
+                checks.add("by", "must be positive");
+                None
+            }
+            None => {
+                checks.add("by", "is required");
+                None
+            }
+        };
+        checks.finish().map_err(|e| e.into_status(DOMAIN))?;
+        let by = by.expect("checked above");
+        let now = self
+            .clock
+            .move_clock(&request.request_id, "by", by.as_millis() as i64)
+            .await
+            .map_err(|e| e.into_status(DOMAIN))?;
+        tracing::info!(by = ?by, now = %now, "test clock advanced");
+        Ok(Response::new(pb::AdvanceTimeResponse {
+            now: Some(to_timestamp(now)),
+        }))
+    }
+
+    async fn set_time(
+        &self,
+        request: Request<pb::SetTimeRequest>,
+    ) -> Result<Response<pb::SetTimeResponse>, Status> {
+        let request = request.into_inner();
+        let mut checks = Checks::new();
+        checks.request_id(&request.request_id);
+        let target = match request.time.as_ref().map(from_timestamp) {
+            Some(Some(t)) => Some(t),
+            Some(None) => {
+                checks.add("time", "is not a valid timestamp");
+                None
+            }
+            None => {
+                checks.add("time", "is required");
+                None
+            }
+        };
+        checks.finish().map_err(|e| e.into_status(DOMAIN))?;
+        let target = target.expect("checked above");
+        let now = self
+            .clock
+            .move_clock(&request.request_id, "to", target.timestamp_millis())
+            .await
+            .map_err(|e| e.into_status(DOMAIN))?;
+        tracing::info!(now = %now, "test clock set");
+        Ok(Response::new(pb::SetTimeResponse {
+            now: Some(to_timestamp(now)),
+        }))
+    }
+}

@@ -1,0 +1,73 @@
+//! Flags every binary takes, each with an environment variable. Service
+//! specific flags (listen address, other services' URLs) live in each binary.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::server::ServerLimits;
+use crate::storage::RedisSettings;
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Redis holding this service's state.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Bound on one Redis command or script (e.g. 2s, 500ms).
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Log format: human or json.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// Log filter, tracing-subscriber EnvFilter syntax (e.g. info, billing_credits=debug).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Where to serve Prometheus metrics (e.g. 0.0.0.0:9101); off when unset.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Upper bound on any call; a shorter client deadline wins.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Calls served at once; beyond it calls are shed with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// How long shutdown waits for in-flight calls.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// How long to keep serving after reporting NOT_SERVING on shutdown.
+    #[arg(long, env = "SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// Turn on the shared test clock (TestClockService can move time). Never
+    /// in production.
+    #[arg(long, env = "TEST_CLOCK", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub test_clock: bool,
+}
+
+impl CommonArgs {
+    pub fn limits(&self) -> ServerLimits {
+        ServerLimits {
+            request_timeout: self.request_timeout,
+            max_concurrent_requests: self.max_concurrent_requests as usize,
+            shutdown_grace: self.shutdown_grace,
+            shutdown_delay: self.shutdown_delay,
+        }
+    }
+
+    pub fn redis(&self) -> RedisSettings {
+        RedisSettings {
+            response_timeout: self.redis_timeout,
+            ..RedisSettings::new(self.redis_url.clone())
+        }
+    }
+}

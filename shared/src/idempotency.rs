@@ -1,0 +1,227 @@
+//! AIP-155 request ids: a retry with the same `request_id` gets the first
+//! outcome; the same id with different arguments is refused.
+//!
+//! Billing and subscription-plan keep their request records inside their own
+//! Lua scripts (one atomic step with the change). Operations that span several
+//! keys use [`RequestLog`]: claim the id (recording a fingerprint of the
+//! arguments), do the idempotent work, then store the outcome.
+
+use std::time::Duration;
+
+use redis::Script;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tonic::Code;
+
+use crate::error::ApiError;
+use crate::storage::Redis;
+
+/// How long a request id is remembered.
+pub const REQUEST_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A digest of a request's arguments (the request with `request_id` cleared).
+pub fn fingerprint<M: prost::Message>(request_without_id: &M) -> String {
+    digest(&[&request_without_id.encode_to_vec()])
+}
+
+/// Hex SHA-256 (first 128 bits) of the parts, length-prefixed so that
+/// ("ab","c") and ("a","bc") differ.
+pub fn digest(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// What a stored request produced: a response or a final (non-transient) error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The encoded response message.
+    Response(Vec<u8>),
+    /// A business refusal (code, reason, message).
+    Refused {
+        code: i32,
+        reason: String,
+        message: String,
+    },
+}
+
+impl Outcome {
+    pub fn of<M: prost::Message>(result: &Result<M, ApiError>) -> Option<Self> {
+        match result {
+            Ok(response) => Some(Self::Response(response.encode_to_vec())),
+            Err(err) if err.is_transient() => None,
+            Err(err) => Some(Self::Refused {
+                code: err.code() as i32,
+                reason: err.reason().to_string(),
+                message: err.message().to_string(),
+            }),
+        }
+    }
+
+    pub fn into_result<M: prost::Message + Default>(self) -> Result<M, ApiError> {
+        match self {
+            Self::Response(bytes) => M::decode(bytes.as_slice())
+                .map_err(|e| ApiError::internal(format!("stored response is unreadable: {e}"))),
+            Self::Refused {
+                code,
+                reason,
+                message,
+            } => Err(ApiError::from_parts(Code::from(code), &reason, message)),
+        }
+    }
+}
+
+/// The state of a request id when claimed.
+#[derive(Debug)]
+pub enum Claim {
+    /// First time: do the work, then [`RequestLog::complete`].
+    New,
+    /// Claimed before with the same arguments but no outcome stored yet (a
+    /// concurrent duplicate, or an attempt that died): the work is idempotent,
+    /// so drive it again.
+    InProgress,
+    /// Done before: answer this.
+    Done(Outcome),
+}
+
+/// KEYS[1] request record. ARGV[1] fingerprint, ARGV[2] retention ms.
+/// Checks: an existing record with another fingerprint is refused before any
+/// write. Returns {"new"} | {"pending"} | {"done", outcome} | {"mismatch"}.
+const CLAIM_SCRIPT: &str = r#"
+local rec = redis.call('HMGET', KEYS[1], 'fp', 'outcome')
+if not rec[1] then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'new'}
+end
+if rec[1] ~= ARGV[1] then return {'mismatch'} end
+if rec[2] then return {'done', rec[2]} end
+return {'pending'}
+"#;
+
+/// KEYS[1] request record. ARGV[1] fingerprint, ARGV[2] outcome, ARGV[3]
+/// retention ms. Checks: the record still carries this fingerprint; the first
+/// stored outcome wins.
+const COMPLETE_SCRIPT: &str = r#"
+local fp = redis.call('HGET', KEYS[1], 'fp')
+if fp and fp ~= ARGV[1] then return 0 end
+if redis.call('HSETNX', KEYS[1], 'outcome', ARGV[2]) == 1 then
+  if not fp then redis.call('HSET', KEYS[1], 'fp', ARGV[1]) end
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+"#;
+
+/// Request records under caller-chosen keys (each key carries the hash tag of
+/// the member it belongs to).
+#[derive(Clone)]
+pub struct RequestLog {
+    redis: Redis,
+    claim: Script,
+    complete: Script,
+}
+
+impl RequestLog {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            redis,
+            claim: Script::new(CLAIM_SCRIPT),
+            complete: Script::new(COMPLETE_SCRIPT),
+        }
+    }
+
+    pub async fn claim(&self, key: &str, fingerprint: &str) -> Result<Claim, ApiError> {
+        let reply: Vec<Vec<u8>> = self
+            .claim
+            .key(key)
+            .arg(fingerprint)
+            .arg(REQUEST_RETENTION.as_millis() as u64)
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        match reply.first().map(Vec::as_slice) {
+            Some(b"new") => Ok(Claim::New),
+            Some(b"pending") => Ok(Claim::InProgress),
+            Some(b"mismatch") => Err(ApiError::request_id_reused()),
+            Some(b"done") => {
+                let stored = reply
+                    .get(1)
+                    .ok_or_else(|| ApiError::internal("request record without outcome"))?;
+                let outcome = serde_json::from_slice(stored).map_err(|e| {
+                    ApiError::internal(format!("stored outcome is unreadable: {e}"))
+                })?;
+                Ok(Claim::Done(outcome))
+            }
+            _ => Err(ApiError::internal("unexpected reply from the claim script")),
+        }
+    }
+
+    /// Stores the outcome of a claimed request; transient errors are not
+    /// stored, so a retry does the work again.
+    pub async fn complete<M: prost::Message>(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        result: &Result<M, ApiError>,
+    ) -> Result<(), ApiError> {
+        let Some(outcome) = Outcome::of(result) else {
+            return Ok(());
+        };
+        let encoded = serde_json::to_vec(&outcome)
+            .map_err(|e| ApiError::internal(format!("cannot encode outcome: {e}")))?;
+        let _: i64 = self
+            .complete
+            .key(key)
+            .arg(fingerprint)
+            .arg(encoded)
+            .arg(REQUEST_RETENTION.as_millis() as u64)
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Claims `key`, runs `work` unless an outcome is stored, stores the
+    /// outcome, and answers the first outcome.
+    pub async fn run<M, F, Fut>(&self, key: &str, fingerprint: &str, work: F) -> Result<M, ApiError>
+    where
+        M: prost::Message + Default,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<M, ApiError>>,
+    {
+        if let Claim::Done(outcome) = self.claim(key, fingerprint).await? {
+            return outcome.into_result();
+        }
+        let result = work().await;
+        self.complete(key, fingerprint, &result).await?;
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_separates_parts() {
+        assert_ne!(digest(&[b"ab", b"c"]), digest(&[b"a", b"bc"]));
+        assert_eq!(digest(&[b"x"]), digest(&[b"x"]));
+        assert_eq!(digest(&[b"x"]).len(), 32);
+    }
+
+    #[test]
+    fn refusals_are_stored_but_transient_errors_are_not() {
+        let refused: Result<prost_types::Duration, _> =
+            Err(ApiError::failed_precondition("INSUFFICIENT_CREDITS", "none left"));
+        let stored = Outcome::of(&refused).expect("refusal stored");
+        let replayed = stored.into_result::<prost_types::Duration>().unwrap_err();
+        assert_eq!(replayed.reason(), "INSUFFICIENT_CREDITS");
+        assert_eq!(replayed.code(), Code::FailedPrecondition);
+
+        let transient: Result<prost_types::Duration, _> =
+            Err(ApiError::unavailable("STORAGE_UNAVAILABLE", "down"));
+        assert!(Outcome::of(&transient).is_none());
+    }
+}

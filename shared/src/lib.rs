@@ -1,0 +1,18 @@
+//! What the three InMail services share: the generated contracts, server
+//! bootstrap, telemetry, configuration, the error table, Redis, the clock.
+
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod idempotency;
+pub mod paging;
+pub mod proto;
+pub mod server;
+pub mod storage;
+pub mod telemetry;
+pub mod time;
+pub mod validate;
+
+pub use error::ApiError;

@@ -1,0 +1,478 @@
+//! Server bootstrap shared by the three services: grpc.health.v1 (following
+//! Redis reachability), server reflection v1 and v1alpha (grpcurl 1.8 speaks
+//! only v1alpha), a per-call deadline, load shedding with RetryInfo, one
+//! tracing span per call, RPC metrics, and graceful shutdown: NOT_SERVING
+//! first, then drain in-flight calls, within a bound.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tonic::codegen::http;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::{HealthReporter, HealthService};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::context::{CallContext, TRACEPARENT, TraceContext};
+use crate::error::ApiError;
+use crate::storage::Redis;
+
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+/// Limits every server applies.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Upper bound on any call; a shorter client deadline wins.
+    pub request_timeout: Duration,
+    /// Calls served at once across all connections; more are shed with
+    /// RESOURCE_EXHAUSTED and RetryInfo instead of queueing.
+    pub max_concurrent_requests: usize,
+    /// How long shutdown waits for in-flight calls before giving up on them.
+    pub shutdown_grace: Duration,
+    /// How long to keep serving after reporting NOT_SERVING, so load
+    /// balancers stop sending new calls before we stop accepting them.
+    pub shutdown_delay: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(10),
+            max_concurrent_requests: 1024,
+            shutdown_grace: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// The health every registered service reports: SERVING only while Redis
+/// answers and the server is not shutting down.
+#[derive(Clone)]
+pub struct HealthGate {
+    reporter: HealthReporter,
+    names: Arc<Mutex<Vec<String>>>,
+    state: Arc<Mutex<GateState>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GateState {
+    redis_ok: bool,
+    draining: bool,
+}
+
+impl HealthGate {
+    fn new(reporter: HealthReporter) -> Self {
+        Self {
+            reporter,
+            names: Arc::new(Mutex::new(vec![String::new()])),
+            state: Arc::new(Mutex::new(GateState {
+                redis_ok: false,
+                draining: false,
+            })),
+        }
+    }
+
+    fn register(&self, name: &str) {
+        self.names.lock().unwrap().push(name.to_string());
+    }
+
+    /// Whether the services report SERVING.
+    pub fn is_serving(&self) -> bool {
+        let state = *self.state.lock().unwrap();
+        state.redis_ok && !state.draining
+    }
+
+    pub async fn set_redis_ok(&self, ok: bool) {
+        let changed = {
+            let mut state = self.state.lock().unwrap();
+            let changed = state.redis_ok != ok;
+            state.redis_ok = ok;
+            changed
+        };
+        if changed {
+            if ok {
+                tracing::info!("redis reachable: SERVING");
+            } else {
+                tracing::warn!("redis unreachable: NOT_SERVING");
+            }
+        }
+        self.publish().await;
+    }
+
+    pub async fn begin_drain(&self) {
+        self.state.lock().unwrap().draining = true;
+        self.publish().await;
+    }
+
+    async fn publish(&self) {
+        let status = if self.is_serving() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        let names = self.names.lock().unwrap().clone();
+        for name in names {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// Pings Redis every `interval` and moves health with the answers.
+pub fn spawn_redis_watch(redis: Redis, gate: HealthGate, interval: Duration) {
+    tokio::spawn(async move {
+        loop {
+            let ok = matches!(
+                tokio::time::timeout(interval.max(Duration::from_millis(200)), redis.ping()).await,
+                Ok(Ok(()))
+            );
+            gate.set_redis_ok(ok).await;
+            if gate.state.lock().unwrap().draining {
+                return;
+            }
+            tokio::time::sleep(interval).await;
+        }
+    });
+}
+
+/// Collects a service's gRPC services and serves them with the shared
+/// middleware.
+pub struct GrpcServer {
+    routes: RoutesBuilder,
+    names: Vec<&'static str>,
+    gate: HealthGate,
+    limits: ServerLimits,
+    service: &'static str,
+}
+
+impl GrpcServer {
+    /// `service` labels metrics and logs (e.g. "billing-credits").
+    pub fn new(service: &'static str, limits: ServerLimits) -> Self {
+        let reporter = HealthReporter::new();
+        let gate = HealthGate::new(reporter.clone());
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(tonic_health::pb::health_server::HealthServer::new(
+            HealthService::from_health_reporter(reporter),
+        ));
+        Self {
+            routes,
+            names: Vec::new(),
+            gate,
+            limits,
+            service,
+        }
+    }
+
+    pub fn add_service<S>(&mut self, svc: S) -> &mut Self
+    where
+        S: Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME);
+        self.gate.register(S::NAME);
+        self.routes.add_service(svc);
+        self
+    }
+
+    pub fn health(&self) -> HealthGate {
+        self.gate.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then reports NOT_SERVING, waits
+    /// `shutdown_delay`, stops accepting and drains in-flight calls for at most
+    /// `shutdown_grace`.
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), tonic::transport::Error> {
+        let local_addr = listener.local_addr().ok();
+        let v1 = self
+            .reflection()
+            .build_v1()
+            .expect("descriptor sets are valid");
+        let v1alpha = self
+            .reflection()
+            .build_v1alpha()
+            .expect("descriptor sets are valid");
+        self.routes.add_service(v1);
+        self.routes.add_service(v1alpha);
+
+        let layer = RpcLayer::new(self.service, &self.limits);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
+            .layer(layer)
+            .add_routes(self.routes.routes())
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            });
+        tokio::pin!(server);
+        tracing::info!(service = self.service, addr = ?local_addr, "serving gRPC");
+
+        tokio::select! {
+            result = &mut server => return result,
+            () = shutdown => {}
+        }
+        tracing::info!(service = self.service, "shutting down: NOT_SERVING");
+        self.gate.begin_drain().await;
+        if !self.limits.shutdown_delay.is_zero() {
+            // Keep answering while balancers notice NOT_SERVING.
+            let _ = tokio::time::timeout(self.limits.shutdown_delay, &mut server).await;
+        }
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(self.limits.shutdown_grace, &mut server).await {
+            Ok(result) => {
+                tracing::info!(service = self.service, "drained; stopped");
+                result
+            }
+            Err(_) => {
+                tracing::warn!(
+                    service = self.service,
+                    grace = ?self.limits.shutdown_grace,
+                    "in-flight calls did not finish within the grace period; stopping anyway"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn reflection(&self) -> tonic_reflection::server::Builder<'static> {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE)
+            .with_service_name(REFLECTION_V1)
+            .with_service_name(REFLECTION_V1ALPHA);
+        for name in &self.names {
+            builder = builder.with_service_name(*name);
+        }
+        builder
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("can listen for SIGTERM");
+    let mut int = signal(SignalKind::interrupt()).expect("can listen for SIGINT");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// The middleware around every call.
+#[derive(Clone)]
+pub struct RpcLayer {
+    shared: Arc<LayerShared>,
+}
+
+struct LayerShared {
+    service: &'static str,
+    permits: Arc<Semaphore>,
+    request_timeout: Duration,
+}
+
+impl RpcLayer {
+    pub fn new(service: &'static str, limits: &ServerLimits) -> Self {
+        Self {
+            shared: Arc::new(LayerShared {
+                service,
+                permits: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
+                request_timeout: limits.request_timeout,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcService<S> {
+    inner: S,
+    shared: Arc<LayerShared>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RpcService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        // The clone that was polled ready serves this call (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+
+        let method = request.uri().path().to_string();
+        let budget = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map_or(shared.request_timeout, |t| t.min(shared.request_timeout));
+        let trace = request
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse)
+            .unwrap_or_else(TraceContext::new_root);
+        let ctx = CallContext {
+            deadline: Instant::now() + budget,
+            trace,
+        };
+        let span = tracing::info_span!(
+            "rpc",
+            service = shared.service,
+            method = %method,
+            trace_id = %ctx.trace.trace_id,
+            span_id = %ctx.trace.span_id,
+            member_id = tracing::field::Empty,
+            request_id = tracing::field::Empty,
+        );
+        request.extensions_mut().insert(ctx);
+
+        // Health and reflection answer even when the server is saturated.
+        let exempt = method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
+        let permit = if exempt {
+            None
+        } else {
+            match shared.permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let status = ApiError::resource_exhausted(
+                        "SERVER_OVERLOADED",
+                        format!(
+                            "{} is serving its maximum of concurrent calls; retry shortly",
+                            shared.service
+                        ),
+                        Duration::from_millis(100),
+                    )
+                    .into_status("server.inmail");
+                    record_call(shared.service, &method, "ResourceExhausted", Duration::ZERO);
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            }
+        };
+
+        Box::pin(
+            async move {
+                let started = Instant::now();
+                let outcome = tokio::time::timeout(budget, inner.call(request)).await;
+                drop(permit);
+                let response = match outcome {
+                    Ok(Ok(response)) => response,
+                    Ok(Err(err)) => return Err(err),
+                    Err(_) => {
+                        tracing::warn!(budget = ?budget, "deadline exceeded");
+                        tonic::Status::deadline_exceeded(format!(
+                            "the call did not finish within its deadline of {budget:?}"
+                        ))
+                        .into_http()
+                    }
+                };
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(tonic::Code::from)
+                    .unwrap_or(tonic::Code::Ok);
+                let elapsed = started.elapsed();
+                record_call(shared.service, &method, &format!("{code:?}"), elapsed);
+                if code == tonic::Code::Ok {
+                    tracing::debug!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "ok");
+                } else {
+                    tracing::info!(code = ?code, elapsed_ms = elapsed.as_secs_f64() * 1e3, "failed");
+                }
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+fn record_call(service: &'static str, method: &str, code: &str, elapsed: Duration) {
+    let labels = [
+        ("service", service.to_string()),
+        ("method", method.to_string()),
+        ("code", code.to_string()),
+    ];
+    metrics::histogram!("grpc_server_handling_seconds", &labels).record(elapsed.as_secs_f64());
+    metrics::counter!("grpc_server_handled_total", &labels).increment(1);
+}
+
+/// Parses a `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_grpc_timeout("9x"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+    }
+}
