@@ -117,6 +117,17 @@ impl CallContext {
     }
 }
 
+/// Adds the member a call acts for and its request id to the call's span.
+pub fn record_identity(member_id: &str, request_id: &str) {
+    let span = tracing::Span::current();
+    if !member_id.is_empty() {
+        span.record("member_id", member_id);
+    }
+    if !request_id.is_empty() {
+        span.record("request_id", request_id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

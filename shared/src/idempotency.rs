@@ -213,8 +213,10 @@ mod tests {
 
     #[test]
     fn refusals_are_stored_but_transient_errors_are_not() {
-        let refused: Result<prost_types::Duration, _> =
-            Err(ApiError::failed_precondition("INSUFFICIENT_CREDITS", "none left"));
+        let refused: Result<prost_types::Duration, _> = Err(ApiError::failed_precondition(
+            "INSUFFICIENT_CREDITS",
+            "none left",
+        ));
         let stored = Outcome::of(&refused).expect("refusal stored");
         let replayed = stored.into_result::<prost_types::Duration>().unwrap_err();
         assert_eq!(replayed.reason(), "INSUFFICIENT_CREDITS");

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -128,19 +129,29 @@ impl HealthGate {
     }
 }
 
-/// Pings Redis every `interval` and moves health with the answers.
-pub fn spawn_redis_watch(redis: Redis, gate: HealthGate, interval: Duration) {
+/// Pings Redis every `interval` and moves health with the answers, until
+/// `stop` is cancelled.
+pub fn spawn_redis_watch(
+    redis: Redis,
+    gate: HealthGate,
+    interval: Duration,
+    stop: CancellationToken,
+) {
     tokio::spawn(async move {
         loop {
-            let ok = matches!(
-                tokio::time::timeout(interval.max(Duration::from_millis(200)), redis.ping()).await,
-                Ok(Ok(()))
-            );
-            gate.set_redis_ok(ok).await;
+            let ping = tokio::time::timeout(interval.max(Duration::from_millis(200)), redis.ping());
+            let ok = tokio::select! {
+                result = ping => matches!(result, Ok(Ok(()))),
+                () = stop.cancelled() => return,
+            };
             if gate.state.lock().unwrap().draining {
                 return;
             }
-            tokio::time::sleep(interval).await;
+            gate.set_redis_ok(ok).await;
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = stop.cancelled() => return,
+            }
         }
     });
 }
@@ -259,6 +270,9 @@ impl GrpcServer {
         let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc error details, so grpcurl can print ErrorInfo,
+            // BadRequest and RetryInfo.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(HEALTH_SERVICE)
             .with_service_name(REFLECTION_V1)
             .with_service_name(REFLECTION_V1ALPHA);

@@ -34,7 +34,10 @@ mod tests {
         let ts = ms_to_timestamp(1_700_000_000_123).unwrap();
         assert_eq!(ts.seconds, 1_700_000_000);
         assert_eq!(ts.nanos, 123_000_000);
-        assert_eq!(from_timestamp(&ts).unwrap().timestamp_millis(), 1_700_000_000_123);
+        assert_eq!(
+            from_timestamp(&ts).unwrap().timestamp_millis(),
+            1_700_000_000_123
+        );
         assert!(ms_to_timestamp(0).is_none());
     }
 

@@ -35,7 +35,10 @@ impl Checks {
     /// characters (a UUID fits).
     pub fn request_id(&mut self, value: &str) -> &mut Self {
         if value.is_empty() {
-            self.add("request_id", "is required (an idempotency key, e.g. a UUID)");
+            self.add(
+                "request_id",
+                "is required (an idempotency key, e.g. a UUID)",
+            );
         } else if value.len() > REQUEST_ID_MAX_LEN {
             self.add(
                 "request_id",
@@ -51,7 +54,13 @@ impl Checks {
     }
 
     /// Text measured in Unicode scalar values (not bytes).
-    pub fn text(&mut self, field: &str, value: &str, required: bool, max_chars: usize) -> &mut Self {
+    pub fn text(
+        &mut self,
+        field: &str,
+        value: &str,
+        required: bool,
+        max_chars: usize,
+    ) -> &mut Self {
         let chars = value.chars().count();
         if required && value.trim().is_empty() {
             self.add(field, "is required");

@@ -1,0 +1,34 @@
+//! subscription-plan's error table: each domain refusal and the gRPC code it
+//! becomes.
+
+use inmail_shared::ApiError;
+
+use crate::domain::PlanError;
+
+/// `ErrorInfo.domain` of this service's errors.
+pub const DOMAIN: &str = "plans.inmail";
+
+impl From<PlanError> for ApiError {
+    fn from(err: PlanError) -> Self {
+        let message = err.to_string();
+        match err {
+            PlanError::PlanNotFound(_) => ApiError::not_found("PLAN_NOT_FOUND", message),
+            // The plan exists but cannot be chosen this way: the request is
+            // well-formed, the catalog says no.
+            PlanError::NotSubscribable(_) => {
+                ApiError::failed_precondition("PLAN_NOT_SUBSCRIBABLE", message)
+            }
+            PlanError::AlreadySubscribed(_) => {
+                ApiError::failed_precondition("ALREADY_SUBSCRIBED", message)
+            }
+            PlanError::NotSubscribed => ApiError::failed_precondition("NOT_SUBSCRIBED", message),
+            PlanError::SamePlan(_) => ApiError::failed_precondition("SAME_PLAN", message),
+            PlanError::NoScheduledChange => {
+                ApiError::failed_precondition("NO_SCHEDULED_CHANGE", message)
+            }
+            PlanError::PaidPlanRequired => {
+                ApiError::failed_precondition("PAID_PLAN_REQUIRED", message)
+            }
+        }
+    }
+}

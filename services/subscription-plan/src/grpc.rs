@@ -1,0 +1,477 @@
+//! The gRPC edge: decode, validate, call the domain, map the result.
+
+use std::sync::Arc;
+
+use inmail_shared::ApiError;
+use inmail_shared::clock::Clock;
+use inmail_shared::context::record_identity;
+use inmail_shared::idempotency::{Outcome, fingerprint};
+use inmail_shared::paging::{self, decode_token, encode_token};
+use inmail_shared::proto::plans::v1 as pb;
+use inmail_shared::time::{ms_to_timestamp, to_timestamp};
+use inmail_shared::validate::Checks;
+use tonic::{Request, Response, Status};
+
+use crate::catalog::{Catalog, Plan};
+use crate::cycles::CycleKind;
+use crate::domain::{EndReason, PeriodView, PlanError, SubscriptionState, Timing};
+use crate::error::DOMAIN;
+use crate::store::{Committed, PlanStore, RequestSeen};
+
+/// Optimistic writes retry this often before answering ABORTED.
+const COMMIT_ATTEMPTS: usize = 8;
+
+#[derive(Clone)]
+pub struct PlansApi {
+    catalog: Arc<Catalog>,
+    store: PlanStore,
+    clock: Clock,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+fn reply<T>(result: Result<T, ApiError>) -> Reply<T> {
+    result.map(Response::new).map_err(|e| e.into_status(DOMAIN))
+}
+
+impl PlansApi {
+    pub fn new(catalog: Arc<Catalog>, store: PlanStore, clock: Clock) -> Self {
+        Self {
+            catalog,
+            store,
+            clock,
+        }
+    }
+
+    pub fn into_server(
+        self,
+    ) -> pb::subscription_plan_service_server::SubscriptionPlanServiceServer<Self> {
+        pb::subscription_plan_service_server::SubscriptionPlanServiceServer::new(self)
+    }
+
+    /// The member's state as of now (scheduled changes applied), and now.
+    async fn current(&self, member: &str) -> Result<(SubscriptionState, i64), ApiError> {
+        let loaded = self.store.load(member, None).await?;
+        let now = self.clock.now_ms().await?;
+        let state = loaded
+            .state
+            .unwrap_or_else(|| SubscriptionState::never_subscribed(&self.catalog))
+            .at(now);
+        Ok((state, now))
+    }
+
+    /// Applies `change` to the member's state, one writer at a time
+    /// (optimistic: re-read and retry on a concurrent write), and records the
+    /// outcome under the request id.
+    async fn mutate<R>(
+        &self,
+        member: &str,
+        request_id: &str,
+        fingerprint: &str,
+        wrap: fn(pb::Subscription) -> R,
+        change: impl Fn(SubscriptionState, i64) -> Result<SubscriptionState, PlanError>,
+    ) -> Result<R, ApiError>
+    where
+        R: prost::Message + Default,
+    {
+        for _ in 0..COMMIT_ATTEMPTS {
+            let loaded = self
+                .store
+                .load(member, Some((request_id, fingerprint)))
+                .await?;
+            match loaded.request {
+                RequestSeen::Done(outcome) => return outcome.into_result(),
+                RequestSeen::Mismatch => return Err(ApiError::request_id_reused()),
+                RequestSeen::New => {}
+            }
+            let now = self.clock.now_ms().await?;
+            let state = loaded
+                .state
+                .unwrap_or_else(|| SubscriptionState::never_subscribed(&self.catalog))
+                .at(now);
+            let (new_state, result) = match change(state, now) {
+                Ok(new_state) => {
+                    let response = wrap(subscription_view(member, &new_state, now));
+                    (Some(new_state), Ok(response))
+                }
+                Err(refusal) => (None, Err(ApiError::from(refusal))),
+            };
+            let outcome = Outcome::of(&result).expect("refusals of the domain are final");
+            match self
+                .store
+                .commit(
+                    member,
+                    request_id,
+                    fingerprint,
+                    loaded.rev,
+                    new_state.as_ref(),
+                    &outcome,
+                )
+                .await?
+            {
+                Committed::Ok => {
+                    if let Some(state) = &new_state {
+                        tracing::info!(
+                            plan = %state.current.terms.plan_id,
+                            version = state.current.version,
+                            scheduled = state.scheduled.as_ref().map(|s| s.terms.plan_id.as_str()),
+                            "subscription changed"
+                        );
+                    }
+                    return result;
+                }
+                Committed::Done(outcome) => return outcome.into_result(),
+                Committed::Mismatch => return Err(ApiError::request_id_reused()),
+                Committed::Conflict => continue,
+            }
+        }
+        Err(ApiError::aborted(
+            "CONCURRENT_MODIFICATION",
+            "the subscription kept changing concurrently; retry the same request",
+        ))
+    }
+
+    fn paid_plan(&self, checks: &mut Checks, plan_id: &str) -> Option<&Plan> {
+        if plan_id.is_empty() {
+            checks.add("plan_id", "is required");
+            return None;
+        }
+        self.catalog.get(plan_id)
+    }
+}
+
+fn timing(value: i32, default: Timing) -> Timing {
+    match pb::ChangeTiming::try_from(value) {
+        Ok(pb::ChangeTiming::Immediately) => Timing::Immediately,
+        Ok(pb::ChangeTiming::EndOfCycle) => Timing::EndOfCycle,
+        _ => default,
+    }
+}
+
+fn plan_not_found(plan_id: &str) -> ApiError {
+    ApiError::from(PlanError::PlanNotFound(plan_id.to_string()))
+}
+
+#[tonic::async_trait]
+impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi {
+    async fn list_plans(
+        &self,
+        request: Request<pb::ListPlansRequest>,
+    ) -> Reply<pb::ListPlansResponse> {
+        let request = request.into_inner();
+        let result = (|| {
+            let mut checks = Checks::new();
+            let size = paging::page_size(
+                &mut checks,
+                request.page_size,
+                paging::DEFAULT_PAGE_SIZE,
+                paging::MAX_PAGE_SIZE,
+            );
+            let start = decode_token(&mut checks, "plans", &request.page_token)
+                .map(|cursor| cursor.parse::<usize>())
+                .transpose()
+                .unwrap_or_else(|_| {
+                    checks.add("page_token", "is not a token returned by this list");
+                    None
+                })
+                .unwrap_or(0);
+            checks.finish()?;
+            let all = self.catalog.plans();
+            let end = (start + size).min(all.len());
+            let plans = all
+                .get(start..end)
+                .unwrap_or_default()
+                .iter()
+                .map(plan_view)
+                .collect();
+            let next_page_token = if end < all.len() {
+                encode_token("plans", &end.to_string())
+            } else {
+                String::new()
+            };
+            Ok(pb::ListPlansResponse {
+                plans,
+                next_page_token,
+            })
+        })();
+        reply(result)
+    }
+
+    async fn get_plan(&self, request: Request<pb::GetPlanRequest>) -> Reply<pb::GetPlanResponse> {
+        let request = request.into_inner();
+        let result = (|| {
+            let mut checks = Checks::new();
+            let plan = self.paid_plan(&mut checks, &request.plan_id);
+            checks.finish()?;
+            let plan = plan.ok_or_else(|| plan_not_found(&request.plan_id))?;
+            Ok(pb::GetPlanResponse {
+                plan: Some(plan_view(plan)),
+            })
+        })();
+        reply(result)
+    }
+
+    async fn get_subscription(
+        &self,
+        request: Request<pb::GetSubscriptionRequest>,
+    ) -> Reply<pb::GetSubscriptionResponse> {
+        let request = request.into_inner();
+        record_identity(&request.member_id, "");
+        let result = async {
+            Checks::new()
+                .member_id("member_id", &request.member_id)
+                .finish()?;
+            let (state, now) = self.current(&request.member_id).await?;
+            Ok(pb::GetSubscriptionResponse {
+                subscription: Some(subscription_view(&request.member_id, &state, now)),
+            })
+        }
+        .await;
+        reply(result)
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Reply<pb::SubscribeResponse> {
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        let result = async {
+            let mut checks = Checks::new();
+            checks
+                .request_id(&request.request_id)
+                .member_id("member_id", &request.member_id);
+            let plan = self.paid_plan(&mut checks, &request.plan_id);
+            checks.finish()?;
+            let plan = plan.ok_or_else(|| plan_not_found(&request.plan_id))?;
+            let fp = fingerprint(&pb::SubscribeRequest {
+                request_id: String::new(),
+                ..request.clone()
+            });
+            self.mutate(
+                &request.member_id,
+                &request.request_id,
+                &fp,
+                |s| pb::SubscribeResponse {
+                    subscription: Some(s),
+                },
+                |state, now| state.subscribe(plan, now),
+            )
+            .await
+        }
+        .await;
+        reply(result)
+    }
+
+    async fn change_plan(
+        &self,
+        request: Request<pb::ChangePlanRequest>,
+    ) -> Reply<pb::ChangePlanResponse> {
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        let result = async {
+            let mut checks = Checks::new();
+            checks
+                .request_id(&request.request_id)
+                .member_id("member_id", &request.member_id)
+                .known_enum::<pb::ChangeTiming>("timing", request.timing);
+            let plan = self.paid_plan(&mut checks, &request.plan_id);
+            checks.finish()?;
+            let plan = plan.ok_or_else(|| plan_not_found(&request.plan_id))?;
+            let when = timing(request.timing, Timing::Immediately);
+            let fp = fingerprint(&pb::ChangePlanRequest {
+                request_id: String::new(),
+                ..request.clone()
+            });
+            self.mutate(
+                &request.member_id,
+                &request.request_id,
+                &fp,
+                |s| pb::ChangePlanResponse {
+                    subscription: Some(s),
+                },
+                |state, now| state.change_plan(plan, when, now),
+            )
+            .await
+        }
+        .await;
+        reply(result)
+    }
+
+    async fn cancel_subscription(
+        &self,
+        request: Request<pb::CancelSubscriptionRequest>,
+    ) -> Reply<pb::CancelSubscriptionResponse> {
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        let result = async {
+            Checks::new()
+                .request_id(&request.request_id)
+                .member_id("member_id", &request.member_id)
+                .known_enum::<pb::ChangeTiming>("timing", request.timing)
+                .finish()?;
+            let when = timing(request.timing, Timing::EndOfCycle);
+            let free = self.catalog.free();
+            let fp = fingerprint(&pb::CancelSubscriptionRequest {
+                request_id: String::new(),
+                ..request.clone()
+            });
+            self.mutate(
+                &request.member_id,
+                &request.request_id,
+                &fp,
+                |s| pb::CancelSubscriptionResponse {
+                    subscription: Some(s),
+                },
+                |state, now| state.cancel(free, when, now),
+            )
+            .await
+        }
+        .await;
+        reply(result)
+    }
+
+    async fn clear_scheduled_change(
+        &self,
+        request: Request<pb::ClearScheduledChangeRequest>,
+    ) -> Reply<pb::ClearScheduledChangeResponse> {
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        let result = async {
+            Checks::new()
+                .request_id(&request.request_id)
+                .member_id("member_id", &request.member_id)
+                .finish()?;
+            let fp = fingerprint(&pb::ClearScheduledChangeRequest {
+                request_id: String::new(),
+                ..request.clone()
+            });
+            self.mutate(
+                &request.member_id,
+                &request.request_id,
+                &fp,
+                |s| pb::ClearScheduledChangeResponse {
+                    subscription: Some(s),
+                },
+                |state, _| state.clear_scheduled(),
+            )
+            .await
+        }
+        .await;
+        reply(result)
+    }
+
+    async fn set_open_profile(
+        &self,
+        request: Request<pb::SetOpenProfileRequest>,
+    ) -> Reply<pb::SetOpenProfileResponse> {
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        let result = async {
+            Checks::new()
+                .request_id(&request.request_id)
+                .member_id("member_id", &request.member_id)
+                .finish()?;
+            let fp = fingerprint(&pb::SetOpenProfileRequest {
+                request_id: String::new(),
+                ..request.clone()
+            });
+            let enabled = request.enabled;
+            self.mutate(
+                &request.member_id,
+                &request.request_id,
+                &fp,
+                |s| pb::SetOpenProfileResponse {
+                    subscription: Some(s),
+                },
+                |state, _| state.set_open_profile(enabled),
+            )
+            .await
+        }
+        .await;
+        reply(result)
+    }
+
+    async fn get_entitlement(
+        &self,
+        request: Request<pb::GetEntitlementRequest>,
+    ) -> Reply<pb::GetEntitlementResponse> {
+        let request = request.into_inner();
+        record_identity(&request.member_id, "");
+        let result = async {
+            Checks::new()
+                .member_id("member_id", &request.member_id)
+                .finish()?;
+            let (state, now) = self.current(&request.member_id).await?;
+            let (current, ended) = state.entitlement(request.after_version, now);
+            Ok(pb::GetEntitlementResponse {
+                member_id: request.member_id.clone(),
+                current_period: Some(period_view(&current)),
+                ended_periods: ended.iter().map(period_view).collect(),
+                as_of: ms_to_timestamp(now),
+            })
+        }
+        .await;
+        reply(result)
+    }
+}
+
+fn cycle_kind(kind: CycleKind) -> pb::CycleKind {
+    match kind {
+        CycleKind::Anniversary => pb::CycleKind::Anniversary,
+        CycleKind::CalendarMonth => pb::CycleKind::CalendarMonth,
+    }
+}
+
+fn plan_view(plan: &Plan) -> pb::Plan {
+    pb::Plan {
+        plan_id: plan.id.clone(),
+        display_name: plan.name.clone(),
+        monthly_credits: plan.monthly_credits as i32,
+        rollover_cap: plan.rollover_cap as i32,
+        cycle_kind: cycle_kind(plan.cycle) as i32,
+        paid: plan.paid,
+    }
+}
+
+fn subscription_view(member: &str, state: &SubscriptionState, now_ms: i64) -> pb::Subscription {
+    let cycle = state.cycle(now_ms);
+    pb::Subscription {
+        member_id: member.to_string(),
+        plan_id: state.current.terms.plan_id.clone(),
+        paid: state.current.terms.paid,
+        period_started_at: ms_to_timestamp(state.current.started_ms),
+        cycle_start: Some(to_timestamp(cycle.start)),
+        cycle_end: Some(to_timestamp(cycle.end)),
+        cycle_index: cycle.index + 1,
+        scheduled_change: state.scheduled.as_ref().map(|s| pb::ScheduledChange {
+            plan_id: s.terms.plan_id.clone(),
+            cancellation: s.cancellation,
+            effective_at: ms_to_timestamp(s.effective_ms),
+        }),
+        open_profile: state.open_profile,
+        version: state.current.version,
+        as_of: ms_to_timestamp(now_ms),
+    }
+}
+
+fn period_view(view: &PeriodView) -> pb::PlanPeriod {
+    let period = &view.period;
+    pb::PlanPeriod {
+        version: period.version,
+        plan_id: period.terms.plan_id.clone(),
+        monthly_credits: period.terms.monthly_credits as i32,
+        rollover_cap: period.terms.rollover_cap as i32,
+        paid: period.terms.paid,
+        started_at: Some(to_timestamp(view.started_at())),
+        ended_at: period.ended_ms.and_then(ms_to_timestamp),
+        end_reason: match period.end_reason {
+            None => pb::PeriodEndReason::Unspecified,
+            Some(EndReason::PlanChanged) => pb::PeriodEndReason::PlanChanged,
+            Some(EndReason::Cancelled) => pb::PeriodEndReason::Cancelled,
+        } as i32,
+        cycles_started: view.cycles_started,
+        cycle_start: Some(to_timestamp(view.cycle.start)),
+        cycle_end: Some(to_timestamp(view.cycle.end)),
+    }
+}

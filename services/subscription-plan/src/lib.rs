@@ -1,0 +1,81 @@
+//! subscription-plan: the plan catalog and each member's subscription,
+//! billing cycle, scheduled changes and Open Profile.
+
+pub mod catalog;
+pub mod cycles;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use inmail_shared::bootstrap::Runtime;
+use inmail_shared::clock::TestClockApi;
+use inmail_shared::config::CommonArgs;
+use inmail_shared::server::GrpcServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::grpc::PlansApi;
+use crate::store::PlanStore;
+
+pub const SERVICE: &str = "subscription-plan";
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "subscription-plan",
+    version,
+    about = "InMail plan catalog, subscriptions, billing cycles and Open Profile (gRPC)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub args: Args,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Serve gRPC (the default).
+    Serve,
+    /// Ask the running service's gRPC health; exit 0 when SERVING.
+    Healthcheck,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    pub listen_addr: SocketAddr,
+
+    /// Plan catalog (TOML); the built-in catalog when unset.
+    #[arg(long, env = "PLANS_FILE")]
+    pub plans_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Serves subscription-plan on `listener` until `stop` is cancelled.
+pub async fn serve(
+    args: Args,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let catalog = Arc::new(Catalog::load(args.plans_file.as_deref())?);
+    let runtime = Runtime::open(&args.common)?;
+    let api = PlansApi::new(
+        catalog,
+        PlanStore::new(runtime.redis.clone()),
+        runtime.clock.clone(),
+    );
+    let mut server = GrpcServer::new(SERVICE, args.common.limits());
+    server
+        .add_service(api.into_server())
+        .add_service(TestClockApi::new(runtime.clock.clone()).into_server());
+    runtime.serve(server, listener, stop).await
+}

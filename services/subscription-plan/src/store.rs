@@ -1,0 +1,185 @@
+//! subscription-plan's Redis keys and its one script. Every key of a member
+//! carries the member's hash tag, so the script touches one slot (Redis
+//! Cluster) and runs atomically.
+//!
+//! Keys (prefix `plans:`):
+//! - `plans:{M}:subscription` hash: `rev` (grows at every write), `state`
+//!   (the member's [`SubscriptionState`] as JSON).
+//! - `plans:{M}:request:<request_id>` hash: `fp` (fingerprint of the
+//!   arguments), `outcome` (the first outcome, JSON). Expires after 7 days.
+
+use inmail_shared::ApiError;
+use inmail_shared::idempotency::{Outcome, REQUEST_RETENTION};
+use inmail_shared::storage::Redis;
+use redis::Script;
+
+use crate::domain::SubscriptionState;
+
+/// Writes a member's new subscription state together with the request's
+/// outcome, if nobody changed the state since it was read.
+///
+/// KEYS[1] subscription hash, KEYS[2] request record.
+/// ARGV[1] revision read, ARGV[2] new state JSON ("" for a refusal: only the
+/// outcome is recorded), ARGV[3] fingerprint, ARGV[4] outcome JSON,
+/// ARGV[5] request retention ms.
+/// Checks, before any write: the request id was not used with other
+/// arguments and has no outcome yet; the revision is still the one read.
+/// Returns {"ok"} | {"done", outcome} | {"mismatch"} | {"conflict"}.
+const COMMIT: &str = r#"
+local rec = redis.call('HMGET', KEYS[2], 'fp', 'outcome')
+if rec[1] then
+  if rec[1] ~= ARGV[3] then return {'mismatch'} end
+  if rec[2] then return {'done', rec[2]} end
+end
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if rev ~= tonumber(ARGV[1]) then return {'conflict'} end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'rev', rev + 1, 'state', ARGV[2])
+end
+redis.call('HSET', KEYS[2], 'fp', ARGV[3], 'outcome', ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return {'ok'}
+"#;
+
+fn subscription_key(member: &str) -> String {
+    format!("plans:{{{member}}}:subscription")
+}
+
+fn request_key(member: &str, request_id: &str) -> String {
+    format!("plans:{{{member}}}:request:{request_id}")
+}
+
+/// A member's stored subscription and, for a mutation, its request record.
+#[derive(Debug)]
+pub struct Loaded {
+    pub rev: u64,
+    pub state: Option<SubscriptionState>,
+    pub request: RequestSeen,
+}
+
+#[derive(Debug)]
+pub enum RequestSeen {
+    /// Not a mutation, or a request id not seen before.
+    New,
+    /// Seen with the same fingerprint and an outcome.
+    Done(Outcome),
+    /// Seen with other arguments.
+    Mismatch,
+}
+
+#[derive(Debug)]
+pub enum Committed {
+    Ok,
+    /// Someone else changed the state first; read again.
+    Conflict,
+    Done(Outcome),
+    Mismatch,
+}
+
+#[derive(Clone)]
+pub struct PlanStore {
+    redis: Redis,
+    commit: Script,
+}
+
+impl PlanStore {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            redis,
+            commit: Script::new(COMMIT),
+        }
+    }
+
+    /// Reads the member's state and (with a request id) its request record in
+    /// one round trip.
+    pub async fn load(
+        &self,
+        member: &str,
+        request: Option<(&str, &str)>,
+    ) -> Result<Loaded, ApiError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(subscription_key(member))
+            .arg("rev")
+            .arg("state");
+        if let Some((request_id, _)) = request {
+            pipe.cmd("HMGET")
+                .arg(request_key(member, request_id))
+                .arg("fp")
+                .arg("outcome");
+        }
+        let mut replies: Vec<Vec<Option<String>>> =
+            pipe.query_async(&mut self.redis.conn()).await?;
+        let request_seen = match (request, replies.get(1)) {
+            (Some((_, fingerprint)), Some(record)) => match (&record[0], &record[1]) {
+                (Some(fp), _) if fp != fingerprint => RequestSeen::Mismatch,
+                (Some(_), Some(outcome)) => RequestSeen::Done(decode_outcome(outcome)?),
+                _ => RequestSeen::New,
+            },
+            _ => RequestSeen::New,
+        };
+        let subscription = replies.swap_remove(0);
+        let rev = subscription[0]
+            .as_deref()
+            .map(|r| r.parse::<u64>())
+            .transpose()
+            .map_err(|e| ApiError::internal(format!("bad revision: {e}")))?
+            .unwrap_or(0);
+        let state = subscription[1]
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| ApiError::internal(format!("unreadable subscription state: {e}")))?;
+        Ok(Loaded {
+            rev,
+            state,
+            request: request_seen,
+        })
+    }
+
+    /// Writes `state` (or, for a refusal, nothing but the outcome) if the
+    /// revision is still `rev`.
+    pub async fn commit(
+        &self,
+        member: &str,
+        request_id: &str,
+        fingerprint: &str,
+        rev: u64,
+        state: Option<&SubscriptionState>,
+        outcome: &Outcome,
+    ) -> Result<Committed, ApiError> {
+        let state_json = match state {
+            Some(state) => serde_json::to_string(state)
+                .map_err(|e| ApiError::internal(format!("cannot encode state: {e}")))?,
+            None => String::new(),
+        };
+        let outcome_json = serde_json::to_string(outcome)
+            .map_err(|e| ApiError::internal(format!("cannot encode outcome: {e}")))?;
+        let reply: Vec<String> = self
+            .commit
+            .key(subscription_key(member))
+            .key(request_key(member, request_id))
+            .arg(rev)
+            .arg(state_json)
+            .arg(fingerprint)
+            .arg(outcome_json)
+            .arg(REQUEST_RETENTION.as_millis() as u64)
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(Committed::Ok),
+            Some("conflict") => Ok(Committed::Conflict),
+            Some("mismatch") => Ok(Committed::Mismatch),
+            Some("done") => Ok(Committed::Done(decode_outcome(
+                reply.get(1).map(String::as_str).unwrap_or_default(),
+            )?)),
+            _ => Err(ApiError::internal(
+                "unexpected reply from the commit script",
+            )),
+        }
+    }
+}
+
+fn decode_outcome(json: &str) -> Result<Outcome, ApiError> {
+    serde_json::from_str(json).map_err(|e| ApiError::internal(format!("unreadable outcome: {e}")))
+}

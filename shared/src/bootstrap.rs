@@ -1,0 +1,175 @@
+//! What every binary's `main` does around its service: telemetry, Redis, the
+//! clock, the listener, signals, and the `healthcheck` subcommand.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::CommonArgs;
+use crate::server::{GrpcServer, shutdown_signal, spawn_redis_watch};
+use crate::storage::Redis;
+use crate::telemetry::{init_tracing, install_metrics};
+
+/// How often health re-checks Redis.
+const REDIS_WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A service's connection to Redis and its clock.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    pub redis: Redis,
+    pub clock: Clock,
+}
+
+impl Runtime {
+    pub fn open(common: &CommonArgs) -> Result<Self, String> {
+        let redis = Redis::open(&common.redis())?;
+        let clock = if common.test_clock {
+            tracing::warn!(
+                "TEST CLOCK ON: time can be moved through TestClockService; never use this in production"
+            );
+            Clock::test(redis.clone())
+        } else {
+            Clock::system()
+        };
+        Ok(Self { redis, clock })
+    }
+
+    /// Serves until `stop` is cancelled, with health following Redis.
+    pub async fn serve(
+        &self,
+        server: GrpcServer,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> Result<(), String> {
+        spawn_redis_watch(
+            self.redis.clone(),
+            server.health(),
+            REDIS_WATCH_INTERVAL,
+            stop.clone(),
+        );
+        let result = server
+            .serve(listener, async move { stop.cancelled().await })
+            .await
+            .map_err(|e| format!("gRPC server failed: {e}"));
+        result
+    }
+}
+
+/// Runs a service binary: sets up telemetry, binds `listen`, runs `serve`
+/// until SIGTERM/SIGINT, and turns any start-up error into a clear message and
+/// exit code 1.
+pub fn run_service<F, Fut>(
+    service: &'static str,
+    common: &CommonArgs,
+    listen: SocketAddr,
+    serve: F,
+) -> ExitCode
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    if let Err(message) = init_tracing(common.log_format, &common.log_level) {
+        eprintln!("{service}: {message}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{service}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        if let Some(addr) = common.metrics_addr {
+            install_metrics(addr, service)?;
+            tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+        }
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on LISTEN_ADDR {listen}: {e}"))?;
+        let stop = CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            on_signal.cancel();
+        });
+        serve(listener, stop).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("{service}: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `healthcheck` subcommand: asks the service listening on `listen` (on
+/// loopback when it listens on all addresses) for its overall health; exit 0
+/// when SERVING, 1 otherwise.
+pub fn healthcheck(listen: SocketAddr) -> ExitCode {
+    let target = if listen.ip().is_unspecified() {
+        let loopback = match listen.ip() {
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        SocketAddr::new(loopback, listen.port())
+    } else {
+        listen
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("healthcheck: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer = runtime.block_on(async move {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {target}: {e}"))?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|e| format!("health check failed: {}", e.message()))?;
+        Ok::<i32, String>(response.into_inner().status)
+    });
+    match answer {
+        Ok(status)
+            if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 =>
+        {
+            println!("SERVING");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            let name = tonic_health::pb::health_check_response::ServingStatus::try_from(status)
+                .map(|s| s.as_str_name())
+                .unwrap_or("UNKNOWN");
+            println!("{name}");
+            ExitCode::FAILURE
+        }
+        Err(message) => {
+            eprintln!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
