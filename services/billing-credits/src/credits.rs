@@ -1,0 +1,233 @@
+//! The credit operations, between the gRPC edge (and the sweeper) and the
+//! scripts: runs a script, and when it says the cached entitlement cannot be
+//! trusted, asks subscription-plan and runs it again with the answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use inmail_shared::ApiError;
+use inmail_shared::clock::Clock;
+use inmail_shared::context::CallContext;
+
+use crate::entitlement::Entitlements;
+use crate::error::refusal;
+use crate::store::{BillingStore, Call, Reply, Retention};
+
+/// How billing behaves; every figure is a flag.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// How long a debit stays held without confirmation before it is released.
+    pub hold: Duration,
+    /// How long after confirmation a refund is accepted.
+    pub refund_window: Duration,
+    pub retention: Retention,
+}
+
+/// One operation on a member's balance.
+#[derive(Debug, Clone, Copy)]
+pub enum Op<'a> {
+    Balance,
+    Debit {
+        message_id: &'a str,
+        amount: i32,
+    },
+    Confirm {
+        message_id: &'a str,
+    },
+    Release {
+        message_id: &'a str,
+        reason: &'a str,
+        only_if_expired: bool,
+    },
+    Refund {
+        message_id: &'a str,
+    },
+    Grant {
+        amount: i32,
+        reason: &'a str,
+    },
+}
+
+impl Op<'_> {
+    fn message_id(&self) -> &str {
+        match self {
+            Op::Debit { message_id, .. }
+            | Op::Confirm { message_id }
+            | Op::Release { message_id, .. }
+            | Op::Refund { message_id } => message_id,
+            Op::Balance | Op::Grant { .. } => "",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Credits {
+    store: BillingStore,
+    entitlements: Entitlements,
+    clock: Clock,
+    policy: Arc<Policy>,
+}
+
+/// A script answering "need/stale" again and again means the entitlement
+/// keeps changing under us; give up after this many rounds.
+const SETTLE_ATTEMPTS: usize = 4;
+
+impl Credits {
+    pub fn new(
+        store: BillingStore,
+        entitlements: Entitlements,
+        clock: Clock,
+        policy: Policy,
+    ) -> Self {
+        Self {
+            store,
+            entitlements,
+            clock,
+            policy: Arc::new(policy),
+        }
+    }
+
+    pub fn store(&self) -> &BillingStore {
+        &self.store
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Runs `op` for `member`. A refusal comes back as the error of the
+    /// error table; the reply is returned only for "ok".
+    pub async fn run(
+        &self,
+        ctx: &CallContext,
+        member: &str,
+        request_id: &str,
+        fingerprint: &str,
+        op: Op<'_>,
+    ) -> Result<Reply, ApiError> {
+        let now_ms = self.clock.now_ms().await?;
+        if let Op::Debit { message_id, .. } = op {
+            let hold_expires = now_ms + self.policy.hold.as_millis() as i64;
+            let owner = self
+                .store
+                .prepare_debit(
+                    member,
+                    message_id,
+                    hold_expires,
+                    self.policy.retention.message_owner,
+                )
+                .await?;
+            if owner != member {
+                return Err(ApiError::failed_precondition(
+                    "MESSAGE_ID_CONFLICT",
+                    format!("message {message_id} was already debited to another member"),
+                ));
+            }
+        }
+        let mut entitlement = String::new();
+        let mut valid_until_ms = 0;
+        for _ in 0..SETTLE_ATTEMPTS {
+            let call = Call {
+                member,
+                now_ms,
+                entitlement: &entitlement,
+                valid_until_ms,
+                request_id,
+                fingerprint,
+            };
+            let reply = self.invoke(&call, op).await?;
+            match reply.s.as_str() {
+                "need" | "stale" => {
+                    let fetched = self
+                        .entitlements
+                        .fetch(ctx, member, reply.ver, now_ms)
+                        .await?;
+                    entitlement = fetched.json;
+                    valid_until_ms = fetched.valid_until_ms;
+                }
+                "mismatch" => return Err(ApiError::request_id_reused()),
+                "ok" => {
+                    record_metrics(&reply);
+                    if let Op::Confirm { message_id } = op {
+                        // The sweeper would drop it too; this keeps the index small.
+                        if let Err(err) = self.store.forget_hold(member, message_id).await {
+                            tracing::debug!(error = %err, "hold index not trimmed; the sweeper will");
+                        }
+                    }
+                    return Ok(reply);
+                }
+                "refused" => {
+                    record_metrics(&reply);
+                    return Err(refusal(&reply, member, op.message_id()));
+                }
+                other => {
+                    return Err(ApiError::internal(format!(
+                        "unexpected script status {other:?}"
+                    )));
+                }
+            }
+        }
+        Err(ApiError::aborted(
+            "ENTITLEMENT_CHANGING",
+            "the member's plan kept changing while the balance was settled; retry",
+        ))
+    }
+
+    async fn invoke(&self, call: &Call<'_>, op: Op<'_>) -> Result<Reply, ApiError> {
+        let retention = &self.policy.retention;
+        match op {
+            Op::Balance => self.store.balance(call, retention.request).await,
+            Op::Debit { message_id, amount } => {
+                self.store
+                    .debit(
+                        call,
+                        retention.request,
+                        message_id,
+                        amount,
+                        self.policy.hold,
+                    )
+                    .await
+            }
+            Op::Confirm { message_id } => {
+                self.store
+                    .confirm(call, retention, message_id, self.policy.refund_window)
+                    .await
+            }
+            Op::Release {
+                message_id,
+                reason,
+                only_if_expired,
+            } => {
+                self.store
+                    .release(call, retention, message_id, reason, only_if_expired)
+                    .await
+            }
+            Op::Refund { message_id } => {
+                self.store.refund(call, retention.request, message_id).await
+            }
+            Op::Grant { amount, reason } => {
+                self.store
+                    .grant(call, retention.request, amount, reason)
+                    .await
+            }
+        }
+    }
+}
+
+fn record_metrics(reply: &Reply) {
+    if reply.replayed {
+        return;
+    }
+    for (name, amount) in [
+        ("inmail_credits_debited_total", reply.debited),
+        ("inmail_credits_refunded_total", reply.refunded),
+        ("inmail_credits_released_total", reply.released),
+        ("inmail_credits_renewed_total", reply.renewed),
+        ("inmail_credits_written_off_total", reply.written_off),
+        ("inmail_credits_granted_total", reply.granted),
+    ] {
+        if amount > 0 {
+            metrics::counter!(name).increment(amount as u64);
+        }
+    }
+}
