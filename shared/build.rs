@@ -23,7 +23,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         out_dir.join("inmail_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // `prost::Name` on every message: request fingerprints include the full
+    // proto name, so two RPCs with look-alike requests never share one.
+    let mut config = tonic_prost_build::Config::new();
+    config.enable_type_names();
+    tonic_prost_build::configure().compile_fds_with_config(descriptors, config)?;
 
     println!("cargo:rerun-if-changed={}", proto_root.display());
     for file in &files {

@@ -19,9 +19,13 @@ use crate::storage::Redis;
 /// How long a request id is remembered.
 pub const REQUEST_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// A digest of a request's arguments (the request with `request_id` cleared).
-pub fn fingerprint<M: prost::Message>(request_without_id: &M) -> String {
-    digest(&[&request_without_id.encode_to_vec()])
+/// A digest of a request's arguments (the request with `request_id` cleared)
+/// and of its type, so look-alike requests of two RPCs never match.
+pub fn fingerprint<M: prost::Message + prost::Name>(request_without_id: &M) -> String {
+    digest(&[
+        M::full_name().as_bytes(),
+        &request_without_id.encode_to_vec(),
+    ])
 }
 
 /// Hex SHA-256 (first 128 bits) of the parts, length-prefixed so that
@@ -203,6 +207,26 @@ impl RequestLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn look_alike_requests_of_two_rpcs_differ() {
+        use crate::proto::messaging::v1 as pb;
+        let add = pb::AddConnectionRequest {
+            request_id: String::new(),
+            member_id: "a".into(),
+            other_member_id: "b".into(),
+        };
+        let remove = pb::RemoveConnectionRequest {
+            request_id: String::new(),
+            member_id: "a".into(),
+            other_member_id: "b".into(),
+        };
+        assert_eq!(
+            prost::Message::encode_to_vec(&add),
+            prost::Message::encode_to_vec(&remove)
+        );
+        assert_ne!(fingerprint(&add), fingerprint(&remove));
+    }
 
     #[test]
     fn digest_separates_parts() {

@@ -1,0 +1,163 @@
+//! messaging: connections, blocks, InMail preferences, conversations and
+//! messages; InMail charged through billing-credits and refunded on response.
+
+pub mod domain;
+pub mod downstream;
+pub mod error;
+pub mod grpc;
+pub mod send;
+pub mod store;
+pub mod sweeper;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use inmail_shared::bootstrap::Runtime;
+use inmail_shared::client::lazy_channel;
+use inmail_shared::clock::TestClockApi;
+use inmail_shared::config::CommonArgs;
+use inmail_shared::idempotency::REQUEST_RETENTION;
+use inmail_shared::server::GrpcServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::PendingInmailPolicy;
+use crate::downstream::{Billing, Plans};
+use crate::grpc::MessagingApi;
+use crate::send::{Config, Faults, Messaging};
+use crate::store::{MessagingStore, SendLimits};
+
+pub const SERVICE: &str = "messaging";
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "messaging",
+    version,
+    about = "InMail conversations and messages, charged through billing-credits (gRPC)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub args: Args,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Serve gRPC (the default).
+    Serve,
+    /// Ask the running service's gRPC health; exit 0 when SERVING.
+    Healthcheck,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50053")]
+    pub listen_addr: SocketAddr,
+
+    /// billing-credits, which charges and refunds InMail.
+    #[arg(
+        long,
+        env = "BILLING_CREDITS_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub billing_credits_url: String,
+
+    /// subscription-plan, asked for recipients' Open Profile.
+    #[arg(
+        long,
+        env = "SUBSCRIPTION_PLAN_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub subscription_plan_url: String,
+
+    /// InMails a sender may send at once before the daily rate applies.
+    #[arg(long, env = "INMAIL_BURST", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub inmail_burst: u32,
+
+    /// InMails a sender may send per day, on average.
+    #[arg(long, env = "INMAIL_PER_DAY", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub inmail_per_day: u32,
+
+    /// Open Profile messages a sender may send per calendar month.
+    #[arg(long, env = "OPEN_PROFILE_MONTHLY_LIMIT", default_value_t = 800)]
+    pub open_profile_monthly_limit: u32,
+
+    /// What a sender's further message does while their InMail awaits a
+    /// response: refuse (AWAITING_RESPONSE) or allow-follow-ups (free).
+    #[arg(long, env = "PENDING_INMAIL_POLICY", value_enum, default_value_t = PendingInmailPolicy::Refuse)]
+    pub pending_inmail_policy: PendingInmailPolicy,
+
+    /// A response within this long after sending refunds the InMail's credit.
+    #[arg(long, env = "REFUND_WINDOW", default_value = "90days", value_parser = humantime::parse_duration)]
+    pub refund_window: Duration,
+
+    /// When a send whose process died is finished by the sweeper (keep it
+    /// above REQUEST_TIMEOUT plus billing's HOLD_TTL).
+    #[arg(long, env = "SEND_RECOVERY_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub send_recovery_after: Duration,
+
+    /// How often the outbox sweeper runs.
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// Serves messaging on `listener` until `stop` is cancelled.
+pub async fn serve(
+    args: Args,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    serve_with_faults(args, Faults::default(), listener, stop).await
+}
+
+/// [`serve`], with faults injected by tests.
+pub async fn serve_with_faults(
+    args: Args,
+    faults: Faults,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    if args.sweep_interval.is_zero() {
+        return Err("SWEEP_INTERVAL must be positive".into());
+    }
+    let runtime = Runtime::open(&args.common)?;
+    let billing =
+        lazy_channel(&args.billing_credits_url).map_err(|e| format!("BILLING_CREDITS_URL: {e}"))?;
+    let plans = lazy_channel(&args.subscription_plan_url)
+        .map_err(|e| format!("SUBSCRIPTION_PLAN_URL: {e}"))?;
+    let config = Config {
+        policy: args.pending_inmail_policy,
+        limits: SendLimits {
+            burst: args.inmail_burst,
+            tokens_per_ms: f64::from(args.inmail_per_day) / DAY.as_millis() as f64,
+            open_profile_monthly: args.open_profile_monthly_limit,
+            open_profile_counter_ttl_ms: (32 * DAY).as_millis() as i64,
+            request_retention_ms: REQUEST_RETENTION.as_millis() as i64,
+        },
+        refund_window: args.refund_window,
+        recovery_after: args.send_recovery_after,
+        refund_retry: Duration::from_secs(5),
+        failed_keep: DAY,
+        faults,
+    };
+    let messaging = Messaging::new(
+        MessagingStore::new(runtime.redis.clone()),
+        Billing::new(billing),
+        Plans::new(plans),
+        runtime.clock.clone(),
+        config,
+    );
+    sweeper::spawn_outbox_sweeper(messaging.clone(), args.sweep_interval, stop.clone());
+    let mut server = GrpcServer::new(SERVICE, args.common.limits());
+    server
+        .add_service(MessagingApi::new(messaging).into_server())
+        .add_service(TestClockApi::new(runtime.clock.clone()).into_server());
+    runtime.serve(server, listener, stop).await
+}
