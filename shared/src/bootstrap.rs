@@ -52,11 +52,10 @@ impl Runtime {
             REDIS_WATCH_INTERVAL,
             stop.clone(),
         );
-        let result = server
+        server
             .serve(listener, async move { stop.cancelled().await })
             .await
-            .map_err(|e| format!("gRPC server failed: {e}"));
-        result
+            .map_err(|e| format!("gRPC server failed: {e}"))
     }
 }
 

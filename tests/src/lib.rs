@@ -1,1 +1,427 @@
+//! The test harness: a real `redis-server` on a free port per test, the three
+//! real services on `127.0.0.1:0` (in this process, or as their binaries),
+//! generated gRPC clients, and the real `grpcurl` binary.
 
+pub mod grpcurl;
+pub mod processes;
+pub mod redis_server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use inmail_shared::proto::billing::v1 as billing;
+use inmail_shared::proto::messaging::v1 as messaging_pb;
+use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::proto::testclock::v1 as testclock;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use crate::redis_server::RedisServer;
+
+pub type PlansClient =
+    plans::subscription_plan_service_client::SubscriptionPlanServiceClient<Channel>;
+pub type BillingClient =
+    billing::billing_credits_service_client::BillingCreditsServiceClient<Channel>;
+pub type MessagingClient = messaging_pb::messaging_service_client::MessagingServiceClient<Channel>;
+pub type ClockClient = testclock::test_clock_service_client::TestClockServiceClient<Channel>;
+pub type HealthClient = tonic_health::pb::health_client::HealthClient<Channel>;
+
+/// Logs of the services under test go to the test output at WARN (override
+/// with TEST_LOG, e.g. TEST_LOG=debug).
+pub fn init_logs() {
+    let filter = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
+
+/// One service running in this process.
+pub struct Service {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    handle: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl Service {
+    /// Stops the service gracefully (NOT_SERVING, drain) and waits for it.
+    pub async fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(handle) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), handle).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Extra flags and faults for the services of a stack.
+#[derive(Default, Clone)]
+pub struct StackOptions {
+    pub plans_args: Vec<String>,
+    pub billing_args: Vec<String>,
+    pub messaging_args: Vec<String>,
+    pub faults: ::messaging::send::Faults,
+}
+
+/// Redis and the three services, each on a free port, test clock on.
+pub struct Stack {
+    pub redis: RedisServer,
+    pub plans: Service,
+    pub billing: Service,
+    pub messaging: Service,
+    options: StackOptions,
+}
+
+fn args_for(
+    binary: &str,
+    listen: SocketAddr,
+    redis: &str,
+    extra: &[String],
+    urls: &[(&str, String)],
+) -> Vec<String> {
+    let mut args = vec![
+        binary.to_string(),
+        "--listen-addr".into(),
+        listen.to_string(),
+        "--redis-url".into(),
+        redis.to_string(),
+        "--test-clock".into(),
+        "--shutdown-grace".into(),
+        "5s".into(),
+    ];
+    for (flag, url) in urls {
+        args.push((*flag).to_string());
+        args.push(url.clone());
+    }
+    args.extend(extra.iter().cloned());
+    args
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(options: StackOptions) -> Self {
+        init_logs();
+        let redis = RedisServer::start().await;
+        let plans_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let billing_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let messaging_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (plans_addr, billing_addr, messaging_addr) = (
+            plans_listener.local_addr().unwrap(),
+            billing_listener.local_addr().unwrap(),
+            messaging_listener.local_addr().unwrap(),
+        );
+        let stack = Self {
+            plans: Self::spawn_plans(plans_listener, &redis.url(), &options),
+            billing: Self::spawn_billing(billing_listener, &redis.url(), plans_addr, &options),
+            messaging: Self::spawn_messaging(
+                messaging_listener,
+                &redis.url(),
+                plans_addr,
+                billing_addr,
+                &options,
+            ),
+            redis,
+            options,
+        };
+        assert_eq!(stack.messaging.addr, messaging_addr);
+        stack.wait_serving().await;
+        stack
+    }
+
+    fn spawn_plans(listener: TcpListener, redis: &str, options: &StackOptions) -> Service {
+        use clap::Parser;
+        let addr = listener.local_addr().unwrap();
+        let cli = subscription_plan::Cli::parse_from(args_for(
+            "subscription-plan",
+            addr,
+            redis,
+            &options.plans_args,
+            &[],
+        ));
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(subscription_plan::serve(cli.args, listener, stop.clone()));
+        Service {
+            addr,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn spawn_billing(
+        listener: TcpListener,
+        redis: &str,
+        plans: SocketAddr,
+        options: &StackOptions,
+    ) -> Service {
+        use clap::Parser;
+        let addr = listener.local_addr().unwrap();
+        let cli = billing_credits::Cli::parse_from(args_for(
+            "billing-credits",
+            addr,
+            redis,
+            &options.billing_args,
+            &[("--subscription-plan-url", format!("http://{plans}"))],
+        ));
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(billing_credits::serve(cli.args, listener, stop.clone()));
+        Service {
+            addr,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn spawn_messaging(
+        listener: TcpListener,
+        redis: &str,
+        plans: SocketAddr,
+        billing: SocketAddr,
+        options: &StackOptions,
+    ) -> Service {
+        use clap::Parser;
+        let addr = listener.local_addr().unwrap();
+        let cli = ::messaging::Cli::parse_from(args_for(
+            "messaging",
+            addr,
+            redis,
+            &options.messaging_args,
+            &[
+                ("--subscription-plan-url", format!("http://{plans}")),
+                ("--billing-credits-url", format!("http://{billing}")),
+            ],
+        ));
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(::messaging::serve_with_faults(
+            cli.args,
+            options.faults.clone(),
+            listener,
+            stop.clone(),
+        ));
+        Service {
+            addr,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops billing and starts it again on the same address.
+    pub async fn restart_billing(&mut self) {
+        self.billing.stop().await;
+        let listener = bind_again(self.billing.addr).await;
+        self.billing =
+            Self::spawn_billing(listener, &self.redis.url(), self.plans.addr, &self.options);
+        wait_serving(self.billing.addr).await;
+    }
+
+    pub async fn stop_billing(&mut self) {
+        self.billing.stop().await;
+    }
+
+    pub async fn start_billing_again(&mut self) {
+        let listener = bind_again(self.billing.addr).await;
+        self.billing =
+            Self::spawn_billing(listener, &self.redis.url(), self.plans.addr, &self.options);
+        wait_serving(self.billing.addr).await;
+    }
+
+    pub async fn wait_serving(&self) {
+        for addr in [self.plans.addr, self.billing.addr, self.messaging.addr] {
+            wait_serving(addr).await;
+        }
+    }
+
+    pub fn plans(&self) -> PlansClient {
+        PlansClient::new(channel(self.plans.addr))
+    }
+
+    pub fn billing(&self) -> BillingClient {
+        BillingClient::new(channel(self.billing.addr))
+    }
+
+    pub fn messaging(&self) -> MessagingClient {
+        MessagingClient::new(channel(self.messaging.addr))
+    }
+
+    /// The shared test clock, through any service (here: messaging).
+    pub fn clock(&self) -> ClockClient {
+        ClockClient::new(channel(self.messaging.addr))
+    }
+
+    pub async fn advance(&self, by: Duration) -> chrono::DateTime<chrono::Utc> {
+        advance(&mut self.clock(), by).await
+    }
+
+    pub async fn set_time(&self, to: chrono::DateTime<chrono::Utc>) {
+        let response = self
+            .clock()
+            .set_time(testclock::SetTimeRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                time: Some(inmail_shared::time::to_timestamp(to)),
+            })
+            .await
+            .expect("SetTime");
+        let now = response.into_inner().now.unwrap();
+        assert!(now.seconds >= to.timestamp());
+    }
+
+    pub async fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        let now = self
+            .clock()
+            .get_time(testclock::GetTimeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .now
+            .unwrap();
+        inmail_shared::time::from_timestamp(&now).unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        self.messaging.stop().await;
+        self.billing.stop().await;
+        self.plans.stop().await;
+    }
+}
+
+pub async fn advance(clock: &mut ClockClient, by: Duration) -> chrono::DateTime<chrono::Utc> {
+    let response = clock
+        .advance_time(testclock::AdvanceTimeRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            by: Some(by.try_into().unwrap()),
+        })
+        .await
+        .expect("AdvanceTime");
+    inmail_shared::time::from_timestamp(&response.into_inner().now.unwrap()).unwrap()
+}
+
+async fn bind_again(addr: SocketAddr) -> TcpListener {
+    for _ in 0..100 {
+        if let Ok(listener) = TcpListener::bind(addr).await {
+            return listener;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cannot bind {addr} again");
+}
+
+pub fn channel(addr: SocketAddr) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(20))
+        .connect_lazy()
+}
+
+/// Polls grpc.health.v1 until the server answers SERVING.
+pub async fn wait_serving(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut client = HealthClient::new(channel(addr));
+    loop {
+        let status = client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if matches!(status, Ok(SERVING)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} never became SERVING: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The health a server reports for everything it serves.
+pub async fn health(addr: SocketAddr) -> Result<i32, tonic::Status> {
+    HealthClient::new(channel(addr))
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+pub const NOT_SERVING: i32 =
+    tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// A fresh request id.
+pub fn rid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The reason of a status's google.rpc.ErrorInfo.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// The fields a status's google.rpc.BadRequest names.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// Runs ReconcileLedgers over every member and asserts every ledger adds up.
+pub async fn assert_ledgers_reconcile(billing: &mut BillingClient) -> u32 {
+    let mut checked = 0;
+    let mut token = String::new();
+    loop {
+        let page = billing
+            .reconcile_ledgers(billing::ReconcileLedgersRequest {
+                page_size: 1000,
+                page_token: token.clone(),
+            })
+            .await
+            .expect("ReconcileLedgers")
+            .into_inner();
+        assert!(
+            page.mismatches.is_empty(),
+            "ledger mismatches: {:?}",
+            page.mismatches
+        );
+        checked += page.members_checked;
+        if page.next_page_token.is_empty() {
+            return checked;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Items waiting in messaging's outbox (sends and refunds to finish).
+pub async fn outbox_len(redis: &RedisServer) -> u64 {
+    let mut conn = redis.conn().await;
+    let mut total = 0;
+    for shard in 0..::messaging::store::OUTBOX_SHARDS {
+        let n: u64 = redis::cmd("ZCARD")
+            .arg(format!("messaging:outbox:{{o{shard}}}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        total += n;
+    }
+    total
+}

@@ -677,9 +677,12 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 .conversations_with_last(&convs)
                 .await?;
             Ok(pb::ListConversationsResponse {
+                // An inbox entry written just before a delivery that did not
+                // happen names a pair without messages: not a conversation.
                 conversations: convs
                     .iter()
                     .zip(details)
+                    .filter(|(_, (fields, _))| fields.contains_key("last_msg"))
                     .map(|(conv, (fields, last))| conversation_view(conv, &fields, last))
                     .collect(),
                 next_page_token,

@@ -34,8 +34,13 @@ use crate::store::{
 };
 
 /// A hook tests use to break the saga right after the debit (a store
-/// failure, or killing billing). Not reachable from configuration.
-pub type AfterDebitHook = Arc<dyn Fn() -> Option<ApiError> + Send + Sync>;
+/// failure, or stopping billing): it answers the error to inject, if any.
+/// Not reachable from configuration.
+pub type AfterDebitHook = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<ApiError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 #[derive(Clone, Default)]
 pub struct Faults {
@@ -286,6 +291,7 @@ impl Messaging {
             refund_window_ms: self.window_ms(),
             balance_after: None,
         };
+        self.store.touch_inboxes(conv, a, b, now).await?;
         let reply = self.store.deliver(&delivery).await?;
         let fields = match reply {
             PairReply::Ok(fields) => fields,
@@ -299,7 +305,6 @@ impl Messaging {
             PairReply::Refused(reason) => return Err(refusal(&reason)),
             PairReply::Retry | PairReply::NotFound => return Ok(None),
         };
-        self.store.touch_inboxes(conv, a, b, now).await?;
         let refund = self
             .settle_response(
                 ctx,
@@ -379,6 +384,9 @@ impl Messaging {
         self.store
             .outbox_add(&item, now + self.config.refund_retry.as_millis() as i64)
             .await?;
+        let (a, b) = domain::conversation_members(conv)
+            .ok_or_else(|| ApiError::internal("bad conversation id"))?;
+        self.store.touch_inboxes(conv, a, b, now).await?;
         let state = if accept { "accepted" } else { "declined" };
         let fields = match self
             .store
@@ -393,9 +401,6 @@ impl Messaging {
             }
             other => return Err(ApiError::internal(format!("respond answered {other:?}"))),
         };
-        let (a, b) = domain::conversation_members(conv)
-            .ok_or_else(|| ApiError::internal("bad conversation id"))?;
-        self.store.touch_inboxes(conv, a, b, now).await?;
         let refund = fields.first().cloned().unwrap_or_default();
         Ok(self
             .settle_response(ctx, conv, &refund, &fields, Some(item))
@@ -511,7 +516,7 @@ impl Messaging {
             Err(err) => return Err(err),
         };
         if let Some(hook) = &self.config.faults.after_debit
-            && let Some(injected) = hook()
+            && let Some(injected) = hook().await
         {
             return Err(self
                 .abort_before_commit(ctx, conv, &message, injected)
@@ -619,9 +624,9 @@ impl Messaging {
             refund_window_ms: self.window_ms(),
             balance_after,
         };
+        self.store.touch_inboxes(conv, a, b, now).await?;
         match self.store.deliver(&delivery).await? {
             PairReply::Ok(_) => {
-                self.store.touch_inboxes(conv, a, b, now).await?;
                 metrics::counter!("inmail_credits_charged_total")
                     .increment(message.credits.max(0) as u64);
             }

@@ -628,7 +628,10 @@ impl MessagingStore {
         pair_reply(reply)
     }
 
-    /// After a delivery: both inboxes show the conversation's new activity.
+    /// Both inboxes show the conversation's activity at `at_ms`. Written
+    /// before the delivery (so a crash right after it cannot leave the
+    /// conversation out of an inbox) and only ever moved forward (GT), so a
+    /// retry never pushes a conversation down.
     pub async fn touch_inboxes(
         &self,
         conv: &str,
@@ -637,9 +640,17 @@ impl MessagingStore {
         at_ms: i64,
     ) -> Result<(), ApiError> {
         let _: () = redis::pipe()
-            .zadd(inbox_key(a), conv, at_ms)
+            .cmd("ZADD")
+            .arg(inbox_key(a))
+            .arg("GT")
+            .arg(at_ms)
+            .arg(conv)
             .ignore()
-            .zadd(inbox_key(b), conv, at_ms)
+            .cmd("ZADD")
+            .arg(inbox_key(b))
+            .arg("GT")
+            .arg(at_ms)
+            .arg(conv)
             .ignore()
             .query_async(&mut self.redis.conn())
             .await?;

@@ -1,0 +1,183 @@
+//! The services as their real binaries, in child processes: for what only a
+//! process can show (SIGKILL in the middle of sends, SIGTERM draining, the
+//! command line, metrics endpoints).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use crate::redis_server::{RedisServer, free_port};
+use crate::wait_serving;
+
+/// A workspace binary, built next to the test executable (`cargo build
+/// --workspace --bins` builds them; the README's test command does).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+pub struct ServiceProcess {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ServiceProcess {
+    pub async fn start(name: &'static str, env: Vec<(String, String)>) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::env::temp_dir().join(format!(
+            "inmail-{name}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut service = Self {
+            name,
+            addr,
+            env,
+            child: None,
+            log,
+        };
+        service.spawn().await;
+        service
+    }
+
+    /// Starts the binary without waiting for it to serve.
+    pub fn spawn_only(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("service log file");
+        let child = Command::new(binary(self.name))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("LISTEN_ADDR", self.addr.to_string())
+            .env("LOG_LEVEL", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.name));
+        self.child = Some(child);
+    }
+
+    async fn spawn(&mut self) {
+        self.spawn_only();
+        wait_serving(self.addr).await;
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: the process dies wherever it is.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM: the process should drain and exit by itself.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits up to `within` for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Redis and the three binaries, wired by their environment variables.
+pub struct ProcessStack {
+    pub redis: RedisServer,
+    pub plans: ServiceProcess,
+    pub billing: ServiceProcess,
+    pub messaging: ServiceProcess,
+}
+
+impl ProcessStack {
+    /// `extra` applies to every service (e.g. METRICS_ADDR is per service:
+    /// use `extra_for`).
+    pub async fn start(extra_for: impl Fn(&str) -> Vec<(String, String)>) -> Self {
+        crate::init_logs();
+        let redis = RedisServer::start().await;
+        let base = |name: &str| {
+            let mut env = vec![
+                ("REDIS_URL".to_string(), redis.url()),
+                ("TEST_CLOCK".to_string(), "true".to_string()),
+            ];
+            env.extend(extra_for(name));
+            env
+        };
+        let plans = ServiceProcess::start("subscription-plan", base("subscription-plan")).await;
+        let mut billing_env = base("billing-credits");
+        billing_env.push((
+            "SUBSCRIPTION_PLAN_URL".into(),
+            format!("http://{}", plans.addr),
+        ));
+        let billing = ServiceProcess::start("billing-credits", billing_env).await;
+        let mut messaging_env = base("messaging");
+        messaging_env.push((
+            "SUBSCRIPTION_PLAN_URL".into(),
+            format!("http://{}", plans.addr),
+        ));
+        messaging_env.push((
+            "BILLING_CREDITS_URL".into(),
+            format!("http://{}", billing.addr),
+        ));
+        let messaging = ServiceProcess::start("messaging", messaging_env).await;
+        Self {
+            redis,
+            plans,
+            billing,
+            messaging,
+        }
+    }
+}

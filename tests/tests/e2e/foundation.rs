@@ -1,0 +1,196 @@
+//! What every service does the same way: health that follows Redis, load
+//! shedding, deadlines, the shared test clock.
+
+use std::time::{Duration, Instant};
+
+use inmail_shared::proto::messaging::v1 as pb;
+use inmail_shared::proto::testclock::v1 as clock;
+use inmail_tests::{ClockClient, NOT_SERVING, SERVING, Stack, StackOptions, channel, health, rid};
+use tonic::Code;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_redis_and_service_resumes_by_itself() {
+    let mut stack = Stack::start().await;
+    let addrs = [stack.plans.addr, stack.billing.addr, stack.messaging.addr];
+    for addr in addrs {
+        assert_eq!(health(addr).await.unwrap(), SERVING);
+    }
+    stack.redis.kill();
+    for addr in addrs {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                matches!(health(addr).await, Ok(NOT_SERVING))
+            })
+            .await,
+            "{addr} kept reporting SERVING without Redis"
+        );
+    }
+    for (name, started, result) in [
+        ("plans", Instant::now(), subscription_status(&stack).await),
+        ("messaging", Instant::now(), preference_status(&stack).await),
+    ] {
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{name}: {status:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{name} took {:?}",
+            started.elapsed()
+        );
+    }
+    stack.redis.restart().await;
+    for addr in addrs {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                matches!(health(addr).await, Ok(SERVING))
+            })
+            .await,
+            "{addr} did not come back"
+        );
+    }
+    subscription_status(&stack).await.expect("plans resumed");
+    preference_status(&stack).await.expect("messaging resumed");
+}
+
+async fn subscription_status(stack: &Stack) -> Result<(), tonic::Status> {
+    stack
+        .plans()
+        .get_subscription(inmail_shared::proto::plans::v1::GetSubscriptionRequest {
+            member_id: "any".into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn preference_status(stack: &Stack) -> Result<(), tonic::Status> {
+    stack
+        .messaging()
+        .get_inmail_preference(pb::GetInmailPreferenceRequest {
+            member_id: "any".into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Beyond MAX_CONCURRENT_REQUESTS a call is shed at once with
+/// RESOURCE_EXHAUSTED and RetryInfo; health still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_with_retry_info() {
+    let mut stack = Stack::start_with(StackOptions {
+        messaging_args: vec!["--max-concurrent-requests".into(), "1".into()],
+        ..Default::default()
+    })
+    .await;
+    // With subscription-plan gone, a send to a stranger waits (retrying) for
+    // its whole deadline: it holds the only slot.
+    stack.plans.stop().await;
+    let mut client = stack.messaging();
+    let slow = tokio::spawn(async move {
+        let mut call = tonic::Request::new(send_request("xia", "yan", "Hi", "Hello"));
+        call.set_timeout(Duration::from_secs(3));
+        client.send_message(call).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let shed = preference_status(&stack).await.unwrap_err();
+    assert_eq!(shed.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&shed), "SERVER_OVERLOADED");
+    use tonic_types::StatusExt;
+    assert!(
+        shed.get_details_retry_info()
+            .and_then(|r| r.retry_delay)
+            .is_some()
+    );
+    assert_eq!(health(stack.messaging.addr).await.unwrap(), SERVING);
+    let slow = slow.await.unwrap().unwrap_err();
+    assert_eq!(slow.code(), Code::Unavailable, "{slow:?}");
+    preference_status(&stack)
+        .await
+        .expect("the slot is free again");
+}
+
+/// A call's deadline bounds the whole chain: messaging gives up on a
+/// missing subscription-plan within the caller's budget, not its own 10s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callers_deadline_bounds_downstream_calls() {
+    let mut stack = Stack::start().await;
+    stack.plans.stop().await;
+    let started = Instant::now();
+    let mut call = tonic::Request::new(send_request("amy", "ben", "Hi", "Hello"));
+    call.set_timeout(Duration::from_millis(700));
+    let status = stack.messaging().send_message(call).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_advance_moves_the_clock_of_all_three_services() {
+    let stack = Stack::start().await;
+    let before = stack.now().await;
+    let mut via_plans = ClockClient::new(channel(stack.plans.addr));
+    inmail_tests::advance(&mut via_plans, DAY * 30).await;
+    for addr in [stack.plans.addr, stack.billing.addr, stack.messaging.addr] {
+        let now = ClockClient::new(channel(addr))
+            .get_time(clock::GetTimeRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(now.test_clock_enabled);
+        let now = ts(&now.now);
+        let moved = now - before;
+        assert!(
+            moved >= chrono::TimeDelta::days(30)
+                && moved < chrono::TimeDelta::days(30) + chrono::TimeDelta::seconds(30)
+        );
+    }
+    let back = stack
+        .clock()
+        .set_time(clock::SetTimeRequest {
+            request_id: rid(),
+            time: Some(inmail_shared::time::to_timestamp(before)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&back), "CLOCK_WOULD_GO_BACK");
+}
+
+/// Off by default: a service started without --test-clock refuses to move
+/// time and answers the real time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_clock_is_refused_when_off() {
+    use clap::Parser;
+    let redis = inmail_tests::RedisServer::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cli =
+        subscription_plan::Cli::parse_from(["subscription-plan", "--redis-url", &redis.url()]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(subscription_plan::serve(cli.args, listener, stop.clone()));
+    inmail_tests::wait_serving(addr).await;
+    let mut clock = ClockClient::new(channel(addr));
+    let refused = clock
+        .advance_time(clock::AdvanceTimeRequest {
+            request_id: rid(),
+            by: Some(Duration::from_secs(60).try_into().unwrap()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_str()),
+        (Code::FailedPrecondition, "TEST_CLOCK_DISABLED")
+    );
+    let now = clock
+        .get_time(clock::GetTimeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!now.test_clock_enabled);
+    let skew = (ts(&now.now) - chrono::Utc::now()).num_seconds().abs();
+    assert!(skew < 5);
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}

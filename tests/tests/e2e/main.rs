@@ -1,0 +1,10 @@
+//! End-to-end tests: a real redis-server per test and the real services over
+//! real gRPC on 127.0.0.1.
+
+mod billing;
+mod common;
+mod foundation;
+mod grpcurl;
+mod messaging;
+mod plans;
+mod processes;

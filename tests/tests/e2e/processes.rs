@@ -1,0 +1,366 @@
+//! The real binaries in child processes: configuration errors, SIGTERM
+//! draining, the healthcheck subcommand, and SIGKILL in the middle of sends.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use inmail_shared::proto::billing::v1 as billing;
+use inmail_shared::proto::messaging::v1 as pb;
+use inmail_shared::proto::plans::v1 as plans;
+use inmail_tests::processes::{ProcessStack, ServiceProcess, binary};
+use inmail_tests::redis_server::free_port;
+use inmail_tests::{
+    BillingClient, ClockClient, MessagingClient, PlansClient, RedisServer, channel, rid,
+};
+use tonic::Code;
+
+use crate::common::*;
+
+fn run(name: &str, env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(binary(name))
+        .env_clear()
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("run the binary");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn malformed_configuration_is_refused_with_a_clear_message() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    for (name, env, names) in [
+        (
+            "billing-credits",
+            vec![
+                ("REDIS_URL", "http://not-redis"),
+                ("LISTEN_ADDR", listen.as_str()),
+            ],
+            "REDIS_URL",
+        ),
+        (
+            "messaging",
+            vec![("LISTEN_ADDR", "not-an-address")],
+            "LISTEN_ADDR",
+        ),
+        ("billing-credits", vec![("HOLD_TTL", "soon")], "HOLD_TTL"),
+        (
+            "messaging",
+            vec![
+                ("BILLING_CREDITS_URL", "not a url"),
+                ("LISTEN_ADDR", listen.as_str()),
+            ],
+            "BILLING_CREDITS_URL",
+        ),
+        (
+            "subscription-plan",
+            vec![
+                ("PLANS_FILE", "/nonexistent/plans.toml"),
+                ("LISTEN_ADDR", listen.as_str()),
+            ],
+            "PLANS_FILE",
+        ),
+        ("messaging", vec![("INMAIL_BURST", "0")], "INMAIL_BURST"),
+        (
+            "subscription-plan",
+            vec![("LOG_FORMAT", "xml")],
+            "LOG_FORMAT",
+        ),
+    ] {
+        let (code, stderr) = run(name, &env, &[]);
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "{name} {env:?} exited with {code:?}"
+        );
+        assert!(
+            stderr.contains(names),
+            "{name}: the message does not name {names}: {stderr}"
+        );
+    }
+    // A catalog that breaks the rules is refused before serving.
+    let dir = std::env::temp_dir().join(format!("inmail-catalog-{}", rid()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("plans.toml");
+    std::fs::write(
+        &file,
+        "[[plans]]\nid = \"free\"\nname = \"Free\"\nmonthly_credits = 0\nrollover_cap = 0\ncycle = \"calendar-month\"\npaid = false\n\
+         [[plans]]\nid = \"free\"\nname = \"Again\"\nmonthly_credits = 0\nrollover_cap = 0\ncycle = \"calendar-month\"\npaid = false\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(
+        "subscription-plan",
+        &[
+            ("PLANS_FILE", file.to_str().unwrap()),
+            ("LISTEN_ADDR", &listen),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("duplicate id"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// SIGTERM: health turns NOT_SERVING first, the call in flight still gets its
+/// answer, and the process exits by itself within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reports_not_serving_drains_and_exits() {
+    let redis = RedisServer::start().await;
+    // No subscription-plan: a first balance query waits on it until its deadline.
+    let mut billing_process = ServiceProcess::start(
+        "billing-credits",
+        vec![
+            ("REDIS_URL".into(), redis.url()),
+            (
+                "SUBSCRIPTION_PLAN_URL".into(),
+                format!("http://127.0.0.1:{}", free_port()),
+            ),
+            ("SHUTDOWN_GRACE".into(), "5s".into()),
+        ],
+    )
+    .await;
+    let mut health = inmail_tests::HealthClient::new(channel(billing_process.addr));
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        inmail_tests::SERVING
+    );
+
+    let mut client = BillingClient::new(channel(billing_process.addr));
+    let in_flight = tokio::spawn(async move {
+        let mut call = tonic::Request::new(billing::GetBalanceRequest {
+            member_id: "zoe".into(),
+        });
+        call.set_timeout(Duration::from_secs(2));
+        client.get_balance(call).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    billing_process.terminate();
+
+    let next = tokio::time::timeout(Duration::from_secs(2), watch.message()).await;
+    let status = next.expect("health update").unwrap().unwrap().status;
+    assert_eq!(status, inmail_tests::NOT_SERVING);
+
+    let answer = in_flight.await.unwrap().unwrap_err();
+    assert!(
+        matches!(answer.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{answer:?}"
+    );
+    if answer.code() == Code::Unavailable {
+        assert_eq!(
+            reason(&answer),
+            "SUBSCRIPTION_PLAN_UNAVAILABLE",
+            "a drained answer, not a dropped call"
+        );
+    }
+    let exited = billing_process
+        .wait_exit(Duration::from_secs(7))
+        .await
+        .expect("exited within the grace period");
+    assert!(exited.success(), "{exited:?}");
+    assert!(billing_process.logs().contains("NOT_SERVING"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_subcommand_exits_zero_only_when_serving() {
+    let redis = RedisServer::start().await;
+    let plans_process =
+        ServiceProcess::start("subscription-plan", vec![("REDIS_URL".into(), redis.url())]).await;
+    let addr = plans_process.addr.to_string();
+    let (code, _) = run(
+        "subscription-plan",
+        &[("LISTEN_ADDR", &addr)],
+        &["healthcheck"],
+    );
+    assert_eq!(code, Some(0));
+    let dead = format!("127.0.0.1:{}", free_port());
+    let (code, _) = run(
+        "subscription-plan",
+        &[("LISTEN_ADDR", &dead)],
+        &["healthcheck"],
+    );
+    assert_eq!(code, Some(1));
+    drop(redis);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            run(
+                "subscription-plan",
+                &[("LISTEN_ADDR", &addr)],
+                &["healthcheck"],
+            )
+            .0 == Some(1)
+        })
+        .await,
+        "healthcheck kept passing without Redis"
+    );
+}
+
+/// SIGKILL messaging and billing in the middle of a storm of InMails; clients
+/// retry with their request ids, as they should. After the bounded recovery
+/// time every delivered InMail has a confirmed charge, every charge belongs
+/// to a delivered InMail, and every ledger adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_during_sends_leaves_no_orphan_charge_and_no_free_inmail() {
+    let mut stack = ProcessStack::start(|name| match name {
+        "messaging" => vec![("INMAIL_BURST".into(), "1000".into())],
+        _ => vec![],
+    })
+    .await;
+    let senders: Vec<String> = (0..8).map(|i| format!("sender{i}")).collect();
+    let mut plans_client = PlansClient::new(channel(stack.plans.addr));
+    for sender in &senders {
+        plans_client
+            .subscribe(plans::SubscribeRequest {
+                request_id: rid(),
+                member_id: sender.clone(),
+                plan_id: "recruiter-lite".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let requests: Vec<pb::SendMessageRequest> = senders
+        .iter()
+        .flat_map(|s| {
+            (0..12).map(move |i| send_request(s, &format!("{s}-lead{i}"), "Hi", "A role for you"))
+        })
+        .collect();
+    let messaging_addr = stack.messaging.addr;
+    let storm: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|request| {
+            tokio::spawn(async move {
+                let mut client = MessagingClient::new(channel(messaging_addr));
+                let mut call = tonic::Request::new(request);
+                call.set_timeout(Duration::from_secs(3));
+                client.send_message(call).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stack.messaging.kill();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stack.billing.kill();
+    for call in storm {
+        let _ = call.await.unwrap();
+    }
+    stack.billing.restart().await;
+    stack.messaging.restart().await;
+
+    // Clients retry what did not get a definitive answer.
+    let mut outcomes: HashMap<String, Result<(), String>> = HashMap::new();
+    let mut client = MessagingClient::new(channel(stack.messaging.addr));
+    for request in &requests {
+        let mut outcome = Err("never answered".to_string());
+        for _ in 0..20 {
+            match client.send_message(request.clone()).await {
+                Ok(_) => {
+                    outcome = Ok(());
+                    break;
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable
+                            | Code::Aborted
+                            | Code::DeadlineExceeded
+                            | Code::Unknown
+                            | Code::Cancelled
+                    ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => {
+                    outcome = Err(reason(&s));
+                    break;
+                }
+            }
+        }
+        outcomes.insert(request.request_id.clone(), outcome);
+    }
+    for (id, outcome) in &outcomes {
+        assert!(
+            matches!(outcome, Ok(()) | Err(_))
+                && outcome.as_ref().err().is_none_or(|r| r == "SEND_ABANDONED"),
+            "request {id}: {outcome:?}"
+        );
+    }
+
+    // Past every bound: holds (30s) and unfinished sends (60s) are settled.
+    let mut clock = ClockClient::new(channel(stack.messaging.addr));
+    inmail_tests::advance(&mut clock, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        inmail_tests::outbox_len(&stack.redis).await,
+        0,
+        "unfinished work left behind"
+    );
+
+    let mut billing_client = BillingClient::new(channel(stack.billing.addr));
+    for sender in &senders {
+        let delivered: Vec<pb::Conversation> = client
+            .list_conversations(pb::ListConversationsRequest {
+                member_id: sender.clone(),
+                page_size: 500,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .conversations
+            .into_iter()
+            .filter(|c| c.inmail.as_ref().is_some_and(|i| &i.sender_id == sender))
+            .collect();
+        let succeeded = requests
+            .iter()
+            .filter(|r| &r.sender_id == sender && outcomes[&r.request_id].is_ok())
+            .count();
+        assert_eq!(
+            delivered.len(),
+            succeeded,
+            "{sender}: delivered InMails vs successful sends"
+        );
+        for conversation in &delivered {
+            let inmail = conversation.inmail.as_ref().unwrap();
+            let debit = billing_client
+                .get_debit(billing::GetDebitRequest {
+                    member_id: sender.clone(),
+                    message_id: inmail.message_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .debit
+                .unwrap();
+            assert_eq!(
+                debit.state,
+                billing::DebitState::Confirmed as i32,
+                "delivered without a final charge"
+            );
+        }
+        let balance = billing_client
+            .get_balance(billing::GetBalanceRequest {
+                member_id: sender.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .balance
+            .unwrap();
+        assert_eq!(
+            balance.available,
+            30 - delivered.len() as i64,
+            "{sender}: a charge without a delivered InMail"
+        );
+    }
+    inmail_tests::assert_ledgers_reconcile(&mut billing_client).await;
+}
