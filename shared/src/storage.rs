@@ -74,6 +74,32 @@ impl Redis {
         &self.url
     }
 
+    /// Runs a pipeline holding EVALSHA calls of `scripts` (see [`evalsha`]).
+    /// When Redis answers NOSCRIPT (its script cache was flushed, or it
+    /// restarted), loads the scripts and runs the pipeline once more, so every
+    /// command of such a pipeline must be safe to run twice.
+    ///
+    /// The commands of one pipeline reach Redis in order on one connection,
+    /// so an index written before a script is there when the script runs.
+    pub async fn query_with_scripts<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        scripts: &[&redis::Script],
+    ) -> Result<T, ApiError> {
+        let mut conn = self.conn();
+        match pipe.query_async(&mut conn).await {
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                for script in scripts {
+                    script.load_async(&mut conn).await?;
+                }
+                Ok(pipe.query_async(&mut conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), ApiError> {
         let mut conn = self.conn();
         redis::cmd("PING")
@@ -82,6 +108,19 @@ impl Redis {
             .map(|_| ())
             .map_err(ApiError::from)
     }
+}
+
+/// Appends `EVALSHA <script> <keys>` to a pipeline; chain `.arg()` for the
+/// script's arguments and run it with [`Redis::query_with_scripts`].
+pub fn evalsha<'p>(
+    pipe: &'p mut redis::Pipeline,
+    script: &redis::Script,
+    keys: &[String],
+) -> &'p mut redis::Pipeline {
+    pipe.cmd("EVALSHA")
+        .arg(script.get_hash())
+        .arg(keys.len())
+        .arg(keys)
 }
 
 fn redacted(url: &str) -> String {

@@ -14,17 +14,20 @@ use crate::wait_serving;
 /// --workspace --bins` builds them; the README's test command does).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins` before the tests (the README's test command does)",
-        path.display()
-    );
-    path
+    // Next to a binary (target/release/inmail-bench), or one level up from a
+    // test (target/debug/deps/e2e-…).
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .collect();
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{} is missing: run `cargo build --workspace --bins` before the tests (the README's test command does)",
+            candidates[candidates.len() - 1].display()
+        )
+    })
 }
 
 pub struct ServiceProcess {

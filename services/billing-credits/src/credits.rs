@@ -148,13 +148,30 @@ impl Credits {
                 "mismatch" => return Err(ApiError::request_id_reused()),
                 "ok" => {
                     record_metrics(&reply);
-                    if let Op::Confirm { message_id } = op {
-                        // The sweeper would drop it too; this keeps the index small.
-                        if let Err(err) = self.store.forget_hold(member, message_id).await {
-                            tracing::debug!(error = %err, "hold index not trimmed; the sweeper will");
-                        }
-                    }
                     return Ok(reply);
+                }
+                // An unconfirmed hold whose time ran out: release it as the
+                // sweeper would, and refuse the confirmation.
+                "expired" => {
+                    if let Op::Confirm { message_id } = op {
+                        let release = Op::Release {
+                            message_id,
+                            reason: "HOLD_EXPIRED",
+                            only_if_expired: true,
+                        };
+                        Box::pin(self.run(ctx, member, "", "", release)).await?;
+                        return Err(refusal(
+                            &Reply {
+                                reason: "DEBIT_RELEASED".into(),
+                                ..Reply::default()
+                            },
+                            member,
+                            message_id,
+                        ));
+                    }
+                    return Err(ApiError::internal(
+                        "only a confirmation can find a hold expired",
+                    ));
                 }
                 "refused" => {
                     record_metrics(&reply);

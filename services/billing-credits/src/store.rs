@@ -31,6 +31,57 @@ use serde::Deserialize;
 /// Shards of the hold-expiry index (spread over cluster nodes).
 pub const HOLD_SHARDS: u32 = 16;
 
+/// Request records, shared by every script that takes a request id.
+///
+/// The record is one string `<fingerprint>\n<outcome JSON>` under KEYS[3]
+/// (`R`), written with the outcome and expiring after the retention.
+/// `check_request()` answers a replay (the first outcome, marked `replayed`
+/// so nothing is counted twice) or a mismatch before anything is touched.
+macro_rules! request_helpers {
+    () => {
+        r#"
+local renewed, written_off = 0, 0
+
+local function check_request()
+  if REQ == '' then return nil end
+  local rec = redis.call('GET', R)
+  if not rec then return nil end
+  local sep = string.find(rec, '\n', 1, true)
+  if string.sub(rec, 1, sep - 1) ~= FP then return cjson.encode({ s = 'mismatch' }) end
+  local first = cjson.decode(string.sub(rec, sep + 1))
+  first.replayed, first.renewed, first.written_off = true, 0, 0
+  first.released, first.refunded, first.granted, first.debited = 0, 0, 0, 0
+  return cjson.encode(first)
+end
+
+-- Finishes a call: records the outcome under the request id and answers it.
+local function finish(reply)
+  reply.renewed, reply.written_off = renewed, written_off
+  local out = cjson.encode(reply)
+  if REQ ~= '' then redis.call('SET', R, FP .. '\n' .. out, 'PX', RETAIN) end
+  return out
+end
+
+local function refuse(reason, extra)
+  local reply = extra or {}
+  reply.s, reply.reason = 'refused', reason
+  return finish(reply)
+end
+
+local function debit_view(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return nil end
+  local d = {}
+  for i = 1, #flat, 2 do d[flat[i]] = flat[i + 1] end
+  return { state = d.state, amount = tonumber(d.amount), debited_at = tonumber(d.t_debit or '0'),
+    expires_at = tonumber(d.t_expire or '0'), confirmed_at = tonumber(d.t_confirm or '0'),
+    refundable_until = tonumber(d.refundable or '0'), returned_at = tonumber(d.t_return or '0'),
+    reason = d.reason or '', balance_after = tonumber(d.bal_after or '0') }
+end
+"#
+    };
+}
+
 /// Shared prelude of every balance script.
 ///
 /// KEYS[1] account, KEYS[2] ledger, KEYS[3] request record.
@@ -39,27 +90,37 @@ pub const HOLD_SHARDS: u32 = 16;
 /// ARGV[4] request_id ("" for reads), ARGV[5] fingerprint, ARGV[6] request
 /// retention ms; ARGV[7..] the script's own.
 ///
-/// `settle()` brings the account to the current cycle: it replays the plan
-/// periods subscription-plan reported since the version last applied —
+/// A replay or a request id reused with other arguments is answered first.
+/// Then `settle()` brings the account to the current cycle: it replays the
+/// plan periods subscription-plan reported since the version last applied —
 /// renewal once per cycle (balance = min(unused + monthly, cap)), a write-off
-/// of everything at each plan change — each as a ledger entry. It writes only
-/// ledger entries; the account hash is written once, by `save()`.
+/// of everything at each plan change — each as a ledger entry. The account
+/// hash is written once, by `save()`, and only the fields that changed.
 macro_rules! prelude {
     () => {
-        r#"
+        concat!(
+            r#"
 local A, L, R = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
 local ENT, VALID, REQ, FP, RETAIN = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+"#,
+            request_helpers!(),
+            r#"
+do
+  local replay = check_request()
+  if replay then return replay end
+end
 
-local acct = {}
+local acct, dirty = {}, {}
 do
   local flat = redis.call('HGETALL', A)
   for i = 1, #flat, 2 do acct[flat[i]] = flat[i + 1] end
 end
 local exists = acct.ver ~= nil
 local bal = tonumber(acct.balance or '0')
+local bal_before = bal
 local function num(field) return tonumber(acct[field] or '0') end
-local renewed, written_off = 0, 0
+local function set(field, value) acct[field] = value; dirty[field] = true end
 
 local function entry(kind, amount, msg, note)
   return redis.call('XADD', L, '*', 'k', kind, 'a', amount, 'b', bal, 't', now,
@@ -68,18 +129,20 @@ local function entry(kind, amount, msg, note)
 end
 
 local function reset_cycle_counters()
-  acct.debited, acct.refunded, acct.released, acct.granted = '0', '0', '0', '0'
+  for _, field in ipairs({ 'debited', 'refunded', 'released', 'granted' }) do
+    if num(field) ~= 0 or not exists then set(field, 0) end
+  end
 end
 
 local function renew_to(target, monthly, cap)
   local idx = num('idx')
   while idx < target do
     idx = idx + 1
-    acct.idx = tostring(idx)
+    set('idx', idx)
     if monthly == 0 and bal == 0 then
       -- A free period at zero: nothing to renew in the remaining cycles.
       idx = target
-      acct.idx = tostring(target)
+      set('idx', target)
     else
       local new = math.min(bal + monthly, cap)
       local amount = new - bal
@@ -108,7 +171,9 @@ local function settle()
   else
     -- First touch: start from the current period with nothing (credits of
     -- earlier periods would have been written off at their end anyway).
-    acct.ver, acct.idx, acct.plan = tostring(cur.v), '0', cur.p
+    set('ver', cur.v)
+    set('idx', 0)
+    set('plan', cur.p)
     reset_cycle_counters()
   end
   for _, p in ipairs(periods) do
@@ -119,23 +184,31 @@ local function settle()
         entry('WRITE_OFF', amount, '', 'plan period ' .. acct.ver .. ' (' .. (acct.plan or '') .. ') ended')
         written_off = written_off - amount
       end
-      acct.ver, acct.idx, acct.plan = tostring(p.v), '0', p.p
+      set('ver', p.v)
+      set('idx', 0)
+      set('plan', p.p)
     end
     if p.v == num('ver') then renew_to(p.n, p.m, p.c) end
   end
-  acct.plan, acct.monthly, acct.cap, acct.paid = cur.p, cur.m, cur.c, cur.paid
-  acct.cstart, acct.cend, acct.valid = cur.cs, cur.ce, VALID
+  for field, value in pairs({ plan = cur.p, monthly = cur.m, cap = cur.c, paid = cur.paid,
+      cstart = cur.cs, cend = cur.ce, valid = VALID }) do
+    if tostring(acct[field]) ~= tostring(value) then set(field, value) end
+  end
   exists = true
   return 'ok'
 end
 
 local function save()
-  redis.call('HSET', A, 'balance', bal, 'ver', acct.ver, 'idx', acct.idx,
-    'plan', acct.plan, 'monthly', acct.monthly, 'cap', acct.cap, 'paid', acct.paid,
-    'cstart', acct.cstart, 'cend', acct.cend, 'valid', acct.valid,
-    'debited', acct.debited, 'refunded', acct.refunded,
-    'released', acct.released, 'granted', acct.granted)
+  if bal ~= bal_before then set('balance', bal) end
+  local args = {}
+  for field in pairs(dirty) do
+    args[#args + 1] = field
+    args[#args + 1] = acct[field]
+  end
+  if #args > 0 then redis.call('HSET', A, unpack(args)) end
 end
+
+local function bump(field, amount) set(field, num(field) + amount) end
 
 local function balance_view()
   return { available = bal, plan = acct.plan, monthly = num('monthly'), cap = num('cap'),
@@ -144,52 +217,12 @@ local function balance_view()
     ver = num('ver') }
 end
 
-local function debit_view(key)
-  local flat = redis.call('HGETALL', key)
-  if #flat == 0 then return nil end
-  local d = {}
-  for i = 1, #flat, 2 do d[flat[i]] = flat[i + 1] end
-  return { state = d.state, amount = tonumber(d.amount), debited_at = tonumber(d.t_debit or '0'),
-    expires_at = tonumber(d.t_expire or '0'), confirmed_at = tonumber(d.t_confirm or '0'),
-    refundable_until = tonumber(d.refundable or '0'), returned_at = tonumber(d.t_return or '0'),
-    reason = d.reason or '', balance_after = tonumber(d.bal_after or '0') }
+do
+  local st = settle()
+  if st ~= 'ok' then return cjson.encode({ s = st, ver = num('ver') }) end
 end
-
--- Finishes a call: records the outcome under the request id and answers it.
-local function finish(reply)
-  reply.renewed, reply.written_off = renewed, written_off
-  local out = cjson.encode(reply)
-  if REQ ~= '' and reply.s ~= 'need' and reply.s ~= 'stale' then
-    redis.call('HSET', R, 'fp', FP, 'outcome', out)
-    redis.call('PEXPIRE', R, RETAIN)
-  end
-  return out
-end
-
-local function refuse(reason, extra)
-  local reply = extra or {}
-  reply.s, reply.reason = 'refused', reason
-  return finish(reply)
-end
-
--- Request id reuse and replays are answered before anything is touched.
-if REQ ~= '' then
-  local rec = redis.call('HMGET', R, 'fp', 'outcome')
-  if rec[1] then
-    if rec[1] ~= FP then return cjson.encode({ s = 'mismatch' }) end
-    if rec[2] then
-      -- A replay: the first outcome, marked so nothing is counted twice.
-      local first = cjson.decode(rec[2])
-      first.replayed, first.renewed, first.written_off = true, 0, 0
-      first.released, first.refunded, first.granted, first.debited = 0, 0, 0, 0
-      return cjson.encode(first)
-    end
-  end
-end
-
-local st = settle()
-if st ~= 'ok' then return cjson.encode({ s = st, ver = num('ver') }) end
 "#
+        )
     };
 }
 
@@ -214,50 +247,55 @@ const DEBIT: &str = concat!(
 local D, MSG, AMOUNT, HOLD = KEYS[4], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
 local existing = debit_view(D)
 if existing then
+  save()
   if existing.state == 'released' then return refuse('DEBIT_RELEASED') end
   if existing.amount ~= AMOUNT then return refuse('MESSAGE_ID_CONFLICT') end
-  save()
-  return finish({ s = 'ok', debit = existing, balance_after = existing.balance_after, balance = balance_view() })
+  return finish({ s = 'ok', debit = existing, balance_after = existing.balance_after })
 end
-if num('paid') ~= 1 then save() return refuse('PAID_PLAN_REQUIRED', { balance = balance_view() }) end
-if bal < AMOUNT then save() return refuse('INSUFFICIENT_CREDITS', { balance = balance_view() }) end
+if num('paid') ~= 1 then save() return refuse('PAID_PLAN_REQUIRED', { balance = { available = bal } }) end
+if bal < AMOUNT then save() return refuse('INSUFFICIENT_CREDITS', { balance = { available = bal } }) end
 bal = bal - AMOUNT
-acct.debited = tostring(num('debited') + AMOUNT)
+bump('debited', AMOUNT)
 redis.call('HSET', D, 'state', 'held', 'amount', AMOUNT, 't_debit', now, 't_expire', now + HOLD,
   'bal_after', bal, 'req', REQ)
 entry('DEBIT', -AMOUNT, MSG, '')
 save()
-return finish({ s = 'ok', debit = debit_view(D), balance_after = bal, balance = balance_view(), debited = AMOUNT })
+return finish({ s = 'ok', balance_after = bal, debited = AMOUNT,
+  debit = { state = 'held', amount = AMOUNT, debited_at = now, expires_at = now + HOLD,
+    confirmed_at = 0, refundable_until = 0, returned_at = 0, reason = '', balance_after = bal } })
 "#
 );
 
-/// ConfirmDebit. KEYS[4] debit record. ARGV[7] message_id, ARGV[8] refund
-/// window ms, ARGV[9] confirmed-record retention ms.
-/// Checks: the debit exists (DEBIT_NOT_FOUND), is not released, and its hold
-/// has not run out (an expired hold is released here, as the sweeper would,
-/// and refused with DEBIT_RELEASED). Confirming twice answers the same.
+/// ConfirmDebit: touches only the debit record, never the balance.
+/// KEYS[1] debit record, KEYS[3] request record (KEYS[2] unused). ARGV[1] now
+/// ms, ARGV[4] request_id, ARGV[5] fingerprint, ARGV[6] request retention ms,
+/// ARGV[7] refund window ms, ARGV[8] confirmed-record retention ms.
+/// Checks: the debit exists (DEBIT_NOT_FOUND), is not released
+/// (DEBIT_RELEASED), and its hold has not run out ({"expired"}, not recorded:
+/// the caller releases it). Confirming twice answers the same.
 const CONFIRM: &str = concat!(
-    prelude!(),
     r#"
-local D, MSG, WINDOW, KEEP = KEYS[4], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local D, R = KEYS[1], KEYS[3]
+local now = tonumber(ARGV[1])
+local REQ, FP, RETAIN = ARGV[4], ARGV[5], ARGV[6]
+local WINDOW, KEEP = tonumber(ARGV[7]), tonumber(ARGV[8])
+"#,
+    request_helpers!(),
+    r#"
+do
+  local replay = check_request()
+  if replay then return replay end
+end
 local d = debit_view(D)
-if not d then save() return refuse('DEBIT_NOT_FOUND') end
-if d.state == 'released' then save() return refuse('DEBIT_RELEASED', { debit = d }) end
+if not d then return refuse('DEBIT_NOT_FOUND') end
+if d.state == 'released' then return refuse('DEBIT_RELEASED', { debit = d }) end
 if d.state == 'held' then
-  if now >= d.expires_at then
-    bal = bal + d.amount
-    acct.released = tostring(num('released') + d.amount)
-    redis.call('HSET', D, 'state', 'released', 't_return', now, 'reason', 'HOLD_EXPIRED')
-    redis.call('PEXPIRE', D, KEEP)
-    entry('RELEASE', d.amount, MSG, 'HOLD_EXPIRED')
-    save()
-    return refuse('DEBIT_RELEASED', { debit = debit_view(D), released = d.amount })
-  end
+  if now >= d.expires_at then return cjson.encode({ s = 'expired' }) end
   redis.call('HSET', D, 'state', 'confirmed', 't_confirm', now, 'refundable', now + WINDOW)
   redis.call('PEXPIRE', D, WINDOW + KEEP)
+  d.state, d.confirmed_at, d.refundable_until = 'confirmed', now, now + WINDOW
 end
-save()
-return finish({ s = 'ok', debit = debit_view(D) })
+return finish({ s = 'ok', debit = d })
 "#
 );
 
@@ -285,7 +323,7 @@ if d.state == 'confirmed' or d.state == 'refunded' then
 end
 if d.state == 'held' and not (ONLY_EXPIRED and now < d.expires_at) then
   bal = bal + d.amount
-  acct.released = tostring(num('released') + d.amount)
+  bump('released', d.amount)
   redis.call('HSET', D, 'state', 'released', 't_return', now, 'reason', REASON)
   redis.call('PEXPIRE', D, KEEP)
   entry('RELEASE', d.amount, MSG, REASON)
@@ -316,7 +354,7 @@ if d.state == 'refunded' then
 end
 if now > d.refundable_until then save() return refuse('REFUND_WINDOW_CLOSED', { debit = d }) end
 bal = bal + d.amount
-acct.refunded = tostring(num('refunded') + d.amount)
+bump('refunded', d.amount)
 redis.call('HSET', D, 'state', 'refunded', 't_return', now)
 entry('REFUND', d.amount, MSG, '')
 save()
@@ -331,7 +369,7 @@ const GRANT: &str = concat!(
     r#"
 local AMOUNT, REASON = tonumber(ARGV[7]), ARGV[8]
 bal = bal + AMOUNT
-acct.granted = tostring(num('granted') + AMOUNT)
+bump('granted', AMOUNT)
 local id = entry('GRANT', AMOUNT, '', REASON)
 save()
 return finish({ s = 'ok', entry_id = id, balance_after = bal, granted = AMOUNT })
@@ -605,6 +643,7 @@ impl BillingStore {
         self.run(inv).await
     }
 
+    /// The lean confirm script: the debit record and the request record only.
     pub async fn confirm(
         &self,
         call: &Call<'_>,
@@ -612,8 +651,16 @@ impl BillingStore {
         message_id: &str,
         refund_window: Duration,
     ) -> Result<Reply, ApiError> {
-        let mut inv = Self::invocation(&self.confirm, call, retention.request, Some(message_id));
-        inv.arg(message_id)
+        let mut inv = self.confirm.prepare_invoke();
+        inv.key(debit_key(call.member, message_id))
+            .key(account_key(call.member))
+            .key(request_key(call.member, call.request_id))
+            .arg(call.now_ms)
+            .arg("")
+            .arg(0)
+            .arg(call.request_id)
+            .arg(call.fingerprint)
+            .arg(retention.request.as_millis() as u64)
             .arg(refund_window.as_millis() as u64)
             .arg(retention.confirmed_margin.as_millis() as u64);
         self.run(inv).await
@@ -658,13 +705,34 @@ impl BillingStore {
         self.run(inv).await
     }
 
-    pub async fn forget_hold(&self, member: &str, message_id: &str) -> Result<(), ApiError> {
-        let _: i64 = redis::cmd("ZREM")
-            .arg(hold_shard_key(hold_shard(member)))
-            .arg(hold_entry(member, message_id))
-            .query_async(&mut self.redis.conn())
-            .await?;
+    /// Drops settled entries of one shard of the hold index.
+    pub async fn forget_holds(
+        &self,
+        shard: u32,
+        entries: &[(String, String)],
+    ) -> Result<(), ApiError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(hold_shard_key(shard));
+        for (member, message_id) in entries {
+            cmd.arg(hold_entry(member, message_id));
+        }
+        let _: i64 = cmd.query_async(&mut self.redis.conn()).await?;
         Ok(())
+    }
+
+    /// The state of each debit ("held", "confirmed", ...), in one round trip.
+    pub async fn debit_states(
+        &self,
+        debits: &[(String, String)],
+    ) -> Result<Vec<Option<String>>, ApiError> {
+        let mut pipe = redis::pipe();
+        for (member, message_id) in debits {
+            pipe.hget(debit_key(member, message_id), "state");
+        }
+        Ok(pipe.query_async(&mut self.redis.conn()).await?)
     }
 
     /// Holds whose expiry is at or before `now_ms`, oldest first.

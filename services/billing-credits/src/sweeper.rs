@@ -31,37 +31,57 @@ pub fn spawn_hold_sweeper(credits: Credits, interval: Duration, stop: Cancellati
 }
 
 /// One pass over every shard; answers how many holds it released.
+///
+/// Confirmed debits are not taken out of the index when they are confirmed
+/// (that would cost every debit one more write); they leave it here, in
+/// batches: one round trip reads the states, one ZREM drops the settled.
 pub async fn sweep_once(credits: &Credits) -> Result<usize, ApiError> {
     let now = credits.clock().now_ms().await?;
+    let store = credits.store();
     let mut released = 0;
     for shard in 0..HOLD_SHARDS {
-        for (member, message_id) in credits.store().expired_holds(shard, now, BATCH).await? {
-            let ctx = CallContext::background(Duration::from_secs(5));
-            let op = Op::Release {
-                message_id: &message_id,
-                reason: "HOLD_EXPIRED",
-                only_if_expired: true,
-            };
-            let settled = match credits.run(&ctx, &member, "", "", op).await {
-                Ok(reply) => {
-                    if reply.released_now == Some(true) {
-                        released += 1;
-                        tracing::info!(%member, %message_id, "hold expired: credit released");
+        loop {
+            let due = store.expired_holds(shard, now, BATCH).await?;
+            if due.is_empty() {
+                break;
+            }
+            let states = store.debit_states(&due).await?;
+            let mut settled = Vec::with_capacity(due.len());
+            for ((member, message_id), state) in due.iter().zip(states) {
+                if state.as_deref() != Some("held") {
+                    settled.push((member.clone(), message_id.clone()));
+                    continue;
+                }
+                let ctx = CallContext::background(Duration::from_secs(5));
+                let op = Op::Release {
+                    message_id,
+                    reason: "HOLD_EXPIRED",
+                    only_if_expired: true,
+                };
+                match credits.run(&ctx, member, "", "", op).await {
+                    Ok(reply) => {
+                        if reply.released_now == Some(true) {
+                            released += 1;
+                            tracing::info!(%member, %message_id, "hold expired: credit released");
+                        }
+                        if reply.debit.is_none_or(|d| d.state != "held") {
+                            settled.push((member.clone(), message_id.clone()));
+                        }
                     }
-                    reply.debit.is_none_or(|d| d.state != "held")
+                    // Confirmed meanwhile: nothing to release, ever.
+                    Err(ApiError::FailedPrecondition {
+                        reason: "DEBIT_CONFIRMED",
+                        ..
+                    }) => settled.push((member.clone(), message_id.clone())),
+                    Err(err) => {
+                        tracing::warn!(%member, %message_id, error = %err, "cannot release an expired hold yet");
+                    }
                 }
-                // Confirmed in time: nothing to release, ever.
-                Err(ApiError::FailedPrecondition {
-                    reason: "DEBIT_CONFIRMED",
-                    ..
-                }) => true,
-                Err(err) => {
-                    tracing::warn!(%member, %message_id, error = %err, "cannot release an expired hold yet");
-                    false
-                }
-            };
-            if settled {
-                credits.store().forget_hold(&member, &message_id).await?;
+            }
+            let progressed = !settled.is_empty();
+            store.forget_holds(shard, &settled).await?;
+            if due.len() < BATCH || !progressed {
+                break;
             }
         }
     }

@@ -30,7 +30,7 @@ use crate::domain::{
 use crate::downstream::{Billing, Plans};
 use crate::error::{open_profile_limited, rate_limited, refusal};
 use crate::store::{
-    Begun, Delivery, MessagingStore, OutboxItem, PairReply, SendLimits, StoredMessage,
+    Begin, Begun, Delivery, MessagingStore, OutboxItem, PairReply, SendLimits, Stage, StoredMessage,
 };
 
 /// A hook tests use to break the saga right after the debit (a store
@@ -146,11 +146,23 @@ impl Messaging {
     ) -> Result<Sent, ApiError> {
         let conv = domain::conversation_id(input.sender, input.recipient);
         let message_id = domain::message_id(input.sender, input.request_id);
+        // The recipient's Open Profile is asked for while the pair is read:
+        // an InMail needs both, and waiting for one before the other would
+        // add a round trip to every InMail. A free message ignores it.
+        let mut open_profile: Option<Result<bool, ApiError>> = None;
         for _ in 0..DECIDE_ATTEMPTS {
-            let (record, pair_fields, accepts_inmail) = self
-                .store
-                .read_for_send(input.sender, input.request_id, &conv, input.recipient)
-                .await?;
+            let read =
+                self.store
+                    .read_for_send(input.sender, input.request_id, &conv, input.recipient);
+            let (record, pair_fields, accepts_inmail) = match open_profile {
+                Some(_) => read.await?,
+                None => {
+                    let (read, open) =
+                        tokio::join!(read, self.plans.open_profile(ctx, input.recipient));
+                    open_profile = Some(open);
+                    read?
+                }
+            };
             let claimed = !record.is_empty();
             if claimed {
                 if record.get("fp").map(String::as_str) != Some(input.fingerprint) {
@@ -164,44 +176,36 @@ impl Messaging {
             if !claimed {
                 precheck(&pair)?;
             }
-            let kind = self
-                .decide_kind(ctx, &pair, input.sender, input.recipient, accepts_inmail)
-                .await?;
+            let kind = self.decide_kind(
+                &pair,
+                input.sender,
+                input.recipient,
+                open_profile.as_ref(),
+                accepts_inmail,
+            )?;
             check_size(kind, input.subject, input.body)?;
             let now = self.clock.now_ms().await?;
-            if !claimed {
-                match self
-                    .store
-                    .begin_send(
-                        input.sender,
-                        input.request_id,
-                        input.fingerprint,
-                        &message_id,
-                        &conv,
-                        kind.as_str(),
-                        now,
-                        &self.config.limits,
-                        &domain::calendar_month(now),
-                    )
-                    .await?
-                {
-                    Begun::New => {}
-                    Begun::Exists { .. } => continue,
-                    Begun::Mismatch => return Err(ApiError::request_id_reused()),
-                    Begun::RateLimited { retry_after_ms } => {
-                        return Err(rate_limited(Duration::from_millis(retry_after_ms)));
-                    }
-                    Begun::OpenProfileLimited => {
-                        let wait = domain::next_month_start_ms(now) - now;
-                        return Err(open_profile_limited(Duration::from_millis(
-                            wait.max(0) as u64
-                        )));
+            let month = domain::calendar_month(now);
+            let begin = Begin {
+                sender: input.sender,
+                request_id: input.request_id,
+                fingerprint: input.fingerprint,
+                message_id: &message_id,
+                conv: &conv,
+                kind: kind.as_str(),
+                now_ms: now,
+                month: &month,
+            };
+            let attempt = if kind == Kind::Inmail {
+                self.send_inmail(ctx, input, &begin).await
+            } else {
+                if !claimed {
+                    match self.store.begin_send(&begin, &self.config.limits).await? {
+                        Begun::New => {}
+                        Begun::Exists { .. } => continue,
+                        other => return Err(begin_refused(other, now)),
                     }
                 }
-            }
-            let attempt = if kind == Kind::Inmail {
-                self.send_inmail(ctx, input, &conv, &message_id, now).await
-            } else {
                 self.send_free(ctx, input, &conv, &message_id, kind, &pair, now)
                     .await
             };
@@ -222,26 +226,29 @@ impl Messaging {
         ))
     }
 
-    async fn decide_kind(
+    fn decide_kind(
         &self,
-        ctx: &CallContext,
         pair: &Pair,
         sender: &str,
         recipient: &str,
+        open_profile: Option<&Result<bool, ApiError>>,
         accepts_inmail: bool,
     ) -> Result<Kind, ApiError> {
-        let policy = self.config.policy;
-        match decide(pair, sender, recipient, policy, None, accepts_inmail)? {
+        let known = open_profile.and_then(|r| r.as_ref().ok().copied());
+        match decide(
+            pair,
+            sender,
+            recipient,
+            self.config.policy,
+            known,
+            accepts_inmail,
+        )? {
             Decision::Kind(kind) => Ok(kind),
-            Decision::NeedOpenProfile => {
-                let open = self.plans.open_profile(ctx, recipient).await?;
-                match decide(pair, sender, recipient, policy, Some(open), accepts_inmail)? {
-                    Decision::Kind(kind) => Ok(kind),
-                    Decision::NeedOpenProfile => {
-                        Err(ApiError::internal("open profile still undecided"))
-                    }
-                }
-            }
+            // Needed, but subscription-plan could not say.
+            Decision::NeedOpenProfile => Err(match open_profile {
+                Some(Err(err)) => err.clone(),
+                _ => ApiError::internal("the recipient's Open Profile was not asked for"),
+            }),
         }
     }
 
@@ -291,7 +298,6 @@ impl Messaging {
             refund_window_ms: self.window_ms(),
             balance_after: None,
         };
-        self.store.touch_inboxes(conv, a, b, now).await?;
         let reply = self.store.deliver(&delivery).await?;
         let fields = match reply {
             PairReply::Ok(fields) => fields,
@@ -314,11 +320,19 @@ impl Messaging {
                 answering,
             )
             .await;
-        let message = self
-            .store
-            .message(conv, message_id)
-            .await?
-            .ok_or_else(|| ApiError::internal("delivered message vanished"))?;
+        let message = StoredMessage {
+            id: message_id.to_string(),
+            from: input.sender.to_string(),
+            to: input.recipient.to_string(),
+            kind: kind.as_str().to_string(),
+            subject: input.subject.to_string(),
+            body: input.body.to_string(),
+            credits: 0,
+            at_ms: now,
+            state: "delivered".into(),
+            reason: String::new(),
+            balance_after: None,
+        };
         // Free messages do not touch billing; the balance is a courtesy.
         let balance_after = self.billing.available(ctx, input.sender).await.ok();
         Ok(Some(Sent {
@@ -439,32 +453,48 @@ impl Messaging {
         }
     }
 
-    /// An InMail: stage, then the commit steps. `None` when the pair changed.
+    /// An InMail: claim, token and stage in one round trip, then the commit
+    /// steps. `None` when the pair changed.
     async fn send_inmail(
         &self,
         ctx: &CallContext,
         input: &SendInput<'_>,
-        conv: &str,
-        message_id: &str,
-        now: i64,
+        begin: &Begin<'_>,
     ) -> Result<Option<Sent>, ApiError> {
+        let (conv, message_id, now) = (begin.conv, begin.message_id, begin.now_ms);
         let (a, b) = domain::sorted(input.sender, input.recipient);
-        let look_again_at = now + self.config.recovery_after.as_millis() as i64;
-        let staged = self
+        let stage = Stage {
+            conv,
+            a,
+            b,
+            message_id,
+            sender: input.sender,
+            recipient: input.recipient,
+            subject: input.subject,
+            body: input.body,
+            now_ms: now,
+            look_again_at_ms: now + self.config.recovery_after.as_millis() as i64,
+        };
+        let (begun, staged) = self
             .store
-            .stage_inmail(
-                conv,
-                a,
-                b,
-                message_id,
-                input.sender,
-                input.recipient,
-                input.subject,
-                input.body,
-                now,
-                look_again_at,
-            )
+            .begin_and_stage(begin, &self.config.limits, &stage)
             .await?;
+        let item = OutboxItem::Send {
+            conv: conv.to_string(),
+            message_id: message_id.to_string(),
+            sender: input.sender.to_string(),
+        };
+        if !matches!(begun, Begun::New | Begun::Exists { .. }) {
+            // Refused (rate limit, request id reused): undo what this call
+            // staged; a message staged by an earlier attempt stays.
+            if matches!(staged, PairReply::Ok(_)) {
+                self.store.forget_staged(conv, message_id).await?;
+            }
+            if !matches!(staged, PairReply::State(_)) {
+                self.store.outbox_remove(&item).await?;
+            }
+            return Err(begin_refused(begun, now));
+        }
         match staged {
             PairReply::Ok(_) => {}
             PairReply::State(_) => {
@@ -475,21 +505,27 @@ impl Messaging {
                 };
             }
             PairReply::Refused(reason) => {
-                let item = OutboxItem::Send {
-                    conv: conv.to_string(),
-                    message_id: message_id.to_string(),
-                    sender: input.sender.to_string(),
-                };
-                let _ = self.store.outbox_remove(&item).await;
+                self.store.outbox_remove(&item).await?;
                 return Err(refusal(&reason));
             }
-            PairReply::Retry | PairReply::NotFound => return Ok(None),
+            PairReply::Retry | PairReply::NotFound => {
+                self.store.outbox_remove(&item).await?;
+                return Ok(None);
+            }
         }
-        let message = self
-            .store
-            .message(conv, message_id)
-            .await?
-            .ok_or_else(|| ApiError::internal("staged message vanished"))?;
+        let message = StoredMessage {
+            id: message_id.to_string(),
+            from: input.sender.to_string(),
+            to: input.recipient.to_string(),
+            kind: Kind::Inmail.as_str().to_string(),
+            subject: input.subject.to_string(),
+            body: input.body.to_string(),
+            credits: Kind::Inmail.credits(),
+            at_ms: now,
+            state: "staged".into(),
+            reason: String::new(),
+            balance_after: None,
+        };
         self.commit_inmail(ctx, conv, message).await.map(Some)
     }
 
@@ -624,34 +660,33 @@ impl Messaging {
             refund_window_ms: self.window_ms(),
             balance_after,
         };
-        self.store.touch_inboxes(conv, a, b, now).await?;
-        match self.store.deliver(&delivery).await? {
+        let delivered = match self.store.deliver(&delivery).await? {
             PairReply::Ok(_) => {
                 metrics::counter!("inmail_credits_charged_total")
                     .increment(message.credits.max(0) as u64);
+                StoredMessage {
+                    state: "delivered".into(),
+                    balance_after,
+                    ..message.clone()
+                }
             }
-            PairReply::State(state) if state == "delivered" => {}
+            PairReply::State(state) if state == "delivered" => self
+                .store
+                .message(conv, &message.id)
+                .await?
+                .ok_or_else(|| ApiError::internal("delivered message vanished"))?,
             other => {
                 return Err(ApiError::internal(format!(
                     "a confirmed InMail could not be delivered: {other:?}"
                 )));
             }
-        }
-        let item = OutboxItem::Send {
-            conv: conv.to_string(),
-            message_id: message.id.clone(),
-            sender: message.from.clone(),
         };
-        self.store.outbox_remove(&item).await?;
-        let message = self
-            .store
-            .message(conv, &message.id)
-            .await?
-            .ok_or_else(|| ApiError::internal("delivered message vanished"))?;
+        // The outbox entry stays: the sweeper drops it in a batch once it is
+        // due, which costs less than one more write per InMail.
         Ok(Sent {
             conv: conv.to_string(),
-            balance_after: message.balance_after.or(balance_after),
-            message,
+            balance_after: delivered.balance_after.or(balance_after),
+            message: delivered,
             refund: Refund::None,
         })
     }
@@ -751,6 +786,23 @@ impl Messaging {
                     .map(|_| ()),
                 Err(err) => Err(err),
             },
+        }
+    }
+}
+
+/// The error for a request BEGIN_SEND did not let through.
+fn begin_refused(begun: Begun, now_ms: i64) -> ApiError {
+    match begun {
+        Begun::RateLimited { retry_after_ms } => {
+            rate_limited(Duration::from_millis(retry_after_ms))
+        }
+        Begun::OpenProfileLimited => {
+            let wait = domain::next_month_start_ms(now_ms) - now_ms;
+            open_profile_limited(Duration::from_millis(wait.max(0) as u64))
+        }
+        Begun::Mismatch => ApiError::request_id_reused(),
+        Begun::New | Begun::Exists { .. } => {
+            ApiError::internal("a claimed request is not a refusal")
         }
     }
 }

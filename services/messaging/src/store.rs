@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 
 use inmail_shared::ApiError;
-use inmail_shared::storage::Redis;
+use inmail_shared::storage::{Redis, evalsha};
 use redis::Script;
 
 pub const OUTBOX_SHARDS: u32 = 16;
@@ -166,17 +166,23 @@ end
 return {'ok', tostring(seq), tostring(sent_at), refund, conv.im_id or '', conv.im_from or ''}
 "#;
 
-/// Gives up a staged message (its debit was refused or released).
-/// KEYS[1] conversation, KEYS[2] message. ARGV[1] message id, ARGV[2] reason,
-/// ARGV[3] how long the failed message is kept (ms).
+/// Gives up a staged message (its debit was refused or released): it is
+/// kept as failed, so a retry of its request answers the failure — or, with
+/// reason "" (a send refused before any credit could move), forgotten, so a
+/// retry sends it. KEYS[1] conversation, KEYS[2] message. ARGV[1] message
+/// id, ARGV[2] reason, ARGV[3] how long the failed message is kept (ms).
 /// Checks before any write: the message is still staged (else {"state", s}).
 /// Frees the conversation's InMail slot when this was its InMail.
 const FAIL_STAGED: &str = r#"
 local C, M = KEYS[1], KEYS[2]
 local st = redis.call('HGET', M, 'state')
 if st ~= 'staged' then return {'state', st or ''} end
-redis.call('HSET', M, 'state', 'failed', 'reason', ARGV[2])
-redis.call('PEXPIRE', M, ARGV[3])
+if ARGV[2] == '' then
+  redis.call('DEL', M)
+else
+  redis.call('HSET', M, 'state', 'failed', 'reason', ARGV[2])
+  redis.call('PEXPIRE', M, ARGV[3])
+end
 local im = redis.call('HMGET', C, 'im_id', 'im_state')
 if im[1] == ARGV[1] and im[2] == 'staged' then
   redis.call('HDEL', C, 'im_id', 'im_from', 'im_at', 'im_state', 'im_refund', 'im_resp_at')
@@ -380,6 +386,26 @@ pub enum PairReply {
     NotFound,
 }
 
+fn parse_begun(reply: Vec<String>) -> Result<Begun, ApiError> {
+    Ok(match reply.first().map(String::as_str) {
+        Some("new") => Begun::New,
+        Some("exists") => Begun::Exists {
+            message_id: reply.get(1).cloned().unwrap_or_default(),
+            conv: reply.get(2).cloned().unwrap_or_default(),
+        },
+        Some("mismatch") => Begun::Mismatch,
+        Some("rate_limited") => Begun::RateLimited {
+            retry_after_ms: reply.get(1).and_then(|v| v.parse().ok()).unwrap_or(1000),
+        },
+        Some("open_profile_limited") => Begun::OpenProfileLimited,
+        _ => {
+            return Err(ApiError::internal(
+                "unexpected reply from the begin-send script",
+            ));
+        }
+    })
+}
+
 fn pair_reply(mut reply: Vec<String>) -> Result<PairReply, ApiError> {
     if reply.is_empty() {
         return Err(ApiError::internal("empty reply from a pair script"));
@@ -397,6 +423,36 @@ fn pair_reply(mut reply: Vec<String>) -> Result<PairReply, ApiError> {
             )));
         }
     })
+}
+
+/// The claim of a send's request id (BEGIN_SEND).
+#[derive(Debug, Clone)]
+pub struct Begin<'a> {
+    pub sender: &'a str,
+    pub request_id: &'a str,
+    pub fingerprint: &'a str,
+    pub message_id: &'a str,
+    pub conv: &'a str,
+    pub kind: &'a str,
+    pub now_ms: i64,
+    /// The calendar month (YYYYMM) of `now_ms`.
+    pub month: &'a str,
+}
+
+/// An InMail to stage (STAGE_INMAIL).
+#[derive(Debug, Clone)]
+pub struct Stage<'a> {
+    pub conv: &'a str,
+    pub a: &'a str,
+    pub b: &'a str,
+    pub message_id: &'a str,
+    pub sender: &'a str,
+    pub recipient: &'a str,
+    pub subject: &'a str,
+    pub body: &'a str,
+    pub now_ms: i64,
+    /// When the outbox sweeper should look at the send if it did not finish.
+    pub look_again_at_ms: i64,
 }
 
 /// A message to deliver.
@@ -513,125 +569,133 @@ impl MessagingStore {
         Ok((record, pair, accepts.as_deref() != Some("0")))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub async fn begin_send(
-        &self,
-        sender: &str,
-        request_id: &str,
-        fingerprint: &str,
-        message_id: &str,
-        conv: &str,
-        kind: &str,
-        now_ms: i64,
+    fn push_begin(
+        pipe: &mut redis::Pipeline,
+        script: &Script,
+        begin: &Begin<'_>,
         limits: &SendLimits,
-        month: &str,
-    ) -> Result<Begun, ApiError> {
-        let reply: Vec<String> = self
-            .begin_send
-            .key(request_key(sender, request_id))
-            .key(ratelimit_key(sender))
-            .key(open_profile_key(sender, month))
-            .arg(fingerprint)
-            .arg(message_id)
-            .arg(conv)
-            .arg(kind)
-            .arg(now_ms)
+    ) {
+        let keys = [
+            request_key(begin.sender, begin.request_id),
+            ratelimit_key(begin.sender),
+            open_profile_key(begin.sender, begin.month),
+        ];
+        evalsha(pipe, script, &keys)
+            .arg(begin.fingerprint)
+            .arg(begin.message_id)
+            .arg(begin.conv)
+            .arg(begin.kind)
+            .arg(begin.now_ms)
             .arg(limits.burst)
             .arg(format!("{:.12e}", limits.tokens_per_ms))
             .arg(limits.open_profile_monthly)
             .arg(limits.open_profile_counter_ttl_ms)
-            .arg(limits.request_retention_ms)
-            .invoke_async(&mut self.redis.conn())
-            .await?;
-        Ok(match reply.first().map(String::as_str) {
-            Some("new") => Begun::New,
-            Some("exists") => Begun::Exists {
-                message_id: reply.get(1).cloned().unwrap_or_default(),
-                conv: reply.get(2).cloned().unwrap_or_default(),
-            },
-            Some("mismatch") => Begun::Mismatch,
-            Some("rate_limited") => Begun::RateLimited {
-                retry_after_ms: reply.get(1).and_then(|v| v.parse().ok()).unwrap_or(1000),
-            },
-            Some("open_profile_limited") => Begun::OpenProfileLimited,
-            _ => {
-                return Err(ApiError::internal(
-                    "unexpected reply from the begin-send script",
-                ));
-            }
-        })
+            .arg(limits.request_retention_ms);
     }
 
-    /// Indexes the work in the outbox (first, so a crash right after the next
-    /// step leaves it findable), then stages the InMail.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn stage_inmail(
+    /// Claims a free message's request id (and counts an Open Profile message).
+    pub async fn begin_send(
         &self,
-        conv: &str,
-        a: &str,
-        b: &str,
-        message_id: &str,
-        sender: &str,
-        recipient: &str,
-        subject: &str,
-        body: &str,
-        now_ms: i64,
-        look_again_at_ms: i64,
-    ) -> Result<PairReply, ApiError> {
-        self.outbox_add(
-            &OutboxItem::Send {
-                conv: conv.to_string(),
-                message_id: message_id.to_string(),
-                sender: sender.to_string(),
-            },
-            look_again_at_ms,
+        begin: &Begin<'_>,
+        limits: &SendLimits,
+    ) -> Result<Begun, ApiError> {
+        let mut pipe = redis::pipe();
+        Self::push_begin(&mut pipe, &self.begin_send, begin, limits);
+        let (reply,): (Vec<String>,) = self
+            .redis
+            .query_with_scripts(&pipe, &[&self.begin_send])
+            .await?;
+        parse_begun(reply)
+    }
+
+    /// An InMail's first step, in one round trip: claim the request and
+    /// spend a token (BEGIN_SEND), index the send in the outbox, and stage the
+    /// message (STAGE_INMAIL). The stage runs whatever BEGIN_SEND answers; the
+    /// caller gives the staged message up when BEGIN_SEND refused. No credit
+    /// has moved at this point either way.
+    pub async fn begin_and_stage(
+        &self,
+        begin: &Begin<'_>,
+        limits: &SendLimits,
+        stage: &Stage<'_>,
+    ) -> Result<(Begun, PairReply), ApiError> {
+        let mut pipe = redis::pipe();
+        Self::push_begin(&mut pipe, &self.begin_send, begin, limits);
+        let item = OutboxItem::Send {
+            conv: stage.conv.to_string(),
+            message_id: stage.message_id.to_string(),
+            sender: stage.sender.to_string(),
+        };
+        pipe.cmd("ZADD")
+            .arg(outbox_key(outbox_shard(stage.conv)))
+            .arg(stage.look_again_at_ms)
+            .arg(item.encode())
+            .ignore();
+        evalsha(
+            &mut pipe,
+            &self.stage_inmail,
+            &[conv_key(stage.conv), msg_key(stage.conv, stage.message_id)],
         )
-        .await?;
-        let reply: Vec<String> = self
-            .stage_inmail
-            .key(conv_key(conv))
-            .key(msg_key(conv, message_id))
-            .arg(a)
-            .arg(b)
-            .arg(message_id)
-            .arg(sender)
-            .arg(recipient)
-            .arg(subject)
-            .arg(body)
-            .arg(now_ms)
-            .invoke_async(&mut self.redis.conn())
+        .arg(stage.a)
+        .arg(stage.b)
+        .arg(stage.message_id)
+        .arg(stage.sender)
+        .arg(stage.recipient)
+        .arg(stage.subject)
+        .arg(stage.body)
+        .arg(stage.now_ms);
+        let (begun, staged): (Vec<String>, Vec<String>) = self
+            .redis
+            .query_with_scripts(&pipe, &[&self.begin_send, &self.stage_inmail])
             .await?;
-        pair_reply(reply)
+        Ok((parse_begun(begun)?, pair_reply(staged)?))
     }
 
+    /// Delivers a message, writing both inboxes first in the same round trip
+    /// (so a crash cannot leave the conversation out of an inbox; an inbox
+    /// entry without a delivered message is not listed). Inbox scores only
+    /// move forward (GT), so a retry never pushes a conversation down.
     pub async fn deliver(&self, d: &Delivery<'_>) -> Result<PairReply, ApiError> {
-        let reply: Vec<String> = self
-            .deliver
-            .key(conv_key(d.conv))
-            .key(msg_key(d.conv, d.message_id))
-            .key(timeline_key(d.conv))
-            .arg(if d.staged { "staged" } else { "new" })
-            .arg(d.message_id)
-            .arg(d.sender)
-            .arg(d.recipient)
-            .arg(d.kind)
-            .arg(d.subject)
-            .arg(d.body)
-            .arg(d.credits)
-            .arg(d.now_ms)
-            .arg(d.a)
-            .arg(d.b)
-            .arg(d.refund_window_ms)
-            .arg(d.balance_after.map(|b| b.to_string()).unwrap_or_default())
-            .invoke_async(&mut self.redis.conn())
+        let mut pipe = redis::pipe();
+        for member in [d.a, d.b] {
+            pipe.cmd("ZADD")
+                .arg(inbox_key(member))
+                .arg("GT")
+                .arg(d.now_ms)
+                .arg(d.conv)
+                .ignore();
+        }
+        evalsha(
+            &mut pipe,
+            &self.deliver,
+            &[
+                conv_key(d.conv),
+                msg_key(d.conv, d.message_id),
+                timeline_key(d.conv),
+            ],
+        )
+        .arg(if d.staged { "staged" } else { "new" })
+        .arg(d.message_id)
+        .arg(d.sender)
+        .arg(d.recipient)
+        .arg(d.kind)
+        .arg(d.subject)
+        .arg(d.body)
+        .arg(d.credits)
+        .arg(d.now_ms)
+        .arg(d.a)
+        .arg(d.b)
+        .arg(d.refund_window_ms)
+        .arg(d.balance_after.map(|b| b.to_string()).unwrap_or_default());
+        let (reply,): (Vec<String>,) = self
+            .redis
+            .query_with_scripts(&pipe, &[&self.deliver])
             .await?;
         pair_reply(reply)
     }
 
-    /// Both inboxes show the conversation's activity at `at_ms`. Written
-    /// before the delivery (so a crash right after it cannot leave the
-    /// conversation out of an inbox) and only ever moved forward (GT), so a
-    /// retry never pushes a conversation down.
+    /// Both inboxes show the conversation's activity at `at_ms` (GT: only
+    /// forward).
     pub async fn touch_inboxes(
         &self,
         conv: &str,
@@ -639,21 +703,16 @@ impl MessagingStore {
         b: &str,
         at_ms: i64,
     ) -> Result<(), ApiError> {
-        let _: () = redis::pipe()
-            .cmd("ZADD")
-            .arg(inbox_key(a))
-            .arg("GT")
-            .arg(at_ms)
-            .arg(conv)
-            .ignore()
-            .cmd("ZADD")
-            .arg(inbox_key(b))
-            .arg("GT")
-            .arg(at_ms)
-            .arg(conv)
-            .ignore()
-            .query_async(&mut self.redis.conn())
-            .await?;
+        let mut pipe = redis::pipe();
+        for member in [a, b] {
+            pipe.cmd("ZADD")
+                .arg(inbox_key(member))
+                .arg("GT")
+                .arg(at_ms)
+                .arg(conv)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut self.redis.conn()).await?;
         Ok(())
     }
 
@@ -674,6 +733,11 @@ impl MessagingStore {
             .invoke_async(&mut self.redis.conn())
             .await?;
         pair_reply(reply)
+    }
+
+    /// Undoes a stage that must not count (see FAIL_STAGED).
+    pub async fn forget_staged(&self, conv: &str, message_id: &str) -> Result<(), ApiError> {
+        self.fail_staged(conv, message_id, "", 0).await.map(|_| ())
     }
 
     pub async fn respond(
@@ -980,6 +1044,42 @@ impl MessagingStore {
             .query_async(&mut self.redis.conn())
             .await?;
         Ok(())
+    }
+
+    /// Drops finished items of one outbox shard.
+    pub async fn outbox_remove_many(
+        &self,
+        shard: u32,
+        items: &[OutboxItem],
+    ) -> Result<(), ApiError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(outbox_key(shard));
+        for item in items {
+            cmd.arg(item.encode());
+        }
+        let _: i64 = cmd.query_async(&mut self.redis.conn()).await?;
+        Ok(())
+    }
+
+    /// For each item, the state of the message a send item names (refund
+    /// items: `None`), in one round trip.
+    pub async fn outbox_states(
+        &self,
+        items: &[OutboxItem],
+    ) -> Result<Vec<Option<String>>, ApiError> {
+        let mut pipe = redis::pipe();
+        for item in items {
+            match item {
+                OutboxItem::Send {
+                    conv, message_id, ..
+                } => pipe.hget(msg_key(conv, message_id), "state"),
+                OutboxItem::Refund { conv, .. } => pipe.hget(conv_key(conv), "-"),
+            };
+        }
+        Ok(pipe.query_async(&mut self.redis.conn()).await?)
     }
 
     /// Outbox items due at `now_ms`.
