@@ -139,3 +139,51 @@ async fn the_seed_story_with_grpcurl() {
         bad.stderr
     );
 }
+
+/// Splits a shell line on spaces, keeping single-quoted parts whole.
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut current, mut quoted) = (Vec::new(), String::new(), false);
+    for c in line.chars() {
+        match c {
+            '\'' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !current.is_empty() {
+                    words.push(std::mem::take(&mut current));
+                }
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() {
+        words.push(current);
+    }
+    words
+}
+
+/// Every grpcurl example of README.md works verbatim (only the ports differ:
+/// the test's services listen on free ports).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_grpcurl_examples_work_verbatim() {
+    let stack = Stack::start().await;
+    let readme = include_str!("../../../README.md");
+    let examples: Vec<&str> = readme
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.starts_with("grpcurl -plaintext"))
+        .collect();
+    assert!(examples.len() >= 10, "README lost its grpcurl examples");
+    for example in examples {
+        let line = example
+            .replace("localhost:50051", &stack.plans.addr.to_string())
+            .replace("localhost:50052", &stack.billing.addr.to_string())
+            .replace("localhost:50053", &stack.messaging.addr.to_string());
+        let words = shell_words(&line);
+        let args: Vec<&str> = words.iter().skip(1).map(String::as_str).collect();
+        let output = run(&args);
+        assert!(
+            output.ok,
+            "README example failed: {example}\n{}",
+            output.stderr
+        );
+    }
+}

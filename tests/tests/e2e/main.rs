@@ -3,6 +3,7 @@
 
 mod billing;
 mod common;
+mod deploy;
 mod foundation;
 mod grpcurl;
 mod messaging;
