@@ -10,9 +10,15 @@ use crate::telemetry::LogFormat;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
-    /// Redis holding this service's state.
+    /// Redis holding this service's state; with REDIS_CLUSTER, comma-separated
+    /// URLs of some Redis Cluster nodes.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+
+    /// REDIS_URL names Redis Cluster nodes.
+    #[arg(long, env = "REDIS_CLUSTER", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub redis_cluster: bool,
 
     /// Bound on one Redis command or script (e.g. 2s, 500ms).
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
@@ -67,6 +73,7 @@ impl CommonArgs {
     pub fn redis(&self) -> RedisSettings {
         RedisSettings {
             response_timeout: self.redis_timeout,
+            cluster: self.redis_cluster,
             ..RedisSettings::new(self.redis_url.clone())
         }
     }

@@ -1,18 +1,33 @@
-//! The Redis connection every service uses: one multiplexed connection
-//! (ConnectionManager; PERF-NOTES.md: a pool does not add throughput) that
-//! reconnects by itself, with short timeouts so calls fail fast with
-//! UNAVAILABLE while Redis is down.
+//! The Redis connection every service uses, on a single Redis or a Redis
+//! Cluster.
+//!
+//! Single: one multiplexed connection (ConnectionManager; PERF-NOTES.md: a
+//! pool does not add throughput) that reconnects by itself. Cluster: the
+//! redis-rs cluster client, which routes each command by its key's slot.
+//! Both dial lazily and use short timeouts, so a service starts while Redis
+//! is down and calls fail fast with UNAVAILABLE until it is back.
+//!
+//! Every script touches the keys of one hash tag (one slot). Commands that
+//! touch several slots go in a [`Batch`]: one pipeline on a single Redis
+//! (Redis runs it in order), one command after the other on a cluster (a
+//! cluster pipeline must stay in one slot). Either way they run in order.
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Script, Value};
 
 use crate::error::ApiError;
 
 /// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
+    /// One URL, or for a cluster the comma-separated URLs of some of its nodes.
     pub url: String,
+    /// Whether `url` names Redis Cluster nodes.
+    pub cluster: bool,
     /// Bound on establishing a connection.
     pub connect_timeout: Duration,
     /// Bound on any single command or script.
@@ -23,50 +38,117 @@ impl RedisSettings {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            cluster: false,
             connect_timeout: Duration::from_millis(500),
             response_timeout: Duration::from_secs(2),
         }
     }
 }
 
+/// A connection to run commands on: a single Redis or a cluster.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
 /// A cheap-to-clone handle on the service's Redis.
 #[derive(Clone)]
 pub struct Redis {
-    conn: ConnectionManager,
+    conn: RedisConn,
     url: String,
 }
 
 impl std::fmt::Debug for Redis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Redis").field("url", &self.url).finish()
+        f.debug_struct("Redis")
+            .field("url", &self.url)
+            .field("cluster", &self.is_cluster())
+            .finish()
     }
 }
 
 impl Redis {
-    /// Validates the URL and prepares the connection without dialing: a
+    /// Validates the URL(s) and prepares the connection without dialing: a
     /// service starts (and reports NOT_SERVING) even while Redis is down.
+    /// Needs a Tokio runtime.
     pub fn open(settings: &RedisSettings) -> Result<Self, String> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| format!("REDIS_URL {:?} is not a valid Redis URL: {e}", settings.url))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.connect_timeout))
-            .set_response_timeout(Some(settings.response_timeout))
-            // Few, quick reconnection attempts: a caller waits on them, and
-            // the next call starts a fresh attempt anyway.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("cannot prepare the Redis connection: {e}"))?;
+        let conn = if settings.cluster {
+            let nodes: Vec<&str> = settings.url.split(',').map(str::trim).collect();
+            for node in &nodes {
+                redis::Client::open(*node)
+                    .map_err(|e| format!("REDIS_URL {node:?} is not a valid Redis URL: {e}"))?;
+            }
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(settings.connect_timeout)
+                .response_timeout(settings.response_timeout)
+                .retries(1)
+                .build()
+                .map_err(|e| format!("REDIS_URL {:?}: {e}", settings.url))?;
+            let config = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(settings.connect_timeout)
+                .set_response_timeout(settings.response_timeout);
+            RedisConn::Cluster(client.get_pending_async_connection_with_config(config))
+        } else {
+            let client = redis::Client::open(settings.url.as_str()).map_err(|e| {
+                format!("REDIS_URL {:?} is not a valid Redis URL: {e}", settings.url)
+            })?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(settings.connect_timeout))
+                .set_response_timeout(Some(settings.response_timeout))
+                // Few, quick reconnection attempts: a caller waits on them,
+                // and the next call starts a fresh attempt anyway.
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(20))
+                .set_max_delay(Duration::from_millis(200));
+            RedisConn::Single(
+                ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| format!("cannot prepare the Redis connection: {e}"))?,
+            )
+        };
         Ok(Self {
             conn,
-            url: redacted(&settings.url),
+            url: settings
+                .url
+                .split(',')
+                .map(redacted)
+                .collect::<Vec<_>>()
+                .join(","),
         })
     }
 
-    /// A handle to run commands on; clones share one connection.
-    pub fn conn(&self) -> ConnectionManager {
+    /// A handle to run commands on; clones share the connection(s).
+    pub fn conn(&self) -> RedisConn {
         self.conn.clone()
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, RedisConn::Cluster(_))
     }
 
     /// The URL without its password, for logs.
@@ -74,53 +156,197 @@ impl Redis {
         &self.url
     }
 
-    /// Runs a pipeline holding EVALSHA calls of `scripts` (see [`evalsha`]).
-    /// When Redis answers NOSCRIPT (its script cache was flushed, or it
-    /// restarted), loads the scripts and runs the pipeline once more, so every
-    /// command of such a pipeline must be safe to run twice.
-    ///
-    /// The commands of one pipeline reach Redis in order on one connection,
-    /// so an index written before a script is there when the script runs.
-    pub async fn query_with_scripts<T: redis::FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-        scripts: &[&redis::Script],
-    ) -> Result<T, ApiError> {
+    /// Runs the commands of `batch` in order and answers the results of those
+    /// not marked ignored, like a pipeline would. When Redis answers NOSCRIPT
+    /// (its script cache was flushed, or it restarted) the batch's scripts
+    /// are loaded and the command runs once more, so every command of a batch
+    /// must be safe to run twice.
+    pub async fn run<T: FromRedisValue>(&self, batch: &Batch<'_>) -> Result<T, ApiError> {
         let mut conn = self.conn();
-        match pipe.query_async(&mut conn).await {
-            Err(err)
-                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                for script in scripts {
-                    script.load_async(&mut conn).await?;
+        match &mut conn {
+            RedisConn::Single(single) => {
+                let mut pipe = redis::pipe();
+                for (cmd, ignored) in &batch.cmds {
+                    pipe.add_command(cmd.clone());
+                    if *ignored {
+                        pipe.ignore();
+                    }
                 }
-                Ok(pipe.query_async(&mut conn).await?)
+                match pipe.query_async(single).await {
+                    Err(err) if is_noscript(&err) => {
+                        batch.load_scripts(single).await?;
+                        Ok(pipe.query_async(single).await?)
+                    }
+                    other => Ok(other?),
+                }
             }
-            other => Ok(other?),
+            RedisConn::Cluster(cluster) => {
+                let mut values = Vec::with_capacity(batch.cmds.len());
+                for (cmd, ignored) in &batch.cmds {
+                    let value = match cmd.query_async::<Value>(cluster).await {
+                        Err(err) if is_noscript(&err) => {
+                            batch.load_scripts(cluster).await?;
+                            cmd.query_async::<Value>(cluster).await?
+                        }
+                        other => other?,
+                    };
+                    if !ignored {
+                        values.push(value);
+                    }
+                }
+                Ok(T::from_redis_value(Value::Array(values)).map_err(redis::RedisError::from)?)
+            }
+        }
+    }
+
+    /// One SCAN step over every key matching `pattern`. The cursor is opaque:
+    /// on a cluster it also says which primary is being scanned (primaries
+    /// in address order). Answers the next cursor ("0" when done) and keys.
+    pub async fn scan(
+        &self,
+        cursor: &str,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(String, Vec<String>), ApiError> {
+        let mut conn = self.conn();
+        match &mut conn {
+            RedisConn::Single(single) => {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(single)
+                    .await?;
+                Ok((next.to_string(), keys))
+            }
+            RedisConn::Cluster(cluster) => {
+                let primaries = cluster_primaries(cluster).await?;
+                let (mut node, mut node_cursor) = match cursor.split_once(':') {
+                    Some((node, c)) => (node.parse::<usize>().unwrap_or(0), c.to_string()),
+                    None => (0, "0".to_string()),
+                };
+                let Some((host, port)) = primaries.get(node).cloned() else {
+                    return Ok(("0".into(), Vec::new()));
+                };
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(&node_cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(count);
+                let routing =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                let value = cluster.route_command(scan, routing).await?;
+                let (next, keys): (u64, Vec<String>) =
+                    FromRedisValue::from_redis_value(value).map_err(redis::RedisError::from)?;
+                node_cursor = next.to_string();
+                if next == 0 {
+                    node += 1;
+                    if node >= primaries.len() {
+                        return Ok(("0".into(), keys));
+                    }
+                }
+                Ok((format!("{node}:{node_cursor}"), keys))
+            }
         }
     }
 
     pub async fn ping(&self) -> Result<(), ApiError> {
         let mut conn = self.conn();
         redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+            .query_async::<Value>(&mut conn)
             .await
             .map(|_| ())
             .map_err(ApiError::from)
     }
 }
 
-/// Appends `EVALSHA <script> <keys>` to a pipeline; chain `.arg()` for the
-/// script's arguments and run it with [`Redis::query_with_scripts`].
-pub fn evalsha<'p>(
-    pipe: &'p mut redis::Pipeline,
-    script: &redis::Script,
-    keys: &[String],
-) -> &'p mut redis::Pipeline {
-    pipe.cmd("EVALSHA")
-        .arg(script.get_hash())
-        .arg(keys.len())
-        .arg(keys)
+/// The primaries of a cluster, as (host, port), in address order.
+async fn cluster_primaries(
+    cluster: &mut ClusterConnection,
+) -> Result<Vec<(String, u16)>, ApiError> {
+    let value = cluster
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await?;
+    let Value::Array(ranges) = value else {
+        return Err(ApiError::internal("unexpected CLUSTER SLOTS answer"));
+    };
+    let mut primaries = Vec::new();
+    for range in ranges {
+        if let Value::Array(fields) = range
+            && let Some(Value::Array(node)) = fields.get(2)
+            && let (Some(host), Some(port)) = (node.first(), node.get(1))
+        {
+            let host: String =
+                FromRedisValue::from_redis_value(host.clone()).map_err(redis::RedisError::from)?;
+            let port: u16 =
+                FromRedisValue::from_redis_value(port.clone()).map_err(redis::RedisError::from)?;
+            primaries.push((host, port));
+        }
+    }
+    primaries.sort();
+    primaries.dedup();
+    Ok(primaries)
+}
+
+fn is_noscript(err: &redis::RedisError) -> bool {
+    err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// Commands (and scripts) to run in order; see [`Redis::run`].
+#[derive(Default)]
+pub struct Batch<'s> {
+    cmds: Vec<(Cmd, bool)>,
+    scripts: Vec<&'s Script>,
+}
+
+impl<'s> Batch<'s> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a command whose result is answered.
+    pub fn add(&mut self, cmd: Cmd) -> &mut Self {
+        self.cmds.push((cmd, false));
+        self
+    }
+
+    /// Adds a command whose result is dropped.
+    pub fn add_ignored(&mut self, cmd: Cmd) -> &mut Self {
+        self.cmds.push((cmd, true));
+        self
+    }
+
+    /// Adds `EVALSHA <script> <keys> <args>`; its result is answered.
+    pub fn script(&mut self, script: &'s Script, keys: &[String], args: Cmd) -> &mut Self {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+        for arg in args.args_iter() {
+            if let redis::Arg::Simple(bytes) = arg {
+                cmd.arg(bytes);
+            }
+        }
+        self.scripts.push(script);
+        self.cmds.push((cmd, false));
+        self
+    }
+
+    async fn load_scripts(&self, conn: &mut (impl ConnectionLike + Send)) -> Result<(), ApiError> {
+        for script in &self.scripts {
+            script.load_async(conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The arguments of a script call, built like a command (`args().arg(..)`).
+pub fn args() -> Cmd {
+    Cmd::new()
 }
 
 fn redacted(url: &str) -> String {
@@ -149,5 +375,35 @@ mod tests {
     async fn malformed_url_is_refused_with_a_clear_message() {
         let err = Redis::open(&RedisSettings::new("http://nope")).unwrap_err();
         assert!(err.contains("REDIS_URL"), "{err}");
+        let cluster = RedisSettings {
+            cluster: true,
+            ..RedisSettings::new("redis://127.0.0.1:7000,nonsense")
+        };
+        assert!(Redis::open(&cluster).unwrap_err().contains("REDIS_URL"));
+    }
+
+    #[test]
+    fn batch_scripts_keep_their_arguments_in_order() {
+        let s = Script::new("return ARGV[1]");
+        let mut batch = Batch::new();
+        batch.script(&s, &["k".to_string()], {
+            let mut a = args();
+            a.arg("x").arg(7);
+            a
+        });
+        let (cmd, ignored) = &batch.cmds[0];
+        assert!(!ignored);
+        let parts: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(parts[0], b"EVALSHA");
+        assert_eq!(parts[2], b"1");
+        assert_eq!(parts[3], b"k");
+        assert_eq!(parts[4], b"x");
+        assert_eq!(parts[5], b"7");
     }
 }

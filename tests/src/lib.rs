@@ -86,7 +86,7 @@ pub struct Stack {
 fn args_for(
     binary: &str,
     listen: SocketAddr,
-    redis: &str,
+    redis: &[String],
     extra: &[String],
     urls: &[(&str, String)],
 ) -> Vec<String> {
@@ -94,12 +94,13 @@ fn args_for(
         binary.to_string(),
         "--listen-addr".into(),
         listen.to_string(),
-        "--redis-url".into(),
-        redis.to_string(),
+    ];
+    args.extend(redis.iter().cloned());
+    args.extend([
         "--test-clock".into(),
         "--shutdown-grace".into(),
         "5s".into(),
-    ];
+    ]);
     for (flag, url) in urls {
         args.push((*flag).to_string());
         args.push(url.clone());
@@ -125,11 +126,16 @@ impl Stack {
             messaging_listener.local_addr().unwrap(),
         );
         let stack = Self {
-            plans: Self::spawn_plans(plans_listener, &redis.url(), &options),
-            billing: Self::spawn_billing(billing_listener, &redis.url(), plans_addr, &options),
+            plans: Self::spawn_plans(plans_listener, &redis.service_args(), &options),
+            billing: Self::spawn_billing(
+                billing_listener,
+                &redis.service_args(),
+                plans_addr,
+                &options,
+            ),
             messaging: Self::spawn_messaging(
                 messaging_listener,
-                &redis.url(),
+                &redis.service_args(),
                 plans_addr,
                 billing_addr,
                 &options,
@@ -142,7 +148,7 @@ impl Stack {
         stack
     }
 
-    fn spawn_plans(listener: TcpListener, redis: &str, options: &StackOptions) -> Service {
+    fn spawn_plans(listener: TcpListener, redis: &[String], options: &StackOptions) -> Service {
         use clap::Parser;
         let addr = listener.local_addr().unwrap();
         let cli = subscription_plan::Cli::parse_from(args_for(
@@ -163,7 +169,7 @@ impl Stack {
 
     fn spawn_billing(
         listener: TcpListener,
-        redis: &str,
+        redis: &[String],
         plans: SocketAddr,
         options: &StackOptions,
     ) -> Service {
@@ -187,7 +193,7 @@ impl Stack {
 
     fn spawn_messaging(
         listener: TcpListener,
-        redis: &str,
+        redis: &[String],
         plans: SocketAddr,
         billing: SocketAddr,
         options: &StackOptions,
@@ -222,8 +228,12 @@ impl Stack {
     pub async fn restart_billing(&mut self) {
         self.billing.stop().await;
         let listener = bind_again(self.billing.addr).await;
-        self.billing =
-            Self::spawn_billing(listener, &self.redis.url(), self.plans.addr, &self.options);
+        self.billing = Self::spawn_billing(
+            listener,
+            &self.redis.service_args(),
+            self.plans.addr,
+            &self.options,
+        );
         wait_serving(self.billing.addr).await;
     }
 
@@ -233,8 +243,12 @@ impl Stack {
 
     pub async fn start_billing_again(&mut self) {
         let listener = bind_again(self.billing.addr).await;
-        self.billing =
-            Self::spawn_billing(listener, &self.redis.url(), self.plans.addr, &self.options);
+        self.billing = Self::spawn_billing(
+            listener,
+            &self.redis.service_args(),
+            self.plans.addr,
+            &self.options,
+        );
         wait_serving(self.billing.addr).await;
     }
 

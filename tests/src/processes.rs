@@ -8,7 +8,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use crate::redis_server::{RedisServer, free_port};
-use crate::wait_serving;
 
 /// A workspace binary, built next to the test executable (`cargo build
 /// --workspace --bins` builds them; the README's test command does).
@@ -79,7 +78,28 @@ impl ServiceProcess {
 
     async fn spawn(&mut self) {
         self.spawn_only();
-        wait_serving(self.addr).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if matches!(crate::health(self.addr).await, Ok(crate::SERVING)) {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "{} exited with {status} before serving:\n{}",
+                    self.name,
+                    self.logs()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never became SERVING:\n{}",
+                self.name,
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -149,13 +169,18 @@ impl ProcessStack {
     /// `extra` applies to every service (e.g. METRICS_ADDR is per service:
     /// use `extra_for`).
     pub async fn start(extra_for: impl Fn(&str) -> Vec<(String, String)>) -> Self {
+        Self::start_on(RedisServer::start().await, extra_for).await
+    }
+
+    /// The stack on a Redis of the caller's choosing.
+    pub async fn start_on(
+        redis: RedisServer,
+        extra_for: impl Fn(&str) -> Vec<(String, String)>,
+    ) -> Self {
         crate::init_logs();
-        let redis = RedisServer::start().await;
         let base = |name: &str| {
-            let mut env = vec![
-                ("REDIS_URL".to_string(), redis.url()),
-                ("TEST_CLOCK".to_string(), "true".to_string()),
-            ];
+            let mut env = redis.service_env();
+            env.push(("TEST_CLOCK".to_string(), "true".to_string()));
             env.extend(extra_for(name));
             env
         };

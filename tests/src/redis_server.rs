@@ -1,32 +1,33 @@
-//! A real `redis-server` per test, on a free port, with AOF on (fsync
-//! always, as shipped) in its own directory, so it can be killed and
-//! restarted with its data.
+//! A real Redis per test, on free ports, with AOF on (fsync always, as
+//! shipped), in its own directory, so it can be killed and restarted with
+//! its data: a single `redis-server`, or — with `INMAIL_TEST_REDIS=cluster` —
+//! a Redis Cluster of three primaries, so the same tests run on both.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub struct RedisServer {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
+use inmail_shared::storage::{Redis, RedisConn, RedisSettings};
 
 /// The redis-server binary: on PATH, or where Debian puts it.
 pub fn redis_server_binary() -> PathBuf {
+    find_binary("redis-server")
+}
+
+fn find_binary(name: &str) -> PathBuf {
     let on_path = std::env::var_os("PATH")
         .map(|paths| {
             std::env::split_paths(&paths)
-                .map(|p| p.join("redis-server"))
+                .map(|p| p.join(name))
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();
     on_path
         .into_iter()
-        .chain([PathBuf::from("/usr/bin/redis-server"), PathBuf::from("/usr/sbin/redis-server")])
+        .chain([PathBuf::from("/usr/bin").join(name), PathBuf::from("/usr/sbin").join(name)])
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
-            panic!("redis-server not found: install it (Debian: apt-get install -y redis-server), or run `bash .ci/run`")
+            panic!("{name} not found: install it (Debian: apt-get install -y redis-server), or run `bash .ci/run`")
         })
 }
 
@@ -38,19 +39,47 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Whether this test run uses a Redis Cluster.
+pub fn cluster_mode() -> bool {
+    std::env::var("INMAIL_TEST_REDIS").is_ok_and(|v| v == "cluster")
+}
+
+struct Node {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct RedisServer {
+    nodes: Vec<Node>,
+    dir: PathBuf,
+    cluster: bool,
+}
+
 impl RedisServer {
+    /// A single Redis, or a cluster when `INMAIL_TEST_REDIS=cluster`.
     pub async fn start() -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("inmail-redis-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("create the Redis directory");
+        if cluster_mode() {
+            Self::start_cluster(3).await
+        } else {
+            Self::start_single().await
+        }
+    }
+
+    pub async fn start_single() -> Self {
+        let dir = new_dir();
         for _ in 0..5 {
-            let mut server = Self {
+            let mut node = Node {
                 port: free_port(),
                 dir: dir.clone(),
                 child: None,
             };
-            if server.spawn().await {
-                return server;
+            if node.spawn(false).await {
+                return Self {
+                    nodes: vec![node],
+                    dir,
+                    cluster: false,
+                };
             }
         }
         panic!(
@@ -59,8 +88,206 @@ impl RedisServer {
         );
     }
 
-    async fn spawn(&mut self) -> bool {
-        let child = Command::new(redis_server_binary())
+    pub async fn start_cluster(primaries: usize) -> Self {
+        let dir = new_dir();
+        let mut nodes = Vec::new();
+        for i in 0..primaries {
+            let node_dir = dir.join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let mut node = Node {
+                port: free_port(),
+                dir: node_dir,
+                child: None,
+            };
+            assert!(node.spawn(true).await, "cluster node {i} did not start");
+            nodes.push(node);
+        }
+        // What `redis-cli --cluster create` does, without its one-second
+        // waits: split the slots, introduce the nodes, wait for "ok".
+        let per_node = 16384 / nodes.len();
+        for (i, node) in nodes.iter().enumerate() {
+            let first = i * per_node;
+            let last = if i + 1 == nodes.len() {
+                16383
+            } else {
+                first + per_node - 1
+            };
+            let client = redis::Client::open(node.url()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let () = redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .query_async(&mut conn)
+                .await
+                .expect("CLUSTER ADDSLOTSRANGE");
+            let () = redis::cmd("CLUSTER")
+                .arg("SET-CONFIG-EPOCH")
+                .arg(i + 1)
+                .query_async(&mut conn)
+                .await
+                .expect("CLUSTER SET-CONFIG-EPOCH");
+        }
+        let client = redis::Client::open(nodes[0].url()).unwrap();
+        let mut first = client.get_multiplexed_async_connection().await.unwrap();
+        for node in &nodes[1..] {
+            let () = redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(node.port)
+                .query_async(&mut first)
+                .await
+                .expect("CLUSTER MEET");
+        }
+        let server = Self {
+            nodes,
+            dir,
+            cluster: true,
+        };
+        server.wait_cluster_ok().await;
+        server
+    }
+
+    async fn wait_cluster_ok(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        for node in &self.nodes {
+            loop {
+                let info: Option<String> = async {
+                    let client = redis::Client::open(node.url()).ok()?;
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut conn)
+                        .await
+                        .ok()
+                }
+                .await;
+                if info.is_some_and(|i| i.contains("cluster_state:ok")) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the cluster never became ok"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// REDIS_URL for the services (comma-separated nodes for a cluster).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Node::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The flags that point a service at this Redis.
+    pub fn service_args(&self) -> Vec<String> {
+        let mut args = vec!["--redis-url".to_string(), self.url()];
+        if self.cluster {
+            args.push("--redis-cluster".into());
+        }
+        args
+    }
+
+    /// The environment that points a service binary at this Redis.
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("REDIS_URL".into(), self.url()),
+            ("REDIS_CLUSTER".into(), self.cluster.to_string()),
+        ]
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// SIGKILL every node: no shutdown, no final fsync beyond what AOF did.
+    pub fn kill(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+
+    /// Starts every node again on its port, from its AOF.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let cluster = self.cluster;
+        for node in &mut self.nodes {
+            let mut started = false;
+            for _ in 0..50 {
+                if node.spawn(cluster).await {
+                    started = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(
+                started,
+                "redis-server did not restart on port {}",
+                node.port
+            );
+        }
+        if cluster {
+            self.wait_cluster_ok().await;
+        }
+    }
+
+    /// A handle routing key commands the way the services do.
+    pub async fn conn(&self) -> RedisConn {
+        let settings = RedisSettings {
+            cluster: self.cluster,
+            ..RedisSettings::new(self.url())
+        };
+        Redis::open(&settings).expect("open the test Redis").conn()
+    }
+
+    /// Runs a command on every node (e.g. SCRIPT FLUSH, CONFIG SET).
+    pub async fn on_every_node(&self, command: &redis::Cmd) {
+        for node in &self.nodes {
+            let client = redis::Client::open(node.url()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let _: redis::Value = command.query_async(&mut conn).await.unwrap();
+        }
+    }
+
+    /// DEBUG DIGEST of every node: a hash of the whole dataset, to show a
+    /// call changed nothing.
+    pub async fn digest(&self) -> String {
+        let mut digests = Vec::new();
+        for node in &self.nodes {
+            let client = redis::Client::open(node.url()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let digest: String = redis::cmd("DEBUG")
+                .arg("DIGEST")
+                .query_async(&mut conn)
+                .await
+                .expect("DEBUG DIGEST");
+            digests.push(digest);
+        }
+        digests.join(",")
+    }
+
+    /// Ports of the nodes (the pid of a node's process is found by its port).
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+}
+
+impl Node {
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self, cluster: bool) -> bool {
+        let mut command = Command::new(redis_server_binary());
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&self.dir)
@@ -79,7 +306,18 @@ impl RedisServer {
                 "no",
                 "--logfile",
                 "redis.log",
-            ])
+            ]);
+        if cluster {
+            command.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -115,51 +353,18 @@ impl RedisServer {
             .is_ok()
     }
 
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// SIGKILL: no shutdown, no final fsync beyond what AOF already did.
-    pub fn kill(&mut self) {
+    fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
 
-    /// Starts again on the same port, from the same AOF.
-    pub async fn restart(&mut self) {
-        self.kill();
-        for _ in 0..50 {
-            if self.spawn().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("redis-server did not restart on port {}", self.port);
-    }
-
-    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to the test Redis")
-    }
-
-    /// DEBUG DIGEST: a hash of the whole dataset, to show a call changed
-    /// nothing.
-    pub async fn digest(&self) -> String {
-        redis::cmd("DEBUG")
-            .arg("DIGEST")
-            .query_async(&mut self.conn().await)
-            .await
-            .expect("DEBUG DIGEST")
-    }
+fn new_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("inmail-redis-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("create the Redis directory");
+    dir
 }
 
 impl Drop for RedisServer {

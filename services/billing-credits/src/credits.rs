@@ -137,14 +137,25 @@ impl Credits {
             };
             let reply = self.invoke(&call, op).await?;
             match reply.s.as_str() {
-                "need" | "stale" => {
-                    let fetched = self
-                        .entitlements
-                        .fetch(ctx, member, reply.ver, now_ms)
-                        .await?;
-                    entitlement = fetched.json;
-                    valid_until_ms = fetched.valid_until_ms;
-                }
+                "need" | "stale" => match self
+                    .entitlements
+                    .fetch(ctx, member, reply.ver, now_ms)
+                    .await
+                {
+                    Ok(fetched) => {
+                        entitlement = fetched.json;
+                        valid_until_ms = fetched.valid_until_ms;
+                    }
+                    // A release gives a credit back: it must not wait for
+                    // subscription-plan, so it settles on what billing knows.
+                    Err(ApiError::Unavailable { .. } | ApiError::DeadlineExceeded { .. })
+                        if matches!(op, Op::Release { .. }) && entitlement != "*" =>
+                    {
+                        tracing::warn!(%member, "subscription-plan unavailable: releasing on the cached entitlement");
+                        entitlement = "*".into();
+                    }
+                    Err(err) => return Err(err),
+                },
                 "mismatch" => return Err(ApiError::request_id_reused()),
                 "ok" => {
                     record_metrics(&reply);

@@ -472,19 +472,17 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
         let result = async {
             let mut checks = Checks::new();
             let size = paging::page_size(&mut checks, request.page_size, 100, 1000);
-            let cursor = match decode_token(&mut checks, "reconcile", &request.page_token) {
-                None => 0,
-                Some(c) => c.parse::<u64>().unwrap_or_else(|_| {
-                    checks.add("page_token", "is not a token returned by this call");
-                    0
-                }),
-            };
+            let cursor = decode_token(&mut checks, "reconcile", &request.page_token)
+                .unwrap_or_else(|| "0".into());
+            if !cursor.bytes().all(|b| b.is_ascii_digit() || b == b':') {
+                checks.add("page_token", "is not a token returned by this call");
+            }
             checks.finish()?;
             let mut response = pb::ReconcileLedgersResponse::default();
             let mut cursor = cursor;
             // SCAN may answer few keys per step; keep going until a page is full.
             loop {
-                let (next, members) = self.credits.store().scan_members(cursor, size).await?;
+                let (next, members) = self.credits.store().scan_members(&cursor, size).await?;
                 for member in members {
                     let checked = self.credits.store().reconcile_member(&member).await?;
                     response.members_checked += 1;
@@ -512,12 +510,12 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
                     }
                 }
                 cursor = next;
-                if cursor == 0 || response.members_checked as usize >= size {
+                if cursor == "0" || response.members_checked as usize >= size {
                     break;
                 }
             }
-            if cursor != 0 {
-                response.next_page_token = encode_token("reconcile", &cursor.to_string());
+            if cursor != "0" {
+                response.next_page_token = encode_token("reconcile", &cursor);
             }
             Ok(response)
         }

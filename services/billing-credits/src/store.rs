@@ -24,7 +24,7 @@
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::storage::Redis;
+use inmail_shared::storage::{Batch, Redis};
 use redis::Script;
 use serde::Deserialize;
 
@@ -85,7 +85,8 @@ end
 /// Shared prelude of every balance script.
 ///
 /// KEYS[1] account, KEYS[2] ledger, KEYS[3] request record.
-/// ARGV[1] now ms, ARGV[2] entitlement JSON ("" = use the cached one),
+/// ARGV[1] now ms, ARGV[2] entitlement JSON ("" = the cached one while it
+/// may be trusted, "*" = the cached one however old),
 /// ARGV[3] until when a fresh entitlement may be trusted (ms),
 /// ARGV[4] request_id ("" for reads), ARGV[5] fingerprint, ARGV[6] request
 /// retention ms; ARGV[7..] the script's own.
@@ -157,6 +158,12 @@ local function renew_to(target, monthly, cap)
 end
 
 local function settle()
+  -- '*': the cached entitlement, however old (releasing a hold must not
+  -- wait for subscription-plan).
+  if ENT == '*' then
+    if not exists then return 'need' end
+    return 'ok'
+  end
   if ENT == '' then
     if not exists or now >= num('valid') then return 'need' end
     return 'ok'
@@ -613,20 +620,22 @@ impl BillingStore {
         hold_expires_ms: i64,
         owner_retention: Duration,
     ) -> Result<String, ApiError> {
-        let (previous, _): (Option<String>, i64) = redis::pipe()
-            .cmd("SET")
+        let mut claim = redis::cmd("SET");
+        claim
             .arg(message_owner_key(message_id))
             .arg(member)
             .arg("NX")
             .arg("GET")
             .arg("PX")
-            .arg(owner_retention.as_millis() as u64)
-            .cmd("ZADD")
+            .arg(owner_retention.as_millis() as u64);
+        let mut index = redis::cmd("ZADD");
+        index
             .arg(hold_shard_key(hold_shard(member)))
             .arg(hold_expires_ms)
-            .arg(hold_entry(member, message_id))
-            .query_async(&mut self.redis.conn())
-            .await?;
+            .arg(hold_entry(member, message_id));
+        let mut batch = Batch::new();
+        batch.add(claim).add_ignored(index);
+        let (previous,): (Option<String>,) = self.redis.run(&batch).await?;
         Ok(previous.unwrap_or_else(|| member.to_string()))
     }
 
@@ -728,11 +737,16 @@ impl BillingStore {
         &self,
         debits: &[(String, String)],
     ) -> Result<Vec<Option<String>>, ApiError> {
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for (member, message_id) in debits {
-            pipe.hget(debit_key(member, message_id), "state");
+            batch.add(
+                redis::cmd("HGET")
+                    .arg(debit_key(member, message_id))
+                    .arg("state")
+                    .clone(),
+            );
         }
-        Ok(pipe.query_async(&mut self.redis.conn()).await?)
+        self.redis.run(&batch).await
     }
 
     /// Holds whose expiry is at or before `now_ms`, oldest first.
@@ -851,18 +865,16 @@ impl BillingStore {
     }
 
     /// One SCAN step over member accounts: (next cursor, members).
+    /// One step over every member account (SCAN; on a cluster, node after
+    /// node): (next cursor, "0" when done; members).
     pub async fn scan_members(
         &self,
-        cursor: u64,
+        cursor: &str,
         count: usize,
-    ) -> Result<(u64, Vec<String>), ApiError> {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg("billing:{*}:account")
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut self.redis.conn())
+    ) -> Result<(String, Vec<String>), ApiError> {
+        let (next, keys) = self
+            .redis
+            .scan(cursor, "billing:{*}:account", count)
             .await?;
         let members = keys
             .into_iter()

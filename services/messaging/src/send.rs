@@ -168,7 +168,17 @@ impl Messaging {
                 if record.get("fp").map(String::as_str) != Some(input.fingerprint) {
                     return Err(ApiError::request_id_reused());
                 }
+                if let Some(reason) = record.get("refused") {
+                    return Err(refusal(reason));
+                }
                 if let Some(message) = self.store.message(&conv, &message_id).await? {
+                    if message.fingerprint != input.fingerprint {
+                        // Staged by a concurrent request that reused this
+                        // request id with other arguments; it is about to
+                        // undo its stage.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
                     return self.resume(ctx, &conv, message).await;
                 }
             }
@@ -279,7 +289,10 @@ impl Messaging {
                 sender: i.sender.clone(),
             });
         if let Some(item) = &answering {
-            let retry_at = now + self.config.refund_retry.as_millis() as i64;
+            // Looked at only after any call that is responding right now is
+            // over (REQUEST_TIMEOUT < SEND_RECOVERY_AFTER), so the sweeper
+            // never mistakes an in-flight response for no response.
+            let retry_at = now + self.config.recovery_after.as_millis() as i64;
             self.store.outbox_add(item, retry_at).await?;
         }
         let delivery = Delivery {
@@ -297,18 +310,18 @@ impl Messaging {
             now_ms: now,
             refund_window_ms: self.window_ms(),
             balance_after: None,
+            fingerprint: input.fingerprint,
         };
         let reply = self.store.deliver(&delivery).await?;
         let fields = match reply {
             PairReply::Ok(fields) => fields,
-            PairReply::State(_) => {
-                let message = self.store.message(conv, message_id).await?;
-                return match message {
-                    Some(message) => self.resume(ctx, conv, message).await.map(Some),
-                    None => Ok(None),
-                };
+            PairReply::State { .. } => return Ok(None),
+            PairReply::Refused(reason) => {
+                self.store
+                    .record_refusal(input.sender, input.request_id, &reason)
+                    .await?;
+                return Err(refusal(&reason));
             }
-            PairReply::Refused(reason) => return Err(refusal(&reason)),
             PairReply::Retry | PairReply::NotFound => return Ok(None),
         };
         let refund = self
@@ -332,6 +345,7 @@ impl Messaging {
             state: "delivered".into(),
             reason: String::new(),
             balance_after: None,
+            fingerprint: input.fingerprint.to_string(),
         };
         // Free messages do not touch billing; the balance is a courtesy.
         let balance_after = self.billing.available(ctx, input.sender).await.ok();
@@ -365,7 +379,10 @@ impl Messaging {
             "closed" => Refund::WindowClosed,
             _ => Refund::None,
         };
-        if result != Refund::Pending
+        // Only the call whose script made the refund due (or closed) may drop
+        // the entry: other calls answering the same InMail share it.
+        if matches!(refund, "due" | "closed")
+            && result != Refund::Pending
             && let Some(item) = outbox
             && let Err(err) = self.store.outbox_remove(&item).await
         {
@@ -383,6 +400,26 @@ impl Messaging {
         accept: bool,
     ) -> Result<Refund, ApiError> {
         let pair = Pair::from_fields(&self.store.conversation(conv).await?);
+        let wanted = if accept {
+            domain::InmailStage::Accepted
+        } else {
+            domain::InmailStage::Declined
+        };
+        // Accepting (or declining) twice answers the same: a retry whose
+        // first attempt was cut short after the response was recorded gets
+        // that response, not a refusal.
+        if let Some(done) = pair
+            .inmail
+            .as_ref()
+            .filter(|i| i.stage == wanted && i.sender != responder)
+        {
+            return Ok(match done.refund.as_str() {
+                "refunded" => Refund::Refunded,
+                "due" => Refund::Pending,
+                "closed" => Refund::WindowClosed,
+                _ => Refund::None,
+            });
+        }
         let Some(inmail) = pair
             .inmail
             .filter(|i| i.stage == domain::InmailStage::AwaitingResponse && i.sender != responder)
@@ -396,7 +433,7 @@ impl Messaging {
             sender: inmail.sender.clone(),
         };
         self.store
-            .outbox_add(&item, now + self.config.refund_retry.as_millis() as i64)
+            .outbox_add(&item, now + self.config.recovery_after.as_millis() as i64)
             .await?;
         let (a, b) = domain::conversation_members(conv)
             .ok_or_else(|| ApiError::internal("bad conversation id"))?;
@@ -409,10 +446,9 @@ impl Messaging {
         {
             PairReply::Ok(fields) => fields,
             PairReply::NotFound => return Err(crate::error::conversation_not_found()),
-            PairReply::Refused(reason) => {
-                let _ = self.store.outbox_remove(&item).await;
-                return Err(refusal(&reason));
-            }
+            // The entry may be another response's: the sweeper drops it when
+            // no refund is due.
+            PairReply::Refused(reason) => return Err(refusal(&reason)),
             other => return Err(ApiError::internal(format!("respond answered {other:?}"))),
         };
         let refund = fields.first().cloned().unwrap_or_default();
@@ -474,6 +510,7 @@ impl Messaging {
             body: input.body,
             now_ms: now,
             look_again_at_ms: now + self.config.recovery_after.as_millis() as i64,
+            fingerprint: input.fingerprint,
         };
         let (begun, staged) = self
             .store
@@ -488,24 +525,25 @@ impl Messaging {
             // Refused (rate limit, request id reused): undo what this call
             // staged; a message staged by an earlier attempt stays.
             if matches!(staged, PairReply::Ok(_)) {
-                self.store.forget_staged(conv, message_id).await?;
+                self.store
+                    .forget_staged(conv, message_id, input.fingerprint)
+                    .await?;
             }
-            if !matches!(staged, PairReply::State(_)) {
+            if !matches!(staged, PairReply::State { .. }) {
                 self.store.outbox_remove(&item).await?;
             }
             return Err(begin_refused(begun, now));
         }
         match staged {
             PairReply::Ok(_) => {}
-            PairReply::State(_) => {
-                let message = self.store.message(conv, message_id).await?;
-                return match message {
-                    Some(message) => self.resume(ctx, conv, message).await.map(Some),
-                    None => Ok(None),
-                };
-            }
+            // Staged before, by this request (resume it) or by a concurrent
+            // one with other arguments (which undoes it): read and decide again.
+            PairReply::State { .. } => return Ok(None),
             PairReply::Refused(reason) => {
                 self.store.outbox_remove(&item).await?;
+                self.store
+                    .record_refusal(input.sender, input.request_id, &reason)
+                    .await?;
                 return Err(refusal(&reason));
             }
             PairReply::Retry | PairReply::NotFound => {
@@ -525,6 +563,7 @@ impl Messaging {
             state: "staged".into(),
             reason: String::new(),
             balance_after: None,
+            fingerprint: input.fingerprint.to_string(),
         };
         self.commit_inmail(ctx, conv, message).await.map(Some)
     }
@@ -659,6 +698,7 @@ impl Messaging {
             now_ms: now,
             refund_window_ms: self.window_ms(),
             balance_after,
+            fingerprint: &message.fingerprint,
         };
         let delivered = match self.store.deliver(&delivery).await? {
             PairReply::Ok(_) => {
@@ -670,7 +710,7 @@ impl Messaging {
                     ..message.clone()
                 }
             }
-            PairReply::State(state) if state == "delivered" => self
+            PairReply::State { state, .. } if state == "delivered" => self
                 .store
                 .message(conv, &message.id)
                 .await?

@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 
 use inmail_shared::ApiError;
-use inmail_shared::storage::{Redis, evalsha};
+use inmail_shared::storage::{Batch, Redis, args};
 use redis::Script;
 
 pub const OUTBOX_SHARDS: u32 = 16;
@@ -75,15 +75,16 @@ return {'new'}
 /// Reserves the conversation's InMail slot and stores the InMail, not yet
 /// visible. KEYS[1] conversation, KEYS[2] message. ARGV[1] a, ARGV[2] b,
 /// ARGV[3] message id, ARGV[4] sender, ARGV[5] recipient, ARGV[6] subject,
-/// ARGV[7] body, ARGV[8] now ms.
-/// Checks before any write: the message is new (else {"exists", state}); no
+/// ARGV[7] body, ARGV[8] now ms, ARGV[9] the request's fingerprint.
+/// Checks before any write: the message is new (else {"exists", state,
+/// fingerprint of the request that staged it}); no
 /// block; the pair is still strangers with no pending InMail (else
 /// AWAITING_RESPONSE for the sender's own, or {"retry"} when the kind would
 /// now differ).
 const STAGE_INMAIL: &str = r#"
 local C, M = KEYS[1], KEYS[2]
-local st = redis.call('HGET', M, 'state')
-if st then return {'exists', st} end
+local mine = redis.call('HMGET', M, 'state', 'fp')
+if mine[1] then return {'exists', mine[1], mine[2] or ''} end
 local f = redis.call('HMGET', C, 'blk_a', 'blk_b', 'conn', 'im_state', 'im_from', 'w_a', 'w_b', 'open', 'a')
 if f[1] or f[2] then return {'refused', 'BLOCKED'} end
 if f[3] == '1' or f[8] == '1' then return {'retry'} end
@@ -95,7 +96,7 @@ local recipient_side = (ARGV[5] == ARGV[1]) and 6 or 7
 if tonumber(f[recipient_side] or '0') > 0 then return {'retry'} end
 if not f[9] then redis.call('HSET', C, 'a', ARGV[1], 'b', ARGV[2], 'created', ARGV[8]) end
 redis.call('HSET', M, 'from', ARGV[4], 'to', ARGV[5], 'kind', 'INMAIL', 'subject', ARGV[6],
-  'body', ARGV[7], 'credits', 1, 'at', ARGV[8], 'state', 'staged')
+  'body', ARGV[7], 'credits', 1, 'at', ARGV[8], 'state', 'staged', 'fp', ARGV[9])
 redis.call('HSET', C, 'im_id', ARGV[3], 'im_from', ARGV[4], 'im_at', ARGV[8], 'im_state', 'staged',
   'im_refund', '')
 redis.call('HDEL', C, 'im_resp_at')
@@ -107,7 +108,8 @@ return {'ok'}
 /// ARGV[1] mode ("staged" | "new"), ARGV[2] message id, ARGV[3] sender,
 /// ARGV[4] recipient, ARGV[5] kind, ARGV[6] subject, ARGV[7] body, ARGV[8]
 /// credits, ARGV[9] now ms, ARGV[10] a, ARGV[11] b, ARGV[12] refund window
-/// ms, ARGV[13] the sender's balance after (or "").
+/// ms, ARGV[13] the sender's balance after (or ""), ARGV[14] the request's
+/// fingerprint (new messages).
 /// Checks before any write: a staged message is still staged / a new one does
 /// not exist yet (else {"state", state}); for a new one, no block and the
 /// kind's condition still holds (else {"refused", reason} or {"retry"}).
@@ -118,7 +120,7 @@ const DELIVER: &str = r#"
 local C, M, T = KEYS[1], KEYS[2], KEYS[3]
 local mode, id, sender, recipient, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local now = tonumber(ARGV[9])
-local st = redis.call('HGET', M, 'state')
+local st, fp = unpack(redis.call('HMGET', M, 'state', 'fp'))
 local conv = {}
 do
   local flat = redis.call('HGETALL', C)
@@ -127,10 +129,10 @@ end
 local function side(member) if member == ARGV[10] then return 'a' else return 'b' end end
 local sent_at = now
 if mode == 'staged' then
-  if st ~= 'staged' then return {'state', st or ''} end
+  if st ~= 'staged' then return {'state', st or '', fp or ''} end
   sent_at = tonumber(redis.call('HGET', M, 'at'))
 else
-  if st then return {'state', st} end
+  if st then return {'state', st, fp or ''} end
   if conv.blk_a or conv.blk_b then return {'refused', 'BLOCKED'} end
   local pending_own = (conv.im_state == 'staged' or conv.im_state == 'awaiting') and conv.im_from == sender
   if kind == 'CONNECTION' then
@@ -148,7 +150,7 @@ else
   end
   if not conv.a then redis.call('HSET', C, 'a', ARGV[10], 'b', ARGV[11], 'created', now) end
   redis.call('HSET', M, 'from', sender, 'to', recipient, 'kind', kind, 'subject', ARGV[6],
-    'body', ARGV[7], 'credits', ARGV[8], 'at', now)
+    'body', ARGV[7], 'credits', ARGV[8], 'at', now, 'fp', ARGV[14])
 end
 local seq = redis.call('HINCRBY', C, 'seq', 1)
 redis.call('HSET', M, 'state', 'delivered', 'seq', seq, 'bal_after', ARGV[13])
@@ -170,14 +172,17 @@ return {'ok', tostring(seq), tostring(sent_at), refund, conv.im_id or '', conv.i
 /// kept as failed, so a retry of its request answers the failure — or, with
 /// reason "" (a send refused before any credit could move), forgotten, so a
 /// retry sends it. KEYS[1] conversation, KEYS[2] message. ARGV[1] message
-/// id, ARGV[2] reason, ARGV[3] how long the failed message is kept (ms).
-/// Checks before any write: the message is still staged (else {"state", s}).
+/// id, ARGV[2] reason, ARGV[3] how long the failed message is kept (ms),
+/// ARGV[4] (forgetting) the fingerprint of the request that staged it.
+/// Checks before any write: the message is still staged (else {"state", s}),
+/// and a forgotten one was staged by that request.
 /// Frees the conversation's InMail slot when this was its InMail.
 const FAIL_STAGED: &str = r#"
 local C, M = KEYS[1], KEYS[2]
-local st = redis.call('HGET', M, 'state')
-if st ~= 'staged' then return {'state', st or ''} end
+local st, fp = unpack(redis.call('HMGET', M, 'state', 'fp'))
+if st ~= 'staged' then return {'state', st or '', fp or ''} end
 if ARGV[2] == '' then
+  if fp ~= ARGV[4] then return {'state', st, fp or ''} end
   redis.call('DEL', M)
 else
   redis.call('HSET', M, 'state', 'failed', 'reason', ARGV[2])
@@ -378,8 +383,12 @@ pub enum Begun {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PairReply {
     Ok(Vec<String>),
-    /// The message is already in this state.
-    State(String),
+    /// The message already exists, in this state, staged or sent by the
+    /// request with this fingerprint.
+    State {
+        state: String,
+        fingerprint: String,
+    },
     Refused(String),
     /// The pair changed since the kind was decided; decide again.
     Retry,
@@ -413,7 +422,13 @@ fn pair_reply(mut reply: Vec<String>) -> Result<PairReply, ApiError> {
     let status = reply.remove(0);
     Ok(match status.as_str() {
         "ok" => PairReply::Ok(reply),
-        "exists" | "state" => PairReply::State(reply.into_iter().next().unwrap_or_default()),
+        "exists" | "state" => {
+            let mut fields = reply.into_iter();
+            PairReply::State {
+                state: fields.next().unwrap_or_default(),
+                fingerprint: fields.next().unwrap_or_default(),
+            }
+        }
         "refused" => PairReply::Refused(reply.into_iter().next().unwrap_or_default()),
         "retry" => PairReply::Retry,
         "not_found" => PairReply::NotFound,
@@ -453,6 +468,8 @@ pub struct Stage<'a> {
     pub now_ms: i64,
     /// When the outbox sweeper should look at the send if it did not finish.
     pub look_again_at_ms: i64,
+    /// The fingerprint of the request.
+    pub fingerprint: &'a str,
 }
 
 /// A message to deliver.
@@ -472,6 +489,8 @@ pub struct Delivery<'a> {
     pub now_ms: i64,
     pub refund_window_ms: i64,
     pub balance_after: Option<i64>,
+    /// The fingerprint of the request (kept with a new message).
+    pub fingerprint: &'a str,
 }
 
 /// A stored message.
@@ -488,6 +507,8 @@ pub struct StoredMessage {
     pub state: String,
     pub reason: String,
     pub balance_after: Option<i64>,
+    /// Fingerprint of the request that sent it.
+    pub fingerprint: String,
 }
 
 impl StoredMessage {
@@ -508,6 +529,7 @@ impl StoredMessage {
             state: get("state"),
             reason: get("reason"),
             balance_after: fields.get("bal_after").and_then(|v| v.parse().ok()),
+            fingerprint: get("fp"),
         })
     }
 }
@@ -556,22 +578,31 @@ impl MessagingStore {
         conv: &str,
         recipient: &str,
     ) -> Result<(HashMap<String, String>, HashMap<String, String>, bool), ApiError> {
+        let mut batch = Batch::new();
+        batch
+            .add(
+                redis::cmd("HGETALL")
+                    .arg(request_key(sender, request_id))
+                    .clone(),
+            )
+            .add(redis::cmd("HGETALL").arg(conv_key(conv)).clone())
+            .add(
+                redis::cmd("HGET")
+                    .arg(prefs_key(recipient))
+                    .arg("inmail")
+                    .clone(),
+            );
         let (record, pair, accepts): (
             HashMap<String, String>,
             HashMap<String, String>,
             Option<String>,
-        ) = redis::pipe()
-            .hgetall(request_key(sender, request_id))
-            .hgetall(conv_key(conv))
-            .hget(prefs_key(recipient), "inmail")
-            .query_async(&mut self.redis.conn())
-            .await?;
+        ) = self.redis.run(&batch).await?;
         Ok((record, pair, accepts.as_deref() != Some("0")))
     }
 
-    fn push_begin(
-        pipe: &mut redis::Pipeline,
-        script: &Script,
+    fn push_begin<'s>(
+        batch: &mut Batch<'s>,
+        script: &'s Script,
         begin: &Begin<'_>,
         limits: &SendLimits,
     ) {
@@ -580,8 +611,8 @@ impl MessagingStore {
             ratelimit_key(begin.sender),
             open_profile_key(begin.sender, begin.month),
         ];
-        evalsha(pipe, script, &keys)
-            .arg(begin.fingerprint)
+        let mut a = args();
+        a.arg(begin.fingerprint)
             .arg(begin.message_id)
             .arg(begin.conv)
             .arg(begin.kind)
@@ -591,6 +622,7 @@ impl MessagingStore {
             .arg(limits.open_profile_monthly)
             .arg(limits.open_profile_counter_ttl_ms)
             .arg(limits.request_retention_ms);
+        batch.script(script, &keys, a);
     }
 
     /// Claims a free message's request id (and counts an Open Profile message).
@@ -599,12 +631,9 @@ impl MessagingStore {
         begin: &Begin<'_>,
         limits: &SendLimits,
     ) -> Result<Begun, ApiError> {
-        let mut pipe = redis::pipe();
-        Self::push_begin(&mut pipe, &self.begin_send, begin, limits);
-        let (reply,): (Vec<String>,) = self
-            .redis
-            .query_with_scripts(&pipe, &[&self.begin_send])
-            .await?;
+        let mut batch = Batch::new();
+        Self::push_begin(&mut batch, &self.begin_send, begin, limits);
+        let (reply,): (Vec<String>,) = self.redis.run(&batch).await?;
         parse_begun(reply)
     }
 
@@ -619,35 +648,36 @@ impl MessagingStore {
         limits: &SendLimits,
         stage: &Stage<'_>,
     ) -> Result<(Begun, PairReply), ApiError> {
-        let mut pipe = redis::pipe();
-        Self::push_begin(&mut pipe, &self.begin_send, begin, limits);
+        let mut batch = Batch::new();
+        Self::push_begin(&mut batch, &self.begin_send, begin, limits);
         let item = OutboxItem::Send {
             conv: stage.conv.to_string(),
             message_id: stage.message_id.to_string(),
             sender: stage.sender.to_string(),
         };
-        pipe.cmd("ZADD")
-            .arg(outbox_key(outbox_shard(stage.conv)))
-            .arg(stage.look_again_at_ms)
-            .arg(item.encode())
-            .ignore();
-        evalsha(
-            &mut pipe,
+        batch.add_ignored(
+            redis::cmd("ZADD")
+                .arg(outbox_key(outbox_shard(stage.conv)))
+                .arg(stage.look_again_at_ms)
+                .arg(item.encode())
+                .clone(),
+        );
+        let mut a = args();
+        a.arg(stage.a)
+            .arg(stage.b)
+            .arg(stage.message_id)
+            .arg(stage.sender)
+            .arg(stage.recipient)
+            .arg(stage.subject)
+            .arg(stage.body)
+            .arg(stage.now_ms)
+            .arg(stage.fingerprint);
+        batch.script(
             &self.stage_inmail,
             &[conv_key(stage.conv), msg_key(stage.conv, stage.message_id)],
-        )
-        .arg(stage.a)
-        .arg(stage.b)
-        .arg(stage.message_id)
-        .arg(stage.sender)
-        .arg(stage.recipient)
-        .arg(stage.subject)
-        .arg(stage.body)
-        .arg(stage.now_ms);
-        let (begun, staged): (Vec<String>, Vec<String>) = self
-            .redis
-            .query_with_scripts(&pipe, &[&self.begin_send, &self.stage_inmail])
-            .await?;
+            a,
+        );
+        let (begun, staged): (Vec<String>, Vec<String>) = self.redis.run(&batch).await?;
         Ok((parse_begun(begun)?, pair_reply(staged)?))
     }
 
@@ -656,41 +686,42 @@ impl MessagingStore {
     /// entry without a delivered message is not listed). Inbox scores only
     /// move forward (GT), so a retry never pushes a conversation down.
     pub async fn deliver(&self, d: &Delivery<'_>) -> Result<PairReply, ApiError> {
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for member in [d.a, d.b] {
-            pipe.cmd("ZADD")
-                .arg(inbox_key(member))
-                .arg("GT")
-                .arg(d.now_ms)
-                .arg(d.conv)
-                .ignore();
+            batch.add_ignored(
+                redis::cmd("ZADD")
+                    .arg(inbox_key(member))
+                    .arg("GT")
+                    .arg(d.now_ms)
+                    .arg(d.conv)
+                    .clone(),
+            );
         }
-        evalsha(
-            &mut pipe,
+        let mut a = args();
+        a.arg(if d.staged { "staged" } else { "new" })
+            .arg(d.message_id)
+            .arg(d.sender)
+            .arg(d.recipient)
+            .arg(d.kind)
+            .arg(d.subject)
+            .arg(d.body)
+            .arg(d.credits)
+            .arg(d.now_ms)
+            .arg(d.a)
+            .arg(d.b)
+            .arg(d.refund_window_ms)
+            .arg(d.balance_after.map(|b| b.to_string()).unwrap_or_default())
+            .arg(d.fingerprint);
+        batch.script(
             &self.deliver,
             &[
                 conv_key(d.conv),
                 msg_key(d.conv, d.message_id),
                 timeline_key(d.conv),
             ],
-        )
-        .arg(if d.staged { "staged" } else { "new" })
-        .arg(d.message_id)
-        .arg(d.sender)
-        .arg(d.recipient)
-        .arg(d.kind)
-        .arg(d.subject)
-        .arg(d.body)
-        .arg(d.credits)
-        .arg(d.now_ms)
-        .arg(d.a)
-        .arg(d.b)
-        .arg(d.refund_window_ms)
-        .arg(d.balance_after.map(|b| b.to_string()).unwrap_or_default());
-        let (reply,): (Vec<String>,) = self
-            .redis
-            .query_with_scripts(&pipe, &[&self.deliver])
-            .await?;
+            a,
+        );
+        let (reply,): (Vec<String>,) = self.redis.run(&batch).await?;
         pair_reply(reply)
     }
 
@@ -703,16 +734,18 @@ impl MessagingStore {
         b: &str,
         at_ms: i64,
     ) -> Result<(), ApiError> {
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for member in [a, b] {
-            pipe.cmd("ZADD")
-                .arg(inbox_key(member))
-                .arg("GT")
-                .arg(at_ms)
-                .arg(conv)
-                .ignore();
+            batch.add_ignored(
+                redis::cmd("ZADD")
+                    .arg(inbox_key(member))
+                    .arg("GT")
+                    .arg(at_ms)
+                    .arg(conv)
+                    .clone(),
+            );
         }
-        let () = pipe.query_async(&mut self.redis.conn()).await?;
+        let () = self.redis.run(&batch).await?;
         Ok(())
     }
 
@@ -730,14 +763,48 @@ impl MessagingStore {
             .arg(message_id)
             .arg(reason)
             .arg(keep_ms)
+            .arg("")
             .invoke_async(&mut self.redis.conn())
             .await?;
         pair_reply(reply)
     }
 
-    /// Undoes a stage that must not count (see FAIL_STAGED).
-    pub async fn forget_staged(&self, conv: &str, message_id: &str) -> Result<(), ApiError> {
-        self.fail_staged(conv, message_id, "", 0).await.map(|_| ())
+    /// Undoes a stage that must not count (see FAIL_STAGED): only the one
+    /// the request with `fingerprint` made.
+    pub async fn forget_staged(
+        &self,
+        conv: &str,
+        message_id: &str,
+        fingerprint: &str,
+    ) -> Result<(), ApiError> {
+        let _: Vec<String> = self
+            .fail_staged
+            .key(conv_key(conv))
+            .key(msg_key(conv, message_id))
+            .arg(message_id)
+            .arg("")
+            .arg(0)
+            .arg(fingerprint)
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Records that a claimed send was refused, so a retry of its request
+    /// answers the same refusal.
+    pub async fn record_refusal(
+        &self,
+        sender: &str,
+        request_id: &str,
+        reason: &str,
+    ) -> Result<(), ApiError> {
+        let _: i64 = redis::cmd("HSET")
+            .arg(request_key(sender, request_id))
+            .arg("refused")
+            .arg(reason)
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(())
     }
 
     pub async fn respond(
@@ -800,13 +867,23 @@ impl MessagingStore {
         other: &str,
         at_ms: i64,
     ) -> Result<(), ApiError> {
-        let _: () = redis::pipe()
-            .zadd(connections_key(one), other, at_ms)
-            .ignore()
-            .zadd(connections_key(other), one, at_ms)
-            .ignore()
-            .query_async(&mut self.redis.conn())
-            .await?;
+        let mut batch = Batch::new();
+        batch
+            .add_ignored(
+                redis::cmd("ZADD")
+                    .arg(connections_key(one))
+                    .arg(at_ms)
+                    .arg(other)
+                    .clone(),
+            )
+            .add_ignored(
+                redis::cmd("ZADD")
+                    .arg(connections_key(other))
+                    .arg(at_ms)
+                    .arg(one)
+                    .clone(),
+            );
+        let () = self.redis.run(&batch).await?;
         Ok(())
     }
 
@@ -822,13 +899,21 @@ impl MessagingStore {
     }
 
     async fn unindex_connection(&self, one: &str, other: &str) -> Result<(), ApiError> {
-        let _: () = redis::pipe()
-            .zrem(connections_key(one), other)
-            .ignore()
-            .zrem(connections_key(other), one)
-            .ignore()
-            .query_async(&mut self.redis.conn())
-            .await?;
+        let mut batch = Batch::new();
+        batch
+            .add_ignored(
+                redis::cmd("ZREM")
+                    .arg(connections_key(one))
+                    .arg(other)
+                    .clone(),
+            )
+            .add_ignored(
+                redis::cmd("ZREM")
+                    .arg(connections_key(other))
+                    .arg(one)
+                    .clone(),
+            );
+        let () = self.redis.run(&batch).await?;
         Ok(())
     }
 
@@ -872,11 +957,16 @@ impl MessagingStore {
         blocked: &str,
     ) -> Result<bool, ApiError> {
         let field = if blocker == a { "blk_a" } else { "blk_b" };
-        let (removed, _): (i64, i64) = redis::pipe()
-            .hdel(conv_key(conv), field)
-            .zrem(blocked_key(blocker), blocked)
-            .query_async(&mut self.redis.conn())
-            .await?;
+        let mut batch = Batch::new();
+        batch
+            .add(redis::cmd("HDEL").arg(conv_key(conv)).arg(field).clone())
+            .add_ignored(
+                redis::cmd("ZREM")
+                    .arg(blocked_key(blocker))
+                    .arg(blocked)
+                    .clone(),
+            );
+        let (removed,): (i64,) = self.redis.run(&batch).await?;
         Ok(removed == 1)
     }
 
@@ -918,7 +1008,7 @@ impl MessagingStore {
         Ok(StoredMessage::from_fields(message_id, fields))
     }
 
-    /// Conversations with their last messages, in one round trip.
+    /// Conversations with their last messages, in two round trips.
     pub async fn conversations_with_last(
         &self,
         convs: &[String],
@@ -926,19 +1016,17 @@ impl MessagingStore {
         if convs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for conv in convs {
-            pipe.hgetall(conv_key(conv));
+            batch.add(redis::cmd("HGETALL").arg(conv_key(conv)).clone());
         }
-        let pairs: Vec<HashMap<String, String>> = pipe.query_async(&mut self.redis.conn()).await?;
-        let mut pipe = redis::pipe();
+        let pairs: Vec<HashMap<String, String>> = self.redis.run(&batch).await?;
+        let mut batch = Batch::new();
         for (conv, pair) in convs.iter().zip(&pairs) {
-            pipe.hgetall(msg_key(
-                conv,
-                pair.get("last_msg").map(String::as_str).unwrap_or("-"),
-            ));
+            let last = pair.get("last_msg").map(String::as_str).unwrap_or("-");
+            batch.add(redis::cmd("HGETALL").arg(msg_key(conv, last)).clone());
         }
-        let lasts: Vec<HashMap<String, String>> = pipe.query_async(&mut self.redis.conn()).await?;
+        let lasts: Vec<HashMap<String, String>> = self.redis.run(&batch).await?;
         Ok(pairs
             .into_iter()
             .zip(convs.iter().zip(lasts))
@@ -1070,16 +1158,22 @@ impl MessagingStore {
         &self,
         items: &[OutboxItem],
     ) -> Result<Vec<Option<String>>, ApiError> {
-        let mut pipe = redis::pipe();
+        let mut batch = Batch::new();
         for item in items {
-            match item {
+            let cmd = match item {
                 OutboxItem::Send {
                     conv, message_id, ..
-                } => pipe.hget(msg_key(conv, message_id), "state"),
-                OutboxItem::Refund { conv, .. } => pipe.hget(conv_key(conv), "-"),
+                } => redis::cmd("HGET")
+                    .arg(msg_key(conv, message_id))
+                    .arg("state")
+                    .clone(),
+                OutboxItem::Refund { conv, .. } => {
+                    redis::cmd("HGET").arg(conv_key(conv)).arg("-").clone()
+                }
             };
+            batch.add(cmd);
         }
-        Ok(pipe.query_async(&mut self.redis.conn()).await?)
+        self.redis.run(&batch).await
     }
 
     /// Outbox items due at `now_ms`.

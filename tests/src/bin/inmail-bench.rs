@@ -226,7 +226,8 @@ fn main() {
 }
 
 async fn run(args: Args) {
-    let stack = ProcessStack::start(|name| {
+    // The baseline script runs on one Redis: the bench always uses a single one.
+    let stack = ProcessStack::start_on(inmail_tests::RedisServer::start_single().await, |name| {
         let mut env = vec![
             ("TEST_CLOCK".into(), "false".into()),
             ("LOG_LEVEL".into(), "warn".into()),
@@ -259,7 +260,11 @@ async fn run(args: Args) {
             .unwrap_or(1)
     );
     let mut results: Vec<(String, Outcome)> = Vec::new();
-    let mut redis_conn = stack.redis.conn().await;
+    let mut redis_conn = redis::Client::open(stack.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("appendfsync")

@@ -486,11 +486,10 @@ async fn scripts_survive_a_script_cache_flush() {
     let stack = Stack::start().await;
     subscribe(&stack, "pia", "premium-career").await;
     debit(&stack, "pia", "p1").await.unwrap();
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut stack.redis.conn().await)
-        .await
-        .unwrap();
+    stack
+        .redis
+        .on_every_node(redis::cmd("SCRIPT").arg("FLUSH"))
+        .await;
     debit(&stack, "pia", "p2")
         .await
         .expect("debit after SCRIPT FLUSH");
@@ -801,5 +800,42 @@ async fn redis_restart_loses_no_acknowledged_debit_and_service_resumes() {
         .await
         .expect("service resumed by itself");
     assert_eq!(count_kind(&ledger(&stack, "tia").await, Kind::Debit), 11);
+    assert_ledgers_reconcile(&mut stack.billing()).await;
+}
+
+/// An expired hold comes back even while subscription-plan is down: the
+/// release settles on the entitlement billing already has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_holds_are_released_while_subscription_plan_is_down() {
+    let mut stack = Stack::start().await;
+    subscribe(&stack, "uri", "premium-career").await;
+    debit(&stack, "uri", "orphan").await.unwrap();
+    stack.plans.stop().await;
+    // Past the hold and past the 1s the entitlement may be trusted.
+    stack.advance(Duration::from_secs(31)).await;
+    let state = || async {
+        stack
+            .billing()
+            .get_debit(pb::GetDebitRequest {
+                member_id: "uri".into(),
+                message_id: "orphan".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .debit
+            .unwrap()
+            .state
+    };
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            state().await == pb::DebitState::Released as i32
+        })
+        .await,
+        "the hold was not released without subscription-plan"
+    );
+    let entries = ledger(&stack, "uri").await;
+    assert_eq!(entries[0].kind, Kind::Release as i32);
+    assert_eq!(entries[0].balance_after, 5);
     assert_ledgers_reconcile(&mut stack.billing()).await;
 }

@@ -166,8 +166,9 @@ async fn the_test_clock_is_refused_when_off() {
     let redis = inmail_tests::RedisServer::start().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cli =
-        subscription_plan::Cli::parse_from(["subscription-plan", "--redis-url", &redis.url()]);
+    let cli = subscription_plan::Cli::parse_from(
+        std::iter::once("subscription-plan".to_string()).chain(redis.service_args()),
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(subscription_plan::serve(cli.args, listener, stop.clone()));
     inmail_tests::wait_serving(addr).await;

@@ -884,3 +884,72 @@ async fn bad_input_names_the_field_stores_nothing_and_charges_nothing() {
         "bad input charged a credit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepting_twice_answers_the_same() {
+    let stack = Stack::start().await;
+    subscribe(&stack, "val", "premium-career").await;
+    send(&stack, "val", "wyn").await.unwrap();
+    let first = respond(&stack, "wyn", "val~wyn", InmailResponse::Accept, "")
+        .await
+        .unwrap();
+    let again = respond(&stack, "wyn", "val~wyn", InmailResponse::Accept, "")
+        .await
+        .unwrap();
+    assert_eq!(first.refund_status, RefundStatus::Refunded as i32);
+    assert_eq!(again.refund_status, RefundStatus::Refunded as i32);
+    assert_eq!(available(&stack, "val").await, 5, "refunded once");
+    let decline = respond(&stack, "wyn", "val~wyn", InmailResponse::Decline, "")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&decline), "NO_INMAIL_AWAITING_RESPONSE");
+}
+
+/// A refund billing could not take stays owed even when another response
+/// to the same InMail follows, and the sweeper delivers it later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_owed_while_billing_is_down_comes_back_later() {
+    let mut stack = Stack::start().await;
+    subscribe(&stack, "xan", "premium-career").await;
+    send(&stack, "xan", "yul").await.unwrap();
+    assert_eq!(available(&stack, "xan").await, 4);
+    stack.stop_billing().await;
+    // The recipient accepts and replies at the same moment: both calls see
+    // the InMail awaiting a response; one of them makes the refund due.
+    let mut accept = tonic::Request::new(pb::RespondToInmailRequest {
+        request_id: rid(),
+        member_id: "yul".into(),
+        conversation_id: "xan~yul".into(),
+        response: InmailResponse::Accept as i32,
+        body: String::new(),
+    });
+    accept.set_timeout(Duration::from_secs(1));
+    let mut reply = tonic::Request::new(send_request("yul", "xan", "", "Thanks, happy to talk"));
+    reply.set_timeout(Duration::from_secs(1));
+    let (mut a, mut b) = (stack.messaging(), stack.messaging());
+    let (accepted, replied) = tokio::join!(a.respond_to_inmail(accept), b.send_message(reply));
+    let statuses = [
+        accepted.ok().map(|r| r.into_inner().refund_status),
+        replied.ok().map(|r| r.into_inner().refund_status),
+    ];
+    assert!(
+        statuses.contains(&Some(RefundStatus::Pending as i32)),
+        "one response made the refund due: {statuses:?}"
+    );
+    stack.start_billing_again().await;
+    assert_eq!(available(&stack, "xan").await, 4);
+    stack.advance(Duration::from_secs(61)).await;
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            available(&stack, "xan").await == 5
+        })
+        .await,
+        "the owed refund never came back"
+    );
+    let c = conversation(&stack, "xan", "xan~yul").await.unwrap();
+    assert_eq!(
+        c.inmail.unwrap().refund_status,
+        RefundStatus::Refunded as i32
+    );
+    assert_ledgers_reconcile(&mut stack.billing()).await;
+}

@@ -112,14 +112,17 @@ async fn sigterm_reports_not_serving_drains_and_exits() {
     // No subscription-plan: a first balance query waits on it until its deadline.
     let mut billing_process = ServiceProcess::start(
         "billing-credits",
-        vec![
-            ("REDIS_URL".into(), redis.url()),
-            (
-                "SUBSCRIPTION_PLAN_URL".into(),
-                format!("http://127.0.0.1:{}", free_port()),
-            ),
-            ("SHUTDOWN_GRACE".into(), "5s".into()),
-        ],
+        redis
+            .service_env()
+            .into_iter()
+            .chain([
+                (
+                    "SUBSCRIPTION_PLAN_URL".into(),
+                    format!("http://127.0.0.1:{}", free_port()),
+                ),
+                ("SHUTDOWN_GRACE".into(), "5s".into()),
+            ])
+            .collect(),
     )
     .await;
     let mut health = inmail_tests::HealthClient::new(channel(billing_process.addr));
@@ -173,8 +176,7 @@ async fn sigterm_reports_not_serving_drains_and_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_subcommand_exits_zero_only_when_serving() {
     let redis = RedisServer::start().await;
-    let plans_process =
-        ServiceProcess::start("subscription-plan", vec![("REDIS_URL".into(), redis.url())]).await;
+    let plans_process = ServiceProcess::start("subscription-plan", redis.service_env()).await;
     let addr = plans_process.addr.to_string();
     let (code, _) = run(
         "subscription-plan",
