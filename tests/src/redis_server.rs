@@ -39,6 +39,16 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A port for a cluster node: it and its cluster bus port (+10000) are free.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Whether this test run uses a Redis Cluster.
 pub fn cluster_mode() -> bool {
     std::env::var("INMAIL_TEST_REDIS").is_ok_and(|v| v == "cluster")
@@ -94,13 +104,19 @@ impl RedisServer {
         for i in 0..primaries {
             let node_dir = dir.join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
-            let mut node = Node {
-                port: free_port(),
-                dir: node_dir,
-                child: None,
-            };
-            assert!(node.spawn(true).await, "cluster node {i} did not start");
-            nodes.push(node);
+            let mut started = None;
+            for _ in 0..10 {
+                let mut node = Node {
+                    port: free_cluster_port(),
+                    dir: node_dir.clone(),
+                    child: None,
+                };
+                if node.spawn(true).await {
+                    started = Some(node);
+                    break;
+                }
+            }
+            nodes.push(started.unwrap_or_else(|| panic!("cluster node {i} did not start")));
         }
         // What `redis-cli --cluster create` does, without its one-second
         // waits: split the slots, introduce the nodes, wait for "ok".
