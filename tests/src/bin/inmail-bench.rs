@@ -53,6 +53,10 @@ struct Args {
     /// Also print Redis' INFO commandstats per measured call.
     #[arg(long)]
     redis_stats: bool,
+    /// Tokio worker threads of each service (TOKIO_WORKER_THREADS; default:
+    /// one per core).
+    #[arg(long)]
+    service_worker_threads: Option<usize>,
     /// Redis AOF fsync policy for the run (the shipped configuration: always).
     #[arg(long, default_value = "always")]
     appendfsync: String,
@@ -227,11 +231,16 @@ fn main() {
 
 async fn run(args: Args) {
     // The baseline script runs on one Redis: the bench always uses a single one.
+    let workers = args.service_worker_threads;
     let stack = ProcessStack::start_on(inmail_tests::RedisServer::start_single().await, |name| {
-        let mut env = vec![
+        let mut env: Vec<(String, String)> = workers
+            .map(|n| ("TOKIO_WORKER_THREADS".to_string(), n.to_string()))
+            .into_iter()
+            .collect();
+        env.extend([
             ("TEST_CLOCK".into(), "false".into()),
             ("LOG_LEVEL".into(), "warn".into()),
-        ];
+        ]);
         if name == "messaging" {
             env.push(("INMAIL_BURST".into(), "1000000000".into()));
             env.push(("INMAIL_PER_DAY".into(), "1000000000".into()));
