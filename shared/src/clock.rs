@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::error::ApiError;
 use crate::idempotency::{REQUEST_RETENTION, digest};
 use crate::proto::testclock::v1 as pb;
+use crate::reasons;
 use crate::storage::Redis;
 use crate::time::{from_timestamp, to_timestamp};
 use crate::validate::Checks;
@@ -25,32 +26,8 @@ const DOMAIN: &str = "testclock.inmail";
 /// AdvanceTime accepts at most this much at once.
 const MAX_ADVANCE: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 
-/// KEYS[1] offset, KEYS[2] request record. ARGV[1] fingerprint, ARGV[2]
-/// mode ("by" or "to"), ARGV[3] amount ms (delta, or target epoch ms),
-/// ARGV[4] system time ms, ARGV[5] retention ms.
-/// Checks, before any write: request id reuse; the clock never goes back.
-/// Returns {"ok", now_ms} | {"mismatch"} | {"back", now_ms}.
-const MOVE_SCRIPT: &str = r#"
-local rec = redis.call('HMGET', KEYS[2], 'fp', 'now')
-if rec[1] then
-  if rec[1] ~= ARGV[1] then return {'mismatch'} end
-  return {'ok', rec[2]}
-end
-local offset = tonumber(redis.call('GET', KEYS[1]) or '0')
-local system = tonumber(ARGV[4])
-local new_offset
-if ARGV[2] == 'by' then
-  new_offset = offset + tonumber(ARGV[3])
-else
-  if tonumber(ARGV[3]) < system + offset then return {'back', tostring(system + offset)} end
-  new_offset = tonumber(ARGV[3]) - system
-end
-redis.call('SET', KEYS[1], string.format('%d', new_offset))
-local now = string.format('%d', system + new_offset)
-redis.call('HSET', KEYS[2], 'fp', ARGV[1], 'now', now)
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return {'ok', now}
-"#;
+/// Moves the clock; see the script's header.
+const MOVE_SCRIPT: &str = include_str!("lua/clock_move.lua");
 
 #[derive(Clone)]
 pub struct Clock {
@@ -116,7 +93,7 @@ impl Clock {
     ) -> Result<DateTime<Utc>, ApiError> {
         let Some(test) = &self.test else {
             return Err(ApiError::failed_precondition(
-                "TEST_CLOCK_DISABLED",
+                reasons::TEST_CLOCK_DISABLED,
                 "the test clock is off; start the services with --test-clock (TEST_CLOCK=true) to move time",
             ));
         };
@@ -143,7 +120,7 @@ impl Clock {
             Some("ok") => now(1),
             Some("mismatch") => Err(ApiError::request_id_reused()),
             Some("back") => Err(ApiError::failed_precondition(
-                "CLOCK_WOULD_GO_BACK",
+                reasons::CLOCK_WOULD_GO_BACK,
                 format!(
                     "the clock is already at {}; it only moves forward",
                     now(1)?.to_rfc3339()

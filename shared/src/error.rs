@@ -8,6 +8,8 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use crate::reasons;
+
 /// One invalid field of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -90,7 +92,7 @@ impl ApiError {
             .collect::<Vec<_>>()
             .join("; ");
         Self::InvalidArgument {
-            reason: "INVALID_FIELD",
+            reason: reasons::INVALID_FIELD,
             message: format!("invalid request: {message}"),
             violations,
         }
@@ -99,7 +101,7 @@ impl ApiError {
     /// The same request_id was used before with other arguments (AIP-155).
     pub fn request_id_reused() -> Self {
         Self::InvalidArgument {
-            reason: "REQUEST_ID_REUSED",
+            reason: reasons::REQUEST_ID_REUSED,
             message: "request_id was already used for a request with different arguments".into(),
             violations: vec![Violation::new(
                 "request_id",
@@ -176,7 +178,7 @@ impl ApiError {
             | Self::Aborted { reason, .. }
             | Self::Unavailable { reason, .. }
             | Self::DeadlineExceeded { reason, .. } => reason,
-            Self::Internal { .. } => "INTERNAL",
+            Self::Internal { .. } => reasons::INTERNAL,
         }
     }
 
@@ -244,7 +246,7 @@ impl ApiError {
         let reason = details
             .error_info()
             .map(|info| info.reason.as_str())
-            .unwrap_or("UPSTREAM_ERROR");
+            .unwrap_or(reasons::UPSTREAM_ERROR);
         let mut err = Self::from_parts(status.code(), reason, status.message().to_string());
         match &mut err {
             Self::InvalidArgument { violations, .. } => {
@@ -287,8 +289,8 @@ impl ApiError {
             },
             Code::Aborted => Self::Aborted { reason, message },
             Code::Unavailable | Code::Cancelled | Code::Unknown => Self::Unavailable {
-                reason: if reason == "UPSTREAM_ERROR" {
-                    "UPSTREAM_UNAVAILABLE"
+                reason: if reason == reasons::UPSTREAM_ERROR {
+                    reasons::UPSTREAM_UNAVAILABLE
                 } else {
                     reason
                 },
@@ -331,7 +333,7 @@ fn intern_reason(reason: &str) -> &'static str {
     }
     // Bounded: reasons are a small fixed vocabulary of our own services.
     if set.len() >= 256 {
-        return "UPSTREAM_ERROR";
+        return reasons::UPSTREAM_ERROR;
     }
     let leaked: &'static str = Box::leak(reason.to_owned().into_boxed_str());
     set.insert(leaked);
@@ -356,7 +358,10 @@ impl From<redis::RedisError> for ApiError {
                     | ErrorKind::ClusterConnectionNotFound
             );
         if transient {
-            Self::unavailable("STORAGE_UNAVAILABLE", format!("storage unavailable: {err}"))
+            Self::unavailable(
+                reasons::STORAGE_UNAVAILABLE,
+                format!("storage unavailable: {err}"),
+            )
         } else {
             Self::internal(format!("redis: {err}"))
         }

@@ -28,6 +28,38 @@ pub fn fingerprint<M: prost::Message + prost::Name>(request_without_id: &M) -> S
     ])
 }
 
+/// A mutating request: it carries a `request_id` (AIP-155), and its
+/// fingerprint is the digest of everything else.
+pub trait Mutation: prost::Message + prost::Name + Clone {
+    fn request_id(&self) -> &str;
+    fn request_id_mut(&mut self) -> &mut String;
+
+    /// The fingerprint of the arguments (the request without its id).
+    fn fingerprint(&self) -> String {
+        let mut without_id = self.clone();
+        without_id.request_id_mut().clear();
+        fingerprint(&without_id)
+    }
+}
+
+/// Implements [`Mutation`] for generated request types with a
+/// `request_id` field.
+#[macro_export]
+macro_rules! mutations {
+    ($($request:ty),* $(,)?) => {
+        $(
+            impl $crate::idempotency::Mutation for $request {
+                fn request_id(&self) -> &str {
+                    &self.request_id
+                }
+                fn request_id_mut(&mut self) -> &mut String {
+                    &mut self.request_id
+                }
+            }
+        )*
+    };
+}
+
 /// Hex SHA-256 (first 128 bits) of the parts, length-prefixed so that
 /// ("ab","c") and ("a","bc") differ.
 pub fn digest(parts: &[&[u8]]) -> String {
@@ -91,34 +123,9 @@ pub enum Claim {
     Done(Outcome),
 }
 
-/// KEYS[1] request record. ARGV[1] fingerprint, ARGV[2] retention ms.
-/// Checks: an existing record with another fingerprint is refused before any
-/// write. Returns {"new"} | {"pending"} | {"done", outcome} | {"mismatch"}.
-const CLAIM_SCRIPT: &str = r#"
-local rec = redis.call('HMGET', KEYS[1], 'fp', 'outcome')
-if not rec[1] then
-  redis.call('HSET', KEYS[1], 'fp', ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {'new'}
-end
-if rec[1] ~= ARGV[1] then return {'mismatch'} end
-if rec[2] then return {'done', rec[2]} end
-return {'pending'}
-"#;
+const CLAIM_SCRIPT: &str = include_str!("lua/request_claim.lua");
 
-/// KEYS[1] request record. ARGV[1] fingerprint, ARGV[2] outcome, ARGV[3]
-/// retention ms. Checks: the record still carries this fingerprint; the first
-/// stored outcome wins.
-const COMPLETE_SCRIPT: &str = r#"
-local fp = redis.call('HGET', KEYS[1], 'fp')
-if fp and fp ~= ARGV[1] then return 0 end
-if redis.call('HSETNX', KEYS[1], 'outcome', ARGV[2]) == 1 then
-  if not fp then redis.call('HSET', KEYS[1], 'fp', ARGV[1]) end
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return 1
-end
-return 0
-"#;
+const COMPLETE_SCRIPT: &str = include_str!("lua/request_complete.lua");
 
 /// Request records under caller-chosen keys (each key carries the hash tag of
 /// the member it belongs to).

@@ -2,6 +2,7 @@
 //! bootstrap, telemetry, configuration, the error table, Redis, the clock.
 
 pub mod bootstrap;
+pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -10,8 +11,11 @@ pub mod error;
 pub mod idempotency;
 pub mod paging;
 pub mod proto;
+pub mod reasons;
+pub mod rpc;
 pub mod server;
 pub mod storage;
+pub mod sweep;
 pub mod telemetry;
 pub mod time;
 pub mod validate;

@@ -28,3 +28,25 @@ pub mod testclock {
         tonic::include_proto!("inmail.testclock.v1");
     }
 }
+
+crate::mutations!(
+    plans::v1::SubscribeRequest,
+    plans::v1::ChangePlanRequest,
+    plans::v1::CancelSubscriptionRequest,
+    plans::v1::ClearScheduledChangeRequest,
+    plans::v1::SetOpenProfileRequest,
+    billing::v1::DebitForMessageRequest,
+    billing::v1::ConfirmDebitRequest,
+    billing::v1::ReleaseDebitRequest,
+    billing::v1::RefundMessageRequest,
+    billing::v1::GrantCreditsRequest,
+    messaging::v1::AddConnectionRequest,
+    messaging::v1::RemoveConnectionRequest,
+    messaging::v1::BlockMemberRequest,
+    messaging::v1::UnblockMemberRequest,
+    messaging::v1::SetInmailPreferenceRequest,
+    messaging::v1::SendMessageRequest,
+    messaging::v1::RespondToInmailRequest,
+    testclock::v1::AdvanceTimeRequest,
+    testclock::v1::SetTimeRequest,
+);

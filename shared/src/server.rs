@@ -396,7 +396,7 @@ where
                 Ok(permit) => Some(permit),
                 Err(_) => {
                     let status = ApiError::resource_exhausted(
-                        "SERVER_OVERLOADED",
+                        crate::reasons::SERVER_OVERLOADED,
                         format!(
                             "{} is serving its maximum of concurrent calls; retry shortly",
                             shared.service

@@ -9,6 +9,7 @@ pub mod redis_server;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use inmail_shared::cli::parse_from;
 use inmail_shared::proto::billing::v1 as billing;
 use inmail_shared::proto::messaging::v1 as messaging_pb;
 use inmail_shared::proto::plans::v1 as plans;
@@ -149,9 +150,8 @@ impl Stack {
     }
 
     fn spawn_plans(listener: TcpListener, redis: &[String], options: &StackOptions) -> Service {
-        use clap::Parser;
         let addr = listener.local_addr().unwrap();
-        let cli = subscription_plan::Cli::parse_from(args_for(
+        let cli = parse_from::<subscription_plan::Service, _, _>(args_for(
             "subscription-plan",
             addr,
             redis,
@@ -173,9 +173,8 @@ impl Stack {
         plans: SocketAddr,
         options: &StackOptions,
     ) -> Service {
-        use clap::Parser;
         let addr = listener.local_addr().unwrap();
-        let cli = billing_credits::Cli::parse_from(args_for(
+        let cli = parse_from::<billing_credits::Service, _, _>(args_for(
             "billing-credits",
             addr,
             redis,
@@ -198,9 +197,8 @@ impl Stack {
         billing: SocketAddr,
         options: &StackOptions,
     ) -> Service {
-        use clap::Parser;
         let addr = listener.local_addr().unwrap();
-        let cli = ::messaging::Cli::parse_from(args_for(
+        let cli = parse_from::<::messaging::Service, _, _>(args_for(
             "messaging",
             addr,
             redis,

@@ -9,9 +9,11 @@ use inmail_shared::ApiError;
 use inmail_shared::clock::Clock;
 use inmail_shared::context::CallContext;
 
+use inmail_shared::reasons;
+
 use crate::entitlement::Entitlements;
 use crate::error::refusal;
-use crate::store::{BillingStore, Call, Reply, Retention};
+use crate::store::{BillingStore, Call, Outcome, Refusal, ReleaseCause, Reply, Retention};
 
 /// How billing behaves; every figure is a flag.
 #[derive(Debug, Clone)]
@@ -36,7 +38,7 @@ pub enum Op<'a> {
     },
     Release {
         message_id: &'a str,
-        reason: &'a str,
+        cause: ReleaseCause,
         only_if_expired: bool,
     },
     Refund {
@@ -119,7 +121,7 @@ impl Credits {
                 .await?;
             if owner != member {
                 return Err(ApiError::failed_precondition(
-                    "MESSAGE_ID_CONFLICT",
+                    reasons::MESSAGE_ID_CONFLICT,
                     format!("message {message_id} was already debited to another member"),
                 ));
             }
@@ -136,8 +138,8 @@ impl Credits {
                 fingerprint,
             };
             let reply = self.invoke(&call, op).await?;
-            match reply.s.as_str() {
-                "need" | "stale" => match self
+            match reply.s {
+                Outcome::Need | Outcome::Stale => match self
                     .entitlements
                     .fetch(ctx, member, reply.ver, now_ms)
                     .await
@@ -156,47 +158,43 @@ impl Credits {
                     }
                     Err(err) => return Err(err),
                 },
-                "mismatch" => return Err(ApiError::request_id_reused()),
-                "ok" => {
+                Outcome::Mismatch => return Err(ApiError::request_id_reused()),
+                Outcome::Ok => {
                     record_metrics(&reply);
                     return Ok(reply);
                 }
                 // An unconfirmed hold whose time ran out: release it as the
                 // sweeper would, and refuse the confirmation.
-                "expired" => {
-                    if let Op::Confirm { message_id } = op {
-                        let release = Op::Release {
-                            message_id,
-                            reason: "HOLD_EXPIRED",
-                            only_if_expired: true,
-                        };
-                        Box::pin(self.run(ctx, member, "", "", release)).await?;
-                        return Err(refusal(
-                            &Reply {
-                                reason: "DEBIT_RELEASED".into(),
-                                ..Reply::default()
-                            },
-                            member,
-                            message_id,
+                Outcome::Expired => {
+                    let Op::Confirm { message_id } = op else {
+                        return Err(ApiError::internal(
+                            "only a confirmation can find a hold expired",
                         ));
-                    }
-                    return Err(ApiError::internal(
-                        "only a confirmation can find a hold expired",
+                    };
+                    let release = Op::Release {
+                        message_id,
+                        cause: ReleaseCause::HoldExpired,
+                        only_if_expired: true,
+                    };
+                    Box::pin(self.run(ctx, member, "", "", release)).await?;
+                    return Err(refusal(
+                        Refusal::DebitReleased,
+                        &Reply::default(),
+                        member,
+                        message_id,
                     ));
                 }
-                "refused" => {
+                Outcome::Refused => {
                     record_metrics(&reply);
-                    return Err(refusal(&reply, member, op.message_id()));
-                }
-                other => {
-                    return Err(ApiError::internal(format!(
-                        "unexpected script status {other:?}"
-                    )));
+                    let why = reply
+                        .reason
+                        .ok_or_else(|| ApiError::internal("a refusal without a reason"))?;
+                    return Err(refusal(why, &reply, member, op.message_id()));
                 }
             }
         }
         Err(ApiError::aborted(
-            "ENTITLEMENT_CHANGING",
+            reasons::ENTITLEMENT_CHANGING,
             "the member's plan kept changing while the balance was settled; retry",
         ))
     }
@@ -223,11 +221,11 @@ impl Credits {
             }
             Op::Release {
                 message_id,
-                reason,
+                cause,
                 only_if_expired,
             } => {
                 self.store
-                    .release(call, retention, message_id, reason, only_if_expired)
+                    .release(call, retention, message_id, cause, only_if_expired)
                     .await
             }
             Op::Refund { message_id } => {

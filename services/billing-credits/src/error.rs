@@ -1,55 +1,60 @@
-//! billing-credits' error table: each refusal reason of the scripts and the
-//! gRPC code it becomes.
+//! billing-credits' error table: each refusal of the scripts and the gRPC
+//! code it becomes.
 
 use inmail_shared::ApiError;
 
-use crate::store::Reply;
+use crate::store::{Refusal, Reply};
 
 /// `ErrorInfo.domain` of this service's errors.
 pub const DOMAIN: &str = "billing.inmail";
 
 /// The error for a script's refusal.
-pub fn refusal(reply: &Reply, member: &str, message_id: &str) -> ApiError {
-    let available = reply.balance.as_ref().map(|b| b.available);
-    match reply.reason.as_str() {
-        "INSUFFICIENT_CREDITS" => ApiError::failed_precondition(
-            "INSUFFICIENT_CREDITS",
+pub fn refusal(refusal: Refusal, reply: &Reply, member: &str, message_id: &str) -> ApiError {
+    let reason = refusal.reason();
+    match refusal {
+        Refusal::InsufficientCredits => ApiError::failed_precondition(
+            reason,
             format!(
                 "member {member} has {} InMail credit(s) left",
-                available.unwrap_or(0)
+                reply.balance.as_ref().map_or(0, |b| b.available)
             ),
         ),
-        "PAID_PLAN_REQUIRED" => ApiError::failed_precondition(
-            "PAID_PLAN_REQUIRED",
+        Refusal::PaidPlanRequired => ApiError::failed_precondition(
+            reason,
             format!("member {member} is not on a paid plan; InMail needs one"),
         ),
         // The id exists; what the caller asks contradicts it.
-        "MESSAGE_ID_CONFLICT" => ApiError::failed_precondition(
-            "MESSAGE_ID_CONFLICT",
+        Refusal::MessageIdConflict => ApiError::failed_precondition(
+            reason,
             format!("message {message_id} was already debited with another member or amount"),
         ),
-        "DEBIT_RELEASED" => ApiError::failed_precondition(
-            "DEBIT_RELEASED",
+        Refusal::DebitReleased => ApiError::failed_precondition(
+            reason,
             format!(
                 "the debit of message {message_id} was released (its hold ran out or the send was given up)"
             ),
         ),
-        "DEBIT_NOT_FOUND" => ApiError::not_found(
-            "DEBIT_NOT_FOUND",
+        Refusal::DebitNotFound => ApiError::not_found(
+            reason,
             format!("no debit of message {message_id} for member {member}"),
         ),
-        "DEBIT_CONFIRMED" => ApiError::failed_precondition(
-            "DEBIT_CONFIRMED",
+        Refusal::DebitConfirmed => ApiError::failed_precondition(
+            reason,
             format!("the debit of message {message_id} is confirmed; only a refund gives it back"),
         ),
-        "DEBIT_NOT_CONFIRMED" => ApiError::failed_precondition(
-            "DEBIT_NOT_CONFIRMED",
+        Refusal::DebitNotConfirmed => ApiError::failed_precondition(
+            reason,
             format!("the debit of message {message_id} is not confirmed; nothing to refund yet"),
         ),
-        "REFUND_WINDOW_CLOSED" => ApiError::failed_precondition(
-            "REFUND_WINDOW_CLOSED",
+        Refusal::RefundWindowClosed => ApiError::failed_precondition(
+            reason,
             format!("the refund window of message {message_id} has closed"),
         ),
-        other => ApiError::internal(format!("unknown refusal reason {other:?}")),
+        // Transient: the hold's index entry ran out while billing waited for
+        // subscription-plan; the same request may be retried at once.
+        Refusal::HoldWindowMissed => ApiError::aborted(
+            reason,
+            format!("the debit of message {message_id} took longer than its hold; retry"),
+        ),
     }
 }

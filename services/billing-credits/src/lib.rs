@@ -6,13 +6,18 @@ pub mod credits;
 pub mod entitlement;
 pub mod error;
 pub mod grpc;
+pub mod reconcile;
 pub mod store;
 pub mod sweeper;
+pub mod views;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use inmail_shared::bootstrap::Runtime;
+use inmail_shared::cli::ServiceBinary;
 use inmail_shared::client::lazy_channel;
 use inmail_shared::clock::TestClockApi;
 use inmail_shared::config::CommonArgs;
@@ -28,25 +33,11 @@ use crate::store::{BillingStore, Retention};
 
 pub const SERVICE: &str = "billing-credits";
 
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "billing-credits",
-    version,
-    about = "InMail credit balances, debits, refunds, renewals and ledger (gRPC)"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub args: Args,
-}
+/// The `billing-credits` binary.
+pub struct Service;
 
 #[derive(Debug, Clone, clap::Subcommand)]
-pub enum Command {
-    /// Serve gRPC (the default).
-    Serve,
-    /// Ask the running service's gRPC health; exit 0 when SERVING.
-    Healthcheck,
+pub enum Commands {
     /// Replay every member's ledger through the running service and report
     /// mismatches; exit 0 when every ledger adds up.
     Reconcile {
@@ -58,6 +49,36 @@ pub enum Command {
         )]
         url: String,
     },
+}
+
+impl ServiceBinary for Service {
+    const NAME: &'static str = SERVICE;
+    const ABOUT: &'static str =
+        "InMail credit balances, debits, refunds, renewals and ledger (gRPC)";
+    type Args = Args;
+    type Commands = Commands;
+
+    fn listen_addr(args: &Args) -> SocketAddr {
+        args.listen_addr
+    }
+
+    fn common(args: &Args) -> &CommonArgs {
+        &args.common
+    }
+
+    fn serve(
+        args: Args,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        serve(args, listener, stop)
+    }
+
+    fn run_command(command: Commands, _args: Args) -> ExitCode {
+        match command {
+            Commands::Reconcile { url } => reconcile::run_command(&url),
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -130,43 +151,4 @@ pub async fn serve(
         .add_service(BillingApi::new(credits).into_server())
         .add_service(TestClockApi::new(runtime.clock.clone()).into_server());
     runtime.serve(server, listener, stop).await
-}
-
-/// The `reconcile` subcommand: pages through ReconcileLedgers.
-pub async fn reconcile_all(
-    url: &str,
-) -> Result<
-    (
-        u64,
-        u64,
-        Vec<inmail_shared::proto::billing::v1::LedgerMismatch>,
-    ),
-    String,
-> {
-    use inmail_shared::proto::billing::v1 as pb;
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("BILLING_CREDITS_URL {url:?}: {e}"))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
-    let mut client = pb::billing_credits_service_client::BillingCreditsServiceClient::new(channel);
-    let (mut members, mut entries, mut mismatches) = (0u64, 0u64, Vec::new());
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .reconcile_ledgers(pb::ReconcileLedgersRequest {
-                page_size: 1000,
-                page_token: page_token.clone(),
-            })
-            .await
-            .map_err(|s| format!("ReconcileLedgers failed: {}", s.message()))?
-            .into_inner();
-        members += u64::from(page.members_checked);
-        entries += page.entries_replayed;
-        mismatches.extend(page.mismatches);
-        if page.next_page_token.is_empty() {
-            return Ok((members, entries, mismatches));
-        }
-        page_token = page.next_page_token;
-    }
 }

@@ -6,27 +6,19 @@ use std::time::Duration;
 
 use inmail_shared::ApiError;
 use inmail_shared::context::CallContext;
+use inmail_shared::sweep::spawn_periodic;
 use tokio_util::sync::CancellationToken;
 
 use crate::credits::{Credits, Op};
-use crate::store::HOLD_SHARDS;
+use crate::store::{DebitState, HOLD_SHARDS, ReleaseCause};
 
 /// Expired holds handled per shard per round.
 const BATCH: usize = 200;
 
 pub fn spawn_hold_sweeper(credits: Credits, interval: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = stop.cancelled() => return,
-            }
-            match sweep_once(&credits).await {
-                Ok(0) => {}
-                Ok(released) => tracing::info!(released, "released expired holds"),
-                Err(err) => tracing::warn!(error = %err, "hold sweep failed; retrying next round"),
-            }
-        }
+    spawn_periodic("hold sweeper", interval, stop, move || {
+        let credits = credits.clone();
+        async move { sweep_once(&credits).await }
     });
 }
 
@@ -48,14 +40,14 @@ pub async fn sweep_once(credits: &Credits) -> Result<usize, ApiError> {
             let states = store.debit_states(&due).await?;
             let mut settled = Vec::with_capacity(due.len());
             for ((member, message_id), state) in due.iter().zip(states) {
-                if state.as_deref() != Some("held") {
+                if state != Some(DebitState::Held) {
                     settled.push((member.clone(), message_id.clone()));
                     continue;
                 }
                 let ctx = CallContext::background(Duration::from_secs(5));
                 let op = Op::Release {
                     message_id,
-                    reason: "HOLD_EXPIRED",
+                    cause: ReleaseCause::HoldExpired,
                     only_if_expired: true,
                 };
                 match credits.run(&ctx, member, "", "", op).await {
@@ -64,13 +56,13 @@ pub async fn sweep_once(credits: &Credits) -> Result<usize, ApiError> {
                             released += 1;
                             tracing::info!(%member, %message_id, "hold expired: credit released");
                         }
-                        if reply.debit.is_none_or(|d| d.state != "held") {
+                        if reply.debit.is_none_or(|d| d.state != DebitState::Held) {
                             settled.push((member.clone(), message_id.clone()));
                         }
                     }
                     // Confirmed meanwhile: nothing to release, ever.
                     Err(ApiError::FailedPrecondition {
-                        reason: "DEBIT_CONFIRMED",
+                        reason: inmail_shared::reasons::DEBIT_CONFIRMED,
                         ..
                     }) => settled.push((member.clone(), message_id.clone())),
                     Err(err) => {

@@ -88,6 +88,37 @@ impl InmailStage {
     }
 }
 
+/// What became of an InMail's credit once it was responded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefundState {
+    /// Responded within the window; billing has not taken the refund yet.
+    Due,
+    Refunded,
+    /// Responded after the window: no refund.
+    Closed,
+}
+
+impl RefundState {
+    /// As stored; `None` for "" (not responded yet) or anything unknown.
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "due" => Self::Due,
+            "refunded" => Self::Refunded,
+            "closed" => Self::Closed,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Due => "due",
+            Self::Refunded => "refunded",
+            Self::Closed => "closed",
+        }
+    }
+}
+
 /// The InMail of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InmailInfo {
@@ -96,8 +127,8 @@ pub struct InmailInfo {
     pub sent_at_ms: i64,
     pub stage: InmailStage,
     pub responded_at_ms: i64,
-    /// "", "due", "refunded" or "closed".
-    pub refund: String,
+    /// `None` until it is responded to.
+    pub refund: Option<RefundState>,
 }
 
 /// What the rules need to know about a pair of members.
@@ -114,34 +145,8 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// Reads the conversation hash as stored (see the store's key layout).
-    pub fn from_fields(fields: &HashMap<String, String>) -> Self {
-        let get = |name: &str| fields.get(name).map(String::as_str).unwrap_or("");
-        let int = |name: &str| get(name).parse::<i64>().unwrap_or(0);
-        let mut written = HashMap::new();
-        for side in ["a", "b"] {
-            if let Some(member) = fields.get(side) {
-                written.insert(member.clone(), int(&format!("w_{side}")) as u64);
-            }
-        }
-        let inmail = InmailStage::parse(get("im_state")).map(|stage| InmailInfo {
-            message_id: get("im_id").to_string(),
-            sender: get("im_from").to_string(),
-            sent_at_ms: int("im_at"),
-            stage,
-            responded_at_ms: int("im_resp_at"),
-            refund: get("im_refund").to_string(),
-        });
-        Self {
-            connected: get("conn") == "1",
-            blocked: !get("blk_a").is_empty() || !get("blk_b").is_empty(),
-            inmail,
-            written,
-            open: get("open") == "1",
-        }
-    }
-
-    fn has_written(&self, member: &str) -> bool {
+    /// Whether `member` has written in this conversation.
+    pub fn has_written(&self, member: &str) -> bool {
         self.written.get(member).copied().unwrap_or(0) > 0
     }
 }
@@ -281,7 +286,7 @@ mod tests {
                 sent_at_ms: 1,
                 stage,
                 responded_at_ms: 0,
-                refund: String::new(),
+                refund: None,
             }),
             ..pair()
         }
@@ -405,30 +410,5 @@ mod tests {
             .timestamp_millis();
         assert_eq!(next_month_start_ms(dec), jan);
         assert_eq!(calendar_month(jan), "202801");
-    }
-
-    #[test]
-    fn pair_reads_the_stored_fields() {
-        let fields: HashMap<String, String> = [
-            ("a", "rita"),
-            ("b", "sam"),
-            ("w_a", "2"),
-            ("conn", "1"),
-            ("im_state", "awaiting"),
-            ("im_from", "sam"),
-            ("im_id", "m-9"),
-            ("im_at", "5"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let p = Pair::from_fields(&fields);
-        assert!(p.connected && !p.blocked && !p.open);
-        assert!(p.has_written("rita") && !p.has_written("sam"));
-        let inmail = p.inmail.unwrap();
-        assert_eq!(
-            (inmail.sender.as_str(), inmail.stage),
-            ("sam", InmailStage::AwaitingResponse)
-        );
     }
 }

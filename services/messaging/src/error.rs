@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use inmail_shared::ApiError;
+use inmail_shared::{ApiError, reasons};
 
 use crate::domain::SendRefusal;
+use crate::store::Refusal;
 
 /// `ErrorInfo.domain` of this service's errors.
 pub const DOMAIN: &str = "messaging.inmail";
@@ -13,53 +14,128 @@ impl From<SendRefusal> for ApiError {
     fn from(refusal: SendRefusal) -> Self {
         let message = refusal.to_string();
         match refusal {
-            SendRefusal::Blocked => ApiError::failed_precondition("BLOCKED", message),
+            SendRefusal::Blocked => ApiError::failed_precondition(reasons::BLOCKED, message),
             SendRefusal::AwaitingResponse => {
-                ApiError::failed_precondition("AWAITING_RESPONSE", message)
+                ApiError::failed_precondition(reasons::AWAITING_RESPONSE, message)
             }
             SendRefusal::InmailNotAccepted => {
-                ApiError::failed_precondition("INMAIL_NOT_ACCEPTED", message)
+                ApiError::failed_precondition(reasons::INMAIL_NOT_ACCEPTED, message)
             }
             // Another send of this pair is in flight; the same request may be
             // retried as soon as it settles.
-            SendRefusal::ConcurrentInmail => ApiError::aborted("CONCURRENT_INMAIL", message),
+            SendRefusal::ConcurrentInmail => ApiError::aborted(reasons::CONCURRENT_INMAIL, message),
         }
     }
 }
 
-/// The error for a refusal reason a script or a stored failure names.
-pub fn refusal(reason: &str) -> ApiError {
-    match reason {
-        "BLOCKED" => SendRefusal::Blocked.into(),
-        "AWAITING_RESPONSE" => SendRefusal::AwaitingResponse.into(),
-        "INMAIL_NOT_ACCEPTED" => SendRefusal::InmailNotAccepted.into(),
-        "INSUFFICIENT_CREDITS" => ApiError::failed_precondition(
-            "INSUFFICIENT_CREDITS",
-            "the sender has no InMail credit left",
-        ),
-        "PAID_PLAN_REQUIRED" => ApiError::failed_precondition(
-            "PAID_PLAN_REQUIRED",
-            "InMail needs a paid plan; free members can message connections and Open Profiles",
-        ),
-        "NO_INMAIL_AWAITING_RESPONSE" => ApiError::failed_precondition(
-            "NO_INMAIL_AWAITING_RESPONSE",
-            "no InMail from the other member awaits this member's response",
-        ),
-        // The send was given up after its credit was taken; the credit went
-        // back. A new request id sends again.
-        "DEBIT_RELEASED" | "ABANDONED" | "NOT_STORED" | "MESSAGE_ID_CONFLICT" => {
-            ApiError::failed_precondition(
-                "SEND_ABANDONED",
-                "the message could not be delivered and its credit was returned; send it again with a new request_id",
-            )
+/// Why a send ended without a delivery, as stored with its request (a
+/// refusal) or its message (a failure), so a retry answers the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailure {
+    Blocked,
+    AwaitingResponse,
+    NoInmailAwaitingResponse,
+    /// billing refused the debit: no credit left.
+    InsufficientCredits,
+    /// billing refused the debit: not on a paid plan.
+    PaidPlanRequired,
+    /// billing released the debit (its hold ran out) before it was confirmed.
+    DebitReleased,
+    /// The sweeper gave up a send whose process died before the commit.
+    Abandoned,
+    /// The send failed after its debit and gave the credit back.
+    NotStored,
+    /// billing had the message id under another member or amount.
+    MessageIdConflict,
+}
+
+impl SendFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Blocked => reasons::BLOCKED,
+            Self::AwaitingResponse => reasons::AWAITING_RESPONSE,
+            Self::NoInmailAwaitingResponse => reasons::NO_INMAIL_AWAITING_RESPONSE,
+            Self::InsufficientCredits => reasons::INSUFFICIENT_CREDITS,
+            Self::PaidPlanRequired => reasons::PAID_PLAN_REQUIRED,
+            Self::DebitReleased => reasons::DEBIT_RELEASED,
+            Self::Abandoned => "ABANDONED",
+            Self::NotStored => "NOT_STORED",
+            Self::MessageIdConflict => reasons::MESSAGE_ID_CONFLICT,
         }
-        other => ApiError::internal(format!("unknown refusal reason {other:?}")),
     }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        [
+            Self::Blocked,
+            Self::AwaitingResponse,
+            Self::NoInmailAwaitingResponse,
+            Self::InsufficientCredits,
+            Self::PaidPlanRequired,
+            Self::DebitReleased,
+            Self::Abandoned,
+            Self::NotStored,
+            Self::MessageIdConflict,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == value)
+    }
+
+    /// billing's refusal of a debit or confirmation, as a failure of the send.
+    pub fn of_billing(reason: &str) -> Option<Self> {
+        match reason {
+            reasons::INSUFFICIENT_CREDITS => Some(Self::InsufficientCredits),
+            reasons::PAID_PLAN_REQUIRED => Some(Self::PaidPlanRequired),
+            reasons::DEBIT_RELEASED => Some(Self::DebitReleased),
+            reasons::MESSAGE_ID_CONFLICT => Some(Self::MessageIdConflict),
+            _ => None,
+        }
+    }
+
+    pub fn error(self) -> ApiError {
+        match self {
+            Self::Blocked => SendRefusal::Blocked.into(),
+            Self::AwaitingResponse => SendRefusal::AwaitingResponse.into(),
+            Self::NoInmailAwaitingResponse => no_inmail_awaiting_response(),
+            Self::InsufficientCredits => ApiError::failed_precondition(
+                reasons::INSUFFICIENT_CREDITS,
+                "the sender has no InMail credit left",
+            ),
+            Self::PaidPlanRequired => ApiError::failed_precondition(
+                reasons::PAID_PLAN_REQUIRED,
+                "InMail needs a paid plan; free members can message connections and Open Profiles",
+            ),
+            // The send was given up after its credit was taken; the credit
+            // went back. A new request id sends again.
+            Self::DebitReleased | Self::Abandoned | Self::NotStored | Self::MessageIdConflict => {
+                ApiError::failed_precondition(
+                    reasons::SEND_ABANDONED,
+                    "the message could not be delivered and its credit was returned; send it again with a new request_id",
+                )
+            }
+        }
+    }
+}
+
+impl From<Refusal> for SendFailure {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Blocked => Self::Blocked,
+            Refusal::AwaitingResponse => Self::AwaitingResponse,
+            Refusal::NoInmailAwaitingResponse => Self::NoInmailAwaitingResponse,
+        }
+    }
+}
+
+pub fn no_inmail_awaiting_response() -> ApiError {
+    ApiError::failed_precondition(
+        reasons::NO_INMAIL_AWAITING_RESPONSE,
+        "no InMail from the other member awaits this member's response",
+    )
 }
 
 pub fn rate_limited(retry_after: Duration) -> ApiError {
     ApiError::resource_exhausted(
-        "INMAIL_RATE_LIMITED",
+        reasons::INMAIL_RATE_LIMITED,
         format!(
             "too many InMails from this sender; the next one is allowed in {}s",
             retry_after.as_secs().max(1)
@@ -70,7 +146,7 @@ pub fn rate_limited(retry_after: Duration) -> ApiError {
 
 pub fn open_profile_limited(retry_after: Duration) -> ApiError {
     ApiError::resource_exhausted(
-        "OPEN_PROFILE_MONTHLY_LIMIT",
+        reasons::OPEN_PROFILE_MONTHLY_LIMIT,
         "this sender reached the monthly limit of Open Profile messages",
         retry_after,
     )
@@ -78,7 +154,7 @@ pub fn open_profile_limited(retry_after: Duration) -> ApiError {
 
 pub fn conversation_not_found() -> ApiError {
     ApiError::not_found(
-        "CONVERSATION_NOT_FOUND",
+        reasons::CONVERSATION_NOT_FOUND,
         "no such conversation for this member",
     )
 }

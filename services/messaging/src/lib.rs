@@ -1,18 +1,26 @@
 //! messaging: connections, blocks, InMail preferences, conversations and
 //! messages; InMail charged through billing-credits and refunded on response.
 
+pub mod conversations;
 pub mod domain;
 pub mod downstream;
 pub mod error;
 pub mod grpc;
+pub mod relations;
+pub mod respond;
 pub mod send;
+pub mod service;
 pub mod store;
 pub mod sweeper;
+pub mod views;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use inmail_shared::bootstrap::Runtime;
+use inmail_shared::cli::{NoCommands, ServiceBinary};
 use inmail_shared::client::lazy_channel;
 use inmail_shared::clock::TestClockApi;
 use inmail_shared::config::CommonArgs;
@@ -31,25 +39,35 @@ pub const SERVICE: &str = "messaging";
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "messaging",
-    version,
-    about = "InMail conversations and messages, charged through billing-credits (gRPC)"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub args: Args,
-}
+/// The `messaging` binary.
+pub struct Service;
 
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum Command {
-    /// Serve gRPC (the default).
-    Serve,
-    /// Ask the running service's gRPC health; exit 0 when SERVING.
-    Healthcheck,
+impl ServiceBinary for Service {
+    const NAME: &'static str = SERVICE;
+    const ABOUT: &'static str =
+        "InMail conversations and messages, charged through billing-credits (gRPC)";
+    type Args = Args;
+    type Commands = NoCommands;
+
+    fn listen_addr(args: &Args) -> SocketAddr {
+        args.listen_addr
+    }
+
+    fn common(args: &Args) -> &CommonArgs {
+        &args.common
+    }
+
+    fn serve(
+        args: Args,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        serve(args, listener, stop)
+    }
+
+    fn run_command(command: NoCommands, _args: Args) -> ExitCode {
+        match command {}
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]

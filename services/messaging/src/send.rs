@@ -14,128 +14,27 @@
 //! outbox sweeper delivers the message. So no InMail is visible without a
 //! final charge, and no credit stays charged for a message that is not stored.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use inmail_shared::ApiError;
-use inmail_shared::clock::Clock;
 use inmail_shared::context::CallContext;
 use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::billing::v1::DebitState;
+use inmail_shared::{ApiError, reasons};
 
 use crate::domain::{
-    self, BODY_MAX_CHARS, Decision, INMAIL_BODY_MAX_CHARS, Kind, Pair, PendingInmailPolicy,
+    self, BODY_MAX_CHARS, Decision, INMAIL_BODY_MAX_CHARS, InmailStage, Kind, Pair,
     SUBJECT_MAX_CHARS, decide,
 };
-use crate::downstream::{Billing, Plans};
-use crate::error::{open_profile_limited, rate_limited, refusal};
+use crate::error::{SendFailure, open_profile_limited, rate_limited};
+pub use crate::service::{AfterDebitHook, Config, Faults, Messaging, Refund, SendInput, Sent};
 use crate::store::{
-    Begin, Begun, Delivery, MessagingStore, OutboxItem, PairReply, SendLimits, Stage, StoredMessage,
+    Begin, Begun, Delivering, Delivery, Envelope, GivenUp, MessageState, OutboxItem, Staged,
+    StoredMessage,
 };
-
-/// A hook tests use to break the saga right after the debit (a store
-/// failure, or stopping billing): it answers the error to inject, if any.
-/// Not reachable from configuration.
-pub type AfterDebitHook = Arc<
-    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<ApiError>> + Send>>
-        + Send
-        + Sync,
->;
-
-#[derive(Clone, Default)]
-pub struct Faults {
-    pub after_debit: Option<AfterDebitHook>,
-}
-
-impl std::fmt::Debug for Faults {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Faults")
-            .field("after_debit", &self.after_debit.is_some())
-            .finish()
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub policy: PendingInmailPolicy,
-    pub limits: SendLimits,
-    /// A response within this long after sending refunds the InMail.
-    pub refund_window: Duration,
-    /// When the sweeper looks at a send that has not finished.
-    pub recovery_after: Duration,
-    /// When the sweeper retries a refund billing did not take.
-    pub refund_retry: Duration,
-    /// How long a failed message is kept (for replays of its request).
-    pub failed_keep: Duration,
-    pub faults: Faults,
-}
-
-/// Whether a response brought the sender's credit back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refund {
-    None,
-    Refunded,
-    Pending,
-    WindowClosed,
-}
-
-/// A delivered message and what it cost.
-#[derive(Debug, Clone)]
-pub struct Sent {
-    pub conv: String,
-    pub message: StoredMessage,
-    pub balance_after: Option<i64>,
-    pub refund: Refund,
-}
-
-/// One send request.
-#[derive(Debug, Clone)]
-pub struct SendInput<'a> {
-    pub request_id: &'a str,
-    pub fingerprint: &'a str,
-    pub sender: &'a str,
-    pub recipient: &'a str,
-    pub subject: &'a str,
-    pub body: &'a str,
-}
-
-#[derive(Clone)]
-pub struct Messaging {
-    pub(crate) store: MessagingStore,
-    pub(crate) billing: Billing,
-    pub(crate) plans: Plans,
-    pub(crate) clock: Clock,
-    pub(crate) config: Arc<Config>,
-}
 
 /// Deciding again after the pair changed under us is bounded.
 const DECIDE_ATTEMPTS: usize = 4;
 
 impl Messaging {
-    pub fn new(
-        store: MessagingStore,
-        billing: Billing,
-        plans: Plans,
-        clock: Clock,
-        config: Config,
-    ) -> Self {
-        Self {
-            store,
-            billing,
-            plans,
-            clock,
-            config: Arc::new(config),
-        }
-    }
-
-    pub fn store(&self) -> &MessagingStore {
-        &self.store
-    }
-
-    fn window_ms(&self) -> i64 {
-        self.config.refund_window.as_millis() as i64
-    }
-
     /// Sends (or, for a request id seen before, finishes or answers again)
     /// one message. `precheck` runs on the pair before a new send is claimed.
     pub async fn send(
@@ -146,6 +45,18 @@ impl Messaging {
     ) -> Result<Sent, ApiError> {
         let conv = domain::conversation_id(input.sender, input.recipient);
         let message_id = domain::message_id(input.sender, input.request_id);
+        let (a, b) = domain::sorted(input.sender, input.recipient);
+        let envelope = Envelope {
+            conv: &conv,
+            a,
+            b,
+            message_id: &message_id,
+            sender: input.sender,
+            recipient: input.recipient,
+            subject: input.subject,
+            body: input.body,
+            fingerprint: input.fingerprint,
+        };
         // The recipient's Open Profile is asked for while the pair is read:
         // an InMail needs both, and waiting for one before the other would
         // add a round trip to every InMail. A free message ignores it.
@@ -154,7 +65,7 @@ impl Messaging {
             let read =
                 self.store
                     .read_for_send(input.sender, input.request_id, &conv, input.recipient);
-            let (record, pair_fields, accepts_inmail) = match open_profile {
+            let (record, conversation, accepts_inmail) = match open_profile {
                 Some(_) => read.await?,
                 None => {
                     let (read, open) =
@@ -163,13 +74,13 @@ impl Messaging {
                     read?
                 }
             };
-            let claimed = !record.is_empty();
-            if claimed {
-                if record.get("fp").map(String::as_str) != Some(input.fingerprint) {
+            let claimed = record.fingerprint.is_some();
+            if let Some(claimed_with) = &record.fingerprint {
+                if claimed_with != input.fingerprint {
                     return Err(ApiError::request_id_reused());
                 }
-                if let Some(reason) = record.get("refused") {
-                    return Err(refusal(reason));
+                if let Some(refused) = record.refused {
+                    return Err(refused.error());
                 }
                 if let Some(message) = self.store.message(&conv, &message_id).await? {
                     if message.fingerprint != input.fingerprint {
@@ -182,7 +93,7 @@ impl Messaging {
                     return self.resume(ctx, &conv, message).await;
                 }
             }
-            let pair = Pair::from_fields(&pair_fields);
+            let pair = conversation.pair;
             if !claimed {
                 precheck(&pair)?;
             }
@@ -197,26 +108,26 @@ impl Messaging {
             let now = self.clock.now_ms().await?;
             let month = domain::calendar_month(now);
             let begin = Begin {
-                sender: input.sender,
-                request_id: input.request_id,
-                fingerprint: input.fingerprint,
-                message_id: &message_id,
-                conv: &conv,
-                kind: kind.as_str(),
+                kind,
                 now_ms: now,
                 month: &month,
             };
             let attempt = if kind == Kind::Inmail {
-                self.send_inmail(ctx, input, &begin).await
+                self.send_inmail(ctx, &envelope, input.request_id, &begin)
+                    .await
             } else {
                 if !claimed {
-                    match self.store.begin_send(&begin, &self.config.limits).await? {
+                    match self
+                        .store
+                        .begin_send(&envelope, input.request_id, &begin, &self.config.limits)
+                        .await?
+                    {
                         Begun::New => {}
                         Begun::Exists { .. } => continue,
                         other => return Err(begin_refused(other, now)),
                     }
                 }
-                self.send_free(ctx, input, &conv, &message_id, kind, &pair, now)
+                self.send_free(ctx, &envelope, input.request_id, kind, &pair, now)
                     .await
             };
             match attempt {
@@ -231,7 +142,7 @@ impl Messaging {
             }
         }
         Err(ApiError::aborted(
-            "CONVERSATION_CHANGING",
+            reasons::CONVERSATION_CHANGING,
             "the conversation kept changing while the message was sent; retry the same request",
         ))
     }
@@ -263,28 +174,23 @@ impl Messaging {
     }
 
     /// A free message: delivered in one step. `None` when the pair changed.
-    #[allow(clippy::too_many_arguments)]
     async fn send_free(
         &self,
         ctx: &CallContext,
-        input: &SendInput<'_>,
-        conv: &str,
-        message_id: &str,
+        envelope: &Envelope<'_>,
+        request_id: &str,
         kind: Kind,
         pair: &Pair,
         now: i64,
     ) -> Result<Option<Sent>, ApiError> {
-        let (a, b) = domain::sorted(input.sender, input.recipient);
         // Answering the recipient's InMail makes its refund due: note that
         // in the outbox first, so a crash cannot lose the refund.
         let answering = pair
             .inmail
             .as_ref()
-            .filter(|i| {
-                i.sender == input.recipient && i.stage == domain::InmailStage::AwaitingResponse
-            })
+            .filter(|i| i.sender == envelope.recipient && i.stage == InmailStage::AwaitingResponse)
             .map(|i| OutboxItem::Refund {
-                conv: conv.to_string(),
+                conv: envelope.conv.to_string(),
                 inmail_id: i.message_id.clone(),
                 sender: i.sender.clone(),
             });
@@ -292,201 +198,54 @@ impl Messaging {
             // Looked at only after any call that is responding right now is
             // over (REQUEST_TIMEOUT < SEND_RECOVERY_AFTER), so the sweeper
             // never mistakes an in-flight response for no response.
-            let retry_at = now + self.config.recovery_after.as_millis() as i64;
-            self.store.outbox_add(item, retry_at).await?;
+            self.store
+                .outbox_add(item, now + self.recovery_after_ms())
+                .await?;
         }
-        let delivery = Delivery {
+        let how = Delivering {
             staged: false,
-            conv,
-            a,
-            b,
-            message_id,
-            sender: input.sender,
-            recipient: input.recipient,
-            kind: kind.as_str(),
-            subject: input.subject,
-            body: input.body,
+            kind,
             credits: 0,
             now_ms: now,
             refund_window_ms: self.window_ms(),
             balance_after: None,
-            fingerprint: input.fingerprint,
         };
-        let reply = self.store.deliver(&delivery).await?;
-        let fields = match reply {
-            PairReply::Ok(fields) => fields,
-            PairReply::State { .. } => return Ok(None),
-            PairReply::Refused(reason) => {
+        let delivered = match self.store.deliver(envelope, &how).await? {
+            Delivery::Ok(delivered) => delivered,
+            Delivery::Exists(_) | Delivery::Retry => return Ok(None),
+            Delivery::Refused { reason } => {
+                let failure = SendFailure::from(reason);
                 self.store
-                    .record_refusal(input.sender, input.request_id, &reason)
+                    .record_refusal(envelope.sender, request_id, failure)
                     .await?;
-                return Err(refusal(&reason));
+                return Err(failure.error());
             }
-            PairReply::Retry | PairReply::NotFound => return Ok(None),
         };
         let refund = self
-            .settle_response(
-                ctx,
-                conv,
-                fields.get(2).map(String::as_str).unwrap_or(""),
-                &fields,
-                answering,
-            )
+            .settle_response(ctx, envelope.conv, delivered.response.as_ref(), answering)
             .await;
         let message = StoredMessage {
-            id: message_id.to_string(),
-            from: input.sender.to_string(),
-            to: input.recipient.to_string(),
-            kind: kind.as_str().to_string(),
-            subject: input.subject.to_string(),
-            body: input.body.to_string(),
+            id: envelope.message_id.to_string(),
+            from: envelope.sender.to_string(),
+            to: envelope.recipient.to_string(),
+            kind,
+            subject: envelope.subject.to_string(),
+            body: envelope.body.to_string(),
             credits: 0,
             at_ms: now,
-            state: "delivered".into(),
-            reason: String::new(),
+            state: MessageState::Delivered,
+            reason: None,
             balance_after: None,
-            fingerprint: input.fingerprint.to_string(),
+            fingerprint: envelope.fingerprint.to_string(),
         };
         // Free messages do not touch billing; the balance is a courtesy.
-        let balance_after = self.billing.available(ctx, input.sender).await.ok();
+        let balance_after = self.billing.available(ctx, envelope.sender).await.ok();
         Ok(Some(Sent {
-            conv: conv.to_string(),
+            conv: envelope.conv.to_string(),
             message,
             balance_after,
             refund,
         }))
-    }
-
-    /// After a response: asks billing for the refund when one is due.
-    /// `fields` is the pair script's answer: [.., .., refund, inmail id,
-    /// inmail sender] (deliver) or [refund, inmail id, inmail sender]
-    /// (respond); `refund` is passed separately.
-    async fn settle_response(
-        &self,
-        ctx: &CallContext,
-        conv: &str,
-        refund: &str,
-        fields: &[String],
-        outbox: Option<OutboxItem>,
-    ) -> Refund {
-        let result = match refund {
-            "due" => {
-                let (inmail_id, inmail_sender) =
-                    (&fields[fields.len() - 2], &fields[fields.len() - 1]);
-                self.refund_inmail(ctx, conv, inmail_id, inmail_sender)
-                    .await
-            }
-            "closed" => Refund::WindowClosed,
-            _ => Refund::None,
-        };
-        // Only the call whose script made the refund due (or closed) may drop
-        // the entry: other calls answering the same InMail share it.
-        if matches!(refund, "due" | "closed")
-            && result != Refund::Pending
-            && let Some(item) = outbox
-            && let Err(err) = self.store.outbox_remove(&item).await
-        {
-            tracing::debug!(error = %err, "outbox entry left for the sweeper");
-        }
-        result
-    }
-
-    /// The recipient accepts or declines the InMail awaiting their response.
-    pub async fn accept_or_decline(
-        &self,
-        ctx: &CallContext,
-        conv: &str,
-        responder: &str,
-        accept: bool,
-    ) -> Result<Refund, ApiError> {
-        let pair = Pair::from_fields(&self.store.conversation(conv).await?);
-        let wanted = if accept {
-            domain::InmailStage::Accepted
-        } else {
-            domain::InmailStage::Declined
-        };
-        // Accepting (or declining) twice answers the same: a retry whose
-        // first attempt was cut short after the response was recorded gets
-        // that response, not a refusal.
-        if let Some(done) = pair
-            .inmail
-            .as_ref()
-            .filter(|i| i.stage == wanted && i.sender != responder)
-        {
-            return Ok(match done.refund.as_str() {
-                "refunded" => Refund::Refunded,
-                "due" => Refund::Pending,
-                "closed" => Refund::WindowClosed,
-                _ => Refund::None,
-            });
-        }
-        let Some(inmail) = pair
-            .inmail
-            .filter(|i| i.stage == domain::InmailStage::AwaitingResponse && i.sender != responder)
-        else {
-            return Err(refusal("NO_INMAIL_AWAITING_RESPONSE"));
-        };
-        let now = self.clock.now_ms().await?;
-        let item = OutboxItem::Refund {
-            conv: conv.to_string(),
-            inmail_id: inmail.message_id.clone(),
-            sender: inmail.sender.clone(),
-        };
-        self.store
-            .outbox_add(&item, now + self.config.recovery_after.as_millis() as i64)
-            .await?;
-        let (a, b) = domain::conversation_members(conv)
-            .ok_or_else(|| ApiError::internal("bad conversation id"))?;
-        self.store.touch_inboxes(conv, a, b, now).await?;
-        let state = if accept { "accepted" } else { "declined" };
-        let fields = match self
-            .store
-            .respond(conv, responder, state, now, self.window_ms())
-            .await?
-        {
-            PairReply::Ok(fields) => fields,
-            PairReply::NotFound => return Err(crate::error::conversation_not_found()),
-            // The entry may be another response's: the sweeper drops it when
-            // no refund is due.
-            PairReply::Refused(reason) => return Err(refusal(&reason)),
-            other => return Err(ApiError::internal(format!("respond answered {other:?}"))),
-        };
-        let refund = fields.first().cloned().unwrap_or_default();
-        Ok(self
-            .settle_response(ctx, conv, &refund, &fields, Some(item))
-            .await)
-    }
-
-    /// Asks billing to refund an InMail whose refund is due, and records the
-    /// answer. Exactly once: billing refunds a message at most once, and the
-    /// conversation records the refund only while it is due.
-    pub(crate) async fn refund_inmail(
-        &self,
-        ctx: &CallContext,
-        conv: &str,
-        inmail_id: &str,
-        inmail_sender: &str,
-    ) -> Refund {
-        match self.billing.refund(ctx, inmail_sender, inmail_id).await {
-            Ok(_) => match self.store.settle_refund(conv, inmail_id, "refunded").await {
-                Ok(()) => {
-                    metrics::counter!("inmail_refunds_total").increment(1);
-                    Refund::Refunded
-                }
-                Err(_) => Refund::Pending,
-            },
-            Err(ApiError::FailedPrecondition {
-                reason: "REFUND_WINDOW_CLOSED",
-                ..
-            }) => match self.store.settle_refund(conv, inmail_id, "closed").await {
-                Ok(()) => Refund::WindowClosed,
-                Err(_) => Refund::Pending,
-            },
-            Err(err) => {
-                tracing::warn!(%inmail_id, error = %err, "refund not taken yet; the sweeper will retry");
-                Refund::Pending
-            }
-        }
     }
 
     /// An InMail: claim, token and stage in one round trip, then the commit
@@ -494,78 +253,74 @@ impl Messaging {
     async fn send_inmail(
         &self,
         ctx: &CallContext,
-        input: &SendInput<'_>,
+        envelope: &Envelope<'_>,
+        request_id: &str,
         begin: &Begin<'_>,
     ) -> Result<Option<Sent>, ApiError> {
-        let (conv, message_id, now) = (begin.conv, begin.message_id, begin.now_ms);
-        let (a, b) = domain::sorted(input.sender, input.recipient);
-        let stage = Stage {
-            conv,
-            a,
-            b,
-            message_id,
-            sender: input.sender,
-            recipient: input.recipient,
-            subject: input.subject,
-            body: input.body,
-            now_ms: now,
-            look_again_at_ms: now + self.config.recovery_after.as_millis() as i64,
-            fingerprint: input.fingerprint,
-        };
+        let now = begin.now_ms;
         let (begun, staged) = self
             .store
-            .begin_and_stage(begin, &self.config.limits, &stage)
+            .begin_and_stage(
+                envelope,
+                request_id,
+                begin,
+                &self.config.limits,
+                now + self.recovery_after_ms(),
+            )
             .await?;
         let item = OutboxItem::Send {
-            conv: conv.to_string(),
-            message_id: message_id.to_string(),
-            sender: input.sender.to_string(),
+            conv: envelope.conv.to_string(),
+            message_id: envelope.message_id.to_string(),
+            sender: envelope.sender.to_string(),
         };
         if !matches!(begun, Begun::New | Begun::Exists { .. }) {
             // Refused (rate limit, request id reused): undo what this call
             // staged; a message staged by an earlier attempt stays.
-            if matches!(staged, PairReply::Ok(_)) {
+            if staged == Staged::Ok {
                 self.store
-                    .forget_staged(conv, message_id, input.fingerprint)
+                    .forget_staged(envelope.conv, envelope.message_id, envelope.fingerprint)
                     .await?;
             }
-            if !matches!(staged, PairReply::State { .. }) {
+            if !matches!(staged, Staged::Exists(_)) {
                 self.store.outbox_remove(&item).await?;
             }
             return Err(begin_refused(begun, now));
         }
         match staged {
-            PairReply::Ok(_) => {}
+            Staged::Ok => {}
             // Staged before, by this request (resume it) or by a concurrent
             // one with other arguments (which undoes it): read and decide again.
-            PairReply::State { .. } => return Ok(None),
-            PairReply::Refused(reason) => {
+            Staged::Exists(_) => return Ok(None),
+            Staged::Refused { reason } => {
+                let failure = SendFailure::from(reason);
                 self.store.outbox_remove(&item).await?;
                 self.store
-                    .record_refusal(input.sender, input.request_id, &reason)
+                    .record_refusal(envelope.sender, request_id, failure)
                     .await?;
-                return Err(refusal(&reason));
+                return Err(failure.error());
             }
-            PairReply::Retry | PairReply::NotFound => {
+            Staged::Retry => {
                 self.store.outbox_remove(&item).await?;
                 return Ok(None);
             }
         }
         let message = StoredMessage {
-            id: message_id.to_string(),
-            from: input.sender.to_string(),
-            to: input.recipient.to_string(),
-            kind: Kind::Inmail.as_str().to_string(),
-            subject: input.subject.to_string(),
-            body: input.body.to_string(),
+            id: envelope.message_id.to_string(),
+            from: envelope.sender.to_string(),
+            to: envelope.recipient.to_string(),
+            kind: Kind::Inmail,
+            subject: envelope.subject.to_string(),
+            body: envelope.body.to_string(),
             credits: Kind::Inmail.credits(),
             at_ms: now,
-            state: "staged".into(),
-            reason: String::new(),
+            state: MessageState::Staged,
+            reason: None,
             balance_after: None,
-            fingerprint: input.fingerprint.to_string(),
+            fingerprint: envelope.fingerprint.to_string(),
         };
-        self.commit_inmail(ctx, conv, message).await.map(Some)
+        self.commit_inmail(ctx, envelope.conv, message)
+            .await
+            .map(Some)
     }
 
     /// Debit, confirm, deliver a staged InMail (idempotent; also used to
@@ -580,11 +335,9 @@ impl Messaging {
             Ok(debit) => debit,
             Err(err @ ApiError::FailedPrecondition { reason, .. }) => {
                 // Refused before any credit moved (or released long ago).
-                self.give_up(conv, &message, reason).await?;
-                return Err(match reason {
-                    "INSUFFICIENT_CREDITS" | "PAID_PLAN_REQUIRED" => err,
-                    other => refusal(other),
-                });
+                let failure = SendFailure::of_billing(reason).ok_or(err)?;
+                self.give_up(conv, &message, failure).await?;
+                return Err(failure.error());
             }
             // Unknown outcome: the message stays staged; the retry or the
             // sweeper finishes it, billing's hold expiry bounds the charge.
@@ -599,9 +352,10 @@ impl Messaging {
         }
         match self.billing.confirm(ctx, &message.from, &message.id).await {
             Ok(_) => {}
-            Err(ApiError::FailedPrecondition { reason, .. }) => {
-                self.give_up(conv, &message, reason).await?;
-                return Err(refusal(reason));
+            Err(err @ ApiError::FailedPrecondition { reason, .. }) => {
+                let failure = SendFailure::of_billing(reason).ok_or(err)?;
+                self.give_up(conv, &message, failure).await?;
+                return Err(failure.error());
             }
             Err(err) => return Err(self.abort_before_commit(ctx, conv, &message, err).await),
         }
@@ -631,17 +385,17 @@ impl Messaging {
             .await
         {
             Ok(_) => {
-                if let Err(err) = self.give_up(conv, message, "NOT_STORED").await {
+                if let Err(err) = self.give_up(conv, message, SendFailure::NotStored).await {
                     tracing::warn!(error = %err, "staged message left for the sweeper");
                 }
                 cause
             }
             Err(ApiError::FailedPrecondition {
-                reason: "DEBIT_CONFIRMED",
+                reason: reasons::DEBIT_CONFIRMED,
                 ..
             }) => match self.deliver_committed(conv, message, None).await {
                 Ok(_) => ApiError::unavailable(
-                    "RETRY_TO_SEE_RESULT",
+                    reasons::RETRY_TO_SEE_RESULT,
                     "the message was sent; retry the same request to get it",
                 ),
                 Err(err) => err,
@@ -652,13 +406,14 @@ impl Messaging {
     }
 
     /// Marks a staged message failed and drops its outbox entry.
-    async fn give_up(
+    pub(crate) async fn give_up(
         &self,
         conv: &str,
         message: &StoredMessage,
-        reason: &str,
+        reason: SendFailure,
     ) -> Result<(), ApiError> {
-        self.store
+        let given_up = self
+            .store
             .fail_staged(
                 conv,
                 &message.id,
@@ -666,6 +421,9 @@ impl Messaging {
                 self.config.failed_keep.as_millis() as i64,
             )
             .await?;
+        if let GivenUp::Exists(existing) = given_up {
+            tracing::debug!(message_id = %message.id, ?existing, "not staged any more; nothing to give up");
+        }
         let item = OutboxItem::Send {
             conv: conv.to_string(),
             message_id: message.id.clone(),
@@ -681,36 +439,30 @@ impl Messaging {
         message: &StoredMessage,
         balance_after: Option<i64>,
     ) -> Result<Sent, ApiError> {
-        let (a, b) = domain::sorted(&message.from, &message.to);
         let now = self.clock.now_ms().await?;
-        let delivery = Delivery {
+        let how = Delivering {
             staged: true,
-            conv,
-            a,
-            b,
-            message_id: &message.id,
-            sender: &message.from,
-            recipient: &message.to,
-            kind: &message.kind,
-            subject: &message.subject,
-            body: &message.body,
+            kind: message.kind,
             credits: message.credits,
             now_ms: now,
             refund_window_ms: self.window_ms(),
             balance_after,
-            fingerprint: &message.fingerprint,
         };
-        let delivered = match self.store.deliver(&delivery).await? {
-            PairReply::Ok(_) => {
+        let delivered = match self
+            .store
+            .deliver(&Envelope::of(conv, message), &how)
+            .await?
+        {
+            Delivery::Ok(_) => {
                 metrics::counter!("inmail_credits_charged_total")
                     .increment(message.credits.max(0) as u64);
                 StoredMessage {
-                    state: "delivered".into(),
+                    state: MessageState::Delivered,
                     balance_after,
                     ..message.clone()
                 }
             }
-            PairReply::State { state, .. } if state == "delivered" => self
+            Delivery::Exists(existing) if existing.state == Some(MessageState::Delivered) => self
                 .store
                 .message(conv, &message.id)
                 .await?
@@ -738,21 +490,15 @@ impl Messaging {
         conv: &str,
         message: StoredMessage,
     ) -> Result<Sent, ApiError> {
-        match message.state.as_str() {
-            "delivered" => {
-                let refund = if message.kind == Kind::Reply.as_str() {
-                    let pair = Pair::from_fields(&self.store.conversation(conv).await?);
-                    match pair.inmail {
+        match message.state {
+            MessageState::Delivered => {
+                let refund = if message.kind == Kind::Reply {
+                    match self.store.conversation(conv).await?.pair.inmail {
                         Some(inmail)
                             if inmail.sender == message.to
                                 && inmail.responded_at_ms == message.at_ms =>
                         {
-                            match inmail.refund.as_str() {
-                                "refunded" => Refund::Refunded,
-                                "due" => Refund::Pending,
-                                "closed" => Refund::WindowClosed,
-                                _ => Refund::None,
-                            }
+                            Refund::of(inmail.refund)
                         }
                         _ => Refund::None,
                     }
@@ -770,62 +516,11 @@ impl Messaging {
                     refund,
                 })
             }
-            "failed" => Err(refusal(&message.reason)),
-            "staged" => self.commit_inmail(ctx, conv, message).await,
-            other => Err(ApiError::internal(format!(
-                "message in unknown state {other:?}"
-            ))),
-        }
-    }
-
-    /// The sweeper's view of a send whose process may have died: finish it by
-    /// the state billing holds for its debit.
-    pub(crate) async fn recover_send(
-        &self,
-        ctx: &CallContext,
-        conv: &str,
-        message_id: &str,
-        sender: &str,
-    ) -> Result<(), ApiError> {
-        let Some(message) = self.store.message(conv, message_id).await? else {
-            return Ok(());
-        };
-        if message.state != "staged" {
-            return Ok(());
-        }
-        let state = self
-            .billing
-            .get_debit(ctx, sender, message_id)
-            .await?
-            .map(|d| DebitState::try_from(d.state).unwrap_or(DebitState::Unspecified));
-        match state {
-            Some(DebitState::Confirmed | DebitState::Refunded) => {
-                tracing::info!(%message_id, "recovering a committed send: delivering");
-                self.deliver_committed(conv, &message, None)
-                    .await
-                    .map(|_| ())
-            }
-            Some(DebitState::Released) => self.give_up(conv, &message, "DEBIT_RELEASED").await,
-            // Never debited, or held by a send that died: give it up (a
-            // release of an unknown id blocks a late debit of it).
-            _ => match self
-                .billing
-                .release(ctx, sender, message_id, billing::ReleaseReason::Abandoned)
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(%message_id, "recovering an unfinished send: released and given up");
-                    self.give_up(conv, &message, "ABANDONED").await
-                }
-                Err(ApiError::FailedPrecondition {
-                    reason: "DEBIT_CONFIRMED",
-                    ..
-                }) => self
-                    .deliver_committed(conv, &message, None)
-                    .await
-                    .map(|_| ()),
-                Err(err) => Err(err),
-            },
+            MessageState::Failed => Err(message
+                .reason
+                .map(SendFailure::error)
+                .unwrap_or_else(|| ApiError::internal("a failed message without a reason"))),
+            MessageState::Staged => self.commit_inmail(ctx, conv, message).await,
         }
     }
 }
@@ -833,9 +528,7 @@ impl Messaging {
 /// The error for a request BEGIN_SEND did not let through.
 fn begin_refused(begun: Begun, now_ms: i64) -> ApiError {
     match begun {
-        Begun::RateLimited { retry_after_ms } => {
-            rate_limited(Duration::from_millis(retry_after_ms))
-        }
+        Begun::RateLimited { retry_ms } => rate_limited(Duration::from_millis(retry_ms)),
         Begun::OpenProfileLimited => {
             let wait = domain::next_month_start_ms(now_ms) - now_ms;
             open_profile_limited(Duration::from_millis(wait.max(0) as u64))

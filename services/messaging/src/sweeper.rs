@@ -5,27 +5,24 @@
 
 use std::time::Duration;
 
-use inmail_shared::ApiError;
 use inmail_shared::context::CallContext;
+use inmail_shared::proto::billing::v1 as billing;
+use inmail_shared::proto::billing::v1::DebitState;
+use inmail_shared::sweep::spawn_periodic;
+use inmail_shared::{ApiError, reasons};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::Pair;
+use crate::domain::RefundState;
+use crate::error::SendFailure;
 use crate::send::{Messaging, Refund};
-use crate::store::{OUTBOX_SHARDS, OutboxItem};
+use crate::store::{MessageState, OUTBOX_SHARDS, OutboxItem};
 
 const BATCH: usize = 100;
 
 pub fn spawn_outbox_sweeper(messaging: Messaging, interval: Duration, stop: CancellationToken) {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = stop.cancelled() => return,
-            }
-            if let Err(err) = sweep_once(&messaging).await {
-                tracing::warn!(error = %err, "outbox sweep failed; retrying next round");
-            }
-        }
+    spawn_periodic("outbox sweeper", interval, stop, move || {
+        let messaging = messaging.clone();
+        async move { sweep_once(&messaging).await }
     });
 }
 
@@ -35,7 +32,7 @@ pub fn spawn_outbox_sweeper(messaging: Messaging, interval: Duration, stop: Canc
 /// (that would cost every InMail one more write); they leave it here, in
 /// batches: one round trip reads their states, one ZREM drops the finished.
 pub async fn sweep_once(messaging: &Messaging) -> Result<usize, ApiError> {
-    let now = messaging.clock.now_ms().await?;
+    let now = messaging.clock().now_ms().await?;
     let store = messaging.store();
     let mut finished = 0;
     for shard in 0..OUTBOX_SHARDS {
@@ -54,7 +51,7 @@ pub async fn sweep_once(messaging: &Messaging) -> Result<usize, ApiError> {
                         message_id,
                         sender,
                     } => {
-                        state.as_deref() != Some("staged")
+                        state != Some(MessageState::Staged)
                             || match messaging.recover_send(&ctx, conv, message_id, sender).await {
                                 Ok(()) => true,
                                 Err(err) => {
@@ -68,10 +65,10 @@ pub async fn sweep_once(messaging: &Messaging) -> Result<usize, ApiError> {
                         inmail_id,
                         sender,
                     } => {
-                        let pair = Pair::from_fields(&store.conversation(conv).await?);
-                        let due = pair
-                            .inmail
-                            .is_some_and(|i| &i.message_id == inmail_id && i.refund == "due");
+                        let pair = store.conversation(conv).await?.pair;
+                        let due = pair.inmail.is_some_and(|i| {
+                            &i.message_id == inmail_id && i.refund == Some(RefundState::Due)
+                        });
                         !due || messaging.refund_inmail(&ctx, conv, inmail_id, sender).await
                             != Refund::Pending
                     }
@@ -91,4 +88,60 @@ pub async fn sweep_once(messaging: &Messaging) -> Result<usize, ApiError> {
         }
     }
     Ok(finished)
+}
+
+impl Messaging {
+    /// The sweeper's view of a send whose process may have died: finish it by
+    /// the state billing holds for its debit.
+    async fn recover_send(
+        &self,
+        ctx: &CallContext,
+        conv: &str,
+        message_id: &str,
+        sender: &str,
+    ) -> Result<(), ApiError> {
+        let Some(message) = self.store.message(conv, message_id).await? else {
+            return Ok(());
+        };
+        if message.state != MessageState::Staged {
+            return Ok(());
+        }
+        let state = self
+            .billing
+            .get_debit(ctx, sender, message_id)
+            .await?
+            .map(|d| DebitState::try_from(d.state).unwrap_or(DebitState::Unspecified));
+        match state {
+            Some(DebitState::Confirmed | DebitState::Refunded) => {
+                tracing::info!(%message_id, "recovering a committed send: delivering");
+                self.deliver_committed(conv, &message, None)
+                    .await
+                    .map(|_| ())
+            }
+            Some(DebitState::Released) => {
+                self.give_up(conv, &message, SendFailure::DebitReleased)
+                    .await
+            }
+            // Never debited, or held by a send that died: give it up (a
+            // release of an unknown id blocks a late debit of it).
+            _ => match self
+                .billing
+                .release(ctx, sender, message_id, billing::ReleaseReason::Abandoned)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(%message_id, "recovering an unfinished send: released and given up");
+                    self.give_up(conv, &message, SendFailure::Abandoned).await
+                }
+                Err(ApiError::FailedPrecondition {
+                    reason: reasons::DEBIT_CONFIRMED,
+                    ..
+                }) => self
+                    .deliver_committed(conv, &message, None)
+                    .await
+                    .map(|_| ()),
+                Err(err) => Err(err),
+            },
+        }
+    }
 }

@@ -5,9 +5,11 @@ use std::sync::Arc;
 use inmail_shared::ApiError;
 use inmail_shared::clock::Clock;
 use inmail_shared::context::record_identity;
-use inmail_shared::idempotency::{Outcome, fingerprint};
+use inmail_shared::idempotency::{Mutation, Outcome};
 use inmail_shared::paging::{self, decode_token, encode_token};
 use inmail_shared::proto::plans::v1 as pb;
+use inmail_shared::reasons;
+use inmail_shared::rpc::handle;
 use inmail_shared::time::{ms_to_timestamp, to_timestamp};
 use inmail_shared::validate::Checks;
 use tonic::{Request, Response, Status};
@@ -29,10 +31,6 @@ pub struct PlansApi {
 }
 
 type Reply<T> = Result<Response<T>, Status>;
-
-fn reply<T>(result: Result<T, ApiError>) -> Reply<T> {
-    result.map(Response::new).map_err(|e| e.into_status(DOMAIN))
-}
 
 impl PlansApi {
     pub fn new(catalog: Arc<Catalog>, store: PlanStore, clock: Clock) -> Self {
@@ -126,7 +124,7 @@ impl PlansApi {
             }
         }
         Err(ApiError::aborted(
-            "CONCURRENT_MODIFICATION",
+            reasons::CONCURRENT_MODIFICATION,
             "the subscription kept changing concurrently; retry the same request",
         ))
     }
@@ -159,7 +157,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
         request: Request<pb::ListPlansRequest>,
     ) -> Reply<pb::ListPlansResponse> {
         let request = request.into_inner();
-        let result = (|| {
+        handle(DOMAIN, async {
             let mut checks = Checks::new();
             let size = paging::page_size(
                 &mut checks,
@@ -193,13 +191,13 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 plans,
                 next_page_token,
             })
-        })();
-        reply(result)
+        })
+        .await
     }
 
     async fn get_plan(&self, request: Request<pb::GetPlanRequest>) -> Reply<pb::GetPlanResponse> {
         let request = request.into_inner();
-        let result = (|| {
+        handle(DOMAIN, async {
             let mut checks = Checks::new();
             let plan = self.paid_plan(&mut checks, &request.plan_id);
             checks.finish()?;
@@ -207,8 +205,8 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
             Ok(pb::GetPlanResponse {
                 plan: Some(plan_view(plan)),
             })
-        })();
-        reply(result)
+        })
+        .await
     }
 
     async fn get_subscription(
@@ -217,7 +215,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
     ) -> Reply<pb::GetSubscriptionResponse> {
         let request = request.into_inner();
         record_identity(&request.member_id, "");
-        let result = async {
+        handle(DOMAIN, async {
             Checks::new()
                 .member_id("member_id", &request.member_id)
                 .finish()?;
@@ -225,9 +223,8 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
             Ok(pb::GetSubscriptionResponse {
                 subscription: Some(subscription_view(&request.member_id, &state, now)),
             })
-        }
-        .await;
-        reply(result)
+        })
+        .await
     }
 
     async fn subscribe(
@@ -236,7 +233,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
     ) -> Reply<pb::SubscribeResponse> {
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
-        let result = async {
+        handle(DOMAIN, async {
             let mut checks = Checks::new();
             checks
                 .request_id(&request.request_id)
@@ -244,10 +241,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
             let plan = self.paid_plan(&mut checks, &request.plan_id);
             checks.finish()?;
             let plan = plan.ok_or_else(|| plan_not_found(&request.plan_id))?;
-            let fp = fingerprint(&pb::SubscribeRequest {
-                request_id: String::new(),
-                ..request.clone()
-            });
+            let fp = request.fingerprint();
             self.mutate(
                 &request.member_id,
                 &request.request_id,
@@ -258,9 +252,8 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 |state, now| state.subscribe(plan, now),
             )
             .await
-        }
-        .await;
-        reply(result)
+        })
+        .await
     }
 
     async fn change_plan(
@@ -269,7 +262,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
     ) -> Reply<pb::ChangePlanResponse> {
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
-        let result = async {
+        handle(DOMAIN, async {
             let mut checks = Checks::new();
             checks
                 .request_id(&request.request_id)
@@ -279,10 +272,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
             checks.finish()?;
             let plan = plan.ok_or_else(|| plan_not_found(&request.plan_id))?;
             let when = timing(request.timing, Timing::Immediately);
-            let fp = fingerprint(&pb::ChangePlanRequest {
-                request_id: String::new(),
-                ..request.clone()
-            });
+            let fp = request.fingerprint();
             self.mutate(
                 &request.member_id,
                 &request.request_id,
@@ -293,9 +283,8 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 |state, now| state.change_plan(plan, when, now),
             )
             .await
-        }
-        .await;
-        reply(result)
+        })
+        .await
     }
 
     async fn cancel_subscription(
@@ -304,7 +293,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
     ) -> Reply<pb::CancelSubscriptionResponse> {
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
-        let result = async {
+        handle(DOMAIN, async {
             Checks::new()
                 .request_id(&request.request_id)
                 .member_id("member_id", &request.member_id)
@@ -312,10 +301,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 .finish()?;
             let when = timing(request.timing, Timing::EndOfCycle);
             let free = self.catalog.free();
-            let fp = fingerprint(&pb::CancelSubscriptionRequest {
-                request_id: String::new(),
-                ..request.clone()
-            });
+            let fp = request.fingerprint();
             self.mutate(
                 &request.member_id,
                 &request.request_id,
@@ -326,9 +312,8 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 |state, now| state.cancel(free, when, now),
             )
             .await
-        }
-        .await;
-        reply(result)
+        })
+        .await
     }
 
     async fn clear_scheduled_change(
@@ -337,15 +322,12 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
     ) -> Reply<pb::ClearScheduledChangeResponse> {
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
-        let result = async {
+        handle(DOMAIN, async {
             Checks::new()
                 .request_id(&request.request_id)
                 .member_id("member_id", &request.member_id)
                 .finish()?;
-            let fp = fingerprint(&pb::ClearScheduledChangeRequest {
-                request_id: String::new(),
-                ..request.clone()
-            });
+            let fp = request.fingerprint();
             self.mutate(
                 &request.member_id,
                 &request.request_id,
@@ -356,9 +338,8 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 |state, _| state.clear_scheduled(),
             )
             .await
-        }
-        .await;
-        reply(result)
+        })
+        .await
     }
 
     async fn set_open_profile(
@@ -367,15 +348,12 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
     ) -> Reply<pb::SetOpenProfileResponse> {
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
-        let result = async {
+        handle(DOMAIN, async {
             Checks::new()
                 .request_id(&request.request_id)
                 .member_id("member_id", &request.member_id)
                 .finish()?;
-            let fp = fingerprint(&pb::SetOpenProfileRequest {
-                request_id: String::new(),
-                ..request.clone()
-            });
+            let fp = request.fingerprint();
             let enabled = request.enabled;
             self.mutate(
                 &request.member_id,
@@ -387,9 +365,8 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 |state, _| state.set_open_profile(enabled),
             )
             .await
-        }
-        .await;
-        reply(result)
+        })
+        .await
     }
 
     async fn get_entitlement(
@@ -398,7 +375,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
     ) -> Reply<pb::GetEntitlementResponse> {
         let request = request.into_inner();
         record_identity(&request.member_id, "");
-        let result = async {
+        handle(DOMAIN, async {
             Checks::new()
                 .member_id("member_id", &request.member_id)
                 .finish()?;
@@ -410,9 +387,8 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 ended_periods: ended.iter().map(period_view).collect(),
                 as_of: ms_to_timestamp(now),
             })
-        }
-        .await;
-        reply(result)
+        })
+        .await
     }
 }
 

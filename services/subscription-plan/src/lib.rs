@@ -8,11 +8,14 @@ pub mod error;
 pub mod grpc;
 pub mod store;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use inmail_shared::bootstrap::Runtime;
+use inmail_shared::cli::{NoCommands, ServiceBinary};
 use inmail_shared::clock::TestClockApi;
 use inmail_shared::config::CommonArgs;
 use inmail_shared::server::GrpcServer;
@@ -25,25 +28,35 @@ use crate::store::PlanStore;
 
 pub const SERVICE: &str = "subscription-plan";
 
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "subscription-plan",
-    version,
-    about = "InMail plan catalog, subscriptions, billing cycles and Open Profile (gRPC)"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub args: Args,
-}
+/// The `subscription-plan` binary.
+pub struct Service;
 
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum Command {
-    /// Serve gRPC (the default).
-    Serve,
-    /// Ask the running service's gRPC health; exit 0 when SERVING.
-    Healthcheck,
+impl ServiceBinary for Service {
+    const NAME: &'static str = SERVICE;
+    const ABOUT: &'static str =
+        "InMail plan catalog, subscriptions, billing cycles and Open Profile (gRPC)";
+    type Args = Args;
+    type Commands = NoCommands;
+
+    fn listen_addr(args: &Args) -> SocketAddr {
+        args.listen_addr
+    }
+
+    fn common(args: &Args) -> &CommonArgs {
+        &args.common
+    }
+
+    fn serve(
+        args: Args,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        serve(args, listener, stop)
+    }
+
+    fn run_command(command: NoCommands, _args: Args) -> ExitCode {
+        match command {}
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -15,31 +15,8 @@ use redis::Script;
 
 use crate::domain::SubscriptionState;
 
-/// Writes a member's new subscription state together with the request's
-/// outcome, if nobody changed the state since it was read.
-///
-/// KEYS[1] subscription hash, KEYS[2] request record.
-/// ARGV[1] revision read, ARGV[2] new state JSON ("" for a refusal: only the
-/// outcome is recorded), ARGV[3] fingerprint, ARGV[4] outcome JSON,
-/// ARGV[5] request retention ms.
-/// Checks, before any write: the request id was not used with other
-/// arguments and has no outcome yet; the revision is still the one read.
-/// Returns {"ok"} | {"done", outcome} | {"mismatch"} | {"conflict"}.
-const COMMIT: &str = r#"
-local rec = redis.call('HMGET', KEYS[2], 'fp', 'outcome')
-if rec[1] then
-  if rec[1] ~= ARGV[3] then return {'mismatch'} end
-  if rec[2] then return {'done', rec[2]} end
-end
-local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
-if rev ~= tonumber(ARGV[1]) then return {'conflict'} end
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'rev', rev + 1, 'state', ARGV[2])
-end
-redis.call('HSET', KEYS[2], 'fp', ARGV[3], 'outcome', ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return {'ok'}
-"#;
+/// Commits a change; see the script's header.
+const COMMIT: &str = include_str!("lua/commit.lua");
 
 fn subscription_key(member: &str) -> String {
     format!("plans:{{{member}}}:subscription")

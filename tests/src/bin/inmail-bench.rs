@@ -388,7 +388,7 @@ async fn direct(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) 
                 .debit(&call, Duration::from_secs(3600), &message, 1, hold)
                 .await
                 .map_err(|e| e.to_string())?;
-            if reply.s == "ok" {
+            if reply.s == billing_credits::store::Outcome::Ok {
                 Ok(())
             } else {
                 Err(format!("{reply:?}"))

@@ -5,7 +5,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use clap::CommandFactory;
 use compose_spec::Compose;
 use compose_spec::service::{Command as ComposeCommand, Healthcheck};
 use inmail_shared::proto::messaging::v1 as pb;
@@ -30,9 +29,9 @@ fn accepted_variables(command: &clap::Command) -> HashMap<String, String> {
 
 fn cli_of(binary: &str) -> clap::Command {
     match binary {
-        "subscription-plan" => subscription_plan::Cli::command(),
-        "billing-credits" => billing_credits::Cli::command(),
-        "messaging" => messaging::Cli::command(),
+        "subscription-plan" => inmail_shared::cli::command::<subscription_plan::Service>(),
+        "billing-credits" => inmail_shared::cli::command::<billing_credits::Service>(),
+        "messaging" => inmail_shared::cli::command::<messaging::Service>(),
         other => panic!("docker-compose.yml runs an unknown binary {other:?}"),
     }
 }

@@ -162,11 +162,10 @@ async fn one_advance_moves_the_clock_of_all_three_services() {
 /// time and answers the real time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_test_clock_is_refused_when_off() {
-    use clap::Parser;
     let redis = inmail_tests::RedisServer::start().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cli = subscription_plan::Cli::parse_from(
+    let cli = inmail_shared::cli::parse_from::<subscription_plan::Service, _, _>(
         std::iter::once("subscription-plan".to_string()).chain(redis.service_args()),
     );
     let stop = tokio_util::sync::CancellationToken::new();

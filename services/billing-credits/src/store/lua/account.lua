@@ -1,0 +1,125 @@
+-- The account functions of every balance script (after account_args.lua and
+-- request.lua): load, settle to the current cycle, save.
+
+do
+  local replay = check_request()
+  if replay then return replay end
+end
+
+local acct, dirty = {}, {}
+do
+  local flat = redis.call('HGETALL', A)
+  for i = 1, #flat, 2 do acct[flat[i]] = flat[i + 1] end
+end
+local exists = acct.ver ~= nil
+local bal = tonumber(acct.balance or '0')
+local bal_before = bal
+local function num(field) return tonumber(acct[field] or '0') end
+local function set(field, value) acct[field] = value; dirty[field] = true end
+
+-- Appends a ledger entry carrying the balance after it.
+local function entry(kind, amount, msg, note)
+  return redis.call('XADD', L, '*', 'k', kind, 'a', amount, 'b', bal, 't', now,
+    'm', msg or '', 'r', REQ, 'p', acct.plan or '', 'v', acct.ver or '0',
+    'c', acct.idx or '0', 'n', note or '')
+end
+
+local function reset_cycle_counters()
+  for _, field in ipairs({ 'debited', 'refunded', 'released', 'granted' }) do
+    if num(field) ~= 0 or not exists then set(field, 0) end
+  end
+end
+
+-- Renews every cycle of the current period up to `target` (cycles begun).
+local function renew_to(target, monthly, cap)
+  local idx = num('idx')
+  while idx < target do
+    idx = idx + 1
+    set('idx', idx)
+    if monthly == 0 and bal == 0 then
+      -- A free period at zero: nothing to renew in the remaining cycles.
+      idx = target
+      set('idx', target)
+    else
+      local new = math.min(bal + monthly, cap)
+      local amount = new - bal
+      bal = new
+      if monthly > 0 or amount ~= 0 then
+        entry('RENEWAL', amount, '', 'cycle ' .. idx)
+        renewed = renewed + amount
+      end
+    end
+    reset_cycle_counters()
+  end
+end
+
+local function settle()
+  if ENT == '*' then
+    if not exists then return 'need' end
+    return 'ok'
+  end
+  if ENT == '' then
+    if not exists or now >= num('valid') then return 'need' end
+    return 'ok'
+  end
+  local ent = cjson.decode(ENT)
+  local periods = ent.periods
+  local cur = periods[#periods]
+  if exists then
+    if cur.v < num('ver') or (cur.v == num('ver') and cur.n < num('idx')) then
+      return 'stale'
+    end
+  else
+    -- First touch: start from the current period with nothing (credits of
+    -- earlier periods would have been written off at their end anyway).
+    set('ver', cur.v)
+    set('idx', 0)
+    set('plan', cur.p)
+    reset_cycle_counters()
+  end
+  for _, p in ipairs(periods) do
+    if p.v > num('ver') then
+      if bal ~= 0 then
+        local amount = -bal
+        bal = 0
+        entry('WRITE_OFF', amount, '', 'plan period ' .. acct.ver .. ' (' .. (acct.plan or '') .. ') ended')
+        written_off = written_off - amount
+      end
+      set('ver', p.v)
+      set('idx', 0)
+      set('plan', p.p)
+    end
+    if p.v == num('ver') then renew_to(p.n, p.m, p.c) end
+  end
+  for field, value in pairs({ plan = cur.p, monthly = cur.m, cap = cur.c, paid = cur.paid,
+      cstart = cur.cs, cend = cur.ce, valid = VALID }) do
+    if tostring(acct[field]) ~= tostring(value) then set(field, value) end
+  end
+  exists = true
+  return 'ok'
+end
+
+-- Writes the balance and every changed account field, once.
+local function save()
+  if bal ~= bal_before then set('balance', bal) end
+  local args = {}
+  for field in pairs(dirty) do
+    args[#args + 1] = field
+    args[#args + 1] = acct[field]
+  end
+  if #args > 0 then redis.call('HSET', A, unpack(args)) end
+end
+
+local function bump(field, amount) set(field, num(field) + amount) end
+
+local function balance_view()
+  return { available = bal, plan = acct.plan, monthly = num('monthly'), cap = num('cap'),
+    cstart = num('cstart'), cend = num('cend'), debited = num('debited'),
+    refunded = num('refunded'), released = num('released'), granted = num('granted'),
+    ver = num('ver') }
+end
+
+do
+  local st = settle()
+  if st ~= 'ok' then return cjson.encode({ s = st, ver = num('ver') }) end
+end

@@ -1,0 +1,32 @@
+-- DebitForMessage: takes credits and holds them until ConfirmDebit.
+--
+-- KEYS[4]  the debit record        ARGV[7]  message_id
+-- ARGV[8]  amount                  ARGV[9]  hold ms
+-- (KEYS[1..3], ARGV[1..6]: account_args.lua)
+--
+-- Checks before the first write of the debit: an existing debit of this id
+-- (same amount: answer it; other amount: MESSAGE_ID_CONFLICT; released:
+-- DEBIT_RELEASED), a paid plan (PAID_PLAN_REQUIRED), enough credits
+-- (INSUFFICIENT_CREDITS).
+-- Writes: balance and cycle counter, the HELD debit record (no expiry), a
+-- DEBIT ledger entry.
+-- Reply: {"s":"ok","debit":{...},"balance_after":n,"debited":n} or a refusal.
+local D, MSG, AMOUNT, HOLD = KEYS[4], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local existing = debit_view(D)
+if existing then
+  save()
+  if existing.state == 'released' then return refuse('DEBIT_RELEASED') end
+  if existing.amount ~= AMOUNT then return refuse('MESSAGE_ID_CONFLICT') end
+  return finish({ s = 'ok', debit = existing, balance_after = existing.balance_after })
+end
+if num('paid') ~= 1 then save() return refuse('PAID_PLAN_REQUIRED', { balance = { available = bal } }) end
+if bal < AMOUNT then save() return refuse('INSUFFICIENT_CREDITS', { balance = { available = bal } }) end
+bal = bal - AMOUNT
+bump('debited', AMOUNT)
+redis.call('HSET', D, 'state', 'held', 'amount', AMOUNT, 't_debit', now, 't_expire', now + HOLD,
+  'bal_after', bal, 'req', REQ)
+entry('DEBIT', -AMOUNT, MSG, '')
+save()
+return finish({ s = 'ok', balance_after = bal, debited = AMOUNT,
+  debit = { state = 'held', amount = AMOUNT, debited_at = now, expires_at = now + HOLD,
+    confirmed_at = 0, refundable_until = 0, returned_at = 0, balance_after = bal } })

@@ -1,0 +1,426 @@
+//! billing-credits' Redis store: keys ([`keys`]), the Lua scripts (`lua/`,
+//! one header each), and their replies parsed into types ([`reply`]).
+//!
+//! Every change of a member's balance is one script over keys that share the
+//! member's hash tag (one slot: atomic, and valid on Redis Cluster), with
+//! every check before its first write.
+
+pub mod keys;
+pub mod reply;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use inmail_shared::ApiError;
+use inmail_shared::storage::{Batch, Redis};
+use redis::Script;
+
+pub use self::keys::HOLD_SHARDS;
+pub use self::reply::{
+    BalanceView, DebitState, DebitView, EntryKind, Outcome, Refusal, ReleaseCause, Reply,
+    StoredEntry,
+};
+
+/// The balance scripts: account_args + request helpers + account prelude +
+/// the script's own body.
+macro_rules! balance_script {
+    ($body:literal) => {
+        concat!(
+            include_str!("lua/account_args.lua"),
+            include_str!("lua/request.lua"),
+            include_str!("lua/account.lua"),
+            include_str!($body)
+        )
+    };
+}
+
+const BALANCE: &str = balance_script!("lua/balance.lua");
+const DEBIT: &str = balance_script!("lua/debit.lua");
+const RELEASE: &str = balance_script!("lua/release.lua");
+const REFUND: &str = balance_script!("lua/refund.lua");
+const GRANT: &str = balance_script!("lua/grant.lua");
+const CONFIRM: &str = concat!(
+    include_str!("lua/confirm_args.lua"),
+    include_str!("lua/request.lua"),
+    include_str!("lua/confirm.lua")
+);
+const RECONCILE: &str = include_str!("lua/reconcile.lua");
+
+/// The arguments every balance script shares.
+pub struct Call<'a> {
+    pub member: &'a str,
+    pub now_ms: i64,
+    /// The entitlement JSON, "" to rely on the cached one, "*" for the cached
+    /// one however old.
+    pub entitlement: &'a str,
+    pub valid_until_ms: i64,
+    pub request_id: &'a str,
+    pub fingerprint: &'a str,
+}
+
+/// One member's ledger replayed.
+#[derive(Debug, Clone)]
+pub struct Reconciled {
+    pub counter: i64,
+    pub ledger_sum: i64,
+    pub entries: u64,
+    pub first_bad_entry: String,
+}
+
+/// How long records outlive their purpose.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub request: Duration,
+    /// Margin a confirmed debit is kept after its refund window.
+    pub confirmed_margin: Duration,
+    /// How long a released debit blocks its message id.
+    pub tombstone: Duration,
+    /// How long a message id stays bound to its member.
+    pub message_owner: Duration,
+}
+
+#[derive(Clone)]
+pub struct BillingStore {
+    redis: Redis,
+    balance: Script,
+    debit: Script,
+    confirm: Script,
+    release: Script,
+    refund: Script,
+    grant: Script,
+    reconcile: Script,
+}
+
+fn millis(duration: Duration) -> u64 {
+    duration.as_millis() as u64
+}
+
+impl BillingStore {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            redis,
+            balance: Script::new(BALANCE),
+            debit: Script::new(DEBIT),
+            confirm: Script::new(CONFIRM),
+            release: Script::new(RELEASE),
+            refund: Script::new(REFUND),
+            grant: Script::new(GRANT),
+            reconcile: Script::new(RECONCILE),
+        }
+    }
+
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// A balance script's keys (and the debit record's) and shared arguments.
+    fn invocation<'s>(
+        script: &'s Script,
+        call: &Call<'_>,
+        retention: Duration,
+        debit_of: Option<&str>,
+    ) -> redis::ScriptInvocation<'s> {
+        let mut inv = script.prepare_invoke();
+        inv.key(keys::account(call.member))
+            .key(keys::ledger(call.member))
+            .key(keys::request(call.member, call.request_id));
+        if let Some(message_id) = debit_of {
+            inv.key(keys::debit(call.member, message_id));
+        }
+        inv.arg(call.now_ms)
+            .arg(call.entitlement)
+            .arg(call.valid_until_ms)
+            .arg(call.request_id)
+            .arg(call.fingerprint)
+            .arg(millis(retention));
+        inv
+    }
+
+    async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Reply, ApiError> {
+        let json: String = inv.invoke_async(&mut self.redis.conn()).await?;
+        serde_json::from_str(&json)
+            .map_err(|e| ApiError::internal(format!("unreadable script reply {json:?}: {e}")))
+    }
+
+    pub async fn balance(&self, call: &Call<'_>, retention: Duration) -> Result<Reply, ApiError> {
+        self.run(Self::invocation(&self.balance, call, retention, None))
+            .await
+    }
+
+    /// Binds the message id to the member and indexes the hold's expiry, both
+    /// before the debit itself (see [`keys`]). Answers the member the id was
+    /// first debited to.
+    pub async fn prepare_debit(
+        &self,
+        member: &str,
+        message_id: &str,
+        hold_expires_ms: i64,
+        owner_retention: Duration,
+    ) -> Result<String, ApiError> {
+        let mut claim = redis::cmd("SET");
+        claim
+            .arg(keys::message_owner(message_id))
+            .arg(member)
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(millis(owner_retention));
+        let mut index = redis::cmd("ZADD");
+        index
+            .arg(keys::hold_shard(keys::hold_shard_of(member)))
+            .arg(hold_expires_ms)
+            .arg(keys::hold_entry(member, message_id));
+        let mut batch = Batch::new();
+        batch.add(claim).add_ignored(index);
+        let (previous,): (Option<String>,) = self.redis.run(&batch).await?;
+        Ok(previous.unwrap_or_else(|| member.to_string()))
+    }
+
+    pub async fn debit(
+        &self,
+        call: &Call<'_>,
+        retention: Duration,
+        message_id: &str,
+        amount: i32,
+        hold: Duration,
+    ) -> Result<Reply, ApiError> {
+        let mut inv = Self::invocation(&self.debit, call, retention, Some(message_id));
+        inv.arg(message_id).arg(amount).arg(millis(hold));
+        self.run(inv).await
+    }
+
+    /// The lean confirm script: the debit record and the request record only.
+    pub async fn confirm(
+        &self,
+        call: &Call<'_>,
+        retention: &Retention,
+        message_id: &str,
+        refund_window: Duration,
+    ) -> Result<Reply, ApiError> {
+        let mut inv = self.confirm.prepare_invoke();
+        inv.key(keys::debit(call.member, message_id))
+            .key(keys::account(call.member))
+            .key(keys::request(call.member, call.request_id))
+            .arg(call.now_ms)
+            .arg("")
+            .arg(0)
+            .arg(call.request_id)
+            .arg(call.fingerprint)
+            .arg(millis(retention.request))
+            .arg(millis(refund_window))
+            .arg(millis(retention.confirmed_margin));
+        self.run(inv).await
+    }
+
+    pub async fn release(
+        &self,
+        call: &Call<'_>,
+        retention: &Retention,
+        message_id: &str,
+        cause: ReleaseCause,
+        only_if_expired: bool,
+    ) -> Result<Reply, ApiError> {
+        let mut inv = Self::invocation(&self.release, call, retention.request, Some(message_id));
+        inv.arg(message_id)
+            .arg(cause.as_str())
+            .arg(millis(retention.tombstone))
+            .arg(if only_if_expired { "1" } else { "0" });
+        self.run(inv).await
+    }
+
+    pub async fn refund(
+        &self,
+        call: &Call<'_>,
+        retention: Duration,
+        message_id: &str,
+    ) -> Result<Reply, ApiError> {
+        let mut inv = Self::invocation(&self.refund, call, retention, Some(message_id));
+        inv.arg(message_id);
+        self.run(inv).await
+    }
+
+    pub async fn grant(
+        &self,
+        call: &Call<'_>,
+        retention: Duration,
+        amount: i32,
+        reason: &str,
+    ) -> Result<Reply, ApiError> {
+        let mut inv = Self::invocation(&self.grant, call, retention, None);
+        inv.arg(amount).arg(reason);
+        self.run(inv).await
+    }
+
+    /// Drops settled entries of one shard of the hold index.
+    pub async fn forget_holds(
+        &self,
+        shard: u32,
+        entries: &[(String, String)],
+    ) -> Result<(), ApiError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(keys::hold_shard(shard));
+        for (member, message_id) in entries {
+            cmd.arg(keys::hold_entry(member, message_id));
+        }
+        let _: i64 = cmd.query_async(&mut self.redis.conn()).await?;
+        Ok(())
+    }
+
+    /// The state of each debit (`None`: no record), in one round trip.
+    pub async fn debit_states(
+        &self,
+        debits: &[(String, String)],
+    ) -> Result<Vec<Option<DebitState>>, ApiError> {
+        let mut batch = Batch::new();
+        for (member, message_id) in debits {
+            batch.add(
+                redis::cmd("HGET")
+                    .arg(keys::debit(member, message_id))
+                    .arg("state")
+                    .clone(),
+            );
+        }
+        let states: Vec<Option<String>> = self.redis.run(&batch).await?;
+        Ok(states
+            .into_iter()
+            .map(|s| s.as_deref().and_then(DebitState::parse))
+            .collect())
+    }
+
+    /// Holds whose expiry is at or before `now_ms`, oldest first.
+    pub async fn expired_holds(
+        &self,
+        shard: u32,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, ApiError> {
+        let entries: Vec<String> = redis::cmd("ZRANGE")
+            .arg(keys::hold_shard(shard))
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(entries
+            .iter()
+            .filter_map(|e| keys::parse_hold_entry(e))
+            .collect())
+    }
+
+    pub async fn get_debit(
+        &self,
+        member: &str,
+        message_id: &str,
+    ) -> Result<Option<DebitView>, ApiError> {
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys::debit(member, message_id))
+            .query_async(&mut self.redis.conn())
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let int = |name: &str| {
+            fields
+                .get(name)
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        let state = fields
+            .get("state")
+            .and_then(|s| DebitState::parse(s))
+            .ok_or_else(|| ApiError::internal("debit record without a known state"))?;
+        Ok(Some(DebitView {
+            state,
+            amount: int("amount"),
+            debited_at: int("t_debit"),
+            expires_at: int("t_expire"),
+            confirmed_at: int("t_confirm"),
+            refundable_until: int("refundable"),
+            returned_at: int("t_return"),
+            reason: fields.get("reason").and_then(|r| ReleaseCause::parse(r)),
+            balance_after: int("bal_after"),
+        }))
+    }
+
+    /// Ledger entries newest first, starting strictly before `before` (a
+    /// stream id) when given. Answers one more than `limit` when there is more.
+    pub async fn ledger_page(
+        &self,
+        member: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, ApiError> {
+        let end = match before {
+            Some(id) => format!("({id}"),
+            None => "+".to_string(),
+        };
+        let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+            .arg(keys::ledger(member))
+            .arg(end)
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit + 1)
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(raw
+            .into_iter()
+            .map(|(id, fields)| StoredEntry::parse(id, fields))
+            .collect())
+    }
+
+    pub async fn ledger_entry(
+        &self,
+        member: &str,
+        id: &str,
+    ) -> Result<Option<StoredEntry>, ApiError> {
+        let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(keys::ledger(member))
+            .arg(id)
+            .arg(id)
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(raw
+            .into_iter()
+            .next()
+            .map(|(id, fields)| StoredEntry::parse(id, fields)))
+    }
+
+    pub async fn reconcile_member(&self, member: &str) -> Result<Reconciled, ApiError> {
+        let (counter, ledger_sum, entries, first_bad_entry): (i64, i64, u64, String) = self
+            .reconcile
+            .key(keys::account(member))
+            .key(keys::ledger(member))
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        Ok(Reconciled {
+            counter,
+            ledger_sum,
+            entries,
+            first_bad_entry,
+        })
+    }
+
+    /// One step over every member account (SCAN; on a cluster, node after
+    /// node): (next cursor, "0" when done; members).
+    pub async fn scan_members(
+        &self,
+        cursor: &str,
+        count: usize,
+    ) -> Result<(String, Vec<String>), ApiError> {
+        let (next, found) = self
+            .redis
+            .scan(cursor, keys::ACCOUNT_PATTERN, count)
+            .await?;
+        let members = found
+            .iter()
+            .filter_map(|key| keys::member_of_account(key).map(str::to_string))
+            .collect();
+        Ok((next, members))
+    }
+}

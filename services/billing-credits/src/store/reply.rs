@@ -1,0 +1,271 @@
+//! What billing's scripts answer, parsed once at the store boundary: a
+//! script's reply is JSON with named fields, read into these types; no caller
+//! looks at a raw string.
+
+use inmail_shared::reasons;
+use serde::Deserialize;
+
+/// How a balance script ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Done (or a replay of the first reply).
+    #[default]
+    Ok,
+    /// A business refusal; `reason` says which.
+    Refused,
+    /// No entitlement billing may trust: ask subscription-plan.
+    Need,
+    /// The entitlement passed in is older than what the account applied.
+    Stale,
+    /// The request id was used with other arguments.
+    Mismatch,
+    /// ConfirmDebit found the hold's time run out (nothing recorded).
+    Expired,
+}
+
+/// Why a script refused, as its reply names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Refusal {
+    InsufficientCredits,
+    PaidPlanRequired,
+    MessageIdConflict,
+    DebitReleased,
+    DebitNotFound,
+    DebitConfirmed,
+    DebitNotConfirmed,
+    RefundWindowClosed,
+    HoldWindowMissed,
+}
+
+impl Refusal {
+    /// The ErrorInfo reason of this refusal.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::InsufficientCredits => reasons::INSUFFICIENT_CREDITS,
+            Self::PaidPlanRequired => reasons::PAID_PLAN_REQUIRED,
+            Self::MessageIdConflict => reasons::MESSAGE_ID_CONFLICT,
+            Self::DebitReleased => reasons::DEBIT_RELEASED,
+            Self::DebitNotFound => reasons::DEBIT_NOT_FOUND,
+            Self::DebitConfirmed => reasons::DEBIT_CONFIRMED,
+            Self::DebitNotConfirmed => reasons::DEBIT_NOT_CONFIRMED,
+            Self::RefundWindowClosed => reasons::REFUND_WINDOW_CLOSED,
+            Self::HoldWindowMissed => reasons::HOLD_WINDOW_MISSED,
+        }
+    }
+}
+
+/// Where a message's debit stands (the record's `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DebitState {
+    Held,
+    Confirmed,
+    Released,
+    Refunded,
+}
+
+impl DebitState {
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "held" => Self::Held,
+            "confirmed" => Self::Confirmed,
+            "released" => Self::Released,
+            "refunded" => Self::Refunded,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a debit was released (the record's `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReleaseCause {
+    MessageNotStored,
+    HoldExpired,
+    Abandoned,
+}
+
+impl ReleaseCause {
+    /// As the scripts store it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MessageNotStored => "MESSAGE_NOT_STORED",
+            Self::HoldExpired => "HOLD_EXPIRED",
+            Self::Abandoned => "ABANDONED",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "MESSAGE_NOT_STORED" => Self::MessageNotStored,
+            "HOLD_EXPIRED" => Self::HoldExpired,
+            "ABANDONED" => Self::Abandoned,
+            _ => return None,
+        })
+    }
+}
+
+/// What every balance script answers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Reply {
+    pub s: Outcome,
+    pub reason: Option<Refusal>,
+    /// The plan-period version the account applied ("need"/"stale").
+    pub ver: u64,
+    pub balance: Option<BalanceView>,
+    pub debit: Option<DebitView>,
+    pub balance_after: Option<i64>,
+    pub released_now: Option<bool>,
+    pub refunded_now: Option<bool>,
+    pub entry_id: Option<String>,
+    /// The first reply of this request id, answered again.
+    pub replayed: bool,
+    /// Credits moved by this call, for metrics.
+    pub renewed: i64,
+    pub written_off: i64,
+    pub debited: i64,
+    pub released: i64,
+    pub refunded: i64,
+    pub granted: i64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct BalanceView {
+    pub available: i64,
+    pub plan: String,
+    pub monthly: i64,
+    pub cap: i64,
+    pub cstart: i64,
+    pub cend: i64,
+    pub debited: i64,
+    pub refunded: i64,
+    pub released: i64,
+    pub granted: i64,
+    pub ver: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DebitView {
+    pub state: DebitState,
+    #[serde(default)]
+    pub amount: i64,
+    #[serde(default)]
+    pub debited_at: i64,
+    #[serde(default)]
+    pub expires_at: i64,
+    #[serde(default)]
+    pub confirmed_at: i64,
+    #[serde(default)]
+    pub refundable_until: i64,
+    #[serde(default)]
+    pub returned_at: i64,
+    #[serde(default)]
+    pub reason: Option<ReleaseCause>,
+    #[serde(default)]
+    pub balance_after: i64,
+}
+
+/// The kind of a ledger entry (the entry's `k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Renewal,
+    Debit,
+    Release,
+    Refund,
+    Grant,
+    WriteOff,
+}
+
+impl EntryKind {
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "RENEWAL" => Self::Renewal,
+            "DEBIT" => Self::Debit,
+            "RELEASE" => Self::Release,
+            "REFUND" => Self::Refund,
+            "GRANT" => Self::Grant,
+            "WRITE_OFF" => Self::WriteOff,
+            _ => return None,
+        })
+    }
+}
+
+/// One ledger entry as stored.
+#[derive(Debug, Clone)]
+pub struct StoredEntry {
+    pub id: String,
+    pub kind: Option<EntryKind>,
+    pub amount: i64,
+    pub balance_after: i64,
+    pub at_ms: i64,
+    pub message_id: String,
+    pub request_id: String,
+    pub plan_id: String,
+    pub plan_version: u64,
+    pub cycle_index: u32,
+    pub note: String,
+}
+
+impl StoredEntry {
+    pub fn parse(id: String, fields: Vec<(String, String)>) -> Self {
+        let mut entry = Self {
+            id,
+            kind: None,
+            amount: 0,
+            balance_after: 0,
+            at_ms: 0,
+            message_id: String::new(),
+            request_id: String::new(),
+            plan_id: String::new(),
+            plan_version: 0,
+            cycle_index: 0,
+            note: String::new(),
+        };
+        for (name, value) in fields {
+            match name.as_str() {
+                "k" => entry.kind = EntryKind::parse(&value),
+                "a" => entry.amount = value.parse().unwrap_or(0),
+                "b" => entry.balance_after = value.parse().unwrap_or(0),
+                "t" => entry.at_ms = value.parse().unwrap_or(0),
+                "m" => entry.message_id = value,
+                "r" => entry.request_id = value,
+                "p" => entry.plan_id = value,
+                "v" => entry.plan_version = value.parse().unwrap_or(0),
+                "c" => entry.cycle_index = value.parse().unwrap_or(0),
+                "n" => entry.note = value,
+                _ => {}
+            }
+        }
+        entry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_parse_into_types() {
+        let reply: Reply = serde_json::from_str(
+            r#"{"s":"refused","reason":"INSUFFICIENT_CREDITS","balance":{"available":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(reply.s, Outcome::Refused);
+        assert_eq!(reply.reason, Some(Refusal::InsufficientCredits));
+        let debit: DebitView =
+            serde_json::from_str(r#"{"state":"released","amount":1,"reason":"HOLD_EXPIRED"}"#)
+                .unwrap();
+        assert_eq!(debit.state, DebitState::Released);
+        assert_eq!(debit.reason, Some(ReleaseCause::HoldExpired));
+    }
+
+    #[test]
+    fn an_unknown_status_is_an_error_not_a_default() {
+        assert!(serde_json::from_str::<Reply>(r#"{"s":"weird"}"#).is_err());
+        assert!(serde_json::from_str::<DebitView>(r#"{"state":"lost"}"#).is_err());
+    }
+}

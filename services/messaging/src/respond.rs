@@ -1,0 +1,142 @@
+//! Responses to InMails and the refunds they make due (DESIGN.md §3: the
+//! first response within the window refunds the sender's credit, exactly
+//! once).
+
+use inmail_shared::ApiError;
+use inmail_shared::context::CallContext;
+
+use crate::domain::{self, InmailStage, RefundState};
+use crate::error::{SendFailure, conversation_not_found};
+use crate::send::{Messaging, Refund};
+use crate::store::{OutboxItem, Responded, Response};
+
+impl Messaging {
+    /// After a response: asks billing for the refund when one is due.
+    /// `outbox` is the refund entry this call wrote before responding.
+    pub(crate) async fn settle_response(
+        &self,
+        ctx: &CallContext,
+        conv: &str,
+        response: Option<&Responded>,
+        outbox: Option<OutboxItem>,
+    ) -> Refund {
+        let Some(response) = response else {
+            return Refund::None;
+        };
+        let result = match response.refund {
+            RefundState::Due => {
+                self.refund_inmail(ctx, conv, &response.inmail_id, &response.inmail_sender)
+                    .await
+            }
+            RefundState::Closed => Refund::WindowClosed,
+            RefundState::Refunded => Refund::Refunded,
+        };
+        // Only the call whose script made the refund due (or closed) may drop
+        // the entry: other calls answering the same InMail share it.
+        if result != Refund::Pending
+            && let Some(item) = outbox
+            && let Err(err) = self.store.outbox_remove(&item).await
+        {
+            tracing::debug!(error = %err, "outbox entry left for the sweeper");
+        }
+        result
+    }
+
+    /// The recipient accepts or declines the InMail awaiting their response.
+    pub async fn accept_or_decline(
+        &self,
+        ctx: &CallContext,
+        conv: &str,
+        responder: &str,
+        accept: bool,
+    ) -> Result<Refund, ApiError> {
+        let pair = self.store.conversation(conv).await?.pair;
+        let wanted = if accept {
+            InmailStage::Accepted
+        } else {
+            InmailStage::Declined
+        };
+        // Accepting (or declining) twice answers the same: a retry whose
+        // first attempt was cut short after the response was recorded gets
+        // that response, not a refusal.
+        if let Some(done) = pair
+            .inmail
+            .as_ref()
+            .filter(|i| i.stage == wanted && i.sender != responder)
+        {
+            return Ok(Refund::of(done.refund));
+        }
+        let Some(inmail) = pair
+            .inmail
+            .filter(|i| i.stage == InmailStage::AwaitingResponse && i.sender != responder)
+        else {
+            return Err(SendFailure::NoInmailAwaitingResponse.error());
+        };
+        let now = self.clock.now_ms().await?;
+        let item = OutboxItem::Refund {
+            conv: conv.to_string(),
+            inmail_id: inmail.message_id.clone(),
+            sender: inmail.sender.clone(),
+        };
+        self.store
+            .outbox_add(&item, now + self.recovery_after_ms())
+            .await?;
+        let (a, b) = domain::conversation_members(conv)
+            .ok_or_else(|| ApiError::internal("bad conversation id"))?;
+        self.store.touch_inboxes(conv, a, b, now).await?;
+        let responded = match self
+            .store
+            .respond(conv, responder, accept, now, self.window_ms())
+            .await?
+        {
+            Response::Ok(responded) => responded,
+            Response::NotFound => return Err(conversation_not_found()),
+            // The entry may be another response's: the sweeper drops it when
+            // no refund is due.
+            Response::Refused { reason } => return Err(SendFailure::from(reason).error()),
+        };
+        Ok(self
+            .settle_response(ctx, conv, Some(&responded), Some(item))
+            .await)
+    }
+
+    /// Asks billing to refund an InMail whose refund is due, and records the
+    /// answer. Exactly once: billing refunds a message at most once, and the
+    /// conversation records the refund only while it is due.
+    pub(crate) async fn refund_inmail(
+        &self,
+        ctx: &CallContext,
+        conv: &str,
+        inmail_id: &str,
+        inmail_sender: &str,
+    ) -> Refund {
+        match self.billing.refund(ctx, inmail_sender, inmail_id).await {
+            Ok(_) => match self
+                .store
+                .settle_refund(conv, inmail_id, RefundState::Refunded)
+                .await
+            {
+                Ok(_) => {
+                    metrics::counter!("inmail_refunds_total").increment(1);
+                    Refund::Refunded
+                }
+                Err(_) => Refund::Pending,
+            },
+            Err(ApiError::FailedPrecondition {
+                reason: inmail_shared::reasons::REFUND_WINDOW_CLOSED,
+                ..
+            }) => match self
+                .store
+                .settle_refund(conv, inmail_id, RefundState::Closed)
+                .await
+            {
+                Ok(_) => Refund::WindowClosed,
+                Err(_) => Refund::Pending,
+            },
+            Err(err) => {
+                tracing::warn!(%inmail_id, error = %err, "refund not taken yet; the sweeper will retry");
+                Refund::Pending
+            }
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The messaging service's shape: its parts, its configuration, and what a
+//! send answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use inmail_shared::ApiError;
+use inmail_shared::clock::Clock;
+
+use crate::domain::{self, PendingInmailPolicy};
+use crate::downstream::{Billing, Plans};
+use crate::store::{MessagingStore, SendLimits, StoredMessage};
+
+/// A hook tests use to break the saga right after the debit (a store
+/// failure, or stopping billing): it answers the error to inject, if any.
+/// Not reachable from configuration.
+pub type AfterDebitHook = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<ApiError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+#[derive(Clone, Default)]
+pub struct Faults {
+    pub after_debit: Option<AfterDebitHook>,
+}
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faults")
+            .field("after_debit", &self.after_debit.is_some())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub policy: PendingInmailPolicy,
+    pub limits: SendLimits,
+    /// A response within this long after sending refunds the InMail.
+    pub refund_window: Duration,
+    /// When the sweeper looks at a send that has not finished.
+    pub recovery_after: Duration,
+    /// When the sweeper retries a refund billing did not take.
+    pub refund_retry: Duration,
+    /// How long a failed message is kept (for replays of its request).
+    pub failed_keep: Duration,
+    pub faults: Faults,
+}
+
+/// Whether a response brought the sender's credit back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refund {
+    None,
+    Refunded,
+    Pending,
+    WindowClosed,
+}
+
+impl Refund {
+    /// What a response's recorded refund state means for its answer.
+    pub fn of(state: Option<domain::RefundState>) -> Self {
+        match state {
+            Some(domain::RefundState::Refunded) => Self::Refunded,
+            Some(domain::RefundState::Due) => Self::Pending,
+            Some(domain::RefundState::Closed) => Self::WindowClosed,
+            None => Self::None,
+        }
+    }
+}
+
+/// A delivered message and what it cost.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub conv: String,
+    pub message: StoredMessage,
+    pub balance_after: Option<i64>,
+    pub refund: Refund,
+}
+
+/// One send request.
+#[derive(Debug, Clone)]
+pub struct SendInput<'a> {
+    pub request_id: &'a str,
+    pub fingerprint: &'a str,
+    pub sender: &'a str,
+    pub recipient: &'a str,
+    pub subject: &'a str,
+    pub body: &'a str,
+}
+
+#[derive(Clone)]
+pub struct Messaging {
+    pub(crate) store: MessagingStore,
+    pub(crate) billing: Billing,
+    pub(crate) plans: Plans,
+    pub(crate) clock: Clock,
+    pub(crate) config: Arc<Config>,
+}
+
+impl Messaging {
+    pub fn new(
+        store: MessagingStore,
+        billing: Billing,
+        plans: Plans,
+        clock: Clock,
+        config: Config,
+    ) -> Self {
+        Self {
+            store,
+            billing,
+            plans,
+            clock,
+            config: Arc::new(config),
+        }
+    }
+
+    pub fn store(&self) -> &MessagingStore {
+        &self.store
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub(crate) fn window_ms(&self) -> i64 {
+        self.config.refund_window.as_millis() as i64
+    }
+
+    pub(crate) fn recovery_after_ms(&self) -> i64 {
+        self.config.recovery_after.as_millis() as i64
+    }
+}

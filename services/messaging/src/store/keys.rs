@@ -1,0 +1,95 @@
+//! messaging's Redis keys (prefix `messaging:`). A conversation's keys share
+//! the conversation's hash tag `{a~b}`; a member's keys share the member's
+//! `{M}`. Each script touches one of those slots only.
+//!
+//! - `messaging:{a~b}:conv` hash — the pair: `a`, `b`; `conn`, `conn_at`;
+//!   `blk_a` / `blk_b` (when a blocked b / b blocked a); `w_a`, `w_b`
+//!   (messages delivered from each); `open` (someone responded to an InMail);
+//!   `seq`, `count`, `last`, `last_msg`; the conversation's InMail `im_id`,
+//!   `im_from`, `im_at` (sent), `im_state` (staged, awaiting, replied,
+//!   accepted, declined), `im_resp_at`, `im_refund` ("", due, refunded,
+//!   closed).
+//! - `messaging:{a~b}:msg:<id>` hash — one message: `from`, `to`, `kind`,
+//!   `subject`, `body`, `credits`, `at`, `state` (staged, delivered, failed),
+//!   `seq`, `reason` (why it failed), `bal_after`, `fp` (the request's
+//!   fingerprint).
+//! - `messaging:{a~b}:timeline` sorted set — delivered message ids by `seq`.
+//! - `messaging:{M}:prefs` hash — `inmail` ("0" when InMail is turned off).
+//! - `messaging:{M}:connections`, `messaging:{M}:blocked`,
+//!   `messaging:{M}:inbox` sorted sets — other member (or conversation) by
+//!   time, for listing.
+//! - `messaging:{M}:request:<request_id>` hash — request records.
+//! - `messaging:{M}:ratelimit` hash — the InMail token bucket.
+//! - `messaging:{M}:openprofile:<YYYYMM>` string — Open Profile messages sent
+//!   this calendar month.
+//! - `messaging:outbox:{o<N>}` sorted sets ([`OUTBOX_SHARDS`] shards) —
+//!   sends and refunds to finish if their process died, by when to look at
+//!   them.
+
+use inmail_shared::sweep::shard_of;
+
+pub const OUTBOX_SHARDS: u32 = 16;
+
+pub fn conv(conv: &str) -> String {
+    format!("messaging:{{{conv}}}:conv")
+}
+
+pub fn msg(conv: &str, message_id: &str) -> String {
+    format!("messaging:{{{conv}}}:msg:{message_id}")
+}
+
+pub fn timeline(conv: &str) -> String {
+    format!("messaging:{{{conv}}}:timeline")
+}
+
+pub fn prefs(member: &str) -> String {
+    format!("messaging:{{{member}}}:prefs")
+}
+
+pub fn connections(member: &str) -> String {
+    format!("messaging:{{{member}}}:connections")
+}
+
+pub fn blocked(member: &str) -> String {
+    format!("messaging:{{{member}}}:blocked")
+}
+
+pub fn inbox(member: &str) -> String {
+    format!("messaging:{{{member}}}:inbox")
+}
+
+pub fn request(member: &str, request_id: &str) -> String {
+    format!("messaging:{{{member}}}:request:{request_id}")
+}
+
+pub fn ratelimit(member: &str) -> String {
+    format!("messaging:{{{member}}}:ratelimit")
+}
+
+pub fn open_profile(member: &str, month: &str) -> String {
+    format!("messaging:{{{member}}}:openprofile:{month}")
+}
+
+pub fn outbox(shard: u32) -> String {
+    format!("messaging:outbox:{{o{shard}}}")
+}
+
+/// The outbox shard of a conversation.
+pub fn outbox_shard_of(conv: &str) -> u32 {
+    shard_of(conv, OUTBOX_SHARDS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversation_keys_share_the_conversation_tag() {
+        for key in [conv("a~b"), msg("a~b", "m"), timeline("a~b")] {
+            assert!(key.contains("{a~b}"), "{key}");
+        }
+        for key in [inbox("m"), request("m", "r"), ratelimit("m"), prefs("m")] {
+            assert!(key.contains("{m}"), "{key}");
+        }
+    }
+}

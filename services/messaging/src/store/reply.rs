@@ -1,0 +1,302 @@
+//! What messaging's scripts answer and what its hashes hold, parsed once at
+//! the store boundary into types: no caller reads a reply by position or a
+//! state as a string.
+
+use std::collections::HashMap;
+
+use inmail_shared::ApiError;
+use serde::Deserialize;
+
+use crate::domain::{InmailInfo, InmailStage, Kind, Pair, RefundState};
+use crate::error::SendFailure;
+
+/// Where a stored message stands (the message's `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageState {
+    /// Stored, not visible: its InMail is being charged.
+    Staged,
+    Delivered,
+    /// Given up; `reason` says why.
+    Failed,
+}
+
+impl MessageState {
+    pub fn parse(value: &str) -> Option<Self> {
+        Some(match value {
+            "staged" => Self::Staged,
+            "delivered" => Self::Delivered,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a script refused (its `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Refusal {
+    Blocked,
+    AwaitingResponse,
+    NoInmailAwaitingResponse,
+}
+
+/// The message a script found in place of a new or staged one.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Existing {
+    /// `None`: no such message (a staged one that vanished).
+    #[serde(default)]
+    pub state: Option<MessageState>,
+    /// The fingerprint of the request that stored it.
+    #[serde(default)]
+    pub fp: String,
+}
+
+/// A response to an InMail that a script recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Responded {
+    pub refund: RefundState,
+    pub inmail_id: String,
+    pub inmail_sender: String,
+}
+
+/// BEGIN_SEND's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum Begun {
+    New,
+    Exists { msg: String, conv: String },
+    Mismatch,
+    RateLimited { retry_ms: u64 },
+    OpenProfileLimited,
+}
+
+/// STAGE_INMAIL's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum Staged {
+    Ok,
+    Exists(Existing),
+    Refused {
+        reason: Refusal,
+    },
+    /// The pair changed since the kind was decided; decide again.
+    Retry,
+}
+
+/// DELIVER's answer for a delivered message.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Delivered {
+    pub seq: u64,
+    pub sent_at: i64,
+    #[serde(flatten)]
+    pub response: Option<Responded>,
+}
+
+/// DELIVER's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum Delivery {
+    Ok(Delivered),
+    Exists(Existing),
+    Refused { reason: Refusal },
+    Retry,
+}
+
+/// FAIL_STAGED's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum GivenUp {
+    Ok,
+    Exists(Existing),
+}
+
+/// RESPOND's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum Response {
+    Ok(Responded),
+    NotFound,
+    Refused { reason: Refusal },
+}
+
+/// CONNECT's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum Connected {
+    Ok { since: i64 },
+    Refused { reason: Refusal },
+}
+
+/// Parses a script's JSON reply into its type.
+pub fn parse<T: serde::de::DeserializeOwned>(script: &str, json: &str) -> Result<T, ApiError> {
+    serde_json::from_str(json).map_err(|e| {
+        ApiError::internal(format!(
+            "unreadable reply of the {script} script {json:?}: {e}"
+        ))
+    })
+}
+
+/// A stored message.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    pub kind: Kind,
+    pub subject: String,
+    pub body: String,
+    pub credits: i32,
+    pub at_ms: i64,
+    pub state: MessageState,
+    /// Why it failed.
+    pub reason: Option<SendFailure>,
+    pub balance_after: Option<i64>,
+    /// Fingerprint of the request that sent it.
+    pub fingerprint: String,
+}
+
+impl StoredMessage {
+    /// Reads a message hash; `None` when it does not exist or is unreadable.
+    pub fn from_fields(id: &str, fields: HashMap<String, String>) -> Option<Self> {
+        if fields.is_empty() {
+            return None;
+        }
+        let get = |name: &str| fields.get(name).cloned().unwrap_or_default();
+        let kind = Kind::parse(&get("kind"))?;
+        let state = MessageState::parse(&get("state"))?;
+        Some(Self {
+            id: id.to_string(),
+            from: get("from"),
+            to: get("to"),
+            kind,
+            subject: get("subject"),
+            body: get("body"),
+            credits: get("credits").parse().unwrap_or(0),
+            at_ms: get("at").parse().unwrap_or(0),
+            state,
+            reason: SendFailure::parse(&get("reason")),
+            balance_after: fields.get("bal_after").and_then(|v| v.parse().ok()),
+            fingerprint: get("fp"),
+        })
+    }
+}
+
+/// A conversation hash as stored: the pair the rules look at, and what the
+/// views show.
+#[derive(Debug, Clone, Default)]
+pub struct ConversationRecord {
+    pub pair: Pair,
+    /// Whether any message was delivered (a pair with only a connection, a
+    /// block or a staged InMail is not a conversation yet).
+    pub last_message_id: Option<String>,
+    pub last_activity_ms: i64,
+    pub message_count: u32,
+}
+
+impl ConversationRecord {
+    pub fn from_fields(fields: &HashMap<String, String>) -> Self {
+        let get = |name: &str| fields.get(name).map(String::as_str).unwrap_or("");
+        let int = |name: &str| get(name).parse::<i64>().unwrap_or(0);
+        let mut written = HashMap::new();
+        for side in ["a", "b"] {
+            if let Some(member) = fields.get(side) {
+                written.insert(member.clone(), int(&format!("w_{side}")) as u64);
+            }
+        }
+        let inmail = InmailStage::parse(get("im_state")).map(|stage| InmailInfo {
+            message_id: get("im_id").to_string(),
+            sender: get("im_from").to_string(),
+            sent_at_ms: int("im_at"),
+            stage,
+            responded_at_ms: int("im_resp_at"),
+            refund: RefundState::parse(get("im_refund")),
+        });
+        Self {
+            pair: Pair {
+                connected: get("conn") == "1",
+                blocked: !get("blk_a").is_empty() || !get("blk_b").is_empty(),
+                inmail,
+                written,
+                open: get("open") == "1",
+            },
+            last_message_id: fields.get("last_msg").cloned(),
+            last_activity_ms: int("last"),
+            message_count: int("count") as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_replies_parse_by_name() {
+        let d: Delivery = parse(
+            "deliver",
+            r#"{"s":"ok","seq":3,"sent_at":5,"refund":"due","inmail_id":"m-1","inmail_sender":"sam"}"#,
+        )
+        .unwrap();
+        let Delivery::Ok(delivered) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(delivered.seq, 3);
+        assert_eq!(
+            delivered.response,
+            Some(Responded {
+                refund: RefundState::Due,
+                inmail_id: "m-1".into(),
+                inmail_sender: "sam".into()
+            })
+        );
+        let plain: Delivery = parse("deliver", r#"{"s":"ok","seq":1,"sent_at":5}"#).unwrap();
+        assert!(matches!(
+            plain,
+            Delivery::Ok(Delivered { response: None, .. })
+        ));
+        let refused: Delivery = parse("deliver", r#"{"s":"refused","reason":"BLOCKED"}"#).unwrap();
+        assert_eq!(
+            refused,
+            Delivery::Refused {
+                reason: Refusal::Blocked
+            }
+        );
+        let begun: Begun = parse("begin", r#"{"s":"rate_limited","retry_ms":7}"#).unwrap();
+        assert_eq!(begun, Begun::RateLimited { retry_ms: 7 });
+    }
+
+    #[test]
+    fn a_changed_reply_is_an_error_not_a_wrong_field() {
+        assert!(parse::<Delivery>("deliver", r#"{"s":"ok","sequence":3}"#).is_err());
+        assert!(parse::<Staged>("stage", r#"{"s":"weird"}"#).is_err());
+    }
+
+    #[test]
+    fn conversation_record_reads_the_stored_fields() {
+        let fields: HashMap<String, String> = [
+            ("a", "rita"),
+            ("b", "sam"),
+            ("w_a", "2"),
+            ("conn", "1"),
+            ("im_state", "awaiting"),
+            ("im_from", "sam"),
+            ("im_id", "m-9"),
+            ("im_at", "5"),
+            ("im_refund", ""),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let record = ConversationRecord::from_fields(&fields);
+        let p = record.pair;
+        assert!(p.connected && !p.blocked && !p.open);
+        assert!(p.has_written("rita") && !p.has_written("sam"));
+        let inmail = p.inmail.unwrap();
+        assert_eq!(
+            (inmail.sender.as_str(), inmail.stage, inmail.refund),
+            ("sam", InmailStage::AwaitingResponse, None)
+        );
+        assert!(record.last_message_id.is_none());
+    }
+}

@@ -1,0 +1,27 @@
+-- Writes a member's new subscription state together with the request's
+-- outcome, if nobody changed the state since it was read (optimistic).
+--
+-- KEYS[1]  the subscription hash (rev, state)
+-- KEYS[2]  the request record (fp, outcome)
+-- ARGV[1]  the revision read
+-- ARGV[2]  the new state JSON ("" for a refusal: only the outcome is recorded)
+-- ARGV[3]  fingerprint of the request's arguments
+-- ARGV[4]  the outcome JSON
+-- ARGV[5]  request record retention ms
+--
+-- Checks before any write: the request id was not used with other arguments
+-- and has no outcome yet; the revision is still the one read.
+-- Reply: {"ok"} | {"done", outcome} | {"mismatch"} | {"conflict"}
+local rec = redis.call('HMGET', KEYS[2], 'fp', 'outcome')
+if rec[1] then
+  if rec[1] ~= ARGV[3] then return {'mismatch'} end
+  if rec[2] then return {'done', rec[2]} end
+end
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if rev ~= tonumber(ARGV[1]) then return {'conflict'} end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'rev', rev + 1, 'state', ARGV[2])
+end
+redis.call('HSET', KEYS[2], 'fp', ARGV[3], 'outcome', ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return {'ok'}

@@ -1,0 +1,73 @@
+//! Every `google.rpc.ErrorInfo` reason the services answer, named once. The
+//! services that produce a reason and those that read it (messaging reading
+//! billing's refusals, tests, clients) match these constants, never a literal.
+
+// Any service.
+/// A request field is malformed (with `BadRequest` field violations).
+pub const INVALID_FIELD: &str = "INVALID_FIELD";
+/// The request_id was used before with other arguments (AIP-155).
+pub const REQUEST_ID_REUSED: &str = "REQUEST_ID_REUSED";
+/// Redis cannot be reached or timed out.
+pub const STORAGE_UNAVAILABLE: &str = "STORAGE_UNAVAILABLE";
+/// The server is serving its maximum of concurrent calls.
+pub const SERVER_OVERLOADED: &str = "SERVER_OVERLOADED";
+/// A bug or broken invariant; details stay in the logs.
+pub const INTERNAL: &str = "INTERNAL";
+/// A downstream answered without a reason of its own.
+pub const UPSTREAM_ERROR: &str = "UPSTREAM_ERROR";
+/// A downstream could not be reached.
+pub const UPSTREAM_UNAVAILABLE: &str = "UPSTREAM_UNAVAILABLE";
+/// A concurrent duplicate of the request is still being served.
+pub const REQUEST_IN_PROGRESS: &str = "REQUEST_IN_PROGRESS";
+/// The caller presented no credentials, or credentials that do not verify.
+pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+/// The caller is known but may not do this.
+pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
+
+// The test clock.
+pub const TEST_CLOCK_DISABLED: &str = "TEST_CLOCK_DISABLED";
+pub const CLOCK_WOULD_GO_BACK: &str = "CLOCK_WOULD_GO_BACK";
+
+// subscription-plan.
+pub const PLAN_NOT_FOUND: &str = "PLAN_NOT_FOUND";
+pub const PLAN_NOT_SUBSCRIBABLE: &str = "PLAN_NOT_SUBSCRIBABLE";
+pub const ALREADY_SUBSCRIBED: &str = "ALREADY_SUBSCRIBED";
+pub const NOT_SUBSCRIBED: &str = "NOT_SUBSCRIBED";
+pub const SAME_PLAN: &str = "SAME_PLAN";
+pub const NO_SCHEDULED_CHANGE: &str = "NO_SCHEDULED_CHANGE";
+pub const CONCURRENT_MODIFICATION: &str = "CONCURRENT_MODIFICATION";
+/// subscription-plan could not be asked (billing's and messaging's reason).
+pub const SUBSCRIPTION_PLAN_UNAVAILABLE: &str = "SUBSCRIPTION_PLAN_UNAVAILABLE";
+
+// billing-credits; messaging reads most of them.
+/// Out of credits (DESIGN.md §5).
+pub const INSUFFICIENT_CREDITS: &str = "INSUFFICIENT_CREDITS";
+/// InMail needs a paid plan (billing and messaging answer it).
+pub const PAID_PLAN_REQUIRED: &str = "PAID_PLAN_REQUIRED";
+pub const MESSAGE_ID_CONFLICT: &str = "MESSAGE_ID_CONFLICT";
+pub const DEBIT_RELEASED: &str = "DEBIT_RELEASED";
+pub const DEBIT_NOT_FOUND: &str = "DEBIT_NOT_FOUND";
+pub const DEBIT_CONFIRMED: &str = "DEBIT_CONFIRMED";
+pub const DEBIT_NOT_CONFIRMED: &str = "DEBIT_NOT_CONFIRMED";
+pub const REFUND_WINDOW_CLOSED: &str = "REFUND_WINDOW_CLOSED";
+pub const ENTITLEMENT_CHANGING: &str = "ENTITLEMENT_CHANGING";
+/// The hold's index entry expired before the debit could be written.
+pub const HOLD_WINDOW_MISSED: &str = "HOLD_WINDOW_MISSED";
+/// billing-credits could not be asked (messaging's reason).
+pub const BILLING_UNAVAILABLE: &str = "BILLING_UNAVAILABLE";
+/// A write was not acknowledged by enough Redis replicas in time.
+pub const NOT_REPLICATED: &str = "NOT_REPLICATED";
+
+// messaging.
+pub const BLOCKED: &str = "BLOCKED";
+pub const AWAITING_RESPONSE: &str = "AWAITING_RESPONSE";
+pub const INMAIL_NOT_ACCEPTED: &str = "INMAIL_NOT_ACCEPTED";
+pub const CONCURRENT_INMAIL: &str = "CONCURRENT_INMAIL";
+pub const NO_INMAIL_AWAITING_RESPONSE: &str = "NO_INMAIL_AWAITING_RESPONSE";
+pub const SEND_ABANDONED: &str = "SEND_ABANDONED";
+pub const INMAIL_RATE_LIMITED: &str = "INMAIL_RATE_LIMITED";
+pub const SEND_RATE_LIMITED: &str = "SEND_RATE_LIMITED";
+pub const OPEN_PROFILE_MONTHLY_LIMIT: &str = "OPEN_PROFILE_MONTHLY_LIMIT";
+pub const CONVERSATION_NOT_FOUND: &str = "CONVERSATION_NOT_FOUND";
+pub const CONVERSATION_CHANGING: &str = "CONVERSATION_CHANGING";
+pub const RETRY_TO_SEE_RESULT: &str = "RETRY_TO_SEE_RESULT";
