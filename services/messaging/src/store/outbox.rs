@@ -2,6 +2,11 @@
 //! [`keys::OUTBOX_SHARDS`](super::keys::OUTBOX_SHARDS) sorted sets by when to
 //! look at them, so the sweeper finishes them if that process dies.
 
+use inmail_shared::ApiError;
+use inmail_shared::storage::Batch;
+
+use super::{MessageState, MessagingStore, keys};
+
 /// Work the sweeper finishes if the process handling it died.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutboxItem {
@@ -60,6 +65,93 @@ impl OutboxItem {
         match self {
             Self::Send { conv, .. } | Self::Refund { conv, .. } => conv,
         }
+    }
+}
+
+impl MessagingStore {
+    pub async fn outbox_add(&self, item: &OutboxItem, at_ms: i64) -> Result<(), ApiError> {
+        let _: () = redis::cmd("ZADD")
+            .arg(keys::outbox(keys::outbox_shard_of(item.conv())))
+            .arg(at_ms)
+            .arg(item.encode())
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn outbox_remove(&self, item: &OutboxItem) -> Result<(), ApiError> {
+        let _: () = redis::cmd("ZREM")
+            .arg(keys::outbox(keys::outbox_shard_of(item.conv())))
+            .arg(item.encode())
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Drops finished items of one outbox shard.
+    pub async fn outbox_remove_many(
+        &self,
+        shard: u32,
+        items: &[OutboxItem],
+    ) -> Result<(), ApiError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(keys::outbox(shard));
+        for item in items {
+            cmd.arg(item.encode());
+        }
+        let _: i64 = cmd.query_async(&mut self.redis.conn()).await?;
+        Ok(())
+    }
+
+    /// For each item, the state of the message a send item names (refund
+    /// items: `None`), in one round trip.
+    pub async fn outbox_states(
+        &self,
+        items: &[OutboxItem],
+    ) -> Result<Vec<Option<MessageState>>, ApiError> {
+        let mut batch = Batch::new();
+        for item in items {
+            let cmd = match item {
+                OutboxItem::Send {
+                    conv, message_id, ..
+                } => redis::cmd("HGET")
+                    .arg(keys::msg(conv, message_id))
+                    .arg("state")
+                    .clone(),
+                OutboxItem::Refund { conv, .. } => {
+                    redis::cmd("HGET").arg(keys::conv(conv)).arg("-").clone()
+                }
+            };
+            batch.add(cmd);
+        }
+        let states: Vec<Option<String>> = self.redis.run(&batch).await?;
+        Ok(states
+            .into_iter()
+            .map(|s| s.as_deref().and_then(MessageState::parse))
+            .collect())
+    }
+
+    /// Outbox items due at `now_ms`.
+    pub async fn outbox_due(
+        &self,
+        shard: u32,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxItem>, ApiError> {
+        let raw: Vec<String> = redis::cmd("ZRANGE")
+            .arg(keys::outbox(shard))
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(raw.iter().filter_map(|v| OutboxItem::decode(v)).collect())
     }
 }
 
