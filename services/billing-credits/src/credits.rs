@@ -43,6 +43,8 @@ pub enum Op<'a> {
     },
     Refund {
         message_id: &'a str,
+        /// When the recipient responded (epoch ms; `None`: now).
+        responded_at_ms: Option<i64>,
     },
     Grant {
         amount: i32,
@@ -56,7 +58,7 @@ impl Op<'_> {
             Op::Debit { message_id, .. }
             | Op::Confirm { message_id }
             | Op::Release { message_id, .. }
-            | Op::Refund { message_id } => message_id,
+            | Op::Refund { message_id, .. } => message_id,
             Op::Balance | Op::Grant { .. } => "",
         }
     }
@@ -107,28 +109,19 @@ impl Credits {
         fingerprint: &str,
         op: Op<'_>,
     ) -> Result<Reply, ApiError> {
-        let now_ms = self.clock.now_ms().await?;
-        if let Op::Debit { message_id, .. } = op {
-            let hold_expires = now_ms + self.policy.hold.as_millis() as i64;
-            let owner = self
-                .store
-                .prepare_debit(
-                    member,
-                    message_id,
-                    hold_expires,
-                    self.policy.retention.message_owner,
-                )
-                .await?;
-            if owner != member {
-                return Err(ApiError::failed_precondition(
-                    reasons::MESSAGE_ID_CONFLICT,
-                    format!("message {message_id} was already debited to another member"),
-                ));
-            }
-        }
         let mut entitlement = String::new();
         let mut valid_until_ms = 0;
+        let mut hold_expires_ms = 0;
         for _ in 0..SETTLE_ATTEMPTS {
+            // Read for every attempt: asking subscription-plan takes time,
+            // and a hold is judged against the time its script runs.
+            let now_ms = self.clock.now_ms().await?;
+            if let Op::Debit { message_id, .. } = op
+                && now_ms >= hold_expires_ms
+            {
+                hold_expires_ms = now_ms + self.hold_for(ctx).as_millis() as i64;
+                self.index_hold(member, message_id, hold_expires_ms).await?;
+            }
             let call = Call {
                 member,
                 now_ms,
@@ -136,6 +129,7 @@ impl Credits {
                 valid_until_ms,
                 request_id,
                 fingerprint,
+                hold_expires_ms,
             };
             let reply = self.invoke(&call, op).await?;
             match reply.s {
@@ -184,6 +178,11 @@ impl Credits {
                         message_id,
                     ));
                 }
+                // The wait for subscription-plan outlived the hold's index
+                // entry: index a new one and debit again.
+                Outcome::Refused if reply.reason == Some(Refusal::HoldWindowMissed) => {
+                    hold_expires_ms = 0;
+                }
                 Outcome::Refused => {
                     record_metrics(&reply);
                     let why = reply
@@ -199,19 +198,53 @@ impl Credits {
         ))
     }
 
+    /// How long a hold made now lives: HOLD_TTL, or longer while the caller
+    /// that made it may still confirm it (its remaining deadline), so a slow
+    /// caller's confirmation never finds its own hold released.
+    fn hold_for(&self, ctx: &CallContext) -> Duration {
+        self.policy.hold.max(ctx.remaining())
+    }
+
+    /// Binds the message id to the member and indexes the hold's expiry, both
+    /// before the debit script runs; refuses an id debited to another member.
+    async fn index_hold(
+        &self,
+        member: &str,
+        message_id: &str,
+        expires_ms: i64,
+    ) -> Result<(), ApiError> {
+        let owner = self
+            .store
+            .prepare_debit(
+                member,
+                message_id,
+                expires_ms,
+                self.policy.retention.message_owner,
+            )
+            .await?;
+        if owner != member {
+            return Err(ApiError::failed_precondition(
+                reasons::MESSAGE_ID_CONFLICT,
+                format!("message {message_id} was already debited to another member"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long a hold index entry with no debit behind it is kept after its
+    /// expiry: a debit script may still be about to run for it (its
+    /// caller's clock may lag the sweeper's by up to this).
+    pub fn orphan_grace(&self) -> Duration {
+        self.policy.hold
+    }
+
     async fn invoke(&self, call: &Call<'_>, op: Op<'_>) -> Result<Reply, ApiError> {
         let retention = &self.policy.retention;
         match op {
             Op::Balance => self.store.balance(call, retention.request).await,
             Op::Debit { message_id, amount } => {
                 self.store
-                    .debit(
-                        call,
-                        retention.request,
-                        message_id,
-                        amount,
-                        self.policy.hold,
-                    )
+                    .debit(call, retention.request, message_id, amount)
                     .await
             }
             Op::Confirm { message_id } => {
@@ -228,8 +261,14 @@ impl Credits {
                     .release(call, retention, message_id, cause, only_if_expired)
                     .await
             }
-            Op::Refund { message_id } => {
-                self.store.refund(call, retention.request, message_id).await
+            Op::Refund {
+                message_id,
+                responded_at_ms,
+            } => {
+                let responded = responded_at_ms.unwrap_or(call.now_ms);
+                self.store
+                    .refund(call, retention.request, message_id, responded)
+                    .await
             }
             Op::Grant { amount, reason } => {
                 self.store

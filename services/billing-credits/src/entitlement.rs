@@ -28,6 +28,8 @@ pub struct PeriodArg {
     pub paid: u8,
     /// Cycles begun in the period.
     pub n: u32,
+    /// When the period started, epoch ms.
+    pub st: i64,
     /// Latest cycle start and end, epoch ms.
     pub cs: i64,
     pub ce: i64,
@@ -121,6 +123,7 @@ fn period_arg(period: &plans::PlanPeriod) -> PeriodArg {
         c: i64::from(period.rollover_cap),
         paid: u8::from(period.paid),
         n: period.cycles_started,
+        st: ms(&period.started_at),
         cs: ms(&period.cycle_start),
         ce: ms(&period.cycle_end),
     }

@@ -8,6 +8,7 @@ use inmail_shared::paging::{self, decode_token, encode_token};
 use inmail_shared::proto::billing::v1 as pb;
 use inmail_shared::reasons;
 use inmail_shared::rpc::handle;
+use inmail_shared::time::from_timestamp;
 use inmail_shared::validate::Checks;
 use tonic::{Request, Response, Status};
 
@@ -25,6 +26,9 @@ pub const MAX_GRANT: i32 = 1000;
 pub const MAX_REASON_CHARS: usize = 200;
 /// Longest message id billing keeps.
 pub const MAX_MESSAGE_ID_LEN: usize = 128;
+/// How far ahead of billing's clock a caller's `responded_at` may be (the
+/// callers' clocks are synchronised, within this).
+pub const MAX_CLOCK_SKEW_MS: i64 = 60_000;
 
 #[derive(Clone)]
 pub struct BillingApi {
@@ -221,9 +225,29 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
-            debit_checks(&request.request_id, &request.member_id, &request.message_id).finish()?;
+            let mut checks =
+                debit_checks(&request.request_id, &request.member_id, &request.message_id);
+            let responded_at = match request.responded_at.as_ref().map(from_timestamp) {
+                None => None,
+                Some(Some(t)) => Some(t.timestamp_millis()),
+                Some(None) => {
+                    checks.add("responded_at", "is not a valid timestamp");
+                    None
+                }
+            };
+            checks.finish()?;
+            if let Some(at) = responded_at {
+                let now = self.credits.clock().now_ms().await?;
+                if at > now + MAX_CLOCK_SKEW_MS {
+                    return Err(ApiError::invalid_field(
+                        "responded_at",
+                        "must not be in the future",
+                    ));
+                }
+            }
             let op = Op::Refund {
                 message_id: &request.message_id,
+                responded_at_ms: responded_at,
             };
             let fp = request.fingerprint();
             let out = self

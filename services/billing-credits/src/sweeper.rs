@@ -37,12 +37,23 @@ pub async fn sweep_once(credits: &Credits) -> Result<usize, ApiError> {
             if due.is_empty() {
                 break;
             }
-            let states = store.debit_states(&due).await?;
+            let ids: Vec<(String, String)> =
+                due.iter().map(|(m, id, _)| (m.clone(), id.clone())).collect();
+            let states = store.debit_states(&ids).await?;
+            let grace_ms = credits.orphan_grace().as_millis() as i64;
             let mut settled = Vec::with_capacity(due.len());
-            for ((member, message_id), state) in due.iter().zip(states) {
-                if state != Some(DebitState::Held) {
-                    settled.push((member.clone(), message_id.clone()));
-                    continue;
+            for ((member, message_id, expiry), state) in due.iter().zip(states) {
+                let entry = (member.clone(), message_id.clone());
+                match state {
+                    Some(DebitState::Held) => {}
+                    // No debit behind the entry yet: its debit script may
+                    // still run (it refuses once the entry's time is up);
+                    // drop the entry only when that cannot be.
+                    None if now < expiry + grace_ms => continue,
+                    _ => {
+                        settled.push(entry);
+                        continue;
+                    }
                 }
                 let ctx = CallContext::background(Duration::from_secs(5));
                 let op = Op::Release {
@@ -57,14 +68,14 @@ pub async fn sweep_once(credits: &Credits) -> Result<usize, ApiError> {
                             tracing::info!(%member, %message_id, "hold expired: credit released");
                         }
                         if reply.debit.is_none_or(|d| d.state != DebitState::Held) {
-                            settled.push((member.clone(), message_id.clone()));
+                            settled.push(entry);
                         }
                     }
                     // Confirmed meanwhile: nothing to release, ever.
                     Err(ApiError::FailedPrecondition {
                         reason: inmail_shared::reasons::DEBIT_CONFIRMED,
                         ..
-                    }) => settled.push((member.clone(), message_id.clone())),
+                    }) => settled.push(entry),
                     Err(err) => {
                         tracing::warn!(%member, %message_id, error = %err, "cannot release an expired hold yet");
                     }

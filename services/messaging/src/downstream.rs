@@ -104,16 +104,19 @@ impl Billing {
         .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
     }
 
+    /// Refunds an InMail whose recipient responded at `responded_at_ms`.
     pub async fn refund(
         &self,
         ctx: &CallContext,
         member: &str,
         message_id: &str,
+        responded_at_ms: i64,
     ) -> Result<billing::RefundMessageResponse, ApiError> {
         let request = billing::RefundMessageRequest {
             request_id: format!("refund:{message_id}"),
             member_id: member.to_string(),
             message_id: message_id.to_string(),
+            responded_at: inmail_shared::time::ms_to_timestamp(responded_at_ms),
         };
         with_retries(ctx, || {
             let mut client = self.client.clone();

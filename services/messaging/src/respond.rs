@@ -25,8 +25,14 @@ impl Messaging {
         };
         let result = match response.refund {
             RefundState::Due => {
-                self.refund_inmail(ctx, conv, &response.inmail_id, &response.inmail_sender)
-                    .await
+                self.refund_inmail(
+                    ctx,
+                    conv,
+                    &response.inmail_id,
+                    &response.inmail_sender,
+                    response.responded_at,
+                )
+                .await
             }
             RefundState::Closed => Refund::WindowClosed,
             RefundState::Refunded => Refund::Refunded,
@@ -109,8 +115,13 @@ impl Messaging {
         conv: &str,
         inmail_id: &str,
         inmail_sender: &str,
+        responded_at_ms: i64,
     ) -> Refund {
-        match self.billing.refund(ctx, inmail_sender, inmail_id).await {
+        match self
+            .billing
+            .refund(ctx, inmail_sender, inmail_id, responded_at_ms)
+            .await
+        {
             Ok(_) => match self
                 .store
                 .settle_refund(conv, inmail_id, RefundState::Refunded)

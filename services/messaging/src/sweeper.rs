@@ -66,11 +66,23 @@ pub async fn sweep_once(messaging: &Messaging) -> Result<usize, ApiError> {
                         sender,
                     } => {
                         let pair = store.conversation(conv).await?.pair;
-                        let due = pair.inmail.is_some_and(|i| {
+                        match pair.inmail.filter(|i| {
                             &i.message_id == inmail_id && i.refund == Some(RefundState::Due)
-                        });
-                        !due || messaging.refund_inmail(&ctx, conv, inmail_id, sender).await
-                            != Refund::Pending
+                        }) {
+                            None => true,
+                            Some(inmail) => {
+                                messaging
+                                    .refund_inmail(
+                                        &ctx,
+                                        conv,
+                                        inmail_id,
+                                        sender,
+                                        inmail.responded_at_ms,
+                                    )
+                                    .await
+                                    != Refund::Pending
+                            }
+                        }
                     }
                 };
                 if finished_now {

@@ -343,7 +343,8 @@ async fn direct(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) 
     let store = BillingStore::new(redis);
     let members = args.members as u64;
     let entitlement = format!(
-        r#"{{"periods":[{{"v":1,"p":"recruiter-lite","m":30,"c":120,"paid":1,"n":1,"cs":{},"ce":{}}}]}}"#,
+        r#"{{"periods":[{{"v":1,"p":"recruiter-lite","m":30,"c":120,"paid":1,"n":1,"st":{},"cs":{},"ce":{}}}]}}"#,
+        now_ms(),
         now_ms(),
         now_ms() + 30 * 24 * 3600 * 1000
     );
@@ -357,6 +358,7 @@ async fn direct(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) 
             valid_until_ms: valid,
             request_id: "",
             fingerprint: "",
+            hold_expires_ms: 0,
         };
         store
             .grant(&call, Duration::from_secs(60), 1_000_000, "bench")
@@ -364,7 +366,6 @@ async fn direct(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) 
             .unwrap();
     }
     let store = Arc::new(store);
-    let hold = Duration::from_secs(30);
     drive(args, processes, move |i| {
         let store = store.clone();
         async move {
@@ -383,9 +384,10 @@ async fn direct(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) 
                 valid_until_ms: 0,
                 request_id: &request,
                 fingerprint: "fp",
+                hold_expires_ms: now + 30_000,
             };
             let reply = store
-                .debit(&call, Duration::from_secs(3600), &message, 1, hold)
+                .debit(&call, Duration::from_secs(3600), &message, 1)
                 .await
                 .map_err(|e| e.to_string())?;
             if reply.s == billing_credits::store::Outcome::Ok {

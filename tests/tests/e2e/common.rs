@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use inmail_shared::proto::billing::v1 as billing;
 use inmail_shared::proto::messaging::v1 as messaging;
+use inmail_shared::proto::messaging::v1 as pb;
 use inmail_shared::proto::plans::v1 as plans;
 use inmail_tests::{Stack, rid};
 
@@ -214,4 +215,20 @@ where
 pub fn assert_near(actual: chrono::DateTime<chrono::Utc>, expected: chrono::DateTime<chrono::Utc>) {
     let drift = (actual - expected).num_milliseconds().abs();
     assert!(drift < 2_000, "{actual} is not {expected}");
+}
+
+/// A conversation as `member` sees it.
+pub async fn conversation(
+    stack: &Stack,
+    member: &str,
+    id: &str,
+) -> Result<pb::Conversation, tonic::Status> {
+    stack
+        .messaging()
+        .get_conversation(pb::GetConversationRequest {
+            member_id: member.into(),
+            conversation_id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner().conversation.unwrap())
 }

@@ -7,5 +7,6 @@ mod deploy;
 mod foundation;
 mod grpcurl;
 mod messaging;
+mod money;
 mod plans;
 mod processes;

@@ -19,21 +19,6 @@ fn kind(response: &pb::SendMessageResponse) -> MessageKind {
     MessageKind::try_from(response.message.as_ref().unwrap().kind).unwrap()
 }
 
-async fn conversation(
-    stack: &Stack,
-    member: &str,
-    id: &str,
-) -> Result<pb::Conversation, tonic::Status> {
-    stack
-        .messaging()
-        .get_conversation(pb::GetConversationRequest {
-            member_id: member.into(),
-            conversation_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner().conversation.unwrap())
-}
-
 async fn inbox(stack: &Stack, member: &str) -> Vec<pb::Conversation> {
     stack
         .messaging()

@@ -5,8 +5,9 @@
 //!   (`ver` plan-period version, `idx` cycles renewed in it, `cstart`,
 //!   `cend`) and its counters (`debited`, `refunded`, `released`, `granted`,
 //!   reset at each renewal), the entitlement in force (`plan`, `monthly`,
-//!   `cap`, `paid`) and until when it may be trusted without asking
-//!   subscription-plan again (`valid`).
+//!   `cap`, `paid`), until when it may be trusted without asking
+//!   subscription-plan again (`valid`), and the grant window (`wend`,
+//!   `wgrant`: see account.lua) that keeps plan changes from minting.
 //! - `billing:{M}:ledger` stream: one entry per balance change, never edited.
 //! - `billing:{M}:debit:<message_id>` hash: a message's debit (held,
 //!   confirmed, released or refunded). Held debits never expire; the others

@@ -56,6 +56,8 @@ pub struct Call<'a> {
     pub valid_until_ms: i64,
     pub request_id: &'a str,
     pub fingerprint: &'a str,
+    /// A debit's hold expiry, as its index entry has it (epoch ms).
+    pub hold_expires_ms: i64,
 }
 
 /// One member's ledger replayed.
@@ -182,10 +184,9 @@ impl BillingStore {
         retention: Duration,
         message_id: &str,
         amount: i32,
-        hold: Duration,
     ) -> Result<Reply, ApiError> {
         let mut inv = Self::invocation(&self.debit, call, retention, Some(message_id));
-        inv.arg(message_id).arg(amount).arg(millis(hold));
+        inv.arg(message_id).arg(amount).arg(call.hold_expires_ms);
         self.run(inv).await
     }
 
@@ -233,9 +234,10 @@ impl BillingStore {
         call: &Call<'_>,
         retention: Duration,
         message_id: &str,
+        responded_at_ms: i64,
     ) -> Result<Reply, ApiError> {
         let mut inv = Self::invocation(&self.refund, call, retention, Some(message_id));
-        inv.arg(message_id);
+        inv.arg(message_id).arg(responded_at_ms);
         self.run(inv).await
     }
 
@@ -290,14 +292,15 @@ impl BillingStore {
             .collect())
     }
 
-    /// Holds whose expiry is at or before `now_ms`, oldest first.
+    /// Holds whose expiry is at or before `now_ms`, oldest first: (member,
+    /// message id, expiry ms).
     pub async fn expired_holds(
         &self,
         shard: u32,
         now_ms: i64,
         limit: usize,
-    ) -> Result<Vec<(String, String)>, ApiError> {
-        let entries: Vec<String> = redis::cmd("ZRANGE")
+    ) -> Result<Vec<(String, String, i64)>, ApiError> {
+        let entries: Vec<(String, i64)> = redis::cmd("ZRANGE")
             .arg(keys::hold_shard(shard))
             .arg("-inf")
             .arg(now_ms)
@@ -305,11 +308,14 @@ impl BillingStore {
             .arg("LIMIT")
             .arg(0)
             .arg(limit)
+            .arg("WITHSCORES")
             .query_async(&mut self.redis.conn())
             .await?;
         Ok(entries
             .iter()
-            .filter_map(|e| keys::parse_hold_entry(e))
+            .filter_map(|(e, expiry)| {
+                keys::parse_hold_entry(e).map(|(member, message)| (member, message, *expiry))
+            })
             .collect())
     }
 

@@ -58,6 +58,8 @@ pub struct Responded {
     pub refund: RefundState,
     pub inmail_id: String,
     pub inmail_sender: String,
+    /// When the response was recorded: the refund window is judged then.
+    pub responded_at: i64,
 }
 
 /// BEGIN_SEND's answer.
@@ -235,7 +237,7 @@ mod tests {
     fn script_replies_parse_by_name() {
         let d: Delivery = parse(
             "deliver",
-            r#"{"s":"ok","seq":3,"sent_at":5,"refund":"due","inmail_id":"m-1","inmail_sender":"sam"}"#,
+            r#"{"s":"ok","seq":3,"sent_at":5,"refund":"due","inmail_id":"m-1","inmail_sender":"sam","responded_at":5}"#,
         )
         .unwrap();
         let Delivery::Ok(delivered) = d else {
@@ -247,7 +249,8 @@ mod tests {
             Some(Responded {
                 refund: RefundState::Due,
                 inmail_id: "m-1".into(),
-                inmail_sender: "sam".into()
+                inmail_sender: "sam".into(),
+                responded_at: 5,
             })
         );
         let plain: Delivery = parse("deliver", r#"{"s":"ok","seq":1,"sent_at":5}"#).unwrap();

@@ -30,24 +30,49 @@ local function reset_cycle_counters()
   end
 end
 
--- Renews every cycle of the current period up to `target` (cycles begun).
-local function renew_to(target, monthly, cap)
+-- Grant windows (DESIGN.md §3: plan changes never mint credits). A window
+-- opens with a renewal that starts after the last window ended, and lasts
+-- that cycle (`wend`); `wgrant` counts the credits granted in it. A renewal
+-- starting inside an open window — the first cycle of a plan change or a
+-- resubscription, or a free cycle — grants only what the window has not
+-- granted yet of its plan's monthly credits. `cs` nil: an intermediate cycle
+-- of an idle stretch, whose start is not known and whose window is over.
+local function allowance(monthly, cs, ce)
+  if cs and cs < num('wend') then
+    return math.max(0, monthly - num('wgrant'))
+  end
+  set('wend', ce or 0)
+  set('wgrant', 0)
+  return monthly
+end
+
+-- Renews every cycle of period `p` up to the cycles it has begun (p.n):
+-- balance = min(unused + allowance, cap), once per cycle, each a RENEWAL
+-- entry.
+local function renew_to(p)
   local idx = num('idx')
-  while idx < target do
+  if p.m == 0 and bal == 0 and idx < p.n - 1 then
+    -- A free period at zero: nothing to renew in the cycles before the last.
+    idx = p.n - 1
+    set('idx', idx)
+  end
+  while idx < p.n do
     idx = idx + 1
     set('idx', idx)
-    if monthly == 0 and bal == 0 then
-      -- A free period at zero: nothing to renew in the remaining cycles.
-      idx = target
-      set('idx', target)
-    else
-      local new = math.min(bal + monthly, cap)
-      local amount = new - bal
-      bal = new
-      if monthly > 0 or amount ~= 0 then
-        entry('RENEWAL', amount, '', 'cycle ' .. idx)
-        renewed = renewed + amount
-      end
+    local cs, ce
+    if idx == p.n then
+      cs, ce = p.cs, p.ce
+    elseif idx == 1 then
+      cs = p.st
+    end
+    local grant = allowance(p.m, cs, ce)
+    local new = math.min(bal + grant, p.c)
+    local amount = new - bal
+    bal = new
+    if amount > 0 then set('wgrant', num('wgrant') + amount) end
+    if p.m > 0 or amount ~= 0 then
+      entry('RENEWAL', amount, '', 'cycle ' .. idx)
+      renewed = renewed + amount
     end
     reset_cycle_counters()
   end
@@ -89,7 +114,7 @@ local function settle()
       set('idx', 0)
       set('plan', p.p)
     end
-    if p.v == num('ver') then renew_to(p.n, p.m, p.c) end
+    if p.v == num('ver') then renew_to(p) end
   end
   for field, value in pairs({ plan = cur.p, monthly = cur.m, cap = cur.c, paid = cur.paid,
       cstart = cur.cs, cend = cur.ce, valid = VALID }) do

@@ -3,7 +3,9 @@
 --
 -- KEYS[1]  account hash    KEYS[2]  ledger stream    KEYS[3]  request record
 -- ARGV[1]  now ms
--- ARGV[2]  entitlement JSON: "" = the cached one while it may be trusted,
+-- ARGV[2]  entitlement JSON {"periods":[{v,p,m,c,paid,n,st,cs,ce}, ...]}
+--          (ended periods oldest first, then the current one; see
+--          entitlement.rs), "" = the cached one while it may be trusted,
 --          "*" = the cached one however old (releases must not wait)
 -- ARGV[3]  until when a fresh entitlement may be trusted (ms)
 -- ARGV[4]  request_id ("" for reads)   ARGV[5]  fingerprint

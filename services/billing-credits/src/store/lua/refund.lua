@@ -2,13 +2,14 @@
 -- responded). The credit goes to the current cycle's balance.
 --
 -- KEYS[4]  the debit record     ARGV[7]  message_id
+-- ARGV[8]  when the recipient responded (ms): the window is judged then
 -- (KEYS[1..3], ARGV[1..6]: account_args.lua)
 --
 -- Checks: the debit exists (DEBIT_NOT_FOUND), is confirmed (held:
 -- DEBIT_NOT_CONFIRMED; released: DEBIT_RELEASED), and the refund window is
 -- open (REFUND_WINDOW_CLOSED). A refunded debit answers refunded_now=false.
 -- Reply: {"s":"ok","debit":{...},"refunded_now":bool,"balance_after":n}
-local D, MSG = KEYS[4], ARGV[7]
+local D, MSG, RESPONDED = KEYS[4], ARGV[7], tonumber(ARGV[8])
 local d = debit_view(D)
 if not d then save() return refuse('DEBIT_NOT_FOUND') end
 if d.state == 'held' then save() return refuse('DEBIT_NOT_CONFIRMED', { debit = d }) end
@@ -17,7 +18,7 @@ if d.state == 'refunded' then
   save()
   return finish({ s = 'ok', debit = d, refunded_now = false, balance_after = bal })
 end
-if now > d.refundable_until then save() return refuse('REFUND_WINDOW_CLOSED', { debit = d }) end
+if RESPONDED > d.refundable_until then save() return refuse('REFUND_WINDOW_CLOSED', { debit = d }) end
 bal = bal + d.amount
 bump('refunded', d.amount)
 redis.call('HSET', D, 'state', 'refunded', 't_return', now)

@@ -18,7 +18,7 @@
 -- When the sender answers the recipient's InMail, the InMail is marked
 -- replied and its refund "due" within the window ("closed" after).
 -- Reply (JSON): {"s":"ok","seq":n,"sent_at":ms,"refund":r?,"inmail_id":id?,
---   "inmail_sender":m?} | {"s":"exists","state":st,"fp":fp} |
+--   "inmail_sender":m?,"responded_at":ms?} | {"s":"exists","state":st,"fp":fp} |
 --   {"s":"refused","reason":r} | {"s":"retry"}
 local C, M, T = KEYS[1], KEYS[2], KEYS[3]
 local mode, id, sender, recipient, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -68,5 +68,6 @@ elseif conv.im_state == 'awaiting' and conv.im_from == recipient then
   local refund = (now <= tonumber(conv.im_at) + tonumber(ARGV[12])) and 'due' or 'closed'
   redis.call('HSET', C, 'im_state', 'replied', 'im_resp_at', now, 'open', 1, 'im_refund', refund)
   reply.refund, reply.inmail_id, reply.inmail_sender = refund, conv.im_id, conv.im_from
+  reply.responded_at = now
 end
 return cjson.encode(reply)

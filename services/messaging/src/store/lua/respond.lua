@@ -7,7 +7,8 @@
 -- Checks before any write: the responder is in the conversation (else
 -- not_found) and an InMail from the other member awaits a response
 -- (NO_INMAIL_AWAITING_RESPONSE).
--- Reply (JSON): {"s":"ok","refund":r,"inmail_id":id,"inmail_sender":m} |
+-- Reply (JSON): {"s":"ok","refund":r,"inmail_id":id,"inmail_sender":m,
+--   "responded_at":ms} |
 --   {"s":"not_found"} | {"s":"refused","reason":r}
 local C = KEYS[1]
 local f = redis.call('HMGET', C, 'a', 'b', 'im_state', 'im_from', 'im_at', 'im_id')
@@ -18,4 +19,5 @@ end
 local now = tonumber(ARGV[3])
 local refund = (now <= tonumber(f[5]) + tonumber(ARGV[4])) and 'due' or 'closed'
 redis.call('HSET', C, 'im_state', ARGV[2], 'im_resp_at', now, 'open', 1, 'im_refund', refund, 'last', now)
-return cjson.encode({ s = 'ok', refund = refund, inmail_id = f[6], inmail_sender = f[4] })
+return cjson.encode({ s = 'ok', refund = refund, inmail_id = f[6], inmail_sender = f[4],
+  responded_at = now })

@@ -1,0 +1,214 @@
+//! Money paths that fault injection and black-box use found losing, minting
+//! or stranding credits (issue 9): each test failed on the code before its
+//! fix.
+
+use std::time::Duration;
+
+use inmail_shared::proto::billing::v1 as billing;
+use inmail_shared::proto::billing::v1::LedgerEntryKind as Entry;
+use inmail_shared::proto::messaging::v1::{InmailResponse, RefundStatus};
+use inmail_shared::proto::plans::v1 as plans;
+use inmail_tests::processes::ProcessStack;
+use inmail_tests::{BillingClient, PlansClient, Stack, StackOptions, channel, rid};
+
+use crate::common::*;
+
+async fn change_plan(stack: &Stack, member: &str, plan: &str) {
+    stack
+        .plans()
+        .change_plan(plans::ChangePlanRequest {
+            request_id: rid(),
+            member_id: member.into(),
+            plan_id: plan.into(),
+            timing: plans::ChangeTiming::Immediately as i32,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("change {member} to {plan}: {s:?}"));
+}
+
+/// Credits granted by renewals and plan changes (positive RENEWAL entries).
+fn granted(entries: &[billing::LedgerEntry]) -> i64 {
+    entries
+        .iter()
+        .filter(|e| e.kind == Entry::Renewal as i32 && e.amount > 0)
+        .map(|e| e.amount)
+        .sum()
+}
+
+/// A response at day 89 whose refund reaches billing only at day 91
+/// (billing down meanwhile) still refunds: the window is judged at the
+/// moment of the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_owed_at_day_89_is_made_when_billing_returns_at_day_91() {
+    let mut stack = Stack::start().await;
+    stack.set_time(utc(2027, 1, 10, 12)).await;
+    subscribe(&stack, "sal", "premium-career").await;
+    send(&stack, "sal", "tia").await.unwrap();
+    stack.advance(89 * DAY).await;
+    stack.stop_billing().await;
+    let mut accept = tonic::Request::new(inmail_shared::proto::messaging::v1::RespondToInmailRequest {
+        request_id: rid(),
+        member_id: "tia".into(),
+        conversation_id: "sal~tia".into(),
+        response: InmailResponse::Accept as i32,
+        body: String::new(),
+    });
+    accept.set_timeout(Duration::from_secs(2));
+    // Answered PENDING (or cut short by the deadline): the refund is owed.
+    let _ = stack.messaging().respond_to_inmail(accept).await;
+    let c = conversation(&stack, "tia", "sal~tia").await.unwrap();
+    assert_eq!(c.inmail.unwrap().refund_status, RefundStatus::Pending as i32);
+    stack.advance(2 * DAY).await;
+    stack.start_billing_again().await;
+    // The outbox sweeper retries once the response is old enough.
+    stack.advance(Duration::from_secs(61)).await;
+    let refunded = eventually(Duration::from_secs(10), || async {
+        let c = conversation(&stack, "sal", "sal~tia").await.unwrap();
+        c.inmail.unwrap().refund_status == RefundStatus::Refunded as i32
+    })
+    .await;
+    assert!(refunded, "the refund owed for a response at day 89 was lost");
+    let entries = ledger(&stack, "sal").await;
+    assert_eq!(count_kind(&entries, Entry::Refund), 1);
+    assert_ledgers_reconcile(&mut stack.billing()).await;
+}
+
+/// Alternating ChangePlan IMMEDIATELY between two paid plans: within one
+/// billing period the credits granted never exceed one month of the most
+/// generous plan held in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switching_plans_back_and_forth_never_mints_credits() {
+    let stack = Stack::start_with(StackOptions {
+        // Billing asks subscription-plan every time: every switch is seen.
+        billing_args: vec!["--entitlement-cache-ttl".into(), "0s".into()],
+        ..Default::default()
+    })
+    .await;
+    subscribe(&stack, "zed", "sales-navigator-core").await;
+    assert_eq!(available(&stack, "zed").await, 50);
+    for _ in 0..10 {
+        change_plan(&stack, "zed", "recruiter-lite").await;
+        available(&stack, "zed").await;
+        change_plan(&stack, "zed", "sales-navigator-core").await;
+        available(&stack, "zed").await;
+    }
+    let entries = ledger(&stack, "zed").await;
+    assert_eq!(granted(&entries), 50, "credits minted by switching plans");
+    assert!(available(&stack, "zed").await <= 50);
+    assert_ledgers_reconcile(&mut stack.billing()).await;
+}
+
+/// An upgrade inside a billing period tops up to the new plan's monthly
+/// credits; a downgrade or a switch back grants nothing new; the next
+/// renewal grants the plan's full month again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_tops_up_the_difference_and_a_downgrade_grants_nothing() {
+    let stack = Stack::start_with(StackOptions {
+        billing_args: vec!["--entitlement-cache-ttl".into(), "0s".into()],
+        ..Default::default()
+    })
+    .await;
+    stack.set_time(utc(2027, 5, 3, 9)).await;
+    subscribe(&stack, "uma", "premium-career").await;
+    assert_eq!(available(&stack, "uma").await, 5);
+    change_plan(&stack, "uma", "recruiter-lite").await;
+    // 5 unused written off, 30 - 5 granted.
+    assert_eq!(available(&stack, "uma").await, 25);
+    change_plan(&stack, "uma", "premium-business").await;
+    assert_eq!(available(&stack, "uma").await, 0, "a downgrade grants nothing");
+    change_plan(&stack, "uma", "recruiter-lite").await;
+    assert_eq!(available(&stack, "uma").await, 0, "a switch back grants nothing");
+    assert_eq!(granted(&ledger(&stack, "uma").await), 30);
+    // The recruiter-lite period's next cycle renews in full.
+    stack.advance(31 * DAY).await;
+    assert_eq!(available(&stack, "uma").await, 30);
+    assert_ledgers_reconcile(&mut stack.billing()).await;
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// subscription-plan stalls for longer than HOLD_TTL while billing serves a
+/// direct DebitForMessage: no hold may escape the sweeper; the credit is
+/// back within max(HOLD_TTL, the call's deadline) + SWEEP_INTERVAL of the
+/// call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hold_made_while_subscription_plan_stalls_is_still_released() {
+    let stack = ProcessStack::start(|name| match name {
+        "billing-credits" => vec![
+            ("HOLD_TTL".into(), "1s".into()),
+            ("SWEEP_INTERVAL".into(), "100ms".into()),
+            ("ENTITLEMENT_CACHE_TTL".into(), "0s".into()),
+        ],
+        _ => Vec::new(),
+    })
+    .await;
+    let mut plans = PlansClient::new(channel(stack.plans.addr));
+    let mut billing = BillingClient::new(channel(stack.billing.addr));
+    plans
+        .subscribe(plans::SubscribeRequest {
+            request_id: rid(),
+            member_id: "vic".into(),
+            plan_id: "premium-career".into(),
+        })
+        .await
+        .unwrap();
+    let balance = |mut billing: BillingClient| async move {
+        billing
+            .get_balance(billing::GetBalanceRequest {
+                member_id: "vic".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .balance
+            .unwrap()
+            .available
+    };
+    assert_eq!(balance(billing.clone()).await, 5);
+
+    signal(stack.plans.pid(), "-STOP");
+    let debit = tokio::spawn({
+        let mut billing = billing.clone();
+        async move {
+            let mut request = tonic::Request::new(billing::DebitForMessageRequest {
+                request_id: rid(),
+                member_id: "vic".into(),
+                message_id: "stalled-1".into(),
+                amount: 1,
+            });
+            // A hold lives HOLD_TTL, or as long as its caller may still
+            // confirm it: the call's deadline.
+            request.set_timeout(Duration::from_secs(4));
+            billing.debit_for_message(request).await
+        }
+    });
+    // Longer than HOLD_TTL plus a few sweeps.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    signal(stack.plans.pid(), "-CONT");
+    let answered = debit.await.unwrap();
+    // Whatever the answer, no credit may stay held.
+    let released = eventually(Duration::from_secs(3), || async {
+        let state = billing
+            .clone()
+            .get_debit(billing::GetDebitRequest {
+                member_id: "vic".into(),
+                message_id: "stalled-1".into(),
+            })
+            .await
+            .map(|r| r.into_inner().debit.unwrap().state);
+        !matches!(state, Ok(s) if s == billing::DebitState::Held as i32)
+    })
+    .await;
+    assert!(
+        released,
+        "the hold escaped the sweeper (debit answered {answered:?})"
+    );
+    assert_eq!(balance(billing.clone()).await, 5, "the credit came back");
+    assert_ledgers_reconcile(&mut billing).await;
+}
