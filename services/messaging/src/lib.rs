@@ -113,10 +113,16 @@ pub struct Args {
     #[arg(long, env = "REFUND_WINDOW", default_value = "90days", value_parser = humantime::parse_duration)]
     pub refund_window: Duration,
 
-    /// When a send whose process died is finished by the sweeper (keep it
-    /// above REQUEST_TIMEOUT plus billing's HOLD_TTL).
+    /// When the outbox sweeper takes over a send or a response whose
+    /// process died; must be longer than REQUEST_TIMEOUT, which bounds the
+    /// calls still in flight.
     #[arg(long, env = "SEND_RECOVERY_AFTER", default_value = "60s", value_parser = humantime::parse_duration)]
     pub send_recovery_after: Duration,
+
+    /// How often the outbox sweeper asks billing again for a refund it did
+    /// not take.
+    #[arg(long, env = "REFUND_RETRY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub refund_retry: Duration,
 
     /// How often the outbox sweeper runs.
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -124,6 +130,26 @@ pub struct Args {
 
     #[command(flatten)]
     pub common: CommonArgs,
+}
+
+/// Refuses timing settings that contradict each other, naming them.
+fn check_timing(args: &Args) -> Result<(), String> {
+    if args.sweep_interval.is_zero() {
+        return Err("SWEEP_INTERVAL must be positive".into());
+    }
+    if args.refund_retry.is_zero() {
+        return Err("REFUND_RETRY must be positive".into());
+    }
+    let timeout = args.common.request_timeout;
+    if args.send_recovery_after <= timeout {
+        return Err(format!(
+            "SEND_RECOVERY_AFTER ({}) must be longer than REQUEST_TIMEOUT ({}): the outbox \
+             sweeper would take over sends and responses that are still in flight",
+            humantime::format_duration(args.send_recovery_after),
+            humantime::format_duration(timeout),
+        ));
+    }
+    Ok(())
 }
 
 /// Serves messaging on `listener` until `stop` is cancelled.
@@ -142,9 +168,7 @@ pub async fn serve_with_faults(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> Result<(), String> {
-    if args.sweep_interval.is_zero() {
-        return Err("SWEEP_INTERVAL must be positive".into());
-    }
+    check_timing(&args)?;
     let runtime = Runtime::open(&args.common)?;
     let billing =
         lazy_channel(&args.billing_credits_url).map_err(|e| format!("BILLING_CREDITS_URL: {e}"))?;
@@ -161,7 +185,7 @@ pub async fn serve_with_faults(
         },
         refund_window: args.refund_window,
         recovery_after: args.send_recovery_after,
-        refund_retry: Duration::from_secs(5),
+        refund_retry: args.refund_retry,
         failed_keep: DAY,
         faults,
     };

@@ -212,3 +212,70 @@ async fn a_hold_made_while_subscription_plan_stalls_is_still_released() {
     assert_eq!(balance(billing.clone()).await, 5, "the credit came back");
     assert_ledgers_reconcile(&mut billing).await;
 }
+
+/// Timing settings that contradict each other are refused at start, naming
+/// the variables: the outbox sweeper must not take over sends and responses
+/// still in flight.
+#[test]
+fn contradicting_timing_settings_are_refused_at_start() {
+    let listen = format!("127.0.0.1:{}", inmail_tests::redis_server::free_port());
+    for (env, names) in [
+        (
+            vec![("SEND_RECOVERY_AFTER", "5s"), ("REQUEST_TIMEOUT", "10s")],
+            ["SEND_RECOVERY_AFTER", "REQUEST_TIMEOUT"],
+        ),
+        (
+            vec![("REFUND_RETRY", "0s"), ("REQUEST_TIMEOUT", "10s")],
+            ["REFUND_RETRY", "REFUND_RETRY"],
+        ),
+    ] {
+        let mut env = env;
+        env.push(("LISTEN_ADDR", listen.as_str()));
+        let (code, stderr) = crate::processes::run("messaging", &env, &[]);
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "messaging {env:?} started (exit {code:?}): {stderr}"
+        );
+        for name in names {
+            assert!(stderr.contains(name), "the message does not name {name}: {stderr}");
+        }
+    }
+}
+
+/// A hold lives as long as the call that made it may still confirm it,
+/// whatever HOLD_TTL says: a send slower than HOLD_TTL is delivered and
+/// charged once, not released under its feet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_send_slower_than_hold_ttl_is_delivered_and_charged_once() {
+    use messaging::send::{AfterDebitHook, Faults};
+    use std::sync::Arc;
+    let hook: AfterDebitHook = Arc::new(|| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            None
+        })
+    });
+    let stack = Stack::start_with(StackOptions {
+        billing_args: vec![
+            "--hold-ttl".into(),
+            "1s".into(),
+            "--sweep-interval".into(),
+            "100ms".into(),
+        ],
+        faults: Faults {
+            after_debit: Some(hook),
+        },
+        ..Default::default()
+    })
+    .await;
+    subscribe(&stack, "wes", "premium-career").await;
+    let sent = send(&stack, "wes", "xia").await.expect("the slow send is delivered");
+    assert_eq!(sent.credits_charged, 1);
+    assert_eq!(available(&stack, "wes").await, 4);
+    let entries = ledger(&stack, "wes").await;
+    assert_eq!(
+        (count_kind(&entries, Entry::Debit), count_kind(&entries, Entry::Release)),
+        (1, 0)
+    );
+    assert_ledgers_reconcile(&mut stack.billing()).await;
+}

@@ -17,17 +17,35 @@ use tonic::Code;
 
 use crate::common::*;
 
-fn run(name: &str, env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
-    let output = Command::new(binary(name))
+/// Runs a binary to its end: its exit code and what it wrote to stderr. A
+/// binary still running after 10 s is killed (exit code `None`).
+pub(crate) fn run(name: &str, env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(binary(name))
         .env_clear()
         .envs(env.iter().copied())
         .args(args)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run the binary");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait for the binary") {
+            break status.code();
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        use std::io::Read;
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (code, stderr)
 }
 
 #[test]
