@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
+use crate::context::CallContext;
 use crate::error::ApiError;
+use crate::reasons;
 use crate::storage::Redis;
 
 /// How long a request id is remembered.
@@ -113,12 +115,12 @@ impl Outcome {
 /// The state of a request id when claimed.
 #[derive(Debug)]
 pub enum Claim {
-    /// First time: do the work, then [`RequestLog::complete`].
+    /// This caller owns the request: do the work, then
+    /// [`RequestLog::complete`].
     New,
-    /// Claimed before with the same arguments but no outcome stored yet (a
-    /// concurrent duplicate, or an attempt that died): the work is idempotent,
-    /// so drive it again.
-    InProgress,
+    /// Another caller owns it and is still within its lease: wait for its
+    /// outcome (about this long at most).
+    Wait(Duration),
     /// Done before: answer this.
     Done(Outcome),
 }
@@ -128,34 +130,56 @@ const CLAIM_SCRIPT: &str = include_str!("lua/request_claim.lua");
 const COMPLETE_SCRIPT: &str = include_str!("lua/request_complete.lua");
 
 /// Request records under caller-chosen keys (each key carries the hash tag of
-/// the member it belongs to).
+/// the member it belongs to), one caller at a time per request: the first
+/// does the work under a lease, concurrent duplicates wait for its outcome,
+/// and a lease whose owner died is taken over.
 #[derive(Clone)]
 pub struct RequestLog {
     redis: Redis,
     claim: Script,
     complete: Script,
+    lease: Duration,
 }
 
+/// How often a waiting duplicate looks for the owner's outcome.
+const WAIT_POLL: Duration = Duration::from_millis(20);
+
 impl RequestLog {
-    pub fn new(redis: Redis) -> Self {
+    /// `lease`: the longest an owner may take (its calls' time bound).
+    pub fn new(redis: Redis, lease: Duration) -> Self {
         Self {
             redis,
             claim: Script::new(CLAIM_SCRIPT),
             complete: Script::new(COMPLETE_SCRIPT),
+            lease,
         }
     }
 
-    pub async fn claim(&self, key: &str, fingerprint: &str) -> Result<Claim, ApiError> {
+    pub async fn claim(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        owner: &str,
+    ) -> Result<Claim, ApiError> {
         let reply: Vec<Vec<u8>> = self
             .claim
             .key(key)
             .arg(fingerprint)
             .arg(REQUEST_RETENTION.as_millis() as u64)
+            .arg(self.lease.as_millis() as u64)
+            .arg(owner)
             .invoke_async(&mut self.redis.conn())
             .await?;
         match reply.first().map(Vec::as_slice) {
             Some(b"new") => Ok(Claim::New),
-            Some(b"pending") => Ok(Claim::InProgress),
+            Some(b"wait") => {
+                let left = reply
+                    .get(1)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                Ok(Claim::Wait(Duration::from_millis(left)))
+            }
             Some(b"mismatch") => Err(ApiError::request_id_reused()),
             Some(b"done") => {
                 let stored = reply
@@ -170,43 +194,64 @@ impl RequestLog {
         }
     }
 
-    /// Stores the outcome of a claimed request; transient errors are not
-    /// stored, so a retry does the work again.
+    /// Ends `owner`'s claim: stores the outcome, or for a transient error
+    /// (not stored: a retry does the work again) gives the lease up so a
+    /// waiting duplicate takes over at once.
     pub async fn complete<M: prost::Message>(
         &self,
         key: &str,
         fingerprint: &str,
+        owner: &str,
         result: &Result<M, ApiError>,
     ) -> Result<(), ApiError> {
-        let Some(outcome) = Outcome::of(result) else {
-            return Ok(());
+        let encoded = match Outcome::of(result) {
+            Some(outcome) => serde_json::to_vec(&outcome)
+                .map_err(|e| ApiError::internal(format!("cannot encode outcome: {e}")))?,
+            None => Vec::new(),
         };
-        let encoded = serde_json::to_vec(&outcome)
-            .map_err(|e| ApiError::internal(format!("cannot encode outcome: {e}")))?;
         let _: i64 = self
             .complete
             .key(key)
             .arg(fingerprint)
             .arg(encoded)
             .arg(REQUEST_RETENTION.as_millis() as u64)
+            .arg(owner)
             .invoke_async(&mut self.redis.conn())
             .await?;
         Ok(())
     }
 
-    /// Claims `key`, runs `work` unless an outcome is stored, stores the
-    /// outcome, and answers the first outcome.
-    pub async fn run<M, F, Fut>(&self, key: &str, fingerprint: &str, work: F) -> Result<M, ApiError>
+    /// Answers the first outcome of the request at `key`: runs `work` when
+    /// this caller owns the request, otherwise waits (within `ctx`'s
+    /// deadline) for the owner's outcome.
+    pub async fn run<M, F, Fut>(
+        &self,
+        ctx: &CallContext,
+        key: &str,
+        fingerprint: &str,
+        work: F,
+    ) -> Result<M, ApiError>
     where
         M: prost::Message + Default,
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<M, ApiError>>,
     {
-        if let Claim::Done(outcome) = self.claim(key, fingerprint).await? {
-            return outcome.into_result();
+        let owner = uuid::Uuid::new_v4().simple().to_string();
+        loop {
+            match self.claim(key, fingerprint, &owner).await? {
+                Claim::Done(outcome) => return outcome.into_result(),
+                Claim::New => break,
+                Claim::Wait(_) if ctx.remaining() <= WAIT_POLL => {
+                    return Err(ApiError::aborted(
+                        reasons::REQUEST_IN_PROGRESS,
+                        "the same request is still being served; retry it to get its outcome",
+                    ));
+                }
+                Claim::Wait(_) => tokio::time::sleep(WAIT_POLL).await,
+            }
         }
         let result = work().await;
-        self.complete(key, fingerprint, &result).await?;
+        self.complete(key, fingerprint, &owner, &result).await?;
         result
     }
 }

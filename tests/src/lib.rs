@@ -235,6 +235,20 @@ impl Stack {
         wait_serving(self.billing.addr).await;
     }
 
+    /// A second messaging replica on the same Redis and services.
+    pub async fn messaging_replica(&self) -> Service {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let replica = Self::spawn_messaging(
+            listener,
+            &self.redis.service_args(),
+            self.plans.addr,
+            self.billing.addr,
+            &self.options,
+        );
+        wait_serving(replica.addr).await;
+        replica
+    }
+
     pub async fn stop_billing(&mut self) {
         self.billing.stop().await;
     }

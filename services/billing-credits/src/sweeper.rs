@@ -37,8 +37,10 @@ pub async fn sweep_once(credits: &Credits) -> Result<usize, ApiError> {
             if due.is_empty() {
                 break;
             }
-            let ids: Vec<(String, String)> =
-                due.iter().map(|(m, id, _)| (m.clone(), id.clone())).collect();
+            let ids: Vec<(String, String)> = due
+                .iter()
+                .map(|(m, id, _)| (m.clone(), id.clone()))
+                .collect();
             let states = store.debit_states(&ids).await?;
             let grace_ms = credits.orphan_grace().as_millis() as i64;
             let mut settled = Vec::with_capacity(due.len());

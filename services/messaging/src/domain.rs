@@ -129,6 +129,8 @@ pub struct InmailInfo {
     pub responded_at_ms: i64,
     /// `None` until it is responded to.
     pub refund: Option<RefundState>,
+    /// The reply that answered it, when a reply did.
+    pub reply_id: Option<String>,
 }
 
 /// What the rules need to know about a pair of members.
@@ -287,6 +289,7 @@ mod tests {
                 stage,
                 responded_at_ms: 0,
                 refund: None,
+                reply_id: None,
             }),
             ..pair()
         }

@@ -27,8 +27,10 @@ pub struct MessagingApi {
 type Answer<T> = Result<Response<T>, Status>;
 
 impl MessagingApi {
-    pub fn new(messaging: Messaging) -> Self {
-        let requests = RequestLog::new(messaging.store().redis().clone());
+    /// `lease`: the longest one call may take (REQUEST_TIMEOUT); a duplicate
+    /// of a request waits that long at most for the first one's outcome.
+    pub fn new(messaging: Messaging, lease: std::time::Duration) -> Self {
+        let requests = RequestLog::new(messaging.store().redis().clone(), lease);
         Self {
             messaging,
             requests,
@@ -41,7 +43,13 @@ impl MessagingApi {
 
     /// Runs a mutation once per request id (AIP-155): a retry answers the
     /// first outcome.
-    async fn once<R, M, F, Fut>(&self, member: &str, request: &R, work: F) -> Result<M, ApiError>
+    async fn once<R, M, F, Fut>(
+        &self,
+        ctx: &CallContext,
+        member: &str,
+        request: &R,
+        work: F,
+    ) -> Result<M, ApiError>
     where
         R: Mutation,
         M: prost::Message + Default,
@@ -49,7 +57,9 @@ impl MessagingApi {
         Fut: std::future::Future<Output = Result<M, ApiError>>,
     {
         let key = keys::request(member, request.request_id());
-        self.requests.run(&key, &request.fingerprint(), work).await
+        self.requests
+            .run(ctx, &key, &request.fingerprint(), work)
+            .await
     }
 
     /// A page of one of a member's lists, newest first, and its next token.
@@ -177,6 +187,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::AddConnectionRequest>,
     ) -> Answer<pb::AddConnectionResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -188,7 +199,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 "other_member_id",
                 other,
             )?;
-            self.once(me, &request, || async {
+            self.once(&ctx, me, &request, || async {
                 let since = self.messaging.connect(me, other).await?;
                 Ok(pb::AddConnectionResponse {
                     connection: Some(pb::Connection {
@@ -206,6 +217,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::RemoveConnectionRequest>,
     ) -> Answer<pb::RemoveConnectionResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -217,7 +229,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 "other_member_id",
                 other,
             )?;
-            self.once(me, &request, || async {
+            self.once(&ctx, me, &request, || async {
                 let removed = self.messaging.disconnect(me, other).await?;
                 Ok(pb::RemoveConnectionResponse { removed })
             })
@@ -263,6 +275,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::BlockMemberRequest>,
     ) -> Answer<pb::BlockMemberResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -274,7 +287,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 "blocked_member_id",
                 other,
             )?;
-            self.once(me, &request, || async {
+            self.once(&ctx, me, &request, || async {
                 let since = self.messaging.block(me, other).await?;
                 Ok(pb::BlockMemberResponse {
                     blocked_at: ms_to_timestamp(since),
@@ -289,6 +302,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::UnblockMemberRequest>,
     ) -> Answer<pb::UnblockMemberResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -300,7 +314,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 "blocked_member_id",
                 other,
             )?;
-            self.once(me, &request, || async {
+            self.once(&ctx, me, &request, || async {
                 let removed = self.messaging.unblock(me, other).await?;
                 Ok(pb::UnblockMemberResponse { removed })
             })
@@ -346,6 +360,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::SetInmailPreferenceRequest>,
     ) -> Answer<pb::SetInmailPreferenceResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -353,7 +368,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 .request_id(&request.request_id)
                 .member_id("member_id", &request.member_id)
                 .finish()?;
-            self.once(&request.member_id, &request, || async {
+            self.once(&ctx, &request.member_id, &request, || async {
                 self.messaging
                     .set_accepts_inmail(&request.member_id, request.accept_inmail)
                     .await?;
@@ -411,6 +426,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 recipient: &request.recipient_id,
                 subject: &request.subject,
                 body: &request.body,
+                answering: false,
             };
             let sent = self.messaging.send(&ctx, &input, |_| Ok(())).await?;
             Ok(views::send_response(&sent))
@@ -459,10 +475,17 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                     recipient: other,
                     subject: "",
                     body: &request.body,
+                    answering: true,
                 };
+                // Refused at once when the other member's InMail is not
+                // awaiting (or answered by) a reply; the script decides races.
                 let awaiting_me = |pair: &Pair| {
                     let awaits = pair.inmail.as_ref().is_some_and(|i| {
-                        i.sender == other && i.stage == InmailStage::AwaitingResponse
+                        i.sender == other
+                            && matches!(
+                                i.stage,
+                                InmailStage::AwaitingResponse | InmailStage::Replied
+                            )
                     });
                     if awaits {
                         Ok(())
@@ -477,7 +500,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                     refund_status: views::refund_status(sent.refund) as i32,
                 });
             }
-            self.once(me, &request, || async {
+            self.once(&ctx, me, &request, || async {
                 let accept = response == pb::InmailResponse::Accept;
                 let refund = self
                     .messaging

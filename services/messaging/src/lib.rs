@@ -199,7 +199,7 @@ pub async fn serve_with_faults(
     sweeper::spawn_outbox_sweeper(messaging.clone(), args.sweep_interval, stop.clone());
     let mut server = GrpcServer::new(SERVICE, args.common.limits());
     server
-        .add_service(MessagingApi::new(messaging).into_server())
+        .add_service(MessagingApi::new(messaging, args.common.request_timeout).into_server())
         .add_service(TestClockApi::new(runtime.clock.clone()).into_server());
     runtime.serve(server, listener, stop).await
 }

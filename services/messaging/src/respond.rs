@@ -5,7 +5,7 @@
 use inmail_shared::ApiError;
 use inmail_shared::context::CallContext;
 
-use crate::domain::{self, InmailStage, RefundState};
+use crate::domain::{self, InmailInfo, InmailStage, RefundState};
 use crate::error::{SendFailure, conversation_not_found};
 use crate::send::{Messaging, Refund};
 use crate::store::{OutboxItem, Responded, Response};
@@ -62,15 +62,14 @@ impl Messaging {
         } else {
             InmailStage::Declined
         };
-        // Accepting (or declining) twice answers the same: a retry whose
-        // first attempt was cut short after the response was recorded gets
-        // that response, not a refusal.
+        // One response per InMail: the same response again (a retry with a
+        // new request id, a concurrent duplicate) answers the recorded one.
         if let Some(done) = pair
             .inmail
             .as_ref()
             .filter(|i| i.stage == wanted && i.sender != responder)
         {
-            return Ok(Refund::of(done.refund));
+            return Ok(self.refund_of(ctx, conv, done).await);
         }
         let Some(inmail) = pair
             .inmail
@@ -96,6 +95,10 @@ impl Messaging {
             .await?
         {
             Response::Ok(responded) => responded,
+            // Another call recorded the same response first: its outcome.
+            Response::Responded(recorded) => {
+                return Ok(self.recorded_refund(ctx, conv, &recorded).await);
+            }
             Response::NotFound => return Err(conversation_not_found()),
             // The entry may be another response's: the sweeper drops it when
             // no refund is due.
@@ -104,6 +107,50 @@ impl Messaging {
         Ok(self
             .settle_response(ctx, conv, Some(&responded), Some(item))
             .await)
+    }
+
+    /// The refund status of a response recorded before; a refund still due
+    /// is asked for again (billing refunds a message once).
+    pub(crate) async fn recorded_refund(
+        &self,
+        ctx: &CallContext,
+        conv: &str,
+        response: &Responded,
+    ) -> Refund {
+        match response.refund {
+            RefundState::Due => {
+                self.refund_inmail(
+                    ctx,
+                    conv,
+                    &response.inmail_id,
+                    &response.inmail_sender,
+                    response.responded_at,
+                )
+                .await
+            }
+            other => Refund::of(Some(other)),
+        }
+    }
+
+    /// The refund status of a responded InMail as it stands.
+    pub(crate) async fn refund_of(
+        &self,
+        ctx: &CallContext,
+        conv: &str,
+        inmail: &InmailInfo,
+    ) -> Refund {
+        match inmail.refund {
+            Some(refund) => {
+                let response = Responded {
+                    refund,
+                    inmail_id: inmail.message_id.clone(),
+                    inmail_sender: inmail.sender.clone(),
+                    responded_at: inmail.responded_at_ms,
+                };
+                self.recorded_refund(ctx, conv, &response).await
+            }
+            None => Refund::None,
+        }
     }
 
     /// Asks billing to refund an InMail whose refund is due, and records the

@@ -127,8 +127,16 @@ impl Messaging {
                         other => return Err(begin_refused(other, now)),
                     }
                 }
-                self.send_free(ctx, &envelope, input.request_id, kind, &pair, now)
-                    .await
+                self.send_free(
+                    ctx,
+                    &envelope,
+                    input.request_id,
+                    kind,
+                    &pair,
+                    now,
+                    input.answering,
+                )
+                .await
             };
             match attempt {
                 Ok(Some(sent)) => {
@@ -174,6 +182,8 @@ impl Messaging {
     }
 
     /// A free message: delivered in one step. `None` when the pair changed.
+    /// `answering`: the sender's one response to the recipient's InMail.
+    #[allow(clippy::too_many_arguments)]
     async fn send_free(
         &self,
         ctx: &CallContext,
@@ -182,10 +192,11 @@ impl Messaging {
         kind: Kind,
         pair: &Pair,
         now: i64,
+        answering: bool,
     ) -> Result<Option<Sent>, ApiError> {
         // Answering the recipient's InMail makes its refund due: note that
         // in the outbox first, so a crash cannot lose the refund.
-        let answering = pair
+        let refund_item = pair
             .inmail
             .as_ref()
             .filter(|i| i.sender == envelope.recipient && i.stage == InmailStage::AwaitingResponse)
@@ -194,7 +205,7 @@ impl Messaging {
                 inmail_id: i.message_id.clone(),
                 sender: i.sender.clone(),
             });
-        if let Some(item) = &answering {
+        if let Some(item) = &refund_item {
             // Looked at only after any call that is responding right now is
             // over (REQUEST_TIMEOUT < SEND_RECOVERY_AFTER), so the sweeper
             // never mistakes an in-flight response for no response.
@@ -202,17 +213,38 @@ impl Messaging {
                 .outbox_add(item, now + self.recovery_after_ms())
                 .await?;
         }
+        // Free messages do not touch billing; the balance is a courtesy,
+        // kept with the message so a retry answers the same.
+        let balance_after = self.billing.available(ctx, envelope.sender).await.ok();
         let how = Delivering {
             staged: false,
             kind,
             credits: 0,
             now_ms: now,
             refund_window_ms: self.window_ms(),
-            balance_after: None,
+            balance_after,
+            answering,
         };
         let delivered = match self.store.deliver(envelope, &how).await? {
             Delivery::Ok(delivered) => delivered,
             Delivery::Exists(_) | Delivery::Retry => return Ok(None),
+            // Another call's reply answered the InMail first: its outcome.
+            Delivery::Responded(recorded) => {
+                let reply = self
+                    .store
+                    .message(envelope.conv, &recorded.reply_id)
+                    .await?
+                    .ok_or_else(|| ApiError::internal("the recorded reply vanished"))?;
+                let refund = self
+                    .recorded_refund(ctx, envelope.conv, &recorded.response)
+                    .await;
+                return Ok(Some(Sent {
+                    conv: envelope.conv.to_string(),
+                    balance_after: reply.balance_after,
+                    message: reply,
+                    refund,
+                }));
+            }
             Delivery::Refused { reason } => {
                 let failure = SendFailure::from(reason);
                 self.store
@@ -222,7 +254,7 @@ impl Messaging {
             }
         };
         let refund = self
-            .settle_response(ctx, envelope.conv, delivered.response.as_ref(), answering)
+            .settle_response(ctx, envelope.conv, delivered.response.as_ref(), refund_item)
             .await;
         let message = StoredMessage {
             id: envelope.message_id.to_string(),
@@ -235,11 +267,9 @@ impl Messaging {
             at_ms: now,
             state: MessageState::Delivered,
             reason: None,
-            balance_after: None,
+            balance_after,
             fingerprint: envelope.fingerprint.to_string(),
         };
-        // Free messages do not touch billing; the balance is a courtesy.
-        let balance_after = self.billing.available(ctx, envelope.sender).await.ok();
         Ok(Some(Sent {
             conv: envelope.conv.to_string(),
             message,
@@ -447,6 +477,7 @@ impl Messaging {
             now_ms: now,
             refund_window_ms: self.window_ms(),
             balance_after,
+            answering: false,
         };
         let delivered = match self
             .store
@@ -492,27 +523,22 @@ impl Messaging {
     ) -> Result<Sent, ApiError> {
         match message.state {
             MessageState::Delivered => {
-                let refund = if message.kind == Kind::Reply {
-                    match self.store.conversation(conv).await?.pair.inmail {
-                        Some(inmail)
-                            if inmail.sender == message.to
-                                && inmail.responded_at_ms == message.at_ms =>
-                        {
-                            Refund::of(inmail.refund)
-                        }
-                        _ => Refund::None,
+                // The reply that answered an InMail answers with the refund
+                // as it stands (a refund still due is asked for again).
+                let inmail = self.store.conversation(conv).await?.pair.inmail;
+                let refund = match inmail {
+                    Some(inmail)
+                        if inmail.sender == message.to
+                            && inmail.reply_id.as_deref() == Some(message.id.as_str()) =>
+                    {
+                        self.refund_of(ctx, conv, &inmail).await
                     }
-                } else {
-                    Refund::None
-                };
-                let balance_after = match message.balance_after {
-                    Some(balance) => Some(balance),
-                    None => self.billing.available(ctx, &message.from).await.ok(),
+                    _ => Refund::None,
                 };
                 Ok(Sent {
                     conv: conv.to_string(),
+                    balance_after: message.balance_after,
                     message,
-                    balance_after,
                     refund,
                 })
             }

@@ -87,6 +87,9 @@ pub struct SendInput<'a> {
     pub recipient: &'a str,
     pub subject: &'a str,
     pub body: &'a str,
+    /// The sender's one response to the recipient's InMail (RespondToInmail
+    /// REPLY).
+    pub answering: bool,
 }
 
 #[derive(Clone)]

@@ -10,3 +10,4 @@ mod messaging;
 mod money;
 mod plans;
 mod processes;
+mod responses;

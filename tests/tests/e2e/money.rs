@@ -46,18 +46,23 @@ async fn a_refund_owed_at_day_89_is_made_when_billing_returns_at_day_91() {
     send(&stack, "sal", "tia").await.unwrap();
     stack.advance(89 * DAY).await;
     stack.stop_billing().await;
-    let mut accept = tonic::Request::new(inmail_shared::proto::messaging::v1::RespondToInmailRequest {
-        request_id: rid(),
-        member_id: "tia".into(),
-        conversation_id: "sal~tia".into(),
-        response: InmailResponse::Accept as i32,
-        body: String::new(),
-    });
+    let mut accept = tonic::Request::new(
+        inmail_shared::proto::messaging::v1::RespondToInmailRequest {
+            request_id: rid(),
+            member_id: "tia".into(),
+            conversation_id: "sal~tia".into(),
+            response: InmailResponse::Accept as i32,
+            body: String::new(),
+        },
+    );
     accept.set_timeout(Duration::from_secs(2));
     // Answered PENDING (or cut short by the deadline): the refund is owed.
     let _ = stack.messaging().respond_to_inmail(accept).await;
     let c = conversation(&stack, "tia", "sal~tia").await.unwrap();
-    assert_eq!(c.inmail.unwrap().refund_status, RefundStatus::Pending as i32);
+    assert_eq!(
+        c.inmail.unwrap().refund_status,
+        RefundStatus::Pending as i32
+    );
     stack.advance(2 * DAY).await;
     stack.start_billing_again().await;
     // The outbox sweeper retries once the response is old enough.
@@ -67,7 +72,10 @@ async fn a_refund_owed_at_day_89_is_made_when_billing_returns_at_day_91() {
         c.inmail.unwrap().refund_status == RefundStatus::Refunded as i32
     })
     .await;
-    assert!(refunded, "the refund owed for a response at day 89 was lost");
+    assert!(
+        refunded,
+        "the refund owed for a response at day 89 was lost"
+    );
     let entries = ledger(&stack, "sal").await;
     assert_eq!(count_kind(&entries, Entry::Refund), 1);
     assert_ledgers_reconcile(&mut stack.billing()).await;
@@ -115,9 +123,17 @@ async fn an_upgrade_tops_up_the_difference_and_a_downgrade_grants_nothing() {
     // 5 unused written off, 30 - 5 granted.
     assert_eq!(available(&stack, "uma").await, 25);
     change_plan(&stack, "uma", "premium-business").await;
-    assert_eq!(available(&stack, "uma").await, 0, "a downgrade grants nothing");
+    assert_eq!(
+        available(&stack, "uma").await,
+        0,
+        "a downgrade grants nothing"
+    );
     change_plan(&stack, "uma", "recruiter-lite").await;
-    assert_eq!(available(&stack, "uma").await, 0, "a switch back grants nothing");
+    assert_eq!(
+        available(&stack, "uma").await,
+        0,
+        "a switch back grants nothing"
+    );
     assert_eq!(granted(&ledger(&stack, "uma").await), 30);
     // The recruiter-lite period's next cycle renews in full.
     stack.advance(31 * DAY).await;
@@ -237,7 +253,10 @@ fn contradicting_timing_settings_are_refused_at_start() {
             "messaging {env:?} started (exit {code:?}): {stderr}"
         );
         for name in names {
-            assert!(stderr.contains(name), "the message does not name {name}: {stderr}");
+            assert!(
+                stderr.contains(name),
+                "the message does not name {name}: {stderr}"
+            );
         }
     }
 }
@@ -269,12 +288,17 @@ async fn a_send_slower_than_hold_ttl_is_delivered_and_charged_once() {
     })
     .await;
     subscribe(&stack, "wes", "premium-career").await;
-    let sent = send(&stack, "wes", "xia").await.expect("the slow send is delivered");
+    let sent = send(&stack, "wes", "xia")
+        .await
+        .expect("the slow send is delivered");
     assert_eq!(sent.credits_charged, 1);
     assert_eq!(available(&stack, "wes").await, 4);
     let entries = ledger(&stack, "wes").await;
     assert_eq!(
-        (count_kind(&entries, Entry::Debit), count_kind(&entries, Entry::Release)),
+        (
+            count_kind(&entries, Entry::Debit),
+            count_kind(&entries, Entry::Release)
+        ),
         (1, 0)
     );
     assert_ledgers_reconcile(&mut stack.billing()).await;

@@ -27,7 +27,7 @@ pub use self::outbox::OutboxItem;
 use self::reply::parse;
 pub use self::reply::{
     Begun, Connected, ConversationRecord, Delivered, Delivery, Existing, GivenUp, MessageState,
-    Refusal, Responded, Response, Staged, StoredMessage,
+    Recorded, Refusal, Responded, Response, Staged, StoredMessage,
 };
 
 /// The sender allowances BEGIN_SEND enforces.
@@ -101,6 +101,10 @@ pub struct Delivering {
     pub now_ms: i64,
     pub refund_window_ms: i64,
     pub balance_after: Option<i64>,
+    /// The recipient's one response to the sender's InMail (RespondToInmail
+    /// REPLY): refused or answered by the recorded response unless the
+    /// InMail awaits it.
+    pub answering: bool,
 }
 
 /// A sender's request record as read before a send.
@@ -321,7 +325,8 @@ impl MessagingStore {
             .arg(envelope.b)
             .arg(how.refund_window_ms)
             .arg(how.balance_after.map(|b| b.to_string()).unwrap_or_default())
-            .arg(envelope.fingerprint);
+            .arg(envelope.fingerprint)
+            .arg(if how.answering { "1" } else { "0" });
         batch.script(
             &self.deliver,
             &[

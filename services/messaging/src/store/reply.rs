@@ -95,13 +95,27 @@ pub struct Delivered {
     pub response: Option<Responded>,
 }
 
+/// A response to an InMail recorded earlier by another call (one response
+/// per InMail).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Recorded {
+    /// The reply that answered the InMail.
+    pub reply_id: String,
+    #[serde(flatten)]
+    pub response: Responded,
+}
+
 /// DELIVER's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "s", rename_all = "snake_case")]
 pub enum Delivery {
     Ok(Delivered),
     Exists(Existing),
-    Refused { reason: Refusal },
+    /// Response mode: the InMail was already answered by this reply.
+    Responded(Recorded),
+    Refused {
+        reason: Refusal,
+    },
     Retry,
 }
 
@@ -118,8 +132,12 @@ pub enum GivenUp {
 #[serde(tag = "s", rename_all = "snake_case")]
 pub enum Response {
     Ok(Responded),
+    /// The same response was recorded before: its outcome.
+    Responded(Responded),
     NotFound,
-    Refused { reason: Refusal },
+    Refused {
+        reason: Refusal,
+    },
 }
 
 /// CONNECT's answer.
@@ -213,6 +231,7 @@ impl ConversationRecord {
             stage,
             responded_at_ms: int("im_resp_at"),
             refund: RefundState::parse(get("im_refund")),
+            reply_id: fields.get("im_reply").cloned(),
         });
         Self {
             pair: Pair {

@@ -10,16 +10,23 @@
 -- ARGV[12] refund window ms
 -- ARGV[13] the sender's balance after ("" when unknown)
 -- ARGV[14] the request's fingerprint (kept with a new message)
+-- ARGV[15] "1": this message is the recipient's response to the sender's
+--          InMail (RespondToInmail REPLY): one response per InMail
 --
 -- Checks before any write: a staged message is still staged / a new one does
 -- not exist yet (else "exists" with its state); for a new one, no block
 -- (BLOCKED) and the kind's condition still holds (AWAITING_RESPONSE, or
 -- "retry": decide the kind again).
 -- When the sender answers the recipient's InMail, the InMail is marked
--- replied and its refund "due" within the window ("closed" after).
+-- replied (`im_reply` names the reply) and its refund "due" within the
+-- window ("closed" after). In response mode (ARGV[15]) the InMail must await
+-- this response: one already answered by a reply answers "responded" with
+-- that reply, without storing anything; one accepted or declined is
+-- NO_INMAIL_AWAITING_RESPONSE.
 -- Reply (JSON): {"s":"ok","seq":n,"sent_at":ms,"refund":r?,"inmail_id":id?,
 --   "inmail_sender":m?,"responded_at":ms?} | {"s":"exists","state":st,"fp":fp} |
---   {"s":"refused","reason":r} | {"s":"retry"}
+--   {"s":"responded","reply_id":id,"refund":r,"inmail_id":id,"inmail_sender":m,
+--   "responded_at":ms} | {"s":"refused","reason":r} | {"s":"retry"}
 local C, M, T = KEYS[1], KEYS[2], KEYS[3]
 local mode, id, sender, recipient, kind = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local now = tonumber(ARGV[9])
@@ -38,6 +45,18 @@ else
   if st then return cjson.encode({ s = 'exists', state = st or nil, fp = fp or '' }) end
   if conv.blk_a or conv.blk_b then return cjson.encode({ s = 'refused', reason = 'BLOCKED' }) end
   local pending_own = (conv.im_state == 'staged' or conv.im_state == 'awaiting') and conv.im_from == sender
+  if ARGV[15] == '1' then
+    if conv.im_from ~= recipient or not conv.im_state then
+      return cjson.encode({ s = 'refused', reason = 'NO_INMAIL_AWAITING_RESPONSE' })
+    end
+    if conv.im_state == 'replied' and conv.im_reply then
+      return cjson.encode({ s = 'responded', reply_id = conv.im_reply, refund = conv.im_refund,
+        inmail_id = conv.im_id, inmail_sender = conv.im_from, responded_at = tonumber(conv.im_resp_at) })
+    end
+    if conv.im_state ~= 'awaiting' then
+      return cjson.encode({ s = 'refused', reason = 'NO_INMAIL_AWAITING_RESPONSE' })
+    end
+  end
   if kind == 'CONNECTION' then
     if conv.conn ~= '1' then return cjson.encode({ s = 'retry' }) end
   elseif kind == 'FOLLOW_UP' then
@@ -66,7 +85,8 @@ if mode == 'staged' then
   redis.call('HSET', C, 'im_state', 'awaiting')
 elseif conv.im_state == 'awaiting' and conv.im_from == recipient then
   local refund = (now <= tonumber(conv.im_at) + tonumber(ARGV[12])) and 'due' or 'closed'
-  redis.call('HSET', C, 'im_state', 'replied', 'im_resp_at', now, 'open', 1, 'im_refund', refund)
+  redis.call('HSET', C, 'im_state', 'replied', 'im_resp_at', now, 'open', 1, 'im_refund', refund,
+    'im_reply', id)
   reply.refund, reply.inmail_id, reply.inmail_sender = refund, conv.im_id, conv.im_from
   reply.responded_at = now
 end
