@@ -29,28 +29,118 @@ pub fn lazy_channel(url: &str) -> Result<Channel, String> {
         .connect_lazy())
 }
 
-/// Runs `call` until it answers something other than UNAVAILABLE, backing off
-/// between tries, while the caller's deadline allows. `call` must send the same
-/// request (same request_id) each time.
+/// Tries of one call: the first and two retries.
+const ATTEMPTS: usize = 3;
+
+/// Whether a status came from the transport (the call may not have reached
+/// the service: safe to try again, the request carries its request id)
+/// rather than from the service itself, which always says why in an
+/// `ErrorInfo`.
+fn not_answered(status: &Status) -> bool {
+    use tonic_types::StatusExt;
+    status.code() == Code::Unavailable && status.get_details_error_info().is_none()
+}
+
+/// Runs `call` again, with the same request, while it fails before reaching
+/// the service — at most [`ATTEMPTS`] tries, within the caller's deadline.
+/// A service that answers UNAVAILABLE itself (its Redis is down) is not
+/// asked again: the caller learns it at once.
 pub async fn with_retries<T, F, Fut>(ctx: &CallContext, mut call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
     let mut backoff = Duration::from_millis(10);
+    let mut attempt = 1;
     loop {
         match call().await {
-            Err(status) if status.code() == Code::Unavailable => {
+            Err(status) if not_answered(&status) && attempt < ATTEMPTS => {
                 // Leave room for one more attempt after sleeping.
                 if ctx.remaining() <= backoff * 2 {
                     return Err(status);
                 }
-                tracing::debug!(error = %status.message(), ?backoff, "downstream unavailable; retrying");
+                tracing::debug!(error = %status.message(), ?backoff, "downstream not reached; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(200));
+                backoff *= 4;
+                attempt += 1;
             }
             other => return other,
         }
+    }
+}
+
+type Breaker = failsafe::StateMachine<
+    failsafe::failure_policy::ConsecutiveFailures<failsafe::backoff::Exponential>,
+    (),
+>;
+
+/// A service this one calls, behind a circuit breaker: after
+/// [`Downstream::FAILURES`] failures in a row (unreachable, UNAVAILABLE,
+/// or no answer within [`Downstream::attempt_timeout`]) calls fail at once
+/// with UNAVAILABLE for a while (1 s, doubling up to 10 s while it stays
+/// down), then calls go through again to see whether it is back. A dead dependency costs milliseconds,
+/// not every caller's deadline.
+#[derive(Clone)]
+pub struct Downstream {
+    name: &'static str,
+    breaker: Breaker,
+    attempt_timeout: Duration,
+}
+
+impl std::fmt::Debug for Downstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Downstream")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Downstream {
+    pub const FAILURES: u32 = 5;
+
+    /// `attempt_timeout`: the longest one try may take (a healthy call takes
+    /// milliseconds; a hung service is given up on after this).
+    pub fn new(name: &'static str, attempt_timeout: Duration) -> Self {
+        let backoff =
+            failsafe::backoff::exponential(Duration::from_secs(1), Duration::from_secs(10));
+        let policy = failsafe::failure_policy::consecutive_failures(Self::FAILURES, backoff);
+        Self {
+            name,
+            breaker: failsafe::Config::new().failure_policy(policy).build(),
+            attempt_timeout,
+        }
+    }
+
+    /// Calls the service (see [`with_retries`]) unless the breaker is open.
+    pub async fn call<T, F, Fut>(&self, ctx: &CallContext, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        if !self.breaker.is_call_permitted() {
+            return Err(Status::unavailable(format!(
+                "{} is unavailable (it failed repeatedly; asking again shortly)",
+                self.name
+            )));
+        }
+        let limit = self.attempt_timeout;
+        let result = with_retries(ctx, || {
+            let attempt = call();
+            async move {
+                match tokio::time::timeout(limit.min(ctx.remaining()), attempt).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Status::deadline_exceeded("no answer in time")),
+                }
+            }
+        })
+        .await;
+        match &result {
+            Err(status) if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) => {
+                self.breaker.on_error();
+            }
+            _ => self.breaker.on_success(),
+        }
+        result
     }
 }
 
@@ -66,7 +156,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn retries_unavailable_until_an_answer() {
+    async fn retries_what_did_not_reach_the_service() {
         let ctx = CallContext::background(Duration::from_secs(2));
         let mut attempts = 0;
         let result: Result<u32, Status> = with_retries(&ctx, || {
@@ -95,6 +185,46 @@ mod tests {
         .await;
         assert_eq!(result.unwrap_err().code(), Code::FailedPrecondition);
         assert_eq!(attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn does_not_retry_an_unavailable_answer() {
+        let ctx = CallContext::background(Duration::from_secs(2));
+        let mut attempts = 0;
+        let answered = crate::error::ApiError::unavailable("STORAGE_UNAVAILABLE", "redis down")
+            .into_status("d");
+        let result: Result<(), Status> = with_retries(&ctx, || {
+            attempts += 1;
+            let answered = answered.clone();
+            async move { Err(answered) }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn the_breaker_opens_after_repeated_failures() {
+        let downstream = Downstream::new("x", Duration::from_secs(1));
+        let ctx = CallContext::background(Duration::from_secs(2));
+        let mut calls = 0;
+        for _ in 0..Downstream::FAILURES {
+            let _ = downstream
+                .call(&ctx, || {
+                    calls += 1;
+                    async { Err::<(), _>(Status::unavailable("down")) }
+                })
+                .await;
+        }
+        let before = calls;
+        let rejected = downstream
+            .call(&ctx, || {
+                calls += 1;
+                async { Ok::<(), Status>(()) }
+            })
+            .await;
+        assert_eq!(rejected.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(calls, before, "an open breaker does not call");
     }
 
     #[tokio::test]

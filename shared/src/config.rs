@@ -40,6 +40,11 @@ pub struct CommonArgs {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// The longest one try of a call to another service may take before it
+    /// counts as failed (a healthy call takes milliseconds).
+    #[arg(long, env = "DOWNSTREAM_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub downstream_timeout: Duration,
+
     /// Calls served at once; beyond it calls are shed with RESOURCE_EXHAUSTED.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::client::with_retries;
+use inmail_shared::client::Downstream;
 use inmail_shared::context::CallContext;
 use inmail_shared::proto::plans::v1 as plans;
 use inmail_shared::time::from_timestamp;
@@ -51,15 +51,17 @@ pub struct Fetched {
 #[derive(Clone)]
 pub struct Entitlements {
     client: PlansClient,
+    downstream: Downstream,
     /// How long an entitlement is trusted without asking again (never past
     /// the end of its cycle).
     cache_ttl: Duration,
 }
 
 impl Entitlements {
-    pub fn new(channel: Channel, cache_ttl: Duration) -> Self {
+    pub fn new(channel: Channel, cache_ttl: Duration, attempt_timeout: Duration) -> Self {
         Self {
             client: PlansClient::new(channel),
+            downstream: Downstream::new("subscription-plan", attempt_timeout),
             cache_ttl,
         }
     }
@@ -77,28 +79,30 @@ impl Entitlements {
             member_id: member.to_string(),
             after_version,
         };
-        let response = with_retries(ctx, || {
-            let mut client = self.client.clone();
-            let request = ctx.outgoing(request.clone());
-            async move { client.get_entitlement(request).await }
-        })
-        .await
-        .map_err(|status| {
-            let err = ApiError::from_status(&status);
-            match err {
-                ApiError::Unavailable { .. } | ApiError::DeadlineExceeded { .. } => {
-                    ApiError::unavailable(
-                        "SUBSCRIPTION_PLAN_UNAVAILABLE",
-                        format!(
-                            "subscription-plan could not be asked for the entitlement: {}",
-                            status.message()
-                        ),
-                    )
+        let response = self
+            .downstream
+            .call(ctx, || {
+                let mut client = self.client.clone();
+                let request = ctx.outgoing(request.clone());
+                async move { client.get_entitlement(request).await }
+            })
+            .await
+            .map_err(|status| {
+                let err = ApiError::from_status(&status);
+                match err {
+                    ApiError::Unavailable { .. } | ApiError::DeadlineExceeded { .. } => {
+                        ApiError::unavailable(
+                            "SUBSCRIPTION_PLAN_UNAVAILABLE",
+                            format!(
+                                "subscription-plan could not be asked for the entitlement: {}",
+                                status.message()
+                            ),
+                        )
+                    }
+                    other => other,
                 }
-                other => other,
-            }
-        })?
-        .into_inner();
+            })?
+            .into_inner();
         let (json, cycle_end_ms) = entitlement_arg(&response)?;
         let ttl_ms = self.cache_ttl.as_millis() as i64;
         Ok(Fetched {

@@ -141,7 +141,11 @@ pub async fn serve(
     };
     let credits = Credits::new(
         BillingStore::new(runtime.redis.clone()),
-        Entitlements::new(plans, args.entitlement_cache_ttl),
+        Entitlements::new(
+            plans,
+            args.entitlement_cache_ttl,
+            args.common.downstream_timeout,
+        ),
         runtime.clock.clone(),
         policy,
     );

@@ -1,10 +1,11 @@
 //! The services messaging calls: billing-credits (debit, confirm, release,
 //! refund) and subscription-plan (the recipient's Open Profile). Every call
-//! carries the caller's remaining deadline and trace, and is retried only on
-//! UNAVAILABLE, always with the same request id derived from the message id.
+//! carries the caller's remaining deadline and trace, is tried again only when
+//! it did not reach the service (always with the same request id, derived
+//! from the message id), and goes through a circuit breaker per service.
 
 use inmail_shared::ApiError;
-use inmail_shared::client::with_retries;
+use inmail_shared::client::Downstream;
 use inmail_shared::context::CallContext;
 use inmail_shared::proto::billing::v1 as billing;
 use inmail_shared::proto::plans::v1 as plans;
@@ -27,12 +28,14 @@ fn upstream(service: &'static str, reason: &'static str) -> impl Fn(Status) -> A
 #[derive(Clone)]
 pub struct Billing {
     client: BillingClient,
+    downstream: Downstream,
 }
 
 impl Billing {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: Channel, attempt_timeout: std::time::Duration) -> Self {
         Self {
             client: BillingClient::new(channel),
+            downstream: Downstream::new("billing-credits", attempt_timeout),
         }
     }
 
@@ -50,14 +53,15 @@ impl Billing {
             message_id: message_id.to_string(),
             amount,
         };
-        with_retries(ctx, || {
-            let mut client = self.client.clone();
-            let request = ctx.outgoing(request.clone());
-            async move { client.debit_for_message(request).await }
-        })
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
+        self.downstream
+            .call(ctx, || {
+                let mut client = self.client.clone();
+                let request = ctx.outgoing(request.clone());
+                async move { client.debit_for_message(request).await }
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
     }
 
     pub async fn confirm(
@@ -71,14 +75,15 @@ impl Billing {
             member_id: member.to_string(),
             message_id: message_id.to_string(),
         };
-        with_retries(ctx, || {
-            let mut client = self.client.clone();
-            let request = ctx.outgoing(request.clone());
-            async move { client.confirm_debit(request).await }
-        })
-        .await
-        .map(|r| r.into_inner().debit.unwrap_or_default())
-        .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
+        self.downstream
+            .call(ctx, || {
+                let mut client = self.client.clone();
+                let request = ctx.outgoing(request.clone());
+                async move { client.confirm_debit(request).await }
+            })
+            .await
+            .map(|r| r.into_inner().debit.unwrap_or_default())
+            .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
     }
 
     pub async fn release(
@@ -94,14 +99,15 @@ impl Billing {
             message_id: message_id.to_string(),
             reason: reason as i32,
         };
-        with_retries(ctx, || {
-            let mut client = self.client.clone();
-            let request = ctx.outgoing(request.clone());
-            async move { client.release_debit(request).await }
-        })
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
+        self.downstream
+            .call(ctx, || {
+                let mut client = self.client.clone();
+                let request = ctx.outgoing(request.clone());
+                async move { client.release_debit(request).await }
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
     }
 
     /// Refunds an InMail whose recipient responded at `responded_at_ms`.
@@ -118,14 +124,15 @@ impl Billing {
             message_id: message_id.to_string(),
             responded_at: inmail_shared::time::ms_to_timestamp(responded_at_ms),
         };
-        with_retries(ctx, || {
-            let mut client = self.client.clone();
-            let request = ctx.outgoing(request.clone());
-            async move { client.refund_message(request).await }
-        })
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
+        self.downstream
+            .call(ctx, || {
+                let mut client = self.client.clone();
+                let request = ctx.outgoing(request.clone());
+                async move { client.refund_message(request).await }
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
     }
 
     /// The debit of a message, or `None` when billing never saw it.
@@ -139,12 +146,14 @@ impl Billing {
             member_id: member.to_string(),
             message_id: message_id.to_string(),
         };
-        let result = with_retries(ctx, || {
-            let mut client = self.client.clone();
-            let request = ctx.outgoing(request.clone());
-            async move { client.get_debit(request).await }
-        })
-        .await;
+        let result = self
+            .downstream
+            .call(ctx, || {
+                let mut client = self.client.clone();
+                let request = ctx.outgoing(request.clone());
+                async move { client.get_debit(request).await }
+            })
+            .await;
         match result {
             Ok(response) => Ok(response.into_inner().debit),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
@@ -156,26 +165,29 @@ impl Billing {
         let request = billing::GetBalanceRequest {
             member_id: member.to_string(),
         };
-        with_retries(ctx, || {
-            let mut client = self.client.clone();
-            let request = ctx.outgoing(request.clone());
-            async move { client.get_balance(request).await }
-        })
-        .await
-        .map(|r| r.into_inner().balance.map(|b| b.available).unwrap_or(0))
-        .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
+        self.downstream
+            .call(ctx, || {
+                let mut client = self.client.clone();
+                let request = ctx.outgoing(request.clone());
+                async move { client.get_balance(request).await }
+            })
+            .await
+            .map(|r| r.into_inner().balance.map(|b| b.available).unwrap_or(0))
+            .map_err(upstream("billing-credits", "BILLING_UNAVAILABLE"))
     }
 }
 
 #[derive(Clone)]
 pub struct Plans {
     client: PlansClient,
+    downstream: Downstream,
 }
 
 impl Plans {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: Channel, attempt_timeout: std::time::Duration) -> Self {
         Self {
             client: PlansClient::new(channel),
+            downstream: Downstream::new("subscription-plan", attempt_timeout),
         }
     }
 
@@ -184,19 +196,21 @@ impl Plans {
         let request = plans::GetSubscriptionRequest {
             member_id: member.to_string(),
         };
-        let subscription = with_retries(ctx, || {
-            let mut client = self.client.clone();
-            let request = ctx.outgoing(request.clone());
-            async move { client.get_subscription(request).await }
-        })
-        .await
-        .map_err(upstream(
-            "subscription-plan",
-            "SUBSCRIPTION_PLAN_UNAVAILABLE",
-        ))?
-        .into_inner()
-        .subscription
-        .unwrap_or_default();
+        let subscription = self
+            .downstream
+            .call(ctx, || {
+                let mut client = self.client.clone();
+                let request = ctx.outgoing(request.clone());
+                async move { client.get_subscription(request).await }
+            })
+            .await
+            .map_err(upstream(
+                "subscription-plan",
+                "SUBSCRIPTION_PLAN_UNAVAILABLE",
+            ))?
+            .into_inner()
+            .subscription
+            .unwrap_or_default();
         Ok(subscription.paid && subscription.open_profile)
     }
 }

@@ -191,8 +191,8 @@ pub async fn serve_with_faults(
     };
     let messaging = Messaging::new(
         MessagingStore::new(runtime.redis.clone()),
-        Billing::new(billing),
-        Plans::new(plans),
+        Billing::new(billing, args.common.downstream_timeout),
+        Plans::new(plans, args.common.downstream_timeout),
         runtime.clock.clone(),
         config,
     );

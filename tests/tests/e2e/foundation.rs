@@ -77,14 +77,26 @@ async fn preference_status(stack: &Stack) -> Result<(), tonic::Status> {
 /// RESOURCE_EXHAUSTED and RetryInfo; health still answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_shed_with_retry_info() {
-    let mut stack = Stack::start_with(StackOptions {
+    // An InMail whose saga stalls after the debit (then fails UNAVAILABLE)
+    // holds the only slot meanwhile.
+    let hook: messaging::send::AfterDebitHook = std::sync::Arc::new(|| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Some(inmail_shared::ApiError::unavailable(
+                "STORAGE_UNAVAILABLE",
+                "injected stall",
+            ))
+        })
+    });
+    let stack = Stack::start_with(StackOptions {
         messaging_args: vec!["--max-concurrent-requests".into(), "1".into()],
+        faults: messaging::send::Faults {
+            after_debit: Some(hook),
+        },
         ..Default::default()
     })
     .await;
-    // With subscription-plan gone, a send to a stranger waits (retrying) for
-    // its whole deadline: it holds the only slot.
-    stack.plans.stop().await;
+    subscribe(&stack, "xia", "premium-career").await;
     let mut client = stack.messaging();
     let slow = tokio::spawn(async move {
         let mut call = tonic::Request::new(send_request("xia", "yan", "Hi", "Hello"));

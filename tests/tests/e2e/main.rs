@@ -10,4 +10,5 @@ mod messaging;
 mod money;
 mod plans;
 mod processes;
+mod resilience;
 mod responses;

@@ -1,0 +1,124 @@
+//! One caller, or one dead dependency, must not degrade everyone (issue
+//! 9.7-9.10). Each test failed on the code before its fix.
+
+use std::time::{Duration, Instant};
+
+use inmail_shared::proto::messaging::v1 as pb;
+use inmail_shared::proto::messaging::v1::InmailResponse;
+use inmail_tests::{Stack, StackOptions, rid};
+use tonic::Code;
+
+use crate::common::*;
+
+fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// Redis down: SendMessage and RespondToInmail answer UNAVAILABLE at once,
+/// like every other call, not after retrying to their deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_down_sends_and_responses_fail_fast() {
+    let mut stack = Stack::start().await;
+    subscribe(&stack, "kai", "premium-career").await;
+    send(&stack, "kai", "lea").await.unwrap();
+    stack.redis.kill();
+    let started = Instant::now();
+    let send = stack
+        .messaging()
+        .send_message(with_deadline(
+            send_request("kai", "max", "Hi", "Hello"),
+            Duration::from_secs(8),
+        ))
+        .await
+        .unwrap_err();
+    let send_took = started.elapsed();
+    let started = Instant::now();
+    let reply = stack
+        .messaging()
+        .respond_to_inmail(with_deadline(
+            pb::RespondToInmailRequest {
+                request_id: rid(),
+                member_id: "lea".into(),
+                conversation_id: "kai~lea".into(),
+                response: InmailResponse::Reply as i32,
+                body: "Hello back".into(),
+            },
+            Duration::from_secs(8),
+        ))
+        .await
+        .unwrap_err();
+    let reply_took = started.elapsed();
+    assert_eq!(send.code(), Code::Unavailable, "{send:?}");
+    assert_eq!(reply.code(), Code::Unavailable, "{reply:?}");
+    assert!(
+        send_took < Duration::from_millis(1500),
+        "SendMessage took {send_took:?}"
+    );
+    assert!(
+        reply_took < Duration::from_millis(1500),
+        "RespondToInmail took {reply_took:?}"
+    );
+}
+
+/// billing down: each InMail fails in milliseconds instead of holding a
+/// permit for its deadline, so free messages keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_billing_costs_milliseconds_and_free_messages_are_not_shed() {
+    let mut stack = Stack::start_with(StackOptions {
+        messaging_args: vec!["--max-concurrent-requests".into(), "8".into()],
+        ..Default::default()
+    })
+    .await;
+    for i in 0..20 {
+        subscribe(&stack, &format!("nia{i}"), "premium-career").await;
+    }
+    connect(&stack, "oli", "pam").await;
+    stack.stop_billing().await;
+    let mut inmails = Vec::new();
+    for i in 0..20 {
+        let mut client = stack.messaging();
+        inmails.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let answer = client
+                .send_message(with_deadline(
+                    send_request(&format!("nia{i}"), &format!("quin{i}"), "Hi", "Hello"),
+                    Duration::from_secs(5),
+                ))
+                .await;
+            (answer.map(|_| ()), started.elapsed())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut free = Vec::new();
+    for i in 0..8 {
+        let mut client = stack.messaging();
+        free.push(tokio::spawn(async move {
+            client
+                .send_message(with_deadline(
+                    send_request("oli", "pam", "", &format!("free {i}")),
+                    Duration::from_secs(5),
+                ))
+                .await
+        }));
+    }
+    for call in free {
+        let answer = call.await.unwrap();
+        assert!(answer.is_ok(), "a free message was refused: {answer:?}");
+    }
+    for call in inmails {
+        let (answer, took) = call.await.unwrap();
+        // Unavailable at once, or shed when more than MAX_CONCURRENT_REQUESTS
+        // arrived together.
+        let status = answer.unwrap_err();
+        assert!(
+            matches!(status.code(), Code::Unavailable | Code::ResourceExhausted),
+            "{status:?}"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "an InMail held its permit for {took:?}"
+        );
+    }
+}
