@@ -4,7 +4,7 @@
 use inmail_shared::ApiError;
 use inmail_shared::context::{CallContext, record_identity};
 use inmail_shared::idempotency::Mutation;
-use inmail_shared::paging::{self, decode_token, encode_token};
+use inmail_shared::paging::{self, PageTokens};
 use inmail_shared::proto::billing::v1 as pb;
 use inmail_shared::reasons;
 use inmail_shared::rpc::handle;
@@ -33,13 +33,15 @@ pub const MAX_CLOCK_SKEW_MS: i64 = 60_000;
 #[derive(Clone)]
 pub struct BillingApi {
     credits: Credits,
+    tokens: PageTokens,
 }
 
 type Answer<T> = Result<Response<T>, Status>;
 
 impl BillingApi {
     pub fn new(credits: Credits) -> Self {
-        Self { credits }
+        let tokens = PageTokens::new(credits.store().redis().clone(), "billing");
+        Self { credits, tokens }
     }
 
     pub fn into_server(
@@ -362,7 +364,11 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
                 paging::DEFAULT_PAGE_SIZE,
                 paging::MAX_PAGE_SIZE,
             );
-            let before = decode_token(&mut checks, "ledger", &request.page_token);
+            let scope = [request.member_id.as_str()];
+            let before = self
+                .tokens
+                .decode(&mut checks, "ledger", &scope, &request.page_token)
+                .await?;
             if before.as_deref().is_some_and(|c| !is_stream_id(c)) {
                 checks.add("page_token", "is not a token returned by this list");
             }
@@ -372,14 +378,13 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
                 .store()
                 .ledger_page(&request.member_id, before.as_deref(), size)
                 .await?;
-            let next_page_token = if entries.len() > size {
-                entries.truncate(size);
-                entries
-                    .last()
-                    .map(|e| encode_token("ledger", &e.id))
-                    .unwrap_or_default()
-            } else {
-                String::new()
+            let next_page_token = match entries.get(size) {
+                Some(_) => {
+                    entries.truncate(size);
+                    let last = &entries[size - 1].id;
+                    self.tokens.encode("ledger", &scope, last).await?
+                }
+                None => String::new(),
             };
             Ok(pb::ListLedgerEntriesResponse {
                 entries: entries.iter().map(views::entry).collect(),
@@ -397,7 +402,10 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
         handle(DOMAIN, async {
             let mut checks = Checks::new();
             let size = paging::page_size(&mut checks, request.page_size, 100, 1000);
-            let cursor = decode_token(&mut checks, "reconcile", &request.page_token)
+            let cursor = self
+                .tokens
+                .decode(&mut checks, "reconcile", &[], &request.page_token)
+                .await?
                 .unwrap_or_else(|| "0".into());
             if !cursor.bytes().all(|b| b.is_ascii_digit() || b == b':') {
                 checks.add("page_token", "is not a token returned by this call");
@@ -405,7 +413,7 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             checks.finish()?;
             let (mut response, next) = reconcile_page(self.credits.store(), cursor, size).await?;
             if next != "0" {
-                response.next_page_token = encode_token("reconcile", &next);
+                response.next_page_token = self.tokens.encode("reconcile", &[], &next).await?;
             }
             Ok(response)
         })

@@ -4,7 +4,7 @@
 use inmail_shared::ApiError;
 use inmail_shared::context::{CallContext, record_identity};
 use inmail_shared::idempotency::{Mutation, RequestLog};
-use inmail_shared::paging::{self, decode_token, encode_token};
+use inmail_shared::paging::{self, PageTokens};
 use inmail_shared::proto::messaging::v1 as pb;
 use inmail_shared::rpc::handle;
 use inmail_shared::time::ms_to_timestamp;
@@ -22,6 +22,7 @@ use crate::views;
 pub struct MessagingApi {
     messaging: Messaging,
     requests: RequestLog,
+    tokens: PageTokens,
 }
 
 type Answer<T> = Result<Response<T>, Status>;
@@ -31,9 +32,11 @@ impl MessagingApi {
     /// of a request waits that long at most for the first one's outcome.
     pub fn new(messaging: Messaging, lease: std::time::Duration) -> Self {
         let requests = RequestLog::new(messaging.store().redis().clone(), lease);
+        let tokens = PageTokens::new(messaging.store().redis().clone(), "messaging");
         Self {
             messaging,
             requests,
+            tokens,
         }
     }
 
@@ -82,11 +85,15 @@ impl MessagingApi {
             paging::DEFAULT_PAGE_SIZE,
             paging::MAX_PAGE_SIZE,
         );
-        let cursor = decode_token(checks, name, page_token).map(|c| {
-            c.split_once(':').and_then(|(score, member)| {
-                score.parse::<i64>().ok().map(|s| (s, member.to_string()))
-            })
-        });
+        let cursor = self
+            .tokens
+            .decode(checks, name, &[member], page_token)
+            .await?
+            .map(|c| {
+                c.split_once(':').and_then(|(score, member)| {
+                    score.parse::<i64>().ok().map(|s| (s, member.to_string()))
+                })
+            });
         if matches!(cursor, Some(None)) {
             checks.add("page_token", "is not a token returned by this list");
         }
@@ -101,11 +108,13 @@ impl MessagingApi {
                 size,
             )
             .await?;
-        let next = page
-            .next
-            .as_ref()
-            .map(|(score, m)| encode_token(name, &format!("{score}:{m}")))
-            .unwrap_or_default();
+        let next = match &page.next {
+            Some((score, m)) => {
+                let cursor = format!("{score}:{m}");
+                self.tokens.encode(name, &[member], &cursor).await?
+            }
+            None => String::new(),
+        };
         Ok((page, next))
     }
 
@@ -587,7 +596,11 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 paging::DEFAULT_PAGE_SIZE,
                 paging::MAX_PAGE_SIZE,
             );
-            let before = match decode_token(&mut checks, "messages", &request.page_token)
+            let scope = [request.member_id.as_str(), request.conversation_id.as_str()];
+            let before = match self
+                .tokens
+                .decode(&mut checks, "messages", &scope, &request.page_token)
+                .await?
                 .map(|c| c.parse::<u64>())
             {
                 Some(Ok(seq)) => Some(seq),
@@ -605,13 +618,13 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
             {
                 return Err(conversation_not_found());
             }
-            let next_page_token = if rows.len() > size {
-                rows.truncate(size);
-                rows.last()
-                    .map(|(seq, _)| encode_token("messages", &seq.to_string()))
-                    .unwrap_or_default()
-            } else {
-                String::new()
+            let next_page_token = match rows.get(size) {
+                Some(_) => {
+                    rows.truncate(size);
+                    let last = rows[size - 1].0.to_string();
+                    self.tokens.encode("messages", &scope, &last).await?
+                }
+                None => String::new(),
             };
             Ok(pb::ListMessagesResponse {
                 messages: rows.iter().map(|(_, m)| views::message(conv, m)).collect(),

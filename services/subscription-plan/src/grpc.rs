@@ -6,7 +6,7 @@ use inmail_shared::ApiError;
 use inmail_shared::clock::Clock;
 use inmail_shared::context::record_identity;
 use inmail_shared::idempotency::{Mutation, Outcome};
-use inmail_shared::paging::{self, decode_token, encode_token};
+use inmail_shared::paging::{self, PageTokens};
 use inmail_shared::proto::plans::v1 as pb;
 use inmail_shared::reasons;
 use inmail_shared::rpc::handle;
@@ -28,16 +28,19 @@ pub struct PlansApi {
     catalog: Arc<Catalog>,
     store: PlanStore,
     clock: Clock,
+    tokens: PageTokens,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
 
 impl PlansApi {
     pub fn new(catalog: Arc<Catalog>, store: PlanStore, clock: Clock) -> Self {
+        let tokens = PageTokens::new(store.redis().clone(), "plans");
         Self {
             catalog,
             store,
             clock,
+            tokens,
         }
     }
 
@@ -165,7 +168,10 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 paging::DEFAULT_PAGE_SIZE,
                 paging::MAX_PAGE_SIZE,
             );
-            let start = decode_token(&mut checks, "plans", &request.page_token)
+            let start = self
+                .tokens
+                .decode(&mut checks, "plans", &[], &request.page_token)
+                .await?
                 .map(|cursor| cursor.parse::<usize>())
                 .transpose()
                 .unwrap_or_else(|_| {
@@ -183,7 +189,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 .map(plan_view)
                 .collect();
             let next_page_token = if end < all.len() {
-                encode_token("plans", &end.to_string())
+                self.tokens.encode("plans", &[], &end.to_string()).await?
             } else {
                 String::new()
             };

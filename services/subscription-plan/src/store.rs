@@ -67,6 +67,10 @@ impl PlanStore {
         }
     }
 
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
     /// Reads the member's state and (with a request id) its request record in
     /// one round trip.
     pub async fn load(

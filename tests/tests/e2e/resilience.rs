@@ -122,3 +122,76 @@ async fn a_dead_billing_costs_milliseconds_and_free_messages_are_not_shed() {
         );
     }
 }
+
+/// A page token works only with the request it came from (same list, same
+/// member, same conversation); another member's, another list's or a forged
+/// one is INVALID_ARGUMENT naming page_token (AIP-158).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn page_tokens_are_bound_to_their_list_and_member_and_cannot_be_forged() {
+    use base64::Engine;
+    use inmail_shared::proto::billing::v1 as billing;
+    let stack = Stack::start().await;
+    for member in ["rae", "sid"] {
+        subscribe(&stack, member, "premium-career").await;
+        grant(&stack, member, 1).await;
+    }
+    let ledger_page = |member: &str, token: &str| {
+        let mut client = stack.billing();
+        let request = billing::ListLedgerEntriesRequest {
+            member_id: member.into(),
+            page_size: 1,
+            page_token: token.into(),
+        };
+        async move {
+            client
+                .list_ledger_entries(request)
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let first = ledger_page("rae", "").await.unwrap();
+    assert!(!first.next_page_token.is_empty());
+    let second = ledger_page("rae", &first.next_page_token).await.unwrap();
+    assert_eq!(second.entries.len(), 1, "the token pages its own list");
+
+    let foreign = ledger_page("sid", &first.next_page_token)
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), Code::InvalidArgument, "{foreign:?}");
+    assert_eq!(bad_fields(&foreign), ["page_token"]);
+
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("ledger|{}", first.entries[0].entry_id));
+    let forged = ledger_page("rae", &forged).await.unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument, "{forged:?}");
+
+    // A conversation's token does not page another conversation.
+    connect(&stack, "rae", "tom").await;
+    connect(&stack, "rae", "uli").await;
+    for other in ["tom", "uli"] {
+        for i in 0..3 {
+            stack
+                .messaging()
+                .send_message(send_request("rae", other, "", &format!("m{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    let messages = |conv: &str, token: &str| {
+        let mut client = stack.messaging();
+        let request = pb::ListMessagesRequest {
+            member_id: "rae".into(),
+            conversation_id: conv.into(),
+            page_size: 1,
+            page_token: token.into(),
+        };
+        async move { client.list_messages(request).await.map(|r| r.into_inner()) }
+    };
+    let page = messages("rae~tom", "").await.unwrap();
+    assert!(messages("rae~tom", &page.next_page_token).await.is_ok());
+    let other = messages("rae~uli", &page.next_page_token)
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
+    assert_eq!(bad_fields(&other), ["page_token"]);
+}
