@@ -81,7 +81,44 @@ impl ConnectionLike for RedisConn {
 #[derive(Clone)]
 pub struct Redis {
     conn: RedisConn,
+    bulk: RedisConn,
     url: String,
+}
+
+/// Validates the URL(s) and prepares one connection without dialing.
+fn connect(settings: &RedisSettings) -> Result<RedisConn, String> {
+    Ok(if settings.cluster {
+        let nodes: Vec<&str> = settings.url.split(',').map(str::trim).collect();
+        for node in &nodes {
+            redis::Client::open(*node)
+                .map_err(|e| format!("REDIS_URL {node:?} is not a valid Redis URL: {e}"))?;
+        }
+        let client = redis::cluster::ClusterClient::builder(nodes)
+            .connection_timeout(settings.connect_timeout)
+            .response_timeout(settings.response_timeout)
+            .retries(1)
+            .build()
+            .map_err(|e| format!("REDIS_URL {:?}: {e}", settings.url))?;
+        let config = redis::cluster::ClusterConfig::new()
+            .set_connection_timeout(settings.connect_timeout)
+            .set_response_timeout(settings.response_timeout);
+        RedisConn::Cluster(client.get_pending_async_connection_with_config(config))
+    } else {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| format!("REDIS_URL {:?} is not a valid Redis URL: {e}", settings.url))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.response_timeout))
+            // Few, quick reconnection attempts: a caller waits on them,
+            // and the next call starts a fresh attempt anyway.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(200));
+        RedisConn::Single(
+            ConnectionManager::new_lazy_with_config(client, config)
+                .map_err(|e| format!("cannot prepare the Redis connection: {e}"))?,
+        )
+    })
 }
 
 impl std::fmt::Debug for Redis {
@@ -98,41 +135,9 @@ impl Redis {
     /// service starts (and reports NOT_SERVING) even while Redis is down.
     /// Needs a Tokio runtime.
     pub fn open(settings: &RedisSettings) -> Result<Self, String> {
-        let conn = if settings.cluster {
-            let nodes: Vec<&str> = settings.url.split(',').map(str::trim).collect();
-            for node in &nodes {
-                redis::Client::open(*node)
-                    .map_err(|e| format!("REDIS_URL {node:?} is not a valid Redis URL: {e}"))?;
-            }
-            let client = redis::cluster::ClusterClient::builder(nodes)
-                .connection_timeout(settings.connect_timeout)
-                .response_timeout(settings.response_timeout)
-                .retries(1)
-                .build()
-                .map_err(|e| format!("REDIS_URL {:?}: {e}", settings.url))?;
-            let config = redis::cluster::ClusterConfig::new()
-                .set_connection_timeout(settings.connect_timeout)
-                .set_response_timeout(settings.response_timeout);
-            RedisConn::Cluster(client.get_pending_async_connection_with_config(config))
-        } else {
-            let client = redis::Client::open(settings.url.as_str()).map_err(|e| {
-                format!("REDIS_URL {:?} is not a valid Redis URL: {e}", settings.url)
-            })?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(settings.connect_timeout))
-                .set_response_timeout(Some(settings.response_timeout))
-                // Few, quick reconnection attempts: a caller waits on them,
-                // and the next call starts a fresh attempt anyway.
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(20))
-                .set_max_delay(Duration::from_millis(200));
-            RedisConn::Single(
-                ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| format!("cannot prepare the Redis connection: {e}"))?,
-            )
-        };
         Ok(Self {
-            conn,
+            conn: connect(settings)?,
+            bulk: connect(settings)?,
             url: settings
                 .url
                 .split(',')
@@ -145,6 +150,13 @@ impl Redis {
     /// A handle to run commands on; clones share the connection(s).
     pub fn conn(&self) -> RedisConn {
         self.conn.clone()
+    }
+
+    /// The connection(s) for reads whose replies may be large (list pages),
+    /// apart from the one money writes and health use, so a large reply never
+    /// queues them.
+    pub fn bulk(&self) -> RedisConn {
+        self.bulk.clone()
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -162,7 +174,18 @@ impl Redis {
     /// are loaded and the command runs once more, so every command of a batch
     /// must be safe to run twice.
     pub async fn run<T: FromRedisValue>(&self, batch: &Batch<'_>) -> Result<T, ApiError> {
-        let mut conn = self.conn();
+        Self::run_on(self.conn(), batch).await
+    }
+
+    /// [`Redis::run`] on the [`Redis::bulk`] connection.
+    pub async fn run_bulk<T: FromRedisValue>(&self, batch: &Batch<'_>) -> Result<T, ApiError> {
+        Self::run_on(self.bulk(), batch).await
+    }
+
+    async fn run_on<T: FromRedisValue>(
+        mut conn: RedisConn,
+        batch: &Batch<'_>,
+    ) -> Result<T, ApiError> {
         match &mut conn {
             RedisConn::Single(single) => {
                 let mut pipe = redis::pipe();

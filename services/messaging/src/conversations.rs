@@ -32,14 +32,16 @@ impl Messaging {
             .map(|(_, shown)| shown))
     }
 
-    /// Delivered messages newest first, before `before_seq`; one more than
-    /// `size` when there is more.
+    /// Delivered messages newest first, before `before_seq`: at most
+    /// `size`, within the page byte budget; and whether more follow.
     pub async fn messages(
         &self,
         conv: &str,
         before_seq: Option<u64>,
         size: usize,
-    ) -> Result<Vec<(u64, StoredMessage)>, ApiError> {
-        self.store().messages_page(conv, before_seq, size).await
+    ) -> Result<(Vec<(u64, StoredMessage)>, bool), ApiError> {
+        self.store()
+            .messages_page(conv, before_seq, size, self.config.page_bytes)
+            .await
     }
 }

@@ -144,6 +144,17 @@ pub fn rate_limited(retry_after: Duration) -> ApiError {
     )
 }
 
+pub fn send_rate_limited(retry_after: Duration) -> ApiError {
+    ApiError::resource_exhausted(
+        reasons::SEND_RATE_LIMITED,
+        format!(
+            "too many messages from this sender; the next one is allowed in {}s",
+            retry_after.as_secs().max(1)
+        ),
+        retry_after,
+    )
+}
+
 pub fn open_profile_limited(retry_after: Duration) -> ApiError {
     ApiError::resource_exhausted(
         reasons::OPEN_PROFILE_MONTHLY_LIMIT,

@@ -535,7 +535,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         handle(DOMAIN, async {
             let mut checks = Checks::new();
             checks.member_id("member_id", &request.member_id);
-            let (page, next_page_token) = self
+            let (page, mut next_page_token) = self
                 .list_page(
                     &mut checks,
                     &request.member_id,
@@ -544,13 +544,36 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                     &request.page_token,
                 )
                 .await?;
-            let convs: Vec<String> = page.rows.into_iter().map(|(conv, _)| conv).collect();
-            let shown = self.messaging.conversations(&convs).await?;
+            let convs: Vec<String> = page.rows.iter().map(|(conv, _)| conv.clone()).collect();
+            let mut shown: std::collections::HashMap<String, _> = self
+                .messaging
+                .conversations(&convs)
+                .await?
+                .into_iter()
+                .collect();
+            // Within the page byte budget (at least one): the next page
+            // starts after the last conversation answered.
+            let mut conversations = Vec::new();
+            let mut bytes = 0;
+            for (i, (conv, _)) in page.rows.iter().enumerate() {
+                let Some((record, last)) = shown.remove(conv) else {
+                    continue;
+                };
+                let view = views::conversation(conv, &record, last.as_ref());
+                let size = prost::Message::encoded_len(&view);
+                if !conversations.is_empty() && bytes + size > self.messaging.page_bytes() {
+                    let (prev, score) = &page.rows[i - 1];
+                    next_page_token = self
+                        .tokens
+                        .encode("inbox", &[&request.member_id], &format!("{score}:{prev}"))
+                        .await?;
+                    break;
+                }
+                bytes += size;
+                conversations.push(view);
+            }
             Ok(pb::ListConversationsResponse {
-                conversations: shown
-                    .iter()
-                    .map(|(conv, (record, last))| views::conversation(conv, record, last.as_ref()))
-                    .collect(),
+                conversations,
                 next_page_token,
             })
         })
@@ -613,18 +636,18 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
             checks.finish()?;
             other_member(&request.member_id, &members.expect("checked above"))?;
             let conv = &request.conversation_id;
-            let mut rows = self.messaging.messages(conv, before, size).await?;
+            let (rows, more) = self.messaging.messages(conv, before, size).await?;
             if rows.is_empty() && before.is_none() && self.conversation_view(conv).await?.is_none()
             {
                 return Err(conversation_not_found());
             }
-            let next_page_token = match rows.get(size) {
-                Some(_) => {
-                    rows.truncate(size);
-                    let last = rows[size - 1].0.to_string();
-                    self.tokens.encode("messages", &scope, &last).await?
+            let next_page_token = match rows.last() {
+                Some((seq, _)) if more => {
+                    self.tokens
+                        .encode("messages", &scope, &seq.to_string())
+                        .await?
                 }
-                None => String::new(),
+                _ => String::new(),
             };
             Ok(pb::ListMessagesResponse {
                 messages: rows.iter().map(|(_, m)| views::message(conv, m)).collect(),

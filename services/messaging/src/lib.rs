@@ -100,6 +100,20 @@ pub struct Args {
     #[arg(long, env = "INMAIL_PER_DAY", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub inmail_per_day: u32,
 
+    /// Free messages (every kind but InMail) a sender may send at once before
+    /// the per-minute rate applies.
+    #[arg(long, env = "FREE_SEND_BURST", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    pub free_send_burst: u32,
+
+    /// Free messages a sender may send per minute, on average.
+    #[arg(long, env = "FREE_SENDS_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    pub free_sends_per_minute: u32,
+
+    /// The most bytes one page of a list answers (at least one item): pages
+    /// of large messages hold fewer of them.
+    #[arg(long, env = "PAGE_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(4096..))]
+    pub page_bytes: u32,
+
     /// Open Profile messages a sender may send per calendar month.
     #[arg(long, env = "OPEN_PROFILE_MONTHLY_LIMIT", default_value_t = 800)]
     pub open_profile_monthly_limit: u32,
@@ -179,6 +193,8 @@ pub async fn serve_with_faults(
         limits: SendLimits {
             burst: args.inmail_burst,
             tokens_per_ms: f64::from(args.inmail_per_day) / DAY.as_millis() as f64,
+            free_burst: args.free_send_burst,
+            free_tokens_per_ms: f64::from(args.free_sends_per_minute) / 60_000.0,
             open_profile_monthly: args.open_profile_monthly_limit,
             open_profile_counter_ttl_ms: (32 * DAY).as_millis() as i64,
             request_retention_ms: REQUEST_RETENTION.as_millis() as i64,
@@ -187,6 +203,7 @@ pub async fn serve_with_faults(
         recovery_after: args.send_recovery_after,
         refund_retry: args.refund_retry,
         failed_keep: DAY,
+        page_bytes: args.page_bytes as usize,
         faults,
     };
     let messaging = Messaging::new(

@@ -24,7 +24,7 @@ use crate::domain::{
     self, BODY_MAX_CHARS, Decision, INMAIL_BODY_MAX_CHARS, InmailStage, Kind, Pair,
     SUBJECT_MAX_CHARS, decide,
 };
-use crate::error::{SendFailure, open_profile_limited, rate_limited};
+use crate::error::{SendFailure, open_profile_limited, rate_limited, send_rate_limited};
 pub use crate::service::{AfterDebitHook, Config, Faults, Messaging, Refund, SendInput, Sent};
 use crate::store::{
     Begin, Begun, Delivering, Delivery, Envelope, GivenUp, MessageState, OutboxItem, Staged,
@@ -555,6 +555,7 @@ impl Messaging {
 fn begin_refused(begun: Begun, now_ms: i64) -> ApiError {
     match begun {
         Begun::RateLimited { retry_ms } => rate_limited(Duration::from_millis(retry_ms)),
+        Begun::SendRateLimited { retry_ms } => send_rate_limited(Duration::from_millis(retry_ms)),
         Begun::OpenProfileLimited => {
             let wait = domain::next_month_start_ms(now_ms) - now_ms;
             open_profile_limited(Duration::from_millis(wait.max(0) as u64))

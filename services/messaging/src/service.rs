@@ -45,6 +45,8 @@ pub struct Config {
     pub refund_retry: Duration,
     /// How long a failed message is kept (for replays of its request).
     pub failed_keep: Duration,
+    /// The most bytes one page of a list answers (at least one item).
+    pub page_bytes: usize,
     pub faults: Faults,
 }
 
@@ -124,6 +126,11 @@ impl Messaging {
 
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// The most bytes one page of a list answers (at least one item).
+    pub fn page_bytes(&self) -> usize {
+        self.config.page_bytes
     }
 
     pub(crate) fn window_ms(&self) -> i64 {

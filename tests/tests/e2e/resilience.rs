@@ -195,3 +195,119 @@ async fn page_tokens_are_bound_to_their_list_and_member_and_cannot_be_forged() {
     assert_eq!(other.code(), Code::InvalidArgument, "{other:?}");
     assert_eq!(bad_fields(&other), ["page_token"]);
 }
+
+/// Free messages are rate limited per sender too: past the burst, a send is
+/// RESOURCE_EXHAUSTED with RetryInfo, and nothing is stored for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn free_messages_are_rate_limited_per_sender() {
+    use tonic_types::StatusExt;
+    let stack = Stack::start_with(StackOptions {
+        messaging_args: vec!["--free-send-burst".into(), "5".into()],
+        ..Default::default()
+    })
+    .await;
+    connect(&stack, "vi", "wu").await;
+    for i in 0..5 {
+        stack
+            .messaging()
+            .send_message(send_request("vi", "wu", "", &format!("hello {i}")))
+            .await
+            .unwrap();
+    }
+    let limited = stack
+        .messaging()
+        .send_message(send_request("vi", "wu", "", "one too many"))
+        .await
+        .unwrap_err();
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    assert_eq!(reason(&limited), "SEND_RATE_LIMITED");
+    assert!(
+        limited
+            .get_details_retry_info()
+            .and_then(|r| r.retry_delay)
+            .is_some()
+    );
+    let c = conversation(&stack, "vi", "vi~wu").await.unwrap();
+    assert_eq!(c.message_count, 5, "nothing stored for the refused send");
+}
+
+/// Pages of large messages stay within a response size budget (fewer items
+/// when they are large), and many such pages at once neither fail nor take
+/// the service's health down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_pages_stay_within_a_size_budget_and_do_not_starve_the_service() {
+    use inmail_tests::{SERVING, health};
+    use prost::Message;
+    let stack = Stack::start_with(StackOptions {
+        messaging_args: vec!["--free-send-burst".into(), "1000".into()],
+        ..Default::default()
+    })
+    .await;
+    connect(&stack, "xu", "yo").await;
+    // 8,000 characters of four bytes: 32 KB a message, 4.8 MB in all.
+    let body: String = "\u{1F600}".repeat(8000);
+    let mut sends = Vec::new();
+    for i in 0..150 {
+        let mut client = stack.messaging();
+        let body = body.clone();
+        sends.push(tokio::spawn(async move {
+            client
+                .send_message(send_request("xu", "yo", &format!("m{i}"), &body))
+                .await
+                .unwrap();
+        }));
+    }
+    for send in sends {
+        send.await.unwrap();
+    }
+    let page = |token: String| {
+        let mut client = stack.messaging();
+        async move {
+            client
+                .list_messages(pb::ListMessagesRequest {
+                    member_id: "yo".into(),
+                    conversation_id: "xu~yo".into(),
+                    page_size: 500,
+                    page_token: token,
+                })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let mut token = String::new();
+    let mut seen = 0;
+    loop {
+        let response = page(token).await.expect("a page");
+        assert!(
+            response.encoded_len() <= 1024 * 1024 + 64 * 1024,
+            "a page of {} bytes",
+            response.encoded_len()
+        );
+        assert!(!response.messages.is_empty());
+        seen += response.messages.len();
+        if response.next_page_token.is_empty() {
+            break;
+        }
+        token = response.next_page_token;
+    }
+    assert_eq!(seen, 150, "paging reaches every message");
+
+    let mut pages = Vec::new();
+    for _ in 0..60 {
+        pages.push(tokio::spawn(page(String::new())));
+    }
+    let watch = tokio::spawn({
+        let addr = stack.messaging.addr;
+        async move {
+            for _ in 0..20 {
+                assert_eq!(health(addr).await.unwrap(), SERVING, "health dropped");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    });
+    for page in pages {
+        let answer = page.await.unwrap();
+        assert!(answer.is_ok(), "a page failed: {:?}", answer.err());
+    }
+    watch.await.unwrap();
+}

@@ -20,6 +20,7 @@
 //!   time, for listing.
 //! - `messaging:{M}:request:<request_id>` hash — request records.
 //! - `messaging:{M}:ratelimit` hash — the InMail token bucket.
+//! - `messaging:{M}:sendrate` hash — the free-send token bucket.
 //! - `messaging:{M}:openprofile:<YYYYMM>` string — Open Profile messages sent
 //!   this calendar month.
 //! - `messaging:outbox:{o<N>}` sorted sets ([`OUTBOX_SHARDS`] shards) —
@@ -64,6 +65,10 @@ pub fn request(member: &str, request_id: &str) -> String {
 
 pub fn ratelimit(member: &str) -> String {
     format!("messaging:{{{member}}}:ratelimit")
+}
+
+pub fn send_rate(member: &str) -> String {
+    format!("messaging:{{{member}}}:sendrate")
 }
 
 pub fn open_profile(member: &str, month: &str) -> String {

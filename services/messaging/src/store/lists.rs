@@ -40,7 +40,7 @@ impl MessagingStore {
         for conv in convs {
             batch.add(redis::cmd("HGETALL").arg(keys::conv(conv)).clone());
         }
-        let pairs: Vec<HashMap<String, String>> = self.redis.run(&batch).await?;
+        let pairs: Vec<HashMap<String, String>> = self.redis.run_bulk(&batch).await?;
         let records: Vec<ConversationRecord> =
             pairs.iter().map(ConversationRecord::from_fields).collect();
         let mut batch = Batch::new();
@@ -48,7 +48,7 @@ impl MessagingStore {
             let last = record.last_message_id.as_deref().unwrap_or("-");
             batch.add(redis::cmd("HGETALL").arg(keys::msg(conv, last)).clone());
         }
-        let lasts: Vec<HashMap<String, String>> = self.redis.run(&batch).await?;
+        let lasts: Vec<HashMap<String, String>> = self.redis.run_bulk(&batch).await?;
         Ok(records
             .into_iter()
             .zip(lasts)
@@ -59,14 +59,18 @@ impl MessagingStore {
             .collect())
     }
 
-    /// Delivered messages newest first, before `before_seq` when given; one
-    /// more than `limit` when there is more.
+    /// Delivered messages newest first, before `before_seq` when given: at
+    /// most `limit`, and no more than `byte_budget` bytes of them (at least
+    /// one). Answers whether more follow. Bodies are read a few at a time,
+    /// so a page of large messages never reads more than it answers.
     pub async fn messages_page(
         &self,
         conv: &str,
         before_seq: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<(u64, StoredMessage)>, ApiError> {
+        byte_budget: usize,
+    ) -> Result<(Vec<(u64, StoredMessage)>, bool), ApiError> {
+        const CHUNK: usize = 16;
         let max = before_seq.map_or("+inf".to_string(), |s| format!("({s}"));
         let ids: Vec<(String, u64)> = redis::cmd("ZRANGE")
             .arg(keys::timeline(conv))
@@ -78,23 +82,29 @@ impl MessagingStore {
             .arg(0)
             .arg(limit + 1)
             .arg("WITHSCORES")
-            .query_async(&mut self.redis.conn())
+            .query_async(&mut self.redis.bulk())
             .await?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        for chunk in ids[..ids.len().min(limit)].chunks(CHUNK) {
+            let mut batch = Batch::new();
+            for (id, _) in chunk {
+                batch.add(redis::cmd("HGETALL").arg(keys::msg(conv, id)).clone());
+            }
+            let bodies: Vec<HashMap<String, String>> = self.redis.run_bulk(&batch).await?;
+            for ((id, seq), fields) in chunk.iter().zip(bodies) {
+                let Some(message) = StoredMessage::from_fields(id, fields) else {
+                    continue;
+                };
+                let size = message.wire_size();
+                if !page.is_empty() && bytes + size > byte_budget {
+                    return Ok((page, true));
+                }
+                bytes += size;
+                page.push((*seq, message));
+            }
         }
-        let mut batch = Batch::new();
-        for (id, _) in &ids {
-            batch.add(redis::cmd("HGETALL").arg(keys::msg(conv, id)).clone());
-        }
-        let bodies: Vec<HashMap<String, String>> = self.redis.run(&batch).await?;
-        Ok(ids
-            .into_iter()
-            .zip(bodies)
-            .filter_map(|((id, seq), fields)| {
-                StoredMessage::from_fields(&id, fields).map(|m| (seq, m))
-            })
-            .collect())
+        Ok((page, ids.len() > limit))
     }
 
     /// A page of a member's sorted set (inbox, connections, blocks), newest
@@ -120,7 +130,7 @@ impl MessagingStore {
                 .arg(skip)
                 .arg(limit + 1)
                 .arg("WITHSCORES")
-                .query_async(&mut self.redis.conn())
+                .query_async(&mut self.redis.bulk())
                 .await?;
             let fetched = batch.len();
             for (member, score) in batch {

@@ -35,6 +35,9 @@ pub use self::reply::{
 pub struct SendLimits {
     pub burst: u32,
     pub tokens_per_ms: f64,
+    /// The free-send bucket (every kind but INMAIL).
+    pub free_burst: u32,
+    pub free_tokens_per_ms: f64,
     pub open_profile_monthly: u32,
     pub open_profile_counter_ttl_ms: i64,
     pub request_retention_ms: i64,
@@ -204,6 +207,7 @@ impl MessagingStore {
             keys::request(envelope.sender, request_id),
             keys::ratelimit(envelope.sender),
             keys::open_profile(envelope.sender, begin.month),
+            keys::send_rate(envelope.sender),
         ];
         let mut a = args();
         a.arg(envelope.fingerprint)
@@ -215,7 +219,9 @@ impl MessagingStore {
             .arg(format!("{:.12e}", limits.tokens_per_ms))
             .arg(limits.open_profile_monthly)
             .arg(limits.open_profile_counter_ttl_ms)
-            .arg(limits.request_retention_ms);
+            .arg(limits.request_retention_ms)
+            .arg(limits.free_burst)
+            .arg(format!("{:.12e}", limits.free_tokens_per_ms));
         batch.script(script, &keys, a);
     }
 

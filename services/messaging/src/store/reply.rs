@@ -70,6 +70,7 @@ pub enum Begun {
     Exists { msg: String, conv: String },
     Mismatch,
     RateLimited { retry_ms: u64 },
+    SendRateLimited { retry_ms: u64 },
     OpenProfileLimited,
 }
 
@@ -177,6 +178,11 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
+    /// About the bytes it takes in a response (for page size budgets).
+    pub fn wire_size(&self) -> usize {
+        self.id.len() + self.from.len() + self.to.len() + self.subject.len() + self.body.len() + 64
+    }
+
     /// Reads a message hash; `None` when it does not exist or is unreadable.
     pub fn from_fields(id: &str, fields: HashMap<String, String>) -> Option<Self> {
         if fields.is_empty() {
