@@ -157,6 +157,8 @@ impl TestClockApi {
 
     pub fn into_server(self) -> pb::test_clock_service_server::TestClockServiceServer<Self> {
         pb::test_clock_service_server::TestClockServiceServer::new(self)
+            .max_decoding_message_size(crate::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(crate::server::MAX_RESPONSE_BYTES)
     }
 }
 

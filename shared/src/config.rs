@@ -50,6 +50,10 @@ pub struct CommonArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
 
+    /// How long a call's request body may take to arrive after its headers.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Duration,
+
     /// How long shutdown waits for in-flight calls.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -72,6 +76,7 @@ impl CommonArgs {
             max_concurrent_requests: self.max_concurrent_requests as usize,
             shutdown_grace: self.shutdown_grace,
             shutdown_delay: self.shutdown_delay,
+            body_read_timeout: self.body_read_timeout,
         }
     }
 

@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -44,7 +46,26 @@ pub struct ServerLimits {
     /// How long to keep serving after reporting NOT_SERVING, so load
     /// balancers stop sending new calls before we stop accepting them.
     pub shutdown_delay: Duration,
+    /// How long a call's request body may take to arrive after its headers;
+    /// a call holds no concurrency permit before its body is in.
+    pub body_read_timeout: Duration,
 }
+
+/// The largest request a service reads (every request of ours is far
+/// smaller: an 8,000-character body is at most 32 KB).
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// The largest response a service sends (pages stay within their budget).
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// Concurrent HTTP/2 streams one connection may open.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Streams a client may reset before the server stops accepting them.
+const MAX_PENDING_RESETS: usize = 64;
+/// The largest header block a client may send.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// HTTP/2 keepalive: ping an idle connection this often, drop it when the
+/// ping is not answered within the timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Default for ServerLimits {
     fn default() -> Self {
@@ -53,6 +74,7 @@ impl Default for ServerLimits {
             max_concurrent_requests: 1024,
             shutdown_grace: Duration::from_secs(10),
             shutdown_delay: Duration::ZERO,
+            body_read_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -231,6 +253,11 @@ impl GrpcServer {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .layer(layer)
             .add_routes(self.routes.routes())
             .serve_with_incoming_shutdown(incoming, async {
@@ -304,6 +331,7 @@ struct LayerShared {
     service: &'static str,
     permits: Arc<Semaphore>,
     request_timeout: Duration,
+    body_read_timeout: Duration,
 }
 
 impl RpcLayer {
@@ -313,6 +341,7 @@ impl RpcLayer {
                 service,
                 permits: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
                 request_timeout: limits.request_timeout,
+                body_read_timeout: limits.body_read_timeout,
             }),
         }
     }
@@ -337,12 +366,11 @@ pub struct RpcService<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RpcService<S>
+impl<S, ResBody> Service<http::Request<Body>> for RpcService<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
     ResBody: Default + Send + 'static,
 {
     type Response = http::Response<ResBody>;
@@ -353,7 +381,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         // The clone that was polled ready serves this call (tower's rule).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -387,33 +415,68 @@ where
         );
         request.extensions_mut().insert(ctx);
 
-        // Health and reflection answer even when the server is saturated.
+        // Health and reflection (streams) answer even when the server is
+        // saturated, and are not read ahead.
         let exempt = method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
-        let permit = if exempt {
-            None
-        } else {
-            match shared.permits.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    let status = ApiError::resource_exhausted(
-                        crate::reasons::SERVER_OVERLOADED,
-                        format!(
-                            "{} is serving its maximum of concurrent calls; retry shortly",
-                            shared.service
-                        ),
-                        Duration::from_millis(100),
-                    )
-                    .into_status("server.inmail");
-                    record_call(shared.service, &method, "ResourceExhausted", Duration::ZERO);
-                    return Box::pin(async move { Ok(status.into_http()) });
-                }
-            }
-        };
 
         Box::pin(
             async move {
                 let started = Instant::now();
-                let outcome = tokio::time::timeout(budget, inner.call(request)).await;
+                let mut permit = None;
+                if !exempt {
+                    // The whole (unary) request is read before a permit is
+                    // taken: a client that sends headers and no body holds
+                    // nothing, and is answered after the body read timeout.
+                    let (parts, body) = request.into_parts();
+                    let read = tokio::time::timeout(
+                        shared.body_read_timeout.min(budget),
+                        http_body_util::Limited::new(body, MAX_REQUEST_BYTES).collect(),
+                    )
+                    .await;
+                    let bytes = match read {
+                        Ok(Ok(collected)) => collected.to_bytes(),
+                        Ok(Err(err)) => {
+                            let status = if err.is::<http_body_util::LengthLimitError>() {
+                                tonic::Status::resource_exhausted(format!(
+                                    "the request is larger than {MAX_REQUEST_BYTES} bytes"
+                                ))
+                            } else {
+                                tonic::Status::cancelled(format!(
+                                    "the request body could not be read: {err}"
+                                ))
+                            };
+                            record_call(shared.service, &method, &format!("{:?}", status.code()), started.elapsed());
+                            return Ok(status.into_http());
+                        }
+                        Err(_) => {
+                            let status = tonic::Status::deadline_exceeded(format!(
+                                "the request body did not arrive within {:?}",
+                                shared.body_read_timeout.min(budget)
+                            ));
+                            record_call(shared.service, &method, "DeadlineExceeded", started.elapsed());
+                            return Ok(status.into_http());
+                        }
+                    };
+                    request = http::Request::from_parts(parts, Body::new(Full::new(bytes)));
+                    match shared.permits.clone().try_acquire_owned() {
+                        Ok(taken) => permit = Some(taken),
+                        Err(_) => {
+                            let status = ApiError::resource_exhausted(
+                                crate::reasons::SERVER_OVERLOADED,
+                                format!(
+                                    "{} is serving its maximum of concurrent calls; retry shortly",
+                                    shared.service
+                                ),
+                                Duration::from_millis(100),
+                            )
+                            .into_status("server.inmail");
+                            record_call(shared.service, &method, "ResourceExhausted", Duration::ZERO);
+                            return Ok(status.into_http());
+                        }
+                    }
+                }
+                let remaining = budget.saturating_sub(started.elapsed());
+                let outcome = tokio::time::timeout(remaining, inner.call(request)).await;
                 drop(permit);
                 let response = match outcome {
                     Ok(Ok(response)) => response,

@@ -48,6 +48,8 @@ impl BillingApi {
         self,
     ) -> pb::billing_credits_service_server::BillingCreditsServiceServer<Self> {
         pb::billing_credits_service_server::BillingCreditsServiceServer::new(self)
+            .max_decoding_message_size(inmail_shared::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(inmail_shared::server::MAX_RESPONSE_BYTES)
     }
 }
 

@@ -42,6 +42,8 @@ impl MessagingApi {
 
     pub fn into_server(self) -> pb::messaging_service_server::MessagingServiceServer<Self> {
         pb::messaging_service_server::MessagingServiceServer::new(self)
+            .max_decoding_message_size(inmail_shared::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(inmail_shared::server::MAX_RESPONSE_BYTES)
     }
 
     /// Runs a mutation once per request id (AIP-155): a retry answers the

@@ -48,6 +48,8 @@ impl PlansApi {
         self,
     ) -> pb::subscription_plan_service_server::SubscriptionPlanServiceServer<Self> {
         pb::subscription_plan_service_server::SubscriptionPlanServiceServer::new(self)
+            .max_decoding_message_size(inmail_shared::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(inmail_shared::server::MAX_RESPONSE_BYTES)
     }
 
     /// The member's state as of now (scheduled changes applied), and now.

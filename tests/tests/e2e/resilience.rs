@@ -311,3 +311,60 @@ async fn large_pages_stay_within_a_size_budget_and_do_not_starve_the_service() {
     }
     watch.await.unwrap();
 }
+
+/// Slow clients: streams that send their headers and never a body hold no
+/// permit, so they cannot lock everyone else out; the server gives up on
+/// them after its body read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_that_never_send_a_body_do_not_lock_callers_out() {
+    let stack = Stack::start_with(StackOptions {
+        messaging_args: vec![
+            "--max-concurrent-requests".into(),
+            "16".into(),
+            "--body-read-timeout".into(),
+            "2s".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(stack.messaging.addr)
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let request = http::Request::post(format!(
+            "http://{}/inmail.messaging.v1.MessagingService/GetInmailPreference",
+            stack.messaging.addr
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        // Headers only: the body never comes.
+        let (response, stream) = client.send_request(request, false).unwrap();
+        held.push((response, stream));
+        client = client.ready().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let answer = stack
+        .messaging()
+        .get_inmail_preference(with_deadline(
+            pb::GetInmailPreferenceRequest {
+                member_id: "zoe".into(),
+            },
+            Duration::from_secs(5),
+        ))
+        .await;
+    assert!(answer.is_ok(), "a caller was locked out: {answer:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The stalled streams are answered once the body read times out.
+    let (response, _stream) = held.pop().unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(5), response).await;
+    assert!(answered.is_ok(), "a stalled stream was never answered");
+}
