@@ -420,6 +420,8 @@ pub async fn assert_ledgers_reconcile(billing: &mut BillingClient) -> u32 {
             .reconcile_ledgers(billing::ReconcileLedgersRequest {
                 page_size: 1000,
                 page_token: token.clone(),
+                // Every entry, not only those past the checkpoints.
+                full: true,
             })
             .await
             .expect("ReconcileLedgers")

@@ -400,22 +400,36 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
         &self,
         request: Request<pb::ReconcileLedgersRequest>,
     ) -> Answer<pb::ReconcileLedgersResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         handle(DOMAIN, async {
             let mut checks = Checks::new();
             let size = paging::page_size(&mut checks, request.page_size, 100, 1000);
-            let cursor = self
+            // The token carries the SCAN cursor and the epoch of a full
+            // re-verification ("" for incremental).
+            let (cursor, epoch) = match self
                 .tokens
                 .decode(&mut checks, "reconcile", &[], &request.page_token)
                 .await?
-                .unwrap_or_else(|| "0".into());
+            {
+                Some(token) => match token.split_once('|') {
+                    Some((cursor, epoch)) => (cursor.to_string(), epoch.to_string()),
+                    None => (token, String::new()),
+                },
+                None if request.full => ("0".into(), uuid::Uuid::new_v4().simple().to_string()),
+                None => ("0".into(), String::new()),
+            };
             if !cursor.bytes().all(|b| b.is_ascii_digit() || b == b':') {
                 checks.add("page_token", "is not a token returned by this call");
             }
             checks.finish()?;
-            let (mut response, next) = reconcile_page(self.credits.store(), cursor, size).await?;
+            let (mut response, next) =
+                reconcile_page(self.credits.store(), &ctx, cursor, size, &epoch).await?;
             if next != "0" {
-                response.next_page_token = self.tokens.encode("reconcile", &[], &next).await?;
+                response.next_page_token = self
+                    .tokens
+                    .encode("reconcile", &[], &format!("{next}|{epoch}"))
+                    .await?;
             }
             Ok(response)
         })

@@ -2,6 +2,7 @@
 //! counters changed only by Lua scripts; debits held until confirmed,
 //! refunds, renewals, grants and an immutable ledger.
 
+pub mod archive;
 pub mod credits;
 pub mod entitlement;
 pub mod error;
@@ -48,6 +49,10 @@ pub enum Commands {
             default_value = "http://127.0.0.1:50052"
         )]
         url: String,
+        /// Re-verify every ledger from its start, not from each member's
+        /// last verified checkpoint.
+        #[arg(long)]
+        full: bool,
     },
 }
 
@@ -76,7 +81,7 @@ impl ServiceBinary for Service {
 
     fn run_command(command: Commands, _args: Args) -> ExitCode {
         match command {
-            Commands::Reconcile { url } => reconcile::run_command(&url),
+            Commands::Reconcile { url, full } => reconcile::run_command(&url, full),
         }
     }
 }
@@ -108,6 +113,20 @@ pub struct Args {
     /// asking again (never past the end of its cycle); 0s asks every time.
     #[arg(long, env = "ENTITLEMENT_CACHE_TTL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub entitlement_cache_ttl: Duration,
+
+    /// Where verified ledger entries older than LEDGER_HOT_RETENTION go
+    /// (append-only JSON Lines files); unset: every entry stays in Redis.
+    #[arg(long, env = "LEDGER_ARCHIVE_DIR")]
+    pub ledger_archive_dir: Option<std::path::PathBuf>,
+
+    /// How long ledger entries stay in Redis (and in ListLedgerEntries) once
+    /// verified, when LEDGER_ARCHIVE_DIR is set.
+    #[arg(long, env = "LEDGER_HOT_RETENTION", default_value = "400days", value_parser = humantime::parse_duration)]
+    pub ledger_hot_retention: Duration,
+
+    /// How often old verified entries are moved to the archive.
+    #[arg(long, env = "LEDGER_COMPACT_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ledger_compact_interval: Duration,
 
     /// How often expired holds are looked for.
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -150,6 +169,21 @@ pub async fn serve(
         policy,
     );
     sweeper::spawn_hold_sweeper(credits.clone(), args.sweep_interval, stop.clone());
+    if let Some(dir) = &args.ledger_archive_dir {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            format!(
+                "LEDGER_ARCHIVE_DIR {}: cannot create it: {e}",
+                dir.display()
+            )
+        })?;
+        let archive = archive::Archive::new(dir.clone(), args.ledger_hot_retention);
+        archive::spawn_compactor(
+            archive,
+            credits.clone(),
+            args.ledger_compact_interval,
+            stop.clone(),
+        );
+    }
     let mut server = GrpcServer::new(SERVICE, args.common.limits());
     server
         .add_service(BillingApi::new(credits).into_server())

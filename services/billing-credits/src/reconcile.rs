@@ -1,18 +1,113 @@
 //! Ledger reconciliation: replays members' ledgers and reports every member
-//! whose ledger does not add up to the counter (DESIGN.md §4.5).
+//! whose ledger does not add up to the counter (DESIGN.md §4.5). Each member
+//! keeps a checkpoint of what was verified, so a call replays only what was
+//! added since, in bounded steps (no script ever holds Redis for long).
+
+use std::time::Duration;
 
 use inmail_shared::ApiError;
+use inmail_shared::context::CallContext;
 use inmail_shared::proto::billing::v1 as pb;
 
-use crate::store::BillingStore;
+use crate::store::{BillingStore, ReconcileStep};
+
+/// Entries one script replays at most (about a millisecond of Redis).
+pub const CHUNK: usize = 1000;
+/// A call stops this long before its deadline, to answer in time.
+const MARGIN: Duration = Duration::from_millis(500);
+
+/// What reconciling one member found.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// Entries replayed in this call.
+    pub replayed: u64,
+    /// `None` when the call ran out of time before the end of the ledger.
+    pub verdict: Option<Result<(), pb::LedgerMismatch>>,
+}
+
+/// Reconciles one member up to the end of its ledger, or until `ctx` is
+/// about to expire.
+pub async fn reconcile_member(
+    store: &BillingStore,
+    ctx: &CallContext,
+    member: &str,
+    epoch: &str,
+) -> Result<Checked, ApiError> {
+    let mut replayed = 0;
+    loop {
+        let step = store.reconcile_step(member, CHUNK, epoch).await?;
+        let mismatch = |counter: i64, ledger: i64, detail: String| {
+            tracing::error!(%member, %detail, "ledger mismatch");
+            pb::LedgerMismatch {
+                member_id: member.to_string(),
+                counter_balance: counter,
+                ledger_balance: ledger,
+                detail,
+            }
+        };
+        match step {
+            ReconcileStep::Done {
+                counter,
+                sum,
+                verified,
+                replayed: r,
+            } => {
+                replayed += r;
+                let verdict = if counter == sum {
+                    Ok(())
+                } else {
+                    Err(mismatch(
+                        counter,
+                        sum,
+                        format!(
+                            "counter {counter} but the {verified} ledger entries add up to {sum}"
+                        ),
+                    ))
+                };
+                return Ok(Checked {
+                    replayed,
+                    verdict: Some(verdict),
+                });
+            }
+            ReconcileStep::Bad {
+                entry_id,
+                sum,
+                replayed: r,
+                ..
+            } => {
+                replayed += r;
+                return Ok(Checked {
+                    replayed,
+                    verdict: Some(Err(mismatch(
+                        sum,
+                        sum,
+                        format!("entry {entry_id} does not carry the running balance"),
+                    ))),
+                });
+            }
+            ReconcileStep::More { replayed: r, .. } => {
+                replayed += r;
+                if ctx.remaining() < MARGIN {
+                    return Ok(Checked {
+                        replayed,
+                        verdict: None,
+                    });
+                }
+            }
+        }
+    }
+}
 
 /// One page of the check: up to `size` members from `cursor` (a SCAN
-/// cursor, "0" to start). Answers the page and the next cursor ("0" when
-/// every member was checked).
+/// cursor, "0" to start). Answers the page and the cursor to resume from
+/// ("0" when every member was checked); a member not finished in time is
+/// resumed, from its checkpoint, by the next page.
 pub async fn reconcile_page(
     store: &BillingStore,
+    ctx: &CallContext,
     cursor: String,
     size: usize,
+    epoch: &str,
 ) -> Result<(pb::ReconcileLedgersResponse, String), ApiError> {
     let mut response = pb::ReconcileLedgersResponse::default();
     let mut cursor = cursor;
@@ -20,32 +115,21 @@ pub async fn reconcile_page(
     loop {
         let (next, members) = store.scan_members(&cursor, size).await?;
         for member in members {
-            let checked = store.reconcile_member(&member).await?;
-            response.members_checked += 1;
-            response.entries_replayed += checked.entries;
-            if checked.counter != checked.ledger_sum || !checked.first_bad_entry.is_empty() {
-                let detail = if checked.counter != checked.ledger_sum {
-                    format!(
-                        "counter {} but the {} ledger entries add up to {}",
-                        checked.counter, checked.entries, checked.ledger_sum
-                    )
-                } else {
-                    format!(
-                        "entry {} does not carry the running balance",
-                        checked.first_bad_entry
-                    )
-                };
-                tracing::error!(member = %member, %detail, "ledger mismatch");
-                response.mismatches.push(pb::LedgerMismatch {
-                    member_id: member,
-                    counter_balance: checked.counter,
-                    ledger_balance: checked.ledger_sum,
-                    detail,
-                });
+            let checked = reconcile_member(store, ctx, &member, epoch).await?;
+            response.entries_replayed += checked.replayed;
+            match checked.verdict {
+                // Out of time: the next page scans this batch again.
+                None => return Ok((response, cursor)),
+                Some(verdict) => {
+                    response.members_checked += 1;
+                    if let Err(mismatch) = verdict {
+                        response.mismatches.push(mismatch);
+                    }
+                }
             }
         }
         cursor = next;
-        if cursor == "0" || response.members_checked as usize >= size {
+        if cursor == "0" || response.members_checked as usize >= size || ctx.remaining() < MARGIN {
             return Ok((response, cursor));
         }
     }
@@ -53,7 +137,7 @@ pub async fn reconcile_page(
 
 /// The `reconcile` subcommand: pages through ReconcileLedgers of the service
 /// at `url` and prints every mismatch; exit 0 when every ledger adds up.
-pub fn run_command(url: &str) -> std::process::ExitCode {
+pub fn run_command(url: &str, full: bool) -> std::process::ExitCode {
     use std::process::ExitCode;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -65,7 +149,7 @@ pub fn run_command(url: &str) -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(reconcile_all(url)) {
+    match runtime.block_on(reconcile_all(url, full)) {
         Ok((members, entries, mismatches)) => {
             println!("checked {members} members, replayed {entries} ledger entries");
             for m in &mismatches {
@@ -88,7 +172,10 @@ pub fn run_command(url: &str) -> std::process::ExitCode {
     }
 }
 
-async fn reconcile_all(url: &str) -> Result<(u64, u64, Vec<pb::LedgerMismatch>), String> {
+async fn reconcile_all(
+    url: &str,
+    full: bool,
+) -> Result<(u64, u64, Vec<pb::LedgerMismatch>), String> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("BILLING_CREDITS_URL {url:?}: {e}"))?
         .connect()
@@ -102,6 +189,7 @@ async fn reconcile_all(url: &str) -> Result<(u64, u64, Vec<pb::LedgerMismatch>),
             .reconcile_ledgers(pb::ReconcileLedgersRequest {
                 page_size: 1000,
                 page_token: page_token.clone(),
+                full,
             })
             .await
             .map_err(|s| format!("ReconcileLedgers failed: {}", s.message()))?

@@ -746,6 +746,7 @@ async fn bad_input_on_every_rpc_names_the_field_and_changes_nothing() {
         b.reconcile_ledgers(pb::ReconcileLedgersRequest {
             page_size: 0,
             page_token: bad_page,
+            full: false,
         })
         .await
         .unwrap_err(),

@@ -6,6 +6,7 @@ mod common;
 mod deploy;
 mod foundation;
 mod grpcurl;
+mod ledger;
 mod messaging;
 mod money;
 mod plans;

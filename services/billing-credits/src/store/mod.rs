@@ -45,6 +45,7 @@ const CONFIRM: &str = concat!(
     include_str!("lua/confirm.lua")
 );
 const RECONCILE: &str = include_str!("lua/reconcile.lua");
+const COMPACT: &str = include_str!("lua/compact.lua");
 
 /// The arguments every balance script shares.
 pub struct Call<'a> {
@@ -60,13 +61,29 @@ pub struct Call<'a> {
     pub hold_expires_ms: i64,
 }
 
-/// One member's ledger replayed.
-#[derive(Debug, Clone)]
-pub struct Reconciled {
-    pub counter: i64,
-    pub ledger_sum: i64,
-    pub entries: u64,
-    pub first_bad_entry: String,
+/// One bounded step of a member's reconciliation (see reconcile.lua).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReconcileStep {
+    /// The whole ledger is verified; `counter` is the balance Redis holds.
+    Done {
+        counter: i64,
+        sum: i64,
+        verified: u64,
+        replayed: u64,
+    },
+    /// More entries follow.
+    More {
+        sum: i64,
+        verified: u64,
+        replayed: u64,
+    },
+    /// This entry does not carry the running balance.
+    Bad {
+        entry_id: String,
+        sum: i64,
+        verified: u64,
+        replayed: u64,
+    },
 }
 
 /// How long records outlive their purpose.
@@ -91,6 +108,7 @@ pub struct BillingStore {
     refund: Script,
     grant: Script,
     reconcile: Script,
+    compact: Script,
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -108,6 +126,7 @@ impl BillingStore {
             refund: Script::new(REFUND),
             grant: Script::new(GRANT),
             reconcile: Script::new(RECONCILE),
+            compact: Script::new(COMPACT),
         }
     }
 
@@ -397,19 +416,124 @@ impl BillingStore {
             .map(|(id, fields)| StoredEntry::parse(id, fields)))
     }
 
-    pub async fn reconcile_member(&self, member: &str) -> Result<Reconciled, ApiError> {
-        let (counter, ledger_sum, entries, first_bad_entry): (i64, i64, u64, String) = self
+    /// Replays at most `chunk` entries of a member's ledger past its
+    /// checkpoint (`epoch`: a full re-verification, "" for incremental).
+    pub async fn reconcile_step(
+        &self,
+        member: &str,
+        chunk: usize,
+        epoch: &str,
+    ) -> Result<ReconcileStep, ApiError> {
+        let reply: Vec<redis::Value> = self
             .reconcile
             .key(keys::account(member))
             .key(keys::ledger(member))
+            .arg(chunk)
+            .arg(epoch)
             .invoke_async(&mut self.redis.conn())
             .await?;
-        Ok(Reconciled {
-            counter,
-            ledger_sum,
-            entries,
-            first_bad_entry,
+        let text = |i: usize| -> Result<String, ApiError> {
+            reply
+                .get(i)
+                .map(|v| redis::FromRedisValue::from_redis_value(v.clone()))
+                .transpose()
+                .map_err(|e: redis::ParsingError| {
+                    ApiError::internal(format!("reconcile step: {e}"))
+                })?
+                .ok_or_else(|| ApiError::internal("reconcile step answered too little"))
+        };
+        let int = |i: usize| -> Result<i64, ApiError> {
+            text(i)?
+                .parse()
+                .map_err(|e| ApiError::internal(format!("reconcile step: {e}")))
+        };
+        Ok(match text(0)?.as_str() {
+            "done" => ReconcileStep::Done {
+                counter: int(1)?,
+                sum: int(2)?,
+                verified: int(3)? as u64,
+                replayed: int(4)? as u64,
+            },
+            "more" => ReconcileStep::More {
+                sum: int(1)?,
+                verified: int(2)? as u64,
+                replayed: int(3)? as u64,
+            },
+            "bad" => ReconcileStep::Bad {
+                entry_id: text(1)?,
+                sum: int(2)?,
+                verified: int(3)? as u64,
+                replayed: int(4)? as u64,
+            },
+            other => {
+                return Err(ApiError::internal(format!(
+                    "unexpected reconcile step {other:?}"
+                )));
+            }
         })
+    }
+
+    /// A member's archive position (`arch_id`) and up to `limit` verified
+    /// entries after it (up to the reconciliation checkpoint), oldest first.
+    pub async fn verified_entries(
+        &self,
+        member: &str,
+        limit: usize,
+    ) -> Result<(Option<String>, Vec<StoredEntry>), ApiError> {
+        let (arch, checkpoint): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(keys::account(member))
+            .arg("arch_id")
+            .arg("ck_id")
+            .query_async(&mut self.redis.conn())
+            .await?;
+        let Some(checkpoint) = checkpoint else {
+            return Ok((arch, Vec::new()));
+        };
+        let start = arch
+            .as_deref()
+            .map_or("-".to_string(), |id| format!("({id}"));
+        let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(keys::ledger(member))
+            .arg(start)
+            .arg(checkpoint)
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut self.redis.bulk())
+            .await?;
+        Ok((
+            arch,
+            raw.into_iter()
+                .map(|(id, fields)| StoredEntry::parse(id, fields))
+                .collect(),
+        ))
+    }
+
+    /// Trims a member's ledger up to `last` (archived), if nobody compacted
+    /// it since `arch` was read; answers whether it did.
+    pub async fn compact(
+        &self,
+        member: &str,
+        arch: Option<&str>,
+        last: &StoredEntry,
+        count: usize,
+    ) -> Result<bool, ApiError> {
+        let (ms, seq) = last
+            .id
+            .split_once('-')
+            .and_then(|(ms, seq)| Some((ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?)))
+            .ok_or_else(|| ApiError::internal(format!("not a stream id: {}", last.id)))?;
+        let done: i64 = self
+            .compact
+            .key(keys::account(member))
+            .key(keys::ledger(member))
+            .arg(arch.unwrap_or(""))
+            .arg(&last.id)
+            .arg(last.balance_after)
+            .arg(count)
+            .arg(format!("{ms}-{}", seq + 1))
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        Ok(done == 1)
     }
 
     /// One step over every member account (SCAN; on a cluster, node after
