@@ -24,6 +24,16 @@ pub struct CommonArgs {
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
+    /// Replicas that must have a write before it is acknowledged (Redis
+    /// WAIT); 0 acknowledges once the primary has it.
+    #[arg(long, env = "REDIS_MIN_REPLICAS", default_value_t = 0)]
+    pub redis_min_replicas: u32,
+
+    /// How long a write waits for REDIS_MIN_REPLICAS before it is answered
+    /// UNAVAILABLE (the client retries the same request).
+    #[arg(long, env = "REDIS_REPLICA_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub redis_replica_timeout: Duration,
+
     /// Log format: human or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -84,6 +94,8 @@ impl CommonArgs {
         RedisSettings {
             response_timeout: self.redis_timeout,
             cluster: self.redis_cluster,
+            min_replicas: self.redis_min_replicas,
+            replica_timeout: self.redis_replica_timeout,
             ..RedisSettings::new(self.redis_url.clone())
         }
     }

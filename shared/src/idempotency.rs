@@ -218,7 +218,7 @@ impl RequestLog {
             .arg(owner)
             .invoke_async(&mut self.redis.conn())
             .await?;
-        Ok(())
+        self.redis.acknowledge(&[key]).await
     }
 
     /// Answers the first outcome of the request at `key`: runs `work` when

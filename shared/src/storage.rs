@@ -32,6 +32,11 @@ pub struct RedisSettings {
     pub connect_timeout: Duration,
     /// Bound on any single command or script.
     pub response_timeout: Duration,
+    /// Replicas that must have a write before it is acknowledged (WAIT);
+    /// 0: acknowledged once the primary has it.
+    pub min_replicas: u32,
+    /// How long a write waits for them before it is answered UNAVAILABLE.
+    pub replica_timeout: Duration,
 }
 
 impl RedisSettings {
@@ -41,6 +46,8 @@ impl RedisSettings {
             cluster: false,
             connect_timeout: Duration::from_millis(500),
             response_timeout: Duration::from_secs(2),
+            min_replicas: 0,
+            replica_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -83,6 +90,8 @@ pub struct Redis {
     conn: RedisConn,
     bulk: RedisConn,
     url: String,
+    /// Replicas a write waits for, and for how long.
+    replicas: Option<(u32, Duration)>,
 }
 
 /// Validates the URL(s) and prepares one connection without dialing.
@@ -144,7 +153,54 @@ impl Redis {
                 .map(redacted)
                 .collect::<Vec<_>>()
                 .join(","),
+            replicas: (settings.min_replicas > 0)
+                .then_some((settings.min_replicas, settings.replica_timeout)),
         })
+    }
+
+    /// With replicas configured, waits until enough of them have every write
+    /// made so far on the connection(s) serving `keys` (WAIT, sent to each
+    /// key's primary); answers UNAVAILABLE `NOT_REPLICATED` when they do not
+    /// within the timeout. The write stays on the primary: a retry of the
+    /// same request answers its outcome once the replicas caught up. Without
+    /// replicas configured, does nothing.
+    pub async fn acknowledge(&self, keys: &[&str]) -> Result<(), ApiError> {
+        let Some((replicas, timeout)) = self.replicas else {
+            return Ok(());
+        };
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout.as_millis() as u64);
+        let mut conn = self.conn();
+        let mut acked = i64::MAX;
+        match &mut conn {
+            RedisConn::Single(single) => {
+                acked = wait.query_async(single).await?;
+            }
+            RedisConn::Cluster(cluster) => {
+                use redis::cluster_routing::{Route, Slot, SlotAddr};
+                let mut slots: Vec<Slot> = keys.iter().map(Slot::for_key).collect();
+                slots.sort_by_key(|s| format!("{s:?}"));
+                slots.dedup_by_key(|s| format!("{s:?}"));
+                for slot in slots {
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                        Route::with_slot(slot, SlotAddr::Master),
+                    ));
+                    let value = cluster.route_command(wait.clone(), route).await?;
+                    let n: i64 =
+                        FromRedisValue::from_redis_value(value).map_err(redis::RedisError::from)?;
+                    acked = acked.min(n);
+                }
+            }
+        }
+        if acked < i64::from(replicas) {
+            return Err(ApiError::unavailable(
+                crate::reasons::NOT_REPLICATED,
+                format!(
+                    "the write reached {acked} of the {replicas} replica(s) it needs within {timeout:?}; retry the same request"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// A handle to run commands on; clones share the connection(s).

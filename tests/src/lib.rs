@@ -116,8 +116,12 @@ impl Stack {
     }
 
     pub async fn start_with(options: StackOptions) -> Self {
+        Self::start_on(RedisServer::start().await, options).await
+    }
+
+    /// The services on a Redis of the caller's choosing.
+    pub async fn start_on(redis: RedisServer, options: StackOptions) -> Self {
         init_logs();
-        let redis = RedisServer::start().await;
         let plans_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let billing_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let messaging_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

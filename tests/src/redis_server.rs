@@ -58,6 +58,8 @@ struct Node {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// The primary's port, for a replica.
+    replica_of: Option<u16>,
 }
 
 pub struct RedisServer {
@@ -83,6 +85,7 @@ impl RedisServer {
                 port: free_port(),
                 dir: dir.clone(),
                 child: None,
+                replica_of: None,
             };
             if node.spawn(false).await {
                 return Self {
@@ -98,6 +101,62 @@ impl RedisServer {
         );
     }
 
+    /// A replica of this (single) Redis, in its own directory, once its
+    /// link to the primary is up.
+    pub async fn start_replica(&self) -> RedisServer {
+        assert!(!self.cluster, "replicas of a single Redis only");
+        let primary = self.nodes[0].port;
+        let dir = new_dir();
+        for _ in 0..5 {
+            let mut node = Node {
+                port: free_port(),
+                dir: dir.clone(),
+                child: None,
+                replica_of: None,
+            };
+            node.replica_of = Some(primary);
+            if node.spawn(false).await {
+                let replica = Self {
+                    nodes: vec![node],
+                    dir,
+                    cluster: false,
+                };
+                replica.wait_replication_link().await;
+                return replica;
+            }
+        }
+        panic!(
+            "the replica did not start; see {}",
+            dir.join("redis.log").display()
+        );
+    }
+
+    async fn wait_replication_link(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let client = redis::Client::open(self.nodes[0].url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if info.contains("master_link_status:up") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replica never linked to its primary: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The pid of the (first) node's process.
+    pub fn pid(&self) -> u32 {
+        self.nodes[0].child.as_ref().expect("running").id()
+    }
+
     pub async fn start_cluster(primaries: usize) -> Self {
         let dir = new_dir();
         let mut nodes = Vec::new();
@@ -110,6 +169,7 @@ impl RedisServer {
                     port: free_cluster_port(),
                     dir: node_dir.clone(),
                     child: None,
+                    replica_of: None,
                 };
                 if node.spawn(true).await {
                     started = Some(node);
@@ -323,6 +383,12 @@ impl Node {
                 "--logfile",
                 "redis.log",
             ]);
+        if let Some(primary) = self.replica_of {
+            command
+                .arg("--replicaof")
+                .arg("127.0.0.1")
+                .arg(primary.to_string());
+        }
         if cluster {
             command.args([
                 "--cluster-enabled",

@@ -147,6 +147,7 @@ impl PlanStore {
             .arg(REQUEST_RETENTION.as_millis() as u64)
             .invoke_async(&mut self.redis.conn())
             .await?;
+        self.redis.acknowledge(&[&subscription_key(member)]).await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(Committed::Ok),
             Some("conflict") => Ok(Committed::Conflict),

@@ -303,3 +303,83 @@ async fn a_send_slower_than_hold_ttl_is_delivered_and_charged_once() {
     );
     assert_ledgers_reconcile(&mut stack.billing()).await;
 }
+
+/// With a replica configured (REDIS_MIN_REPLICAS=1), a money write is
+/// acknowledged only once the replica has it: with the replica stalled, a
+/// debit is answered UNAVAILABLE (and its retry, once the replica is back,
+/// gets the first outcome); every acknowledged debit is on the replica when
+/// the primary dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn money_writes_wait_for_a_replica_when_one_is_configured() {
+    use inmail_tests::RedisServer;
+    if inmail_tests::redis_server::cluster_mode() {
+        // A single primary with a replica; the cluster run has no replicas.
+        return;
+    }
+    let primary = RedisServer::start_single().await;
+    let replica = primary.start_replica().await;
+    let wait = vec![
+        "--redis-min-replicas".to_string(),
+        "1".into(),
+        "--redis-replica-timeout".into(),
+        "300ms".into(),
+    ];
+    let mut stack = Stack::start_on(
+        primary,
+        StackOptions {
+            plans_args: wait.clone(),
+            billing_args: wait.clone(),
+            messaging_args: wait,
+            ..Default::default()
+        },
+    )
+    .await;
+    subscribe(&stack, "yan", "premium-career").await;
+    let debit = |id: &str| billing::DebitForMessageRequest {
+        request_id: format!("req-{id}"),
+        member_id: "yan".into(),
+        message_id: id.into(),
+        amount: 1,
+    };
+    stack
+        .billing()
+        .debit_for_message(debit("y1"))
+        .await
+        .unwrap();
+
+    signal(replica.pid(), "-STOP");
+    let stalled = stack
+        .billing()
+        .debit_for_message(debit("y2"))
+        .await
+        .unwrap_err();
+    assert_eq!(stalled.code(), tonic::Code::Unavailable, "{stalled:?}");
+    assert_eq!(reason(&stalled), "NOT_REPLICATED");
+    signal(replica.pid(), "-CONT");
+    let retried = stack
+        .billing()
+        .debit_for_message(debit("y2"))
+        .await
+        .expect("the retry gets the first outcome")
+        .into_inner();
+    assert_eq!(retried.balance_after, 3);
+
+    // The primary dies: the replica has every acknowledged write.
+    stack.redis.kill();
+    let client = redis::Client::open(replica.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let balance: i64 = redis::cmd("HGET")
+        .arg("billing:{yan}:account")
+        .arg("balance")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(balance, 3);
+    let debits: u64 = redis::cmd("EXISTS")
+        .arg("billing:{yan}:debit:y1")
+        .arg("billing:{yan}:debit:y2")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(debits, 2);
+}

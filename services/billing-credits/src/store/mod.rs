@@ -157,15 +157,21 @@ impl BillingStore {
         inv
     }
 
-    async fn run(&self, inv: redis::ScriptInvocation<'_>) -> Result<Reply, ApiError> {
+    /// Runs a script of `member`'s and reads its reply; with replicas
+    /// configured, answers only once they have its writes.
+    async fn run(&self, member: &str, inv: redis::ScriptInvocation<'_>) -> Result<Reply, ApiError> {
         let json: String = inv.invoke_async(&mut self.redis.conn()).await?;
+        self.redis.acknowledge(&[&keys::account(member)]).await?;
         serde_json::from_str(&json)
             .map_err(|e| ApiError::internal(format!("unreadable script reply {json:?}: {e}")))
     }
 
     pub async fn balance(&self, call: &Call<'_>, retention: Duration) -> Result<Reply, ApiError> {
-        self.run(Self::invocation(&self.balance, call, retention, None))
-            .await
+        self.run(
+            call.member,
+            Self::invocation(&self.balance, call, retention, None),
+        )
+        .await
     }
 
     /// Binds the message id to the member and indexes the hold's expiry, both
@@ -194,6 +200,12 @@ impl BillingStore {
         let mut batch = Batch::new();
         batch.add(claim).add_ignored(index);
         let (previous,): (Option<String>,) = self.redis.run(&batch).await?;
+        self.redis
+            .acknowledge(&[
+                &keys::message_owner(message_id),
+                &keys::hold_shard(keys::hold_shard_of(member)),
+            ])
+            .await?;
         Ok(previous.unwrap_or_else(|| member.to_string()))
     }
 
@@ -206,7 +218,7 @@ impl BillingStore {
     ) -> Result<Reply, ApiError> {
         let mut inv = Self::invocation(&self.debit, call, retention, Some(message_id));
         inv.arg(message_id).arg(amount).arg(call.hold_expires_ms);
-        self.run(inv).await
+        self.run(call.member, inv).await
     }
 
     /// The lean confirm script: the debit record and the request record only.
@@ -229,7 +241,7 @@ impl BillingStore {
             .arg(millis(retention.request))
             .arg(millis(refund_window))
             .arg(millis(retention.confirmed_margin));
-        self.run(inv).await
+        self.run(call.member, inv).await
     }
 
     pub async fn release(
@@ -245,7 +257,7 @@ impl BillingStore {
             .arg(cause.as_str())
             .arg(millis(retention.tombstone))
             .arg(if only_if_expired { "1" } else { "0" });
-        self.run(inv).await
+        self.run(call.member, inv).await
     }
 
     pub async fn refund(
@@ -257,7 +269,7 @@ impl BillingStore {
     ) -> Result<Reply, ApiError> {
         let mut inv = Self::invocation(&self.refund, call, retention, Some(message_id));
         inv.arg(message_id).arg(responded_at_ms);
-        self.run(inv).await
+        self.run(call.member, inv).await
     }
 
     pub async fn grant(
@@ -269,7 +281,7 @@ impl BillingStore {
     ) -> Result<Reply, ApiError> {
         let mut inv = Self::invocation(&self.grant, call, retention, None);
         inv.arg(amount).arg(reason);
-        self.run(inv).await
+        self.run(call.member, inv).await
     }
 
     /// Drops settled entries of one shard of the hold index.

@@ -243,6 +243,9 @@ impl MessagingStore {
             limits,
         );
         let (reply,): (String,) = self.redis.run(&batch).await?;
+        self.redis
+            .acknowledge(&[&keys::request(envelope.sender, request_id)])
+            .await?;
         parse("begin-send", &reply)
     }
 
@@ -294,6 +297,13 @@ impl MessagingStore {
             a,
         );
         let (begun, staged): (String, String) = self.redis.run(&batch).await?;
+        self.redis
+            .acknowledge(&[
+                &keys::request(envelope.sender, request_id),
+                &keys::outbox(keys::outbox_shard_of(envelope.conv)),
+                &keys::conv(envelope.conv),
+            ])
+            .await?;
         Ok((parse("begin-send", &begun)?, parse("stage", &staged)?))
     }
 
@@ -343,6 +353,9 @@ impl MessagingStore {
             a,
         );
         let (reply,): (String,) = self.redis.run(&batch).await?;
+        self.redis
+            .acknowledge(&[&keys::conv(envelope.conv)])
+            .await?;
         parse("deliver", &reply)
     }
 
@@ -388,6 +401,7 @@ impl MessagingStore {
             .arg("")
             .invoke_async(&mut self.redis.conn())
             .await?;
+        self.redis.acknowledge(&[&keys::conv(conv)]).await?;
         parse("fail-staged", &reply)
     }
 
@@ -426,6 +440,9 @@ impl MessagingStore {
             .arg(reason.as_str())
             .query_async(&mut self.redis.conn())
             .await?;
+        self.redis
+            .acknowledge(&[&keys::request(sender, request_id)])
+            .await?;
         Ok(())
     }
 
@@ -447,6 +464,7 @@ impl MessagingStore {
             .arg(refund_window_ms)
             .invoke_async(&mut self.redis.conn())
             .await?;
+        self.redis.acknowledge(&[&keys::conv(conv)]).await?;
         parse("respond", &reply)
     }
 
@@ -464,6 +482,7 @@ impl MessagingStore {
             .arg(outcome.as_str())
             .invoke_async(&mut self.redis.conn())
             .await?;
+        self.redis.acknowledge(&[&keys::conv(conv)]).await?;
         Ok(settled == 1)
     }
 }

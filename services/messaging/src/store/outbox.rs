@@ -70,13 +70,14 @@ impl OutboxItem {
 
 impl MessagingStore {
     pub async fn outbox_add(&self, item: &OutboxItem, at_ms: i64) -> Result<(), ApiError> {
+        let shard = keys::outbox(keys::outbox_shard_of(item.conv()));
         let _: () = redis::cmd("ZADD")
-            .arg(keys::outbox(keys::outbox_shard_of(item.conv())))
+            .arg(&shard)
             .arg(at_ms)
             .arg(item.encode())
             .query_async(&mut self.redis.conn())
             .await?;
-        Ok(())
+        self.redis.acknowledge(&[&shard]).await
     }
 
     pub async fn outbox_remove(&self, item: &OutboxItem) -> Result<(), ApiError> {
