@@ -90,7 +90,8 @@ async fn a_dead_billing_costs_milliseconds_and_free_messages_are_not_shed() {
             (answer.map(|_| ()), started.elapsed())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Long past a failed call, far before the InMails' deadline.
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let mut free = Vec::new();
     for i in 0..8 {
         let mut client = stack.messaging();
