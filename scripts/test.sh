@@ -21,5 +21,5 @@ echo "==> building the service binaries (the process tests run them)"
 cargo build --locked --workspace --bins
 echo "==> running every test (against a single Redis)"
 cargo test --locked --workspace -- --test-threads "${TEST_THREADS:-4}"
-echo "==> running the end-to-end suite again against a Redis Cluster (3 primaries)"
-INMAIL_TEST_REDIS=cluster cargo test --locked -p inmail-tests --test e2e -- --test-threads "${TEST_THREADS:-4}"
+echo "==> running the script and end-to-end suites again against a Redis Cluster (3 primaries)"
+INMAIL_TEST_REDIS=cluster cargo test --locked -p inmail-tests --test store --test e2e -- --test-threads "${TEST_THREADS:-4}"
