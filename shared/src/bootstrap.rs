@@ -9,25 +9,37 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::Clock;
+use crate::auth::Security;
+use crate::clock::{Clock, TestClockApi};
 use crate::config::CommonArgs;
-use crate::server::{GrpcServer, shutdown_signal, spawn_redis_watch};
+use crate::server::{GrpcServer, ServerLimits, shutdown_signal, spawn_redis_watch};
 use crate::storage::Redis;
 use crate::telemetry::{init_tracing, install_metrics};
 
 /// How often health re-checks Redis.
 const REDIS_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
-/// A service's connection to Redis and its clock.
+/// A service's connection to Redis, its clock and its security.
 #[derive(Clone, Debug)]
 pub struct Runtime {
     pub redis: Redis,
     pub clock: Clock,
+    pub security: Security,
+    reflection: bool,
 }
 
 impl Runtime {
-    pub fn open(common: &CommonArgs) -> Result<Self, String> {
-        let redis = Redis::open(&common.redis())?;
+    /// Checks the settings of a service serving on `listen` and calling
+    /// `downstreams` (setting name, URL), and prepares Redis (without
+    /// dialing: a service starts while Redis is down).
+    pub fn open(
+        common: &CommonArgs,
+        listen: SocketAddr,
+        downstreams: &[(&str, &str)],
+    ) -> Result<Self, String> {
+        crate::auth::tls::install_crypto_provider();
+        let redis = Redis::open(&common.redis()?)?;
+        let security = Security::from_args(common, listen, downstreams)?;
         let clock = if common.test_clock {
             tracing::warn!(
                 "TEST CLOCK ON: time can be moved through TestClockService; never use this in production"
@@ -36,7 +48,31 @@ impl Runtime {
         } else {
             Clock::system()
         };
-        Ok(Self { redis, clock })
+        Ok(Self {
+            redis,
+            clock,
+            security,
+            reflection: common.reflection,
+        })
+    }
+
+    /// A channel to another service (mutual TLS unless in plaintext mode).
+    pub fn channel(&self, var: &str, url: &str) -> Result<tonic::transport::Channel, String> {
+        self.security.channel(var, url)
+    }
+
+    /// The gRPC server of `service`: health, reflection (unless turned off),
+    /// the test clock when it is on, and the shared middleware.
+    pub fn server(&self, service: &'static str, limits: ServerLimits) -> GrpcServer {
+        let mut server = GrpcServer::new(service, limits, self.security.clone());
+        server.reflection(self.reflection);
+        if self.clock.is_test() {
+            server.add_service(
+                TestClockApi::new(self.clock.clone()).into_server(),
+                crate::auth::access::TEST_CLOCK,
+            );
+        }
+        server
     }
 
     /// Serves until `stop` is cancelled, with health following Redis.
@@ -113,9 +149,10 @@ where
 }
 
 /// The `healthcheck` subcommand: asks the service listening on `listen` (on
-/// loopback when it listens on all addresses) for its overall health; exit 0
-/// when SERVING, 1 otherwise.
-pub fn healthcheck(listen: SocketAddr) -> ExitCode {
+/// loopback when it listens on all addresses) for its overall health, over
+/// TLS unless the service runs in plaintext; exit 0 when SERVING, 1
+/// otherwise.
+pub fn healthcheck(listen: SocketAddr, common: &CommonArgs) -> ExitCode {
     let target = if listen.ip().is_unspecified() {
         let loopback = match listen.ip() {
             IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
@@ -124,6 +161,35 @@ pub fn healthcheck(listen: SocketAddr) -> ExitCode {
         SocketAddr::new(loopback, listen.port())
     } else {
         listen
+    };
+    crate::auth::tls::install_crypto_provider();
+    let tls = if common.insecure_plaintext {
+        None
+    } else {
+        let files = match (
+            &common.tls_cert_file,
+            &common.tls_key_file,
+            &common.tls_ca_file,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => crate::auth::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            },
+            _ => {
+                eprintln!(
+                    "healthcheck: TLS_CERT_FILE, TLS_KEY_FILE and TLS_CA_FILE are needed (or INSECURE_PLAINTEXT=true)"
+                );
+                return ExitCode::FAILURE;
+            }
+        };
+        match crate::auth::tls::TlsMaterial::load(&files) {
+            Ok(material) => Some(material.trust_only()),
+            Err(message) => {
+                eprintln!("healthcheck: {message}");
+                return ExitCode::FAILURE;
+            }
+        }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -137,8 +203,13 @@ pub fn healthcheck(listen: SocketAddr) -> ExitCode {
     };
     let answer = runtime.block_on(async move {
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
-            .map_err(|e| e.to_string())?
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{target}"))
+            .map_err(|e| e.to_string())?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(2))
             .connect()

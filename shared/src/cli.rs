@@ -93,7 +93,7 @@ pub fn main<S: ServiceBinary>() -> ExitCode {
         Err(e) => e.exit(),
     };
     match cli.command {
-        Some(Command::Healthcheck) => healthcheck(S::listen_addr(&cli.args)),
+        Some(Command::Healthcheck) => healthcheck(S::listen_addr(&cli.args), S::common(&cli.args)),
         Some(Command::Own(command)) => S::run_command(command, cli.args),
         Some(Command::Serve) | None => {
             let args = cli.args;

@@ -5,21 +5,28 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 use crate::context::CallContext;
 
 /// A channel that dials on first use and redials by itself, so a service
-/// starts even while the services it calls are down.
-pub fn lazy_channel(url: &str) -> Result<Channel, String> {
+/// starts even while the services it calls are down. With `tls`, the URL
+/// must be `https://` (mutual TLS with the service's own certificate).
+pub fn lazy_channel(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
     if endpoint.uri().scheme_str().is_none() || endpoint.uri().host().is_none() {
         return Err(format!(
-            "{url:?} is not a valid URL: expected e.g. http://127.0.0.1:50052"
+            "{url:?} is not a valid URL: expected e.g. https://127.0.0.1:50052"
         ));
     }
+    let endpoint = match tls {
+        Some(tls) => endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("{url:?}: cannot use TLS: {e}"))?,
+        None => endpoint,
+    };
     Ok(endpoint
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
@@ -150,9 +157,9 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_urls_are_refused() {
-        assert!(lazy_channel("not a url").is_err());
-        assert!(lazy_channel("127.0.0.1:50051").is_err());
-        assert!(lazy_channel("http://127.0.0.1:50051").is_ok());
+        assert!(lazy_channel("not a url", None).is_err());
+        assert!(lazy_channel("127.0.0.1:50051", None).is_err());
+        assert!(lazy_channel("http://127.0.0.1:50051", None).is_ok());
     }
 
     #[tokio::test]

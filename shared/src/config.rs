@@ -2,6 +2,7 @@
 //! specific flags (listen address, other services' URLs) live in each binary.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::server::ServerLimits;
@@ -72,11 +73,65 @@ pub struct CommonArgs {
     #[arg(long, env = "SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
     pub shutdown_delay: Duration,
 
+    /// This service's certificate (PEM), for TLS on its port and as its
+    /// client identity towards the services it calls (mutual TLS).
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The private key of TLS_CERT_FILE (PEM).
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// The CA (PEM) that signs the services' and operators' certificates:
+    /// client certificates and the servers called are verified against it.
+    #[arg(long, env = "TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+
+    /// The identity provider's public keys (a JWK set of Ed25519 keys)
+    /// that member tokens are verified with.
+    #[arg(long, env = "JWT_PUBLIC_KEYS_FILE")]
+    pub jwt_public_keys_file: Option<PathBuf>,
+
+    /// The issuer (`iss`) member tokens must name.
+    #[arg(long, env = "JWT_ISSUER", default_value = "inmail")]
+    pub jwt_issuer: String,
+
+    /// The audience (`aud`) member tokens must name.
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "inmail")]
+    pub jwt_audience: String,
+
+    /// Plaintext, no authentication: for local experiments only, and only
+    /// on loopback addresses (refused otherwise).
+    #[arg(long, env = "INSECURE_PLAINTEXT", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure_plaintext: bool,
+
+    /// Serve gRPC server reflection (grpcurl needs it to work without
+    /// .proto files).
+    #[arg(long, env = "REFLECTION", default_value = "true", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub reflection: bool,
+
+    /// The Redis user (ACL) this service connects as.
+    #[arg(long, env = "REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// A file holding that user's password.
+    #[arg(long, env = "REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+
     /// Turn on the shared test clock (TestClockService can move time). Never
     /// in production.
     #[arg(long, env = "TEST_CLOCK", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub test_clock: bool,
+
+    /// Let the test clock be served on an address beyond loopback. Anyone
+    /// who reaches it (with an operator certificate) can move every
+    /// service's time: never in production.
+    #[arg(long, env = "TEST_CLOCK_UNSAFE_ALLOW_REMOTE", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub test_clock_unsafe_allow_remote: bool,
 }
 
 impl CommonArgs {
@@ -90,13 +145,30 @@ impl CommonArgs {
         }
     }
 
-    pub fn redis(&self) -> RedisSettings {
-        RedisSettings {
+    /// How to reach Redis; reads REDIS_PASSWORD_FILE.
+    pub fn redis(&self) -> Result<RedisSettings, String> {
+        let password = match &self.redis_password_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        format!(
+                            "REDIS_PASSWORD_FILE {}: cannot read it: {e}",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(RedisSettings {
+            username: self.redis_username.clone(),
+            password,
             response_timeout: self.redis_timeout,
             cluster: self.redis_cluster,
             min_replicas: self.redis_min_replicas,
             replica_timeout: self.redis_replica_timeout,
             ..RedisSettings::new(self.redis_url.clone())
-        }
+        })
     }
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 
+use crate::auth::Caller;
+
 pub const TRACEPARENT: &str = "traceparent";
 
 /// A W3C trace context: the trace this call belongs to and this call's span.
@@ -71,11 +73,13 @@ fn new_span_id() -> String {
     hex::encode(&id.as_bytes()[..8])
 }
 
-/// The deadline and trace of the call being served.
+/// The deadline, trace and caller of the call being served.
 #[derive(Debug, Clone)]
 pub struct CallContext {
     pub deadline: Instant,
     pub trace: TraceContext,
+    /// Who is calling (the server layer authenticated it).
+    pub caller: Caller,
 }
 
 impl CallContext {
@@ -84,7 +88,13 @@ impl CallContext {
         Self {
             deadline: Instant::now() + budget,
             trace: TraceContext::new_root(),
+            caller: Caller::Local,
         }
+    }
+
+    /// The caller may act for (or read) `member`, named by `field`.
+    pub fn act_for(&self, field: &str, member: &str) -> Result<(), crate::error::ApiError> {
+        self.caller.act_for(field, member)
     }
 
     /// The context the server layer attached to an incoming request.

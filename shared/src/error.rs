@@ -72,6 +72,22 @@ pub enum ApiError {
         reason: &'static str,
         message: String,
     },
+    /// The caller presented no credentials, or credentials that do not
+    /// verify.
+    #[error("{message}")]
+    Unauthenticated {
+        reason: &'static str,
+        message: String,
+    },
+    /// The caller is known but may not do this.
+    #[error("{message}")]
+    PermissionDenied {
+        reason: &'static str,
+        message: String,
+    },
+    /// No such method is served.
+    #[error("{message}")]
+    Unimplemented { message: String },
     /// A bug or a broken invariant. The message is logged, not leaked.
     #[error("{message}")]
     Internal { message: String },
@@ -150,6 +166,20 @@ impl ApiError {
         }
     }
 
+    pub fn unauthenticated(reason: &'static str, message: impl Into<String>) -> Self {
+        Self::Unauthenticated {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn permission_denied(reason: &'static str, message: impl Into<String>) -> Self {
+        Self::PermissionDenied {
+            reason,
+            message: message.into(),
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::Internal {
             message: message.into(),
@@ -165,6 +195,9 @@ impl ApiError {
             Self::Aborted { .. } => Code::Aborted,
             Self::Unavailable { .. } => Code::Unavailable,
             Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            Self::Unauthenticated { .. } => Code::Unauthenticated,
+            Self::PermissionDenied { .. } => Code::PermissionDenied,
+            Self::Unimplemented { .. } => Code::Unimplemented,
             Self::Internal { .. } => Code::Internal,
         }
     }
@@ -177,7 +210,10 @@ impl ApiError {
             | Self::ResourceExhausted { reason, .. }
             | Self::Aborted { reason, .. }
             | Self::Unavailable { reason, .. }
-            | Self::DeadlineExceeded { reason, .. } => reason,
+            | Self::DeadlineExceeded { reason, .. }
+            | Self::Unauthenticated { reason, .. }
+            | Self::PermissionDenied { reason, .. } => reason,
+            Self::Unimplemented { .. } => reasons::UNIMPLEMENTED,
             Self::Internal { .. } => reasons::INTERNAL,
         }
     }
@@ -234,7 +270,10 @@ impl ApiError {
             | Self::FailedPrecondition { message, .. }
             | Self::Aborted { message, .. }
             | Self::Unavailable { message, .. }
-            | Self::DeadlineExceeded { message, .. } => message,
+            | Self::DeadlineExceeded { message, .. }
+            | Self::Unauthenticated { message, .. }
+            | Self::PermissionDenied { message, .. }
+            | Self::Unimplemented { message } => message,
         };
         Status::with_error_details(code, message, details)
     }
@@ -279,9 +318,11 @@ impl ApiError {
                 violations: Vec::new(),
             },
             Code::NotFound => Self::NotFound { reason, message },
-            Code::FailedPrecondition | Code::AlreadyExists | Code::PermissionDenied => {
+            Code::FailedPrecondition | Code::AlreadyExists => {
                 Self::FailedPrecondition { reason, message }
             }
+            Code::PermissionDenied => Self::PermissionDenied { reason, message },
+            Code::Unauthenticated => Self::Unauthenticated { reason, message },
             Code::ResourceExhausted => Self::ResourceExhausted {
                 reason,
                 message,
@@ -313,6 +354,9 @@ impl ApiError {
             | Self::Aborted { message, .. }
             | Self::Unavailable { message, .. }
             | Self::DeadlineExceeded { message, .. }
+            | Self::Unauthenticated { message, .. }
+            | Self::PermissionDenied { message, .. }
+            | Self::Unimplemented { message }
             | Self::Internal { message } => message,
         }
     }

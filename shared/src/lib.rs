@@ -1,6 +1,7 @@
 //! What the three InMail services share: the generated contracts, server
 //! bootstrap, telemetry, configuration, the error table, Redis, the clock.
 
+pub mod auth;
 pub mod bootstrap;
 pub mod cli;
 pub mod client;

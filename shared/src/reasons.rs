@@ -23,6 +23,8 @@ pub const REQUEST_IN_PROGRESS: &str = "REQUEST_IN_PROGRESS";
 pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
 /// The caller is known but may not do this.
 pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
+/// No such method is served here (e.g. the test clock when it is off).
+pub const UNIMPLEMENTED: &str = "UNIMPLEMENTED";
 
 // The test clock.
 pub const TEST_CLOCK_DISABLED: &str = "TEST_CLOCK_DISABLED";

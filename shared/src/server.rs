@@ -25,6 +25,8 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::auth::Security;
+use crate::auth::access::{Access, Decision, Table};
 use crate::context::{CallContext, TRACEPARENT, TraceContext};
 use crate::error::ApiError;
 use crate::storage::Redis;
@@ -66,6 +68,8 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// ping is not answered within the timeout.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A TLS handshake that takes longer is dropped (slow or stalled clients).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for ServerLimits {
     fn default() -> Self {
@@ -186,11 +190,14 @@ pub struct GrpcServer {
     gate: HealthGate,
     limits: ServerLimits,
     service: &'static str,
+    security: Security,
+    access: Access,
+    reflection: bool,
 }
 
 impl GrpcServer {
     /// `service` labels metrics and logs (e.g. "billing-credits").
-    pub fn new(service: &'static str, limits: ServerLimits) -> Self {
+    pub fn new(service: &'static str, limits: ServerLimits, security: Security) -> Self {
         let reporter = HealthReporter::new();
         let gate = HealthGate::new(reporter.clone());
         let mut routes = RoutesBuilder::default();
@@ -203,10 +210,26 @@ impl GrpcServer {
             gate,
             limits,
             service,
+            security,
+            access: Access::new(),
+            reflection: true,
         }
     }
 
-    pub fn add_service<S>(&mut self, svc: S) -> &mut Self
+    /// Whether server reflection is served (on by default: grpcurl needs it).
+    pub fn reflection(&mut self, on: bool) -> &mut Self {
+        self.reflection = on;
+        self
+    }
+
+    /// The access table in force (for tests of its completeness).
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// Adds a service and its access table: who may call each of its
+    /// methods.
+    pub fn add_service<S>(&mut self, svc: S, table: Table) -> &mut Self
     where
         S: Service<
                 http::Request<tonic::body::Body>,
@@ -222,6 +245,8 @@ impl GrpcServer {
         self.names.push(S::NAME);
         self.gate.register(S::NAME);
         self.routes.add_service(svc);
+        self.access.add(table);
+        self.access.serve(S::NAME);
         self
     }
 
@@ -238,21 +263,40 @@ impl GrpcServer {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let local_addr = listener.local_addr().ok();
-        let v1 = self
-            .reflection()
-            .build_v1()
-            .expect("descriptor sets are valid");
-        let v1alpha = self
-            .reflection()
-            .build_v1alpha()
-            .expect("descriptor sets are valid");
-        self.routes.add_service(v1);
-        self.routes.add_service(v1alpha);
+        self.access.serve(HEALTH_SERVICE);
+        if self.reflection {
+            self.access.serve(REFLECTION_V1);
+            self.access.serve(REFLECTION_V1ALPHA);
+            let v1 = self
+                .reflection_builder()
+                .build_v1()
+                .expect("descriptor sets are valid");
+            let v1alpha = self
+                .reflection_builder()
+                .build_v1alpha()
+                .expect("descriptor sets are valid");
+            self.routes.add_service(v1);
+            self.routes.add_service(v1alpha);
+        }
 
-        let layer = RpcLayer::new(self.service, &self.limits);
+        let layer = RpcLayer::new(
+            self.service,
+            &self.limits,
+            self.security.clone(),
+            self.access.clone(),
+        );
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Security::Tls { material, .. } = &self.security {
+            builder = builder
+                .tls_config(material.server_config().timeout(TLS_HANDSHAKE_TIMEOUT))
+                .map_err(|e| {
+                    tracing::error!(error = %e, "the TLS configuration is unusable");
+                    e
+                })?;
+        }
+        let server = builder
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
@@ -293,7 +337,7 @@ impl GrpcServer {
         }
     }
 
-    fn reflection(&self) -> tonic_reflection::server::Builder<'static> {
+    fn reflection_builder(&self) -> tonic_reflection::server::Builder<'static> {
         let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -332,16 +376,25 @@ struct LayerShared {
     permits: Arc<Semaphore>,
     request_timeout: Duration,
     body_read_timeout: Duration,
+    security: Security,
+    access: Access,
 }
 
 impl RpcLayer {
-    pub fn new(service: &'static str, limits: &ServerLimits) -> Self {
+    pub fn new(
+        service: &'static str,
+        limits: &ServerLimits,
+        security: Security,
+        access: Access,
+    ) -> Self {
         Self {
             shared: Arc::new(LayerShared {
                 service,
                 permits: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
                 request_timeout: limits.request_timeout,
                 body_read_timeout: limits.body_read_timeout,
+                security,
+                access,
             }),
         }
     }
@@ -400,14 +453,48 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(TraceContext::parse)
             .unwrap_or_else(TraceContext::new_root);
+        // Who is calling, and may they call this (the access table).
+        let caller = shared
+            .security
+            .authenticate(request.headers(), request.extensions())
+            .and_then(|caller| match shared.access.decide(&method, &caller) {
+                Decision::Allowed => Ok(caller),
+                Decision::Unimplemented => Err(ApiError::Unimplemented {
+                    message: format!("{method} is not served here"),
+                }),
+                Decision::Unauthenticated => Err(ApiError::unauthenticated(
+                    crate::reasons::UNAUTHENTICATED,
+                    format!("{method} needs credentials (a client certificate or a bearer token)"),
+                )),
+                Decision::Denied => Err(ApiError::permission_denied(
+                    crate::reasons::PERMISSION_DENIED,
+                    format!("{} may not call {method}", caller.describe()),
+                )),
+            });
+        let caller = match caller {
+            Ok(caller) => caller,
+            Err(refused) => {
+                let status = refused.into_status("server.inmail");
+                record_call(
+                    shared.service,
+                    &method,
+                    &format!("{:?}", status.code()),
+                    Duration::ZERO,
+                );
+                tracing::info!(method = %method, code = ?status.code(), "refused: {}", status.message());
+                return Box::pin(async move { Ok(status.into_http()) });
+            }
+        };
         let ctx = CallContext {
             deadline: Instant::now() + budget,
             trace,
+            caller,
         };
         let span = tracing::info_span!(
             "rpc",
             service = shared.service,
             method = %method,
+            caller = %ctx.caller.describe(),
             trace_id = %ctx.trace.trace_id,
             span_id = %ctx.trace.span_id,
             member_id = tracing::field::Empty,

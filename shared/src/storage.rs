@@ -37,6 +37,9 @@ pub struct RedisSettings {
     pub min_replicas: u32,
     /// How long a write waits for them before it is answered UNAVAILABLE.
     pub replica_timeout: Duration,
+    /// The Redis user (ACL) the service connects as, and its password.
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
 impl RedisSettings {
@@ -48,6 +51,8 @@ impl RedisSettings {
             response_timeout: Duration::from_secs(2),
             min_replicas: 0,
             replica_timeout: Duration::from_millis(500),
+            username: None,
+            password: None,
         }
     }
 }
@@ -102,10 +107,17 @@ fn connect(settings: &RedisSettings) -> Result<RedisConn, String> {
             redis::Client::open(*node)
                 .map_err(|e| format!("REDIS_URL {node:?} is not a valid Redis URL: {e}"))?;
         }
-        let client = redis::cluster::ClusterClient::builder(nodes)
+        let mut builder = redis::cluster::ClusterClient::builder(nodes)
             .connection_timeout(settings.connect_timeout)
             .response_timeout(settings.response_timeout)
-            .retries(1)
+            .retries(1);
+        if let Some(username) = &settings.username {
+            builder = builder.username(username);
+        }
+        if let Some(password) = &settings.password {
+            builder = builder.password(password);
+        }
+        let client = builder
             .build()
             .map_err(|e| format!("REDIS_URL {:?}: {e}", settings.url))?;
         let config = redis::cluster::ClusterConfig::new()
@@ -113,7 +125,19 @@ fn connect(settings: &RedisSettings) -> Result<RedisConn, String> {
             .set_response_timeout(settings.response_timeout);
         RedisConn::Cluster(client.get_pending_async_connection_with_config(config))
     } else {
-        let client = redis::Client::open(settings.url.as_str())
+        use redis::IntoConnectionInfo;
+        let info =
+            settings.url.as_str().into_connection_info().map_err(|e| {
+                format!("REDIS_URL {:?} is not a valid Redis URL: {e}", settings.url)
+            })?;
+        let mut credentials = info.redis_settings().clone();
+        if let Some(username) = &settings.username {
+            credentials = credentials.set_username(username);
+        }
+        if let Some(password) = &settings.password {
+            credentials = credentials.set_password(password);
+        }
+        let client = redis::Client::open(info.set_redis_settings(credentials))
             .map_err(|e| format!("REDIS_URL {:?} is not a valid Redis URL: {e}", settings.url))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))

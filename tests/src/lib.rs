@@ -3,6 +3,7 @@
 //! generated gRPC clients, and the real `grpcurl` binary.
 
 pub mod grpcurl;
+pub mod identity;
 pub mod processes;
 pub mod redis_server;
 
@@ -17,17 +18,35 @@ use inmail_shared::proto::testclock::v1 as testclock;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 pub use crate::redis_server::RedisServer;
 
+pub use crate::identity::{As, Authed, channel_as, pki};
+
 pub type PlansClient =
-    plans::subscription_plan_service_client::SubscriptionPlanServiceClient<Channel>;
+    plans::subscription_plan_service_client::SubscriptionPlanServiceClient<Authed>;
 pub type BillingClient =
-    billing::billing_credits_service_client::BillingCreditsServiceClient<Channel>;
-pub type MessagingClient = messaging_pb::messaging_service_client::MessagingServiceClient<Channel>;
-pub type ClockClient = testclock::test_clock_service_client::TestClockServiceClient<Channel>;
-pub type HealthClient = tonic_health::pb::health_client::HealthClient<Channel>;
+    billing::billing_credits_service_client::BillingCreditsServiceClient<Authed>;
+pub type MessagingClient = messaging_pb::messaging_service_client::MessagingServiceClient<Authed>;
+pub type ClockClient = testclock::test_clock_service_client::TestClockServiceClient<Authed>;
+pub type HealthClient = tonic_health::pb::health_client::HealthClient<Authed>;
+
+/// Clients of each service as `who`.
+pub fn plans_at(addr: SocketAddr, who: &As) -> PlansClient {
+    PlansClient::new(channel_as(addr, who))
+}
+
+pub fn billing_at(addr: SocketAddr, who: &As) -> BillingClient {
+    BillingClient::new(channel_as(addr, who))
+}
+
+pub fn messaging_at(addr: SocketAddr, who: &As) -> MessagingClient {
+    MessagingClient::new(channel_as(addr, who))
+}
+
+pub fn clock_at(addr: SocketAddr) -> ClockClient {
+    ClockClient::new(channel_as(addr, &As::Operator))
+}
 
 /// Logs of the services under test go to the test output at WARN (override
 /// with TEST_LOG, e.g. TEST_LOG=debug).
@@ -56,7 +75,7 @@ impl Service {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
     }
 }
 
@@ -97,6 +116,7 @@ fn args_for(
         listen.to_string(),
     ];
     args.extend(redis.iter().cloned());
+    args.extend(pki().service_args(binary));
     args.extend([
         "--test-clock".into(),
         "--shutdown-grace".into(),
@@ -183,7 +203,7 @@ impl Stack {
             addr,
             redis,
             &options.billing_args,
-            &[("--subscription-plan-url", format!("http://{plans}"))],
+            &[("--subscription-plan-url", format!("https://{plans}"))],
         ));
         let stop = CancellationToken::new();
         let handle = tokio::spawn(billing_credits::serve(cli.args, listener, stop.clone()));
@@ -208,8 +228,8 @@ impl Stack {
             redis,
             &options.messaging_args,
             &[
-                ("--subscription-plan-url", format!("http://{plans}")),
-                ("--billing-credits-url", format!("http://{billing}")),
+                ("--subscription-plan-url", format!("https://{plans}")),
+                ("--billing-credits-url", format!("https://{billing}")),
             ],
         ));
         let stop = CancellationToken::new();
@@ -274,21 +294,50 @@ impl Stack {
         }
     }
 
-    pub fn plans(&self) -> PlansClient {
-        PlansClient::new(channel(self.plans.addr))
+    /// subscription-plan as a member.
+    pub fn plans_as(&self, member: &str) -> PlansClient {
+        plans_at(self.plans.addr, &As::member(member))
     }
 
-    pub fn billing(&self) -> BillingClient {
-        BillingClient::new(channel(self.billing.addr))
+    /// subscription-plan as `who`.
+    pub fn plans_with(&self, who: &As) -> PlansClient {
+        plans_at(self.plans.addr, who)
     }
 
-    pub fn messaging(&self) -> MessagingClient {
-        MessagingClient::new(channel(self.messaging.addr))
+    /// billing-credits as a member.
+    pub fn billing_as(&self, member: &str) -> BillingClient {
+        billing_at(self.billing.addr, &As::member(member))
     }
 
-    /// The shared test clock, through any service (here: messaging).
+    /// billing-credits as the operator (grants, reconciliation, reads).
+    pub fn billing_operator(&self) -> BillingClient {
+        billing_at(self.billing.addr, &As::Operator)
+    }
+
+    /// billing-credits as messaging (debit, confirm, release, refund).
+    pub fn billing_as_messaging(&self) -> BillingClient {
+        billing_at(self.billing.addr, &As::Service("messaging"))
+    }
+
+    /// billing-credits as `who`.
+    pub fn billing_with(&self, who: &As) -> BillingClient {
+        billing_at(self.billing.addr, who)
+    }
+
+    /// messaging as a member.
+    pub fn messaging_as(&self, member: &str) -> MessagingClient {
+        messaging_at(self.messaging.addr, &As::member(member))
+    }
+
+    /// messaging as `who`.
+    pub fn messaging_with(&self, who: &As) -> MessagingClient {
+        messaging_at(self.messaging.addr, who)
+    }
+
+    /// The shared test clock, through any service (here: messaging), as the
+    /// operator.
     pub fn clock(&self) -> ClockClient {
-        ClockClient::new(channel(self.messaging.addr))
+        clock_at(self.messaging.addr)
     }
 
     pub async fn advance(&self, by: Duration) -> chrono::DateTime<chrono::Utc> {
@@ -348,12 +397,9 @@ async fn bind_again(addr: SocketAddr) -> TcpListener {
     panic!("cannot bind {addr} again");
 }
 
-pub fn channel(addr: SocketAddr) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(20))
-        .connect_lazy()
+/// A TLS channel to `addr` without credentials (health checks).
+pub fn channel(addr: SocketAddr) -> Authed {
+    channel_as(addr, &As::Anonymous)
 }
 
 /// Polls grpc.health.v1 until the server answers SERVING.

@@ -180,6 +180,7 @@ impl ProcessStack {
         crate::init_logs();
         let base = |name: &str| {
             let mut env = redis.service_env();
+            env.extend(crate::pki().service_env(name));
             env.push(("TEST_CLOCK".to_string(), "true".to_string()));
             env.extend(extra_for(name));
             env
@@ -188,17 +189,17 @@ impl ProcessStack {
         let mut billing_env = base("billing-credits");
         billing_env.push((
             "SUBSCRIPTION_PLAN_URL".into(),
-            format!("http://{}", plans.addr),
+            format!("https://{}", plans.addr),
         ));
         let billing = ServiceProcess::start("billing-credits", billing_env).await;
         let mut messaging_env = base("messaging");
         messaging_env.push((
             "SUBSCRIPTION_PLAN_URL".into(),
-            format!("http://{}", plans.addr),
+            format!("https://{}", plans.addr),
         ));
         messaging_env.push((
             "BILLING_CREDITS_URL".into(),
-            format!("http://{}", billing.addr),
+            format!("https://{}", billing.addr),
         ));
         let messaging = ServiceProcess::start("messaging", messaging_env).await;
         Self {

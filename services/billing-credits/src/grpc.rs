@@ -2,6 +2,7 @@
 //! the reply.
 
 use inmail_shared::ApiError;
+use inmail_shared::auth::access::{Table, Who};
 use inmail_shared::context::{CallContext, record_identity};
 use inmail_shared::idempotency::Mutation;
 use inmail_shared::paging::{self, PageTokens};
@@ -17,6 +18,47 @@ use crate::error::DOMAIN;
 use crate::reconcile::reconcile_page;
 use crate::store::ReleaseCause;
 use crate::views;
+
+/// Who may call each method (DESIGN.md §8): only messaging moves credits for
+/// a message, only operators grant and reconcile, members read their own.
+pub const ACCESS: Table = &[
+    (
+        "/inmail.billing.v1.BillingCreditsService/GetBalance",
+        &[Who::Member, Who::Service("messaging"), Who::Operator],
+    ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/DebitForMessage",
+        &[Who::Service("messaging")],
+    ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/ConfirmDebit",
+        &[Who::Service("messaging")],
+    ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/ReleaseDebit",
+        &[Who::Service("messaging")],
+    ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/RefundMessage",
+        &[Who::Service("messaging")],
+    ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/GetDebit",
+        &[Who::Service("messaging"), Who::Operator],
+    ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/GrantCredits",
+        &[Who::Operator],
+    ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/ListLedgerEntries",
+        &[Who::Member, Who::Operator],
+    ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/ReconcileLedgers",
+        &[Who::Operator],
+    ),
+];
 
 /// Most credits one message may cost.
 pub const MAX_DEBIT: i32 = 100;
@@ -101,6 +143,7 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             Checks::new()
                 .member_id("member_id", &request.member_id)
                 .finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let out = self
                 .credits
                 .run(&ctx, &request.member_id, "", "", Op::Balance)
@@ -355,6 +398,7 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
         &self,
         request: Request<pb::ListLedgerEntriesRequest>,
     ) -> Answer<pb::ListLedgerEntriesResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, "");
         handle(DOMAIN, async {
@@ -375,6 +419,7 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
                 checks.add("page_token", "is not a token returned by this list");
             }
             checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let mut entries = self
                 .credits
                 .store()
@@ -434,5 +479,21 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             Ok(response)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_table_lists_every_method() {
+        assert_eq!(
+            inmail_shared::auth::access::unlisted(
+                ACCESS,
+                "inmail.billing.v1.BillingCreditsService"
+            ),
+            Vec::<String>::new()
+        );
     }
 }

@@ -19,11 +19,8 @@ use std::time::Duration;
 
 use inmail_shared::bootstrap::Runtime;
 use inmail_shared::cli::ServiceBinary;
-use inmail_shared::client::lazy_channel;
-use inmail_shared::clock::TestClockApi;
 use inmail_shared::config::CommonArgs;
 use inmail_shared::idempotency::REQUEST_RETENTION;
-use inmail_shared::server::GrpcServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -46,13 +43,15 @@ pub enum Commands {
         #[arg(
             long,
             env = "BILLING_CREDITS_URL",
-            default_value = "http://127.0.0.1:50052"
+            default_value = "https://127.0.0.1:50052"
         )]
         url: String,
         /// Re-verify every ledger from its start, not from each member's
         /// last verified checkpoint.
         #[arg(long)]
         full: bool,
+        #[command(flatten)]
+        operator: inmail_shared::auth::tls::OperatorArgs,
     },
 }
 
@@ -81,7 +80,11 @@ impl ServiceBinary for Service {
 
     fn run_command(command: Commands, _args: Args) -> ExitCode {
         match command {
-            Commands::Reconcile { url, full } => reconcile::run_command(&url, full),
+            Commands::Reconcile {
+                url,
+                full,
+                operator,
+            } => reconcile::run_command(&url, full, &operator),
         }
     }
 }
@@ -145,9 +148,15 @@ pub async fn serve(
     if args.hold_ttl.is_zero() || args.sweep_interval.is_zero() {
         return Err("HOLD_TTL and SWEEP_INTERVAL must be positive".into());
     }
-    let runtime = Runtime::open(&args.common)?;
-    let plans = lazy_channel(&args.subscription_plan_url)
-        .map_err(|e| format!("SUBSCRIPTION_PLAN_URL: {e}"))?;
+    let listen = listener
+        .local_addr()
+        .map_err(|e| format!("LISTEN_ADDR: {e}"))?;
+    let runtime = Runtime::open(
+        &args.common,
+        listen,
+        &[("SUBSCRIPTION_PLAN_URL", &args.subscription_plan_url)],
+    )?;
+    let plans = runtime.channel("SUBSCRIPTION_PLAN_URL", &args.subscription_plan_url)?;
     let policy = Policy {
         hold: args.hold_ttl,
         refund_window: args.refund_window,
@@ -184,9 +193,7 @@ pub async fn serve(
             stop.clone(),
         );
     }
-    let mut server = GrpcServer::new(SERVICE, args.common.limits());
-    server
-        .add_service(BillingApi::new(credits).into_server())
-        .add_service(TestClockApi::new(runtime.clock.clone()).into_server());
+    let mut server = runtime.server(SERVICE, args.common.limits());
+    server.add_service(BillingApi::new(credits).into_server(), grpc::ACCESS);
     runtime.serve(server, listener, stop).await
 }

@@ -137,7 +137,11 @@ pub async fn reconcile_page(
 
 /// The `reconcile` subcommand: pages through ReconcileLedgers of the service
 /// at `url` and prints every mismatch; exit 0 when every ledger adds up.
-pub fn run_command(url: &str, full: bool) -> std::process::ExitCode {
+pub fn run_command(
+    url: &str,
+    full: bool,
+    operator: &inmail_shared::auth::tls::OperatorArgs,
+) -> std::process::ExitCode {
     use std::process::ExitCode;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -149,7 +153,7 @@ pub fn run_command(url: &str, full: bool) -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(reconcile_all(url, full)) {
+    match runtime.block_on(reconcile_all(url, full, operator)) {
         Ok((members, entries, mismatches)) => {
             println!("checked {members} members, replayed {entries} ledger entries");
             for m in &mismatches {
@@ -175,12 +179,12 @@ pub fn run_command(url: &str, full: bool) -> std::process::ExitCode {
 async fn reconcile_all(
     url: &str,
     full: bool,
+    operator: &inmail_shared::auth::tls::OperatorArgs,
 ) -> Result<(u64, u64, Vec<pb::LedgerMismatch>), String> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("BILLING_CREDITS_URL {url:?}: {e}"))?
-        .connect()
+    let channel = operator
+        .connect(url)
         .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+        .map_err(|e| format!("BILLING_CREDITS_URL: {e}"))?;
     let mut client = pb::billing_credits_service_client::BillingCreditsServiceClient::new(channel);
     let (mut members, mut entries, mut mismatches) = (0u64, 0u64, Vec::new());
     let mut page_token = String::new();

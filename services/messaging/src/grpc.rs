@@ -2,6 +2,7 @@
 //! result.
 
 use inmail_shared::ApiError;
+use inmail_shared::auth::access::{Table, Who};
 use inmail_shared::context::{CallContext, record_identity};
 use inmail_shared::idempotency::{Mutation, RequestLog};
 use inmail_shared::paging::{self, PageTokens};
@@ -17,6 +18,63 @@ use crate::relations::{MemberList, Page};
 use crate::send::{Messaging, SendInput};
 use crate::store::keys;
 use crate::views;
+
+/// Who may call each method (DESIGN.md §8): members act for and read only
+/// themselves; operators may read.
+pub const ACCESS: Table = &[
+    (
+        "/inmail.messaging.v1.MessagingService/AddConnection",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/RemoveConnection",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/ListConnections",
+        &[Who::Member, Who::Operator],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/BlockMember",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/UnblockMember",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/ListBlockedMembers",
+        &[Who::Member, Who::Operator],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/SetInmailPreference",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/GetInmailPreference",
+        &[Who::Member, Who::Operator],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/SendMessage",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/RespondToInmail",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/ListConversations",
+        &[Who::Member, Who::Operator],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/GetConversation",
+        &[Who::Member, Who::Operator],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/ListMessages",
+        &[Who::Member, Who::Operator],
+    ),
+];
 
 #[derive(Clone)]
 pub struct MessagingApi {
@@ -68,8 +126,10 @@ impl MessagingApi {
     }
 
     /// A page of one of a member's lists, newest first, and its next token.
+    #[allow(clippy::too_many_arguments)]
     async fn list_page(
         &self,
+        ctx: &CallContext,
         checks: &mut Checks,
         member: &str,
         list: MemberList,
@@ -100,6 +160,7 @@ impl MessagingApi {
             checks.add("page_token", "is not a token returned by this list");
         }
         std::mem::take(checks).finish()?;
+        ctx.act_for("member_id", member)?;
         let after = cursor.flatten();
         let page = self
             .messaging
@@ -210,6 +271,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 "other_member_id",
                 other,
             )?;
+            ctx.act_for("member_id", me)?;
             self.once(&ctx, me, &request, || async {
                 let since = self.messaging.connect(me, other).await?;
                 Ok(pb::AddConnectionResponse {
@@ -240,6 +302,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 "other_member_id",
                 other,
             )?;
+            ctx.act_for("member_id", me)?;
             self.once(&ctx, me, &request, || async {
                 let removed = self.messaging.disconnect(me, other).await?;
                 Ok(pb::RemoveConnectionResponse { removed })
@@ -253,6 +316,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::ListConnectionsRequest>,
     ) -> Answer<pb::ListConnectionsResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, "");
         handle(DOMAIN, async {
@@ -260,6 +324,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
             checks.member_id("member_id", &request.member_id);
             let (page, next_page_token) = self
                 .list_page(
+                    &ctx,
                     &mut checks,
                     &request.member_id,
                     MemberList::Connections,
@@ -298,6 +363,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 "blocked_member_id",
                 other,
             )?;
+            ctx.act_for("member_id", me)?;
             self.once(&ctx, me, &request, || async {
                 let since = self.messaging.block(me, other).await?;
                 Ok(pb::BlockMemberResponse {
@@ -325,6 +391,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 "blocked_member_id",
                 other,
             )?;
+            ctx.act_for("member_id", me)?;
             self.once(&ctx, me, &request, || async {
                 let removed = self.messaging.unblock(me, other).await?;
                 Ok(pb::UnblockMemberResponse { removed })
@@ -338,6 +405,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::ListBlockedMembersRequest>,
     ) -> Answer<pb::ListBlockedMembersResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, "");
         handle(DOMAIN, async {
@@ -345,6 +413,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
             checks.member_id("member_id", &request.member_id);
             let (page, next_page_token) = self
                 .list_page(
+                    &ctx,
                     &mut checks,
                     &request.member_id,
                     MemberList::Blocked,
@@ -379,6 +448,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 .request_id(&request.request_id)
                 .member_id("member_id", &request.member_id)
                 .finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             self.once(&ctx, &request.member_id, &request, || async {
                 self.messaging
                     .set_accepts_inmail(&request.member_id, request.accept_inmail)
@@ -396,12 +466,14 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::GetInmailPreferenceRequest>,
     ) -> Answer<pb::GetInmailPreferenceResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, "");
         handle(DOMAIN, async {
             Checks::new()
                 .member_id("member_id", &request.member_id)
                 .finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let accept_inmail = self.messaging.accepts_inmail(&request.member_id).await?;
             Ok(pb::GetInmailPreferenceResponse { accept_inmail })
         })
@@ -429,6 +501,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 &request.recipient_id,
             );
             checks.finish()?;
+            ctx.act_for("sender_id", &request.sender_id)?;
             let fp = request.fingerprint();
             let input = SendInput {
                 request_id: &request.request_id,
@@ -473,6 +546,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 }
             }
             checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let members = members.expect("checked above");
             let me = request.member_id.as_str();
             let other = other_member(me, &members)?;
@@ -532,6 +606,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::ListConversationsRequest>,
     ) -> Answer<pb::ListConversationsResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, "");
         handle(DOMAIN, async {
@@ -539,6 +614,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
             checks.member_id("member_id", &request.member_id);
             let (page, mut next_page_token) = self
                 .list_page(
+                    &ctx,
                     &mut checks,
                     &request.member_id,
                     MemberList::Inbox,
@@ -586,6 +662,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::GetConversationRequest>,
     ) -> Answer<pb::GetConversationResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, "");
         handle(DOMAIN, async {
@@ -593,6 +670,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
             let members =
                 member_conversation(&mut checks, &request.member_id, &request.conversation_id);
             checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             other_member(&request.member_id, &members.expect("checked above"))?;
             let conversation = self
                 .conversation_view(&request.conversation_id)
@@ -609,6 +687,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
         &self,
         request: Request<pb::ListMessagesRequest>,
     ) -> Answer<pb::ListMessagesResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, "");
         handle(DOMAIN, async {
@@ -636,6 +715,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 None => None,
             };
             checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             other_member(&request.member_id, &members.expect("checked above"))?;
             let conv = &request.conversation_id;
             let (rows, more) = self.messaging.messages(conv, before, size).await?;
@@ -657,5 +737,18 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_table_lists_every_method() {
+        assert_eq!(
+            inmail_shared::auth::access::unlisted(ACCESS, "inmail.messaging.v1.MessagingService"),
+            Vec::<String>::new()
+        );
     }
 }

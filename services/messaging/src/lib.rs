@@ -20,12 +20,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use inmail_shared::bootstrap::Runtime;
-use inmail_shared::cli::{NoCommands, ServiceBinary};
-use inmail_shared::client::lazy_channel;
-use inmail_shared::clock::TestClockApi;
+use inmail_shared::cli::ServiceBinary;
 use inmail_shared::config::CommonArgs;
 use inmail_shared::idempotency::REQUEST_RETENTION;
-use inmail_shared::server::GrpcServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -42,12 +39,75 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 /// The `messaging` binary.
 pub struct Service;
 
+/// Development tools of the `messaging` binary (what `scripts/dev-up.sh`
+/// uses; a production deployment has its own CA and identity provider).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Commands {
+    /// Print a member token signed with the development signing key, for
+    /// `grpcurl -H "authorization: Bearer <token>"`.
+    Token {
+        /// The member the token is for.
+        #[arg(long)]
+        member: String,
+        /// The Ed25519 signing key (PKCS#8 PEM).
+        #[arg(long, env = "JWT_SIGNING_KEY_FILE")]
+        signing_key_file: std::path::PathBuf,
+        /// The key id the verifiers know it by.
+        #[arg(long, default_value = "dev-1")]
+        kid: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Write a development PKI into DIR: a CA, a certificate per service
+    /// and an operator's, the member-token signing key and its JWK set.
+    DevPki {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Host names and addresses the services are reached at (besides
+        /// their service names).
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
+        hosts: Vec<String>,
+    },
+}
+
+fn run_dev_command(command: Commands, args: &Args) -> Result<String, String> {
+    match command {
+        Commands::Token {
+            member,
+            signing_key_file,
+            kid,
+            ttl,
+        } => {
+            if !inmail_shared::validate::is_member_id(&member) {
+                return Err(format!("--member {member:?} is not a member id"));
+            }
+            let pem = std::fs::read(&signing_key_file)
+                .map_err(|e| format!("JWT_SIGNING_KEY_FILE {}: {e}", signing_key_file.display()))?;
+            let signer = inmail_shared::auth::token::TokenSigner::new(
+                &pem,
+                &kid,
+                &args.common.jwt_issuer,
+                &args.common.jwt_audience,
+            )
+            .map_err(|e| format!("JWT_SIGNING_KEY_FILE {}: {e}", signing_key_file.display()))?;
+            signer.mint(&member, ttl)
+        }
+        Commands::DevPki { dir, hosts } => {
+            let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+            let pki = inmail_shared::auth::devpki::DevPki::generate(&hosts)?;
+            pki.write(&dir)?;
+            Ok(format!("development PKI written to {}", dir.display()))
+        }
+    }
+}
+
 impl ServiceBinary for Service {
     const NAME: &'static str = SERVICE;
     const ABOUT: &'static str =
         "InMail conversations and messages, charged through billing-credits (gRPC)";
     type Args = Args;
-    type Commands = NoCommands;
+    type Commands = Commands;
 
     fn listen_addr(args: &Args) -> SocketAddr {
         args.listen_addr
@@ -65,8 +125,17 @@ impl ServiceBinary for Service {
         serve(args, listener, stop)
     }
 
-    fn run_command(command: NoCommands, _args: Args) -> ExitCode {
-        match command {}
+    fn run_command(command: Commands, args: Args) -> ExitCode {
+        match run_dev_command(command, &args) {
+            Ok(output) => {
+                println!("{output}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("messaging: {message}");
+                ExitCode::FAILURE
+            }
+        }
     }
 }
 
@@ -183,11 +252,19 @@ pub async fn serve_with_faults(
     stop: CancellationToken,
 ) -> Result<(), String> {
     check_timing(&args)?;
-    let runtime = Runtime::open(&args.common)?;
-    let billing =
-        lazy_channel(&args.billing_credits_url).map_err(|e| format!("BILLING_CREDITS_URL: {e}"))?;
-    let plans = lazy_channel(&args.subscription_plan_url)
-        .map_err(|e| format!("SUBSCRIPTION_PLAN_URL: {e}"))?;
+    let listen = listener
+        .local_addr()
+        .map_err(|e| format!("LISTEN_ADDR: {e}"))?;
+    let runtime = Runtime::open(
+        &args.common,
+        listen,
+        &[
+            ("BILLING_CREDITS_URL", &args.billing_credits_url),
+            ("SUBSCRIPTION_PLAN_URL", &args.subscription_plan_url),
+        ],
+    )?;
+    let billing = runtime.channel("BILLING_CREDITS_URL", &args.billing_credits_url)?;
+    let plans = runtime.channel("SUBSCRIPTION_PLAN_URL", &args.subscription_plan_url)?;
     let config = Config {
         policy: args.pending_inmail_policy,
         limits: SendLimits {
@@ -214,9 +291,10 @@ pub async fn serve_with_faults(
         config,
     );
     sweeper::spawn_outbox_sweeper(messaging.clone(), args.sweep_interval, stop.clone());
-    let mut server = GrpcServer::new(SERVICE, args.common.limits());
-    server
-        .add_service(MessagingApi::new(messaging, args.common.request_timeout).into_server())
-        .add_service(TestClockApi::new(runtime.clock.clone()).into_server());
+    let mut server = runtime.server(SERVICE, args.common.limits());
+    server.add_service(
+        MessagingApi::new(messaging, args.common.request_timeout).into_server(),
+        grpc::ACCESS,
+    );
     runtime.serve(server, listener, stop).await
 }

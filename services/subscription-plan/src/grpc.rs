@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use inmail_shared::ApiError;
+use inmail_shared::auth::access::{Table, Who};
 use inmail_shared::clock::Clock;
-use inmail_shared::context::record_identity;
+use inmail_shared::context::{CallContext, record_identity};
 use inmail_shared::idempotency::{Mutation, Outcome};
 use inmail_shared::paging::{self, PageTokens};
 use inmail_shared::proto::plans::v1 as pb;
@@ -19,6 +20,53 @@ use crate::cycles::CycleKind;
 use crate::domain::{EndReason, PeriodView, PlanError, SubscriptionState, Timing};
 use crate::error::DOMAIN;
 use crate::store::{Committed, PlanStore, RequestSeen};
+
+/// Who may call each method (DESIGN.md §8): members manage and read their
+/// own subscription; billing and messaging ask for entitlements and Open
+/// Profile; operators read.
+pub const ACCESS: Table = &[
+    // The catalog is public: prospective members read it too.
+    (
+        "/inmail.plans.v1.SubscriptionPlanService/ListPlans",
+        &[Who::Anyone],
+    ),
+    (
+        "/inmail.plans.v1.SubscriptionPlanService/GetPlan",
+        &[Who::Anyone],
+    ),
+    (
+        "/inmail.plans.v1.SubscriptionPlanService/GetSubscription",
+        &[Who::Member, Who::Service("messaging"), Who::Operator],
+    ),
+    (
+        "/inmail.plans.v1.SubscriptionPlanService/Subscribe",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.plans.v1.SubscriptionPlanService/ChangePlan",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.plans.v1.SubscriptionPlanService/CancelSubscription",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.plans.v1.SubscriptionPlanService/ClearScheduledChange",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.plans.v1.SubscriptionPlanService/SetOpenProfile",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.plans.v1.SubscriptionPlanService/GetEntitlement",
+        &[
+            Who::Service("billing-credits"),
+            Who::Service("messaging"),
+            Who::Operator,
+        ],
+    ),
+];
 
 /// Optimistic writes retry this often before answering ABORTED.
 const COMMIT_ATTEMPTS: usize = 8;
@@ -221,12 +269,14 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
         &self,
         request: Request<pb::GetSubscriptionRequest>,
     ) -> Reply<pb::GetSubscriptionResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, "");
         handle(DOMAIN, async {
             Checks::new()
                 .member_id("member_id", &request.member_id)
                 .finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let (state, now) = self.current(&request.member_id).await?;
             Ok(pb::GetSubscriptionResponse {
                 subscription: Some(subscription_view(&request.member_id, &state, now)),
@@ -239,6 +289,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Reply<pb::SubscribeResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -248,6 +299,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 .member_id("member_id", &request.member_id);
             let plan = self.paid_plan(&mut checks, &request.plan_id);
             checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let plan = plan.ok_or_else(|| plan_not_found(&request.plan_id))?;
             let fp = request.fingerprint();
             self.mutate(
@@ -268,6 +320,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
         &self,
         request: Request<pb::ChangePlanRequest>,
     ) -> Reply<pb::ChangePlanResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -278,6 +331,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 .known_enum::<pb::ChangeTiming>("timing", request.timing);
             let plan = self.paid_plan(&mut checks, &request.plan_id);
             checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let plan = plan.ok_or_else(|| plan_not_found(&request.plan_id))?;
             let when = timing(request.timing, Timing::Immediately);
             let fp = request.fingerprint();
@@ -299,6 +353,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
         &self,
         request: Request<pb::CancelSubscriptionRequest>,
     ) -> Reply<pb::CancelSubscriptionResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -307,6 +362,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 .member_id("member_id", &request.member_id)
                 .known_enum::<pb::ChangeTiming>("timing", request.timing)
                 .finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let when = timing(request.timing, Timing::EndOfCycle);
             let free = self.catalog.free();
             let fp = request.fingerprint();
@@ -328,6 +384,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
         &self,
         request: Request<pb::ClearScheduledChangeRequest>,
     ) -> Reply<pb::ClearScheduledChangeResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -335,6 +392,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 .request_id(&request.request_id)
                 .member_id("member_id", &request.member_id)
                 .finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let fp = request.fingerprint();
             self.mutate(
                 &request.member_id,
@@ -354,6 +412,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
         &self,
         request: Request<pb::SetOpenProfileRequest>,
     ) -> Reply<pb::SetOpenProfileResponse> {
+        let ctx = CallContext::of(&request);
         let request = request.into_inner();
         record_identity(&request.member_id, &request.request_id);
         handle(DOMAIN, async {
@@ -361,6 +420,7 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
                 .request_id(&request.request_id)
                 .member_id("member_id", &request.member_id)
                 .finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
             let fp = request.fingerprint();
             let enabled = request.enabled;
             self.mutate(
@@ -457,5 +517,21 @@ fn period_view(view: &PeriodView) -> pb::PlanPeriod {
         cycles_started: view.cycles_started,
         cycle_start: Some(to_timestamp(view.cycle.start)),
         cycle_end: Some(to_timestamp(view.cycle.end)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_table_lists_every_method() {
+        assert_eq!(
+            inmail_shared::auth::access::unlisted(
+                ACCESS,
+                "inmail.plans.v1.SubscriptionPlanService"
+            ),
+            Vec::<String>::new()
+        );
     }
 }

@@ -16,9 +16,7 @@ use std::sync::Arc;
 
 use inmail_shared::bootstrap::Runtime;
 use inmail_shared::cli::{NoCommands, ServiceBinary};
-use inmail_shared::clock::TestClockApi;
 use inmail_shared::config::CommonArgs;
-use inmail_shared::server::GrpcServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -80,15 +78,16 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> Result<(), String> {
     let catalog = Arc::new(Catalog::load(args.plans_file.as_deref())?);
-    let runtime = Runtime::open(&args.common)?;
+    let listen = listener
+        .local_addr()
+        .map_err(|e| format!("LISTEN_ADDR: {e}"))?;
+    let runtime = Runtime::open(&args.common, listen, &[])?;
     let api = PlansApi::new(
         catalog,
         PlanStore::new(runtime.redis.clone()),
         runtime.clock.clone(),
     );
-    let mut server = GrpcServer::new(SERVICE, args.common.limits());
-    server
-        .add_service(api.into_server())
-        .add_service(TestClockApi::new(runtime.clock.clone()).into_server());
+    let mut server = runtime.server(SERVICE, args.common.limits());
+    server.add_service(api.into_server(), grpc::ACCESS);
     runtime.serve(server, listener, stop).await
 }

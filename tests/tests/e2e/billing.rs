@@ -26,7 +26,7 @@ async fn debit(
     message_id: &str,
 ) -> Result<pb::DebitForMessageResponse, tonic::Status> {
     stack
-        .billing()
+        .billing_as_messaging()
         .debit_for_message(debit_request(member, message_id))
         .await
         .map(tonic::Response::into_inner)
@@ -38,7 +38,7 @@ async fn confirm(
     message_id: &str,
 ) -> Result<pb::Debit, tonic::Status> {
     stack
-        .billing()
+        .billing_as_messaging()
         .confirm_debit(pb::ConfirmDebitRequest {
             request_id: rid(),
             member_id: member.into(),
@@ -54,7 +54,7 @@ async fn refund(
     message_id: &str,
 ) -> Result<pb::RefundMessageResponse, tonic::Status> {
     stack
-        .billing()
+        .billing_as_messaging()
         .refund_message(pb::RefundMessageRequest {
             request_id: rid(),
             member_id: member.into(),
@@ -72,7 +72,7 @@ async fn two_hundred_debits_race_for_five_credits_exactly_five_win() {
     assert_eq!(available(&stack, "ann").await, 5);
     let mut calls = Vec::new();
     for i in 0..200 {
-        let mut billing = stack.billing();
+        let mut billing = stack.billing_as_messaging();
         calls.push(tokio::spawn(async move {
             billing
                 .debit_for_message(debit_request("ann", &format!("msg-{i}")))
@@ -93,7 +93,7 @@ async fn two_hundred_debits_race_for_five_credits_exactly_five_win() {
     assert_eq!(available(&stack, "ann").await, 0);
     let entries = ledger(&stack, "ann").await;
     assert_eq!(count_kind(&entries, Kind::Debit), 5);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -103,7 +103,7 @@ async fn fifty_concurrent_debits_of_one_message_debit_once_with_identical_answer
     let request = debit_request("bo", "the-one");
     let mut calls = Vec::new();
     for _ in 0..50 {
-        let mut billing = stack.billing();
+        let mut billing = stack.billing_as_messaging();
         let request = request.clone();
         calls.push(tokio::spawn(async move {
             billing.debit_for_message(request).await
@@ -123,7 +123,7 @@ async fn fifty_concurrent_debits_of_one_message_debit_once_with_identical_answer
     assert_eq!(again.balance_after, 14);
     assert_eq!(again.debit, answers[0].debit);
     assert_eq!(available(&stack, "bo").await, 14);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -135,7 +135,7 @@ async fn fifty_concurrent_refunds_give_the_credit_back_exactly_once() {
     assert_eq!(available(&stack, "cy").await, 4);
     let mut calls = Vec::new();
     for _ in 0..50 {
-        let mut billing = stack.billing();
+        let mut billing = stack.billing_as_messaging();
         calls.push(tokio::spawn(async move {
             billing
                 .refund_message(pb::RefundMessageRequest {
@@ -162,7 +162,7 @@ async fn fifty_concurrent_refunds_give_the_credit_back_exactly_once() {
     assert_eq!(refunded_now, 1);
     assert_eq!(available(&stack, "cy").await, 5);
     assert_eq!(count_kind(&ledger(&stack, "cy").await, Kind::Refund), 1);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -174,7 +174,8 @@ async fn fifty_first_touches_of_a_new_cycle_renew_once() {
     stack.set_time(utc(2027, 2, 10, 10)).await;
     let mut calls = Vec::new();
     for i in 0..50 {
-        let mut billing = stack.billing();
+        let mut billing = stack.billing_as_messaging();
+        let mut operator = stack.billing_operator();
         calls.push(tokio::spawn(async move {
             if i % 2 == 0 {
                 billing
@@ -184,7 +185,7 @@ async fn fifty_first_touches_of_a_new_cycle_renew_once() {
                     .await
                     .map(|r| r.into_inner().balance.unwrap().available)
             } else {
-                billing
+                operator
                     .grant_credits(pb::GrantCreditsRequest {
                         request_id: rid(),
                         member_id: "di".into(),
@@ -207,7 +208,7 @@ async fn fifty_first_touches_of_a_new_cycle_renew_once() {
     );
     // 5 + renewal 5 = 10, then 25 grants of 1.
     assert_eq!(available(&stack, "di").await, 10 + 25);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +233,7 @@ async fn idle_cycles_each_renew_once_up_to_the_rollover_cap() {
     assert_eq!(renewals.len(), 3 + 12);
     let amounts: Vec<i64> = renewals.iter().rev().map(|e| e.amount).take(4).collect();
     assert_eq!(amounts, [5, 5, 5, 0]);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +255,7 @@ async fn renewal_adds_monthly_credits_to_unused_up_to_the_cap() {
         (b.monthly_credits, b.rollover_cap, b.debited_this_cycle),
         (5, 15, 0)
     );
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,7 +265,7 @@ async fn upgrade_writes_off_old_credits_and_tops_up_to_the_new_plan() {
     debit(&stack, "gus", "g1").await.unwrap();
     assert_eq!(available(&stack, "gus").await, 4);
     stack
-        .plans()
+        .plans_as("gus")
         .change_plan(plans::ChangePlanRequest {
             request_id: rid(),
             member_id: "gus".into(),
@@ -293,7 +294,7 @@ async fn upgrade_writes_off_old_credits_and_tops_up_to_the_new_plan() {
         (entries[0].amount, entries[0].plan_id.as_str()),
         (25, "recruiter-lite")
     );
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,7 +304,7 @@ async fn cancel_at_cycle_end_keeps_credits_until_then_then_writes_them_off() {
     subscribe(&stack, "hal", "premium-business").await;
     assert_eq!(available(&stack, "hal").await, 15);
     stack
-        .plans()
+        .plans_as("hal")
         .cancel_subscription(plans::CancelSubscriptionRequest {
             request_id: rid(),
             member_id: "hal".into(),
@@ -327,7 +328,7 @@ async fn cancel_at_cycle_end_keeps_credits_until_then_then_writes_them_off() {
     assert_eq!(entries[0].amount, -14);
     let refused = debit(&stack, "hal", "h2").await.unwrap_err();
     assert_eq!(reason(&refused), "PAID_PLAN_REQUIRED");
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,7 +345,7 @@ async fn refund_goes_to_the_current_cycle_also_across_a_boundary() {
     assert_eq!(r.balance_after, 10);
     let b = balance(&stack, "ida").await;
     assert_eq!((b.available, b.refunded_this_cycle), (10, 1));
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,7 +371,7 @@ async fn refund_rules_unknown_unconfirmed_released_and_after_the_window() {
     assert_eq!(reason(&expired), "DEBIT_RELEASED");
     let again = debit(&stack, "jo", "held").await.unwrap_err();
     assert_eq!(reason(&again), "DEBIT_RELEASED");
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,7 +389,7 @@ async fn unconfirmed_holds_are_released_by_the_sweeper_within_the_bound() {
     .await;
     assert!(released, "the hold was not released");
     let state = stack
-        .billing()
+        .billing_as_messaging()
         .get_debit(pb::GetDebitRequest {
             member_id: "kai".into(),
             message_id: "orphan".into(),
@@ -401,7 +402,7 @@ async fn unconfirmed_holds_are_released_by_the_sweeper_within_the_bound() {
     assert_eq!(state.state, pb::DebitState::Released as i32);
     assert_eq!(state.release_reason, pb::ReleaseReason::HoldExpired as i32);
     assert_eq!(count_kind(&ledger(&stack, "kai").await, Kind::Release), 1);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,7 +410,7 @@ async fn release_of_an_unknown_id_blocks_a_late_debit_of_it() {
     let stack = Stack::start().await;
     subscribe(&stack, "lee", "premium-career").await;
     let released = stack
-        .billing()
+        .billing_as_messaging()
         .release_debit(pb::ReleaseDebitRequest {
             request_id: rid(),
             member_id: "lee".into(),
@@ -427,7 +428,7 @@ async fn release_of_an_unknown_id_blocks_a_late_debit_of_it() {
     debit(&stack, "lee", "ok").await.unwrap();
     confirm(&stack, "lee", "ok").await.unwrap();
     let refused = stack
-        .billing()
+        .billing_as_messaging()
         .release_debit(pb::ReleaseDebitRequest {
             request_id: rid(),
             member_id: "lee".into(),
@@ -448,7 +449,7 @@ async fn one_message_id_cannot_be_charged_to_another_member_or_amount() {
     let other_member = debit(&stack, "ned", "shared-id").await.unwrap_err();
     assert_eq!(reason(&other_member), "MESSAGE_ID_CONFLICT");
     let other_amount = stack
-        .billing()
+        .billing_as_messaging()
         .debit_for_message(pb::DebitForMessageRequest {
             amount: 2,
             ..debit_request("mo", "shared-id")
@@ -466,12 +467,12 @@ async fn request_id_reuse_with_other_arguments_is_refused() {
     subscribe(&stack, "ola", "premium-career").await;
     let request = debit_request("ola", "o1");
     stack
-        .billing()
+        .billing_as_messaging()
         .debit_for_message(request.clone())
         .await
         .unwrap();
     let reused = stack
-        .billing()
+        .billing_as_messaging()
         .debit_for_message(pb::DebitForMessageRequest {
             message_id: "o2".into(),
             ..request
@@ -511,7 +512,7 @@ async fn ledger_lists_newest_first_in_pages() {
     let mut token = String::new();
     loop {
         let page = stack
-            .billing()
+            .billing_operator()
             .list_ledger_entries(pb::ListLedgerEntriesRequest {
                 member_id: "quin".into(),
                 page_size: 3,
@@ -542,7 +543,7 @@ async fn grants_are_bounded_and_free_members_cannot_debit() {
     let refused = debit(&stack, "rex", "r1").await.unwrap_err();
     assert_eq!(reason(&refused), "PAID_PLAN_REQUIRED");
     let too_much = stack
-        .billing()
+        .billing_operator()
         .grant_credits(pb::GrantCreditsRequest {
             request_id: rid(),
             member_id: "rex".into(),
@@ -564,7 +565,8 @@ async fn bad_input_on_every_rpc_names_the_field_and_changes_nothing() {
     let stack = Stack::start().await;
     subscribe(&stack, "sue", "premium-career").await;
     debit(&stack, "sue", "s1").await.unwrap();
-    let mut b = stack.billing();
+    let mut b = stack.billing_as_messaging();
+    let mut op = stack.billing_operator();
     let before = stack.redis.digest().await;
     let long = "m".repeat(129);
     let bad_page = "!!".to_string();
@@ -719,11 +721,11 @@ async fn bad_input_on_every_rpc_names_the_field_and_changes_nothing() {
             },
         ),
     ] {
-        cases.push((field, b.grant_credits(request).await.unwrap_err()));
+        cases.push((field, op.grant_credits(request).await.unwrap_err()));
     }
     cases.push((
         "page_size",
-        b.list_ledger_entries(pb::ListLedgerEntriesRequest {
+        op.list_ledger_entries(pb::ListLedgerEntriesRequest {
             member_id: "sue".into(),
             page_size: -5,
             page_token: "".into(),
@@ -733,7 +735,7 @@ async fn bad_input_on_every_rpc_names_the_field_and_changes_nothing() {
     ));
     cases.push((
         "page_token",
-        b.list_ledger_entries(pb::ListLedgerEntriesRequest {
+        op.list_ledger_entries(pb::ListLedgerEntriesRequest {
             member_id: "sue".into(),
             page_size: 0,
             page_token: bad_page.clone(),
@@ -743,7 +745,7 @@ async fn bad_input_on_every_rpc_names_the_field_and_changes_nothing() {
     ));
     cases.push((
         "page_token",
-        b.reconcile_ledgers(pb::ReconcileLedgersRequest {
+        op.reconcile_ledgers(pb::ReconcileLedgersRequest {
             page_size: 0,
             page_token: bad_page,
             full: false,
@@ -806,7 +808,7 @@ async fn redis_restart_loses_no_acknowledged_debit_and_service_resumes() {
         .await
         .expect("service resumed by itself");
     assert_eq!(count_kind(&ledger(&stack, "tia").await, Kind::Debit), 11);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 /// An expired hold comes back even while subscription-plan is down: the
@@ -821,7 +823,7 @@ async fn expired_holds_are_released_while_subscription_plan_is_down() {
     stack.advance(Duration::from_secs(31)).await;
     let state = || async {
         stack
-            .billing()
+            .billing_as_messaging()
             .get_debit(pb::GetDebitRequest {
                 member_id: "uri".into(),
                 message_id: "orphan".into(),
@@ -843,5 +845,5 @@ async fn expired_holds_are_released_while_subscription_plan_is_down() {
     let entries = ledger(&stack, "uri").await;
     assert_eq!(entries[0].kind, Kind::Release as i32);
     assert_eq!(entries[0].balance_after, 5);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }

@@ -16,7 +16,7 @@ pub const ENTITLEMENT_STALENESS: Duration = Duration::from_millis(1100);
 
 pub async fn subscribe(stack: &Stack, member: &str, plan: &str) -> plans::Subscription {
     stack
-        .plans()
+        .plans_as(member)
         .subscribe(plans::SubscribeRequest {
             request_id: rid(),
             member_id: member.into(),
@@ -31,7 +31,7 @@ pub async fn subscribe(stack: &Stack, member: &str, plan: &str) -> plans::Subscr
 
 pub async fn subscription(stack: &Stack, member: &str) -> plans::Subscription {
     stack
-        .plans()
+        .plans_as(member)
         .get_subscription(plans::GetSubscriptionRequest {
             member_id: member.into(),
         })
@@ -44,7 +44,7 @@ pub async fn subscription(stack: &Stack, member: &str) -> plans::Subscription {
 
 pub async fn balance(stack: &Stack, member: &str) -> billing::Balance {
     stack
-        .billing()
+        .billing_as(member)
         .get_balance(billing::GetBalanceRequest {
             member_id: member.into(),
         })
@@ -61,7 +61,7 @@ pub async fn available(stack: &Stack, member: &str) -> i64 {
 
 pub async fn grant(stack: &Stack, member: &str, amount: i32) -> i64 {
     stack
-        .billing()
+        .billing_operator()
         .grant_credits(billing::GrantCreditsRequest {
             request_id: rid(),
             member_id: member.into(),
@@ -79,7 +79,7 @@ pub async fn ledger(stack: &Stack, member: &str) -> Vec<billing::LedgerEntry> {
     let mut token = String::new();
     loop {
         let page = stack
-            .billing()
+            .billing_as(member)
             .list_ledger_entries(billing::ListLedgerEntriesRequest {
                 member_id: member.into(),
                 page_size: 500,
@@ -121,7 +121,7 @@ pub async fn send(
     recipient: &str,
 ) -> Result<messaging::SendMessageResponse, tonic::Status> {
     stack
-        .messaging()
+        .messaging_as(sender)
         .send_message(send_request(
             sender,
             recipient,
@@ -134,7 +134,7 @@ pub async fn send(
 
 pub async fn connect(stack: &Stack, one: &str, other: &str) {
     stack
-        .messaging()
+        .messaging_as(one)
         .add_connection(messaging::AddConnectionRequest {
             request_id: rid(),
             member_id: one.into(),
@@ -152,7 +152,7 @@ pub async fn respond(
     body: &str,
 ) -> Result<messaging::RespondToInmailResponse, tonic::Status> {
     stack
-        .messaging()
+        .messaging_as(member)
         .respond_to_inmail(messaging::RespondToInmailRequest {
             request_id: rid(),
             member_id: member.into(),
@@ -170,7 +170,7 @@ pub async fn set_open_profile(
     enabled: bool,
 ) -> Result<plans::Subscription, tonic::Status> {
     stack
-        .plans()
+        .plans_as(member)
         .set_open_profile(plans::SetOpenProfileRequest {
             request_id: rid(),
             member_id: member.into(),
@@ -224,7 +224,7 @@ pub async fn conversation(
     id: &str,
 ) -> Result<pb::Conversation, tonic::Status> {
     stack
-        .messaging()
+        .messaging_as(member)
         .get_conversation(pb::GetConversationRequest {
             member_id: member.into(),
             conversation_id: id.into(),

@@ -11,7 +11,7 @@ use inmail_shared::proto::messaging::v1 as pb;
 use inmail_shared::proto::plans::v1 as plans;
 use inmail_tests::processes::ProcessStack;
 use inmail_tests::redis_server::free_port;
-use inmail_tests::{MessagingClient, PlansClient, channel, rid};
+use inmail_tests::{As, messaging_at, plans_at, rid};
 
 use crate::common::*;
 
@@ -148,7 +148,7 @@ async fn process_stack_with(
 }
 
 async fn subscribe_process(stack: &ProcessStack, member: &str) {
-    PlansClient::new(channel(stack.plans.addr))
+    plans_at(stack.plans.addr, &As::member(member))
         .subscribe(plans::SubscribeRequest {
             request_id: rid(),
             member_id: member.into(),
@@ -162,14 +162,14 @@ async fn subscribe_process(stack: &ProcessStack, member: &str) {
 async fn metrics_endpoints_answer_with_the_named_series_after_messages() {
     let (stack, metrics) = process_stack_with(vec![]).await;
     subscribe_process(&stack, "mia").await;
-    let mut client = MessagingClient::new(channel(stack.messaging.addr));
+    let mut client = messaging_at(stack.messaging.addr, &As::member("mia"));
     for i in 0..3 {
         client
             .send_message(send_request("mia", &format!("lead{i}"), "Hi", "Hello"))
             .await
             .unwrap();
     }
-    client
+    messaging_at(stack.messaging.addr, &As::member("lead0"))
         .respond_to_inmail(pb::RespondToInmailRequest {
             request_id: rid(),
             member_id: "lead0".into(),
@@ -234,7 +234,7 @@ async fn one_trace_id_spans_messaging_billing_and_plans() {
             .parse()
             .unwrap(),
     );
-    let sent = MessagingClient::new(channel(stack.messaging.addr))
+    let sent = messaging_at(stack.messaging.addr, &As::member("tess"))
         .send_message(call)
         .await
         .unwrap();

@@ -1,8 +1,8 @@
 //! The stack through the real grpcurl 1.8.6, as users call it: no .proto
 //! files, only server reflection (v1alpha, the only one grpcurl 1.8 speaks).
 
-use inmail_tests::Stack;
-use inmail_tests::grpcurl::{call, run};
+use inmail_tests::grpcurl::{call, run, tls_args};
+use inmail_tests::{As, Stack};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_and_describes_every_service_without_proto_files() {
@@ -15,7 +15,9 @@ async fn grpcurl_lists_and_describes_every_service_without_proto_files() {
         ),
         (stack.messaging.addr, "inmail.messaging.v1.MessagingService"),
     ] {
-        let listed = run(&["-plaintext", &addr.to_string(), "list"]);
+        let mut args = tls_args(&As::Anonymous);
+        args.extend([addr.to_string(), "list".into()]);
+        let listed = run(&args);
         assert!(listed.ok, "{}", listed.stderr);
         let services: Vec<&str> = listed.stdout.lines().collect();
         for expected in [
@@ -29,10 +31,17 @@ async fn grpcurl_lists_and_describes_every_service_without_proto_files() {
                 "{addr}: {expected} missing from {services:?}"
             );
         }
-        let described = run(&["-plaintext", &addr.to_string(), "describe", service]);
+        let mut args = tls_args(&As::Anonymous);
+        args.extend([addr.to_string(), "describe".into(), service.into()]);
+        let described = run(&args);
         assert!(described.ok, "{}", described.stderr);
         assert!(described.stdout.contains("rpc "), "{}", described.stdout);
-        let health = call(addr, "grpc.health.v1.Health/Check", Some("{}"));
+        let health = call(
+            addr,
+            &As::Anonymous,
+            "grpc.health.v1.Health/Check",
+            Some("{}"),
+        );
         assert!(health.ok, "{}", health.stderr);
         assert_eq!(health.json()["status"], "SERVING");
     }
@@ -45,6 +54,7 @@ async fn the_seed_story_with_grpcurl() {
     let (plans, billing, messaging) = (stack.plans.addr, stack.billing.addr, stack.messaging.addr);
     let subscribed = call(
         plans,
+        &As::member("sam"),
         "inmail.plans.v1.SubscriptionPlanService/Subscribe",
         Some(r#"{"request_id":"seed-sub","member_id":"sam","plan_id":"premium-career"}"#),
     );
@@ -57,6 +67,7 @@ async fn the_seed_story_with_grpcurl() {
     for i in 1..=5 {
         let sent = call(
             messaging,
+            &As::member("sam"),
             "inmail.messaging.v1.MessagingService/SendMessage",
             Some(&format!(
                 r#"{{"request_id":"seed-{i}","sender_id":"sam","recipient_id":"stranger{i}","subject":"Hello","body":"Could we talk?"}}"#
@@ -69,6 +80,7 @@ async fn the_seed_story_with_grpcurl() {
     }
     let sixth = call(
         messaging,
+        &As::member("sam"),
         "inmail.messaging.v1.MessagingService/SendMessage",
         Some(
             r#"{"request_id":"seed-6","sender_id":"sam","recipient_id":"stranger6","subject":"Hello","body":"Hi"}"#,
@@ -89,6 +101,7 @@ async fn the_seed_story_with_grpcurl() {
     for (i, responder) in [(1, "stranger1"), (2, "stranger2")] {
         let replied = call(
             messaging,
+            &As::member(responder),
             "inmail.messaging.v1.MessagingService/RespondToInmail",
             Some(&format!(
                 r#"{{"request_id":"seed-reply-{i}","member_id":"{responder}","conversation_id":"sam~{responder}","response":"INMAIL_RESPONSE_REPLY","body":"Sure"}}"#
@@ -99,6 +112,7 @@ async fn the_seed_story_with_grpcurl() {
     }
     let balance = call(
         billing,
+        &As::member("sam"),
         "inmail.billing.v1.BillingCreditsService/GetBalance",
         Some(r#"{"member_id":"sam"}"#),
     );
@@ -107,12 +121,14 @@ async fn the_seed_story_with_grpcurl() {
 
     let connected = call(
         messaging,
+        &As::member("sam"),
         "inmail.messaging.v1.MessagingService/AddConnection",
         Some(r#"{"request_id":"seed-conn","member_id":"sam","other_member_id":"colleague"}"#),
     );
     assert!(connected.ok, "{}", connected.stderr);
     let free = call(
         messaging,
+        &As::member("sam"),
         "inmail.messaging.v1.MessagingService/SendMessage",
         Some(
             r#"{"request_id":"seed-free","sender_id":"sam","recipient_id":"colleague","body":"Lunch?"}"#,
@@ -124,6 +140,7 @@ async fn the_seed_story_with_grpcurl() {
 
     let bad = call(
         messaging,
+        &As::member("sam"),
         "inmail.messaging.v1.MessagingService/SendMessage",
         Some(r#"{"request_id":"seed-bad","sender_id":"sam","recipient_id":"sam","body":"me"}"#),
     );
@@ -140,18 +157,20 @@ async fn the_seed_story_with_grpcurl() {
     );
 }
 
-/// Splits a shell line on spaces, keeping single-quoted parts whole.
+/// Splits a shell line on spaces, keeping quoted parts ('...' or "...")
+/// whole.
 fn shell_words(line: &str) -> Vec<String> {
-    let (mut words, mut current, mut quoted) = (Vec::new(), String::new(), false);
+    let (mut words, mut current, mut quote) = (Vec::new(), String::new(), None);
     for c in line.chars() {
-        match c {
-            '\'' => quoted = !quoted,
-            ' ' if !quoted => {
+        match (c, quote) {
+            ('\'' | '"', None) => quote = Some(c),
+            (c, Some(q)) if c == q => quote = None,
+            (' ', None) => {
                 if !current.is_empty() {
                     words.push(std::mem::take(&mut current));
                 }
             }
-            c => current.push(c),
+            (c, _) => current.push(c),
         }
     }
     if !current.is_empty() {
@@ -160,8 +179,9 @@ fn shell_words(line: &str) -> Vec<String> {
     words
 }
 
-/// Every grpcurl example of README.md works verbatim (only the ports differ:
-/// the test's services listen on free ports).
+/// Every grpcurl example of README.md works verbatim (only the ports, the
+/// PKI directory and the tokens differ: the test's services listen on free
+/// ports with the test's PKI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_grpcurl_examples_work_verbatim() {
     let stack = Stack::start().await;
@@ -169,11 +189,16 @@ async fn the_readme_grpcurl_examples_work_verbatim() {
     let examples: Vec<&str> = readme
         .lines()
         .map(str::trim)
-        .filter(|line| line.starts_with("grpcurl -plaintext"))
+        .filter(|line| line.starts_with("grpcurl -cacert"))
         .collect();
     assert!(examples.len() >= 10, "README lost its grpcurl examples");
+    let pki = inmail_tests::pki();
+    let pki_dir = format!("{}/", pki.dir.display());
     for example in examples {
         let line = example
+            .replace(".local/pki/", &pki_dir)
+            .replace("$SAM", &pki.token("sam"))
+            .replace("$RITA", &pki.token("rita"))
             .replace("localhost:50051", &stack.plans.addr.to_string())
             .replace("localhost:50052", &stack.billing.addr.to_string())
             .replace("localhost:50053", &stack.messaging.addr.to_string());

@@ -49,7 +49,7 @@ async fn reconcile(stack: &Stack) -> Result<billing::ReconcileLedgersResponse, t
     let mut total = billing::ReconcileLedgersResponse::default();
     loop {
         let page = stack
-            .billing()
+            .billing_operator()
             .reconcile_ledgers(billing::ReconcileLedgersRequest {
                 page_size: 1000,
                 page_token: token,
@@ -199,6 +199,6 @@ async fn old_verified_entries_move_to_the_archive_and_the_trail_is_kept() {
     assert_eq!(ledger(&stack, "arc").await.len(), 2);
     assert_eq!(available(&stack, "arc").await, 12);
     assert!(reconcile(&stack).await.unwrap().mismatches.is_empty());
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
     let _ = std::fs::remove_dir_all(dir);
 }

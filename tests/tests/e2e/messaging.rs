@@ -21,7 +21,7 @@ fn kind(response: &pb::SendMessageResponse) -> MessageKind {
 
 async fn inbox(stack: &Stack, member: &str) -> Vec<pb::Conversation> {
     stack
-        .messaging()
+        .messaging_as(member)
         .list_conversations(pb::ListConversationsRequest {
             member_id: member.into(),
             page_size: 500,
@@ -107,7 +107,7 @@ async fn the_seed_story() {
     let entries = ledger(&stack, "sam").await;
     assert_eq!(count_kind(&entries, Entry::Debit), 5);
     assert_eq!(count_kind(&entries, Entry::Refund), 2);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +141,7 @@ async fn refund_window_and_next_cycle_renewal_through_the_test_clock() {
     let entries = ledger(&stack, "uma").await;
     assert_eq!(count_kind(&entries, Entry::Refund), 1);
     assert_eq!(count_kind(&entries, Entry::Renewal), 4);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -154,7 +154,7 @@ async fn hundred_concurrent_inmails_on_five_credits_deliver_and_charge_exactly_f
     subscribe(&stack, "zed", "premium-career").await;
     let mut calls = Vec::new();
     for i in 0..100 {
-        let mut client = stack.messaging();
+        let mut client = stack.messaging_as("zed");
         calls.push(tokio::spawn(async move {
             client
                 .send_message(send_request(
@@ -185,7 +185,7 @@ async fn hundred_concurrent_inmails_on_five_credits_deliver_and_charge_exactly_f
     let entries = ledger(&stack, "zed").await;
     assert_eq!(count_kind(&entries, Entry::Debit), 5);
     assert_eq!(count_kind(&entries, Entry::Release), 0);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 /// A store failure right after the debit: the credit comes back at once and
@@ -210,7 +210,7 @@ async fn store_failure_after_the_debit_returns_the_credit() {
     subscribe(&stack, "ray", "premium-career").await;
     let request = send_request("ray", "sid", "Hi", "Hello Sid");
     let failed = stack
-        .messaging()
+        .messaging_as("ray")
         .send_message(request.clone())
         .await
         .unwrap_err();
@@ -234,12 +234,16 @@ async fn store_failure_after_the_debit_returns_the_credit() {
         (1, 1)
     );
     // The same request again answers its first outcome: not sent.
-    let again = stack.messaging().send_message(request).await.unwrap_err();
+    let again = stack
+        .messaging_as("ray")
+        .send_message(request)
+        .await
+        .unwrap_err();
     assert_eq!(reason(&again), "SEND_ABANDONED");
     // A new request sends and charges normally.
     let sent = send(&stack, "ray", "sid").await.unwrap();
     assert_eq!(sent.sender_balance_after, Some(4));
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 /// billing goes away right after the debit: the send fails, the held credit
@@ -270,7 +274,7 @@ async fn billing_down_between_debit_and_confirm_returns_the_credit_within_the_bo
     .await;
     subscribe(&stack, "tom", "premium-career").await;
     let request = send_request("tom", "una", "Hi", "Hello Una");
-    let mut client = stack.messaging();
+    let mut client = stack.messaging_as("tom");
     let sending = tokio::spawn({
         let mut call = tonic::Request::new(request.clone());
         // A short deadline: messaging gives up on billing within it.
@@ -296,7 +300,10 @@ async fn billing_down_between_debit_and_confirm_returns_the_credit_within_the_bo
     // messaging's bound: SEND_RECOVERY_AFTER (60s) + one sweep.
     stack.advance(Duration::from_secs(30)).await;
     let given_up = eventually(Duration::from_secs(5), || async {
-        let again = stack.messaging().send_message(request.clone()).await;
+        let again = stack
+            .messaging_as("tom")
+            .send_message(request.clone())
+            .await;
         matches!(again, Err(ref s) if reason(s) == "SEND_ABANDONED")
     })
     .await;
@@ -315,7 +322,7 @@ async fn billing_down_between_debit_and_confirm_returns_the_credit_within_the_bo
         0,
         "no work left behind"
     );
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,13 +331,13 @@ async fn retrying_a_send_returns_the_same_message_and_never_charges_twice() {
     subscribe(&stack, "abe", "premium-career").await;
     let request = send_request("abe", "bea", "Hi", "Hello");
     let first = stack
-        .messaging()
+        .messaging_as("abe")
         .send_message(request.clone())
         .await
         .unwrap()
         .into_inner();
     let second = stack
-        .messaging()
+        .messaging_as("abe")
         .send_message(request.clone())
         .await
         .unwrap()
@@ -338,7 +345,7 @@ async fn retrying_a_send_returns_the_same_message_and_never_charges_twice() {
     assert_eq!(first, second);
     assert_eq!(available(&stack, "abe").await, 4);
     let reused = stack
-        .messaging()
+        .messaging_as("abe")
         .send_message(pb::SendMessageRequest {
             body: "other".into(),
             ..request
@@ -458,7 +465,7 @@ async fn blocks_stop_messages_both_ways_and_remove_the_connection() {
     connect(&stack, "ivy", "jay").await;
     send(&stack, "jay", "ivy").await.unwrap();
     stack
-        .messaging()
+        .messaging_as("ivy")
         .block_member(pb::BlockMemberRequest {
             request_id: rid(),
             member_id: "ivy".into(),
@@ -471,7 +478,7 @@ async fn blocks_stop_messages_both_ways_and_remove_the_connection() {
         assert_eq!(reason(&blocked), "BLOCKED");
     }
     let connections = stack
-        .messaging()
+        .messaging_as("ivy")
         .list_connections(pb::ListConnectionsRequest {
             member_id: "ivy".into(),
             page_size: 0,
@@ -482,7 +489,7 @@ async fn blocks_stop_messages_both_ways_and_remove_the_connection() {
         .into_inner();
     assert!(connections.connections.is_empty());
     let blocked = stack
-        .messaging()
+        .messaging_as("ivy")
         .list_blocked_members(pb::ListBlockedMembersRequest {
             member_id: "ivy".into(),
             page_size: 0,
@@ -493,7 +500,7 @@ async fn blocks_stop_messages_both_ways_and_remove_the_connection() {
         .into_inner();
     assert_eq!(blocked.blocked_members[0].member_id, "jay");
     let refused = stack
-        .messaging()
+        .messaging_as("jay")
         .add_connection(pb::AddConnectionRequest {
             request_id: rid(),
             member_id: "jay".into(),
@@ -503,7 +510,7 @@ async fn blocks_stop_messages_both_ways_and_remove_the_connection() {
         .unwrap_err();
     assert_eq!(reason(&refused), "BLOCKED");
     stack
-        .messaging()
+        .messaging_as("ivy")
         .unblock_member(pb::UnblockMemberRequest {
             request_id: rid(),
             member_id: "ivy".into(),
@@ -522,7 +529,7 @@ async fn turning_inmail_off_refuses_inmail_but_not_open_profile_or_connections()
     subscribe(&stack, "kim", "premium-career").await;
     subscribe(&stack, "lou", "premium-career").await;
     stack
-        .messaging()
+        .messaging_as("lou")
         .set_inmail_preference(pb::SetInmailPreferenceRequest {
             request_id: rid(),
             member_id: "lou".into(),
@@ -559,7 +566,7 @@ async fn inbox_is_newest_activity_first_paginated_and_private() {
     let mut token = String::new();
     loop {
         let page = stack
-            .messaging()
+            .messaging_as("nia")
             .list_conversations(pb::ListConversationsRequest {
                 member_id: "nia".into(),
                 page_size: 2,
@@ -578,7 +585,7 @@ async fn inbox_is_newest_activity_first_paginated_and_private() {
     assert_eq!(order, ["n2~nia", "n5~nia", "n4~nia", "n3~nia", "n1~nia"]);
 
     let messages = stack
-        .messaging()
+        .messaging_as("nia")
         .list_messages(pb::ListMessagesRequest {
             member_id: "nia".into(),
             conversation_id: "n2~nia".into(),
@@ -590,7 +597,7 @@ async fn inbox_is_newest_activity_first_paginated_and_private() {
         .into_inner();
     assert_eq!(messages.messages[0].sender_id, "n2", "newest first");
     let older = stack
-        .messaging()
+        .messaging_as("nia")
         .list_messages(pb::ListMessagesRequest {
             member_id: "nia".into(),
             conversation_id: "n2~nia".into(),
@@ -606,7 +613,7 @@ async fn inbox_is_newest_activity_first_paginated_and_private() {
     let outsider = conversation(&stack, "n3", "n2~nia").await.unwrap_err();
     assert_eq!(outsider.code(), Code::NotFound);
     let outsider = stack
-        .messaging()
+        .messaging_as("n3")
         .list_messages(pb::ListMessagesRequest {
             member_id: "n3".into(),
             conversation_id: "n2~nia".into(),
@@ -624,7 +631,7 @@ async fn bad_input_names_the_field_stores_nothing_and_charges_nothing() {
     subscribe(&stack, "oz", "premium-career").await;
     send(&stack, "oz", "pat").await.unwrap();
     let before = stack.redis.digest().await;
-    let mut m = stack.messaging();
+    let mut m = stack.messaging_as("oz");
     let ok = send_request("oz", "quinn", "Subject", "Body");
     let mut cases: Vec<(&str, tonic::Status)> = Vec::new();
     for (field, request) in [
@@ -911,7 +918,7 @@ async fn a_refund_owed_while_billing_is_down_comes_back_later() {
     accept.set_timeout(Duration::from_secs(1));
     let mut reply = tonic::Request::new(send_request("yul", "xan", "", "Thanks, happy to talk"));
     reply.set_timeout(Duration::from_secs(1));
-    let (mut a, mut b) = (stack.messaging(), stack.messaging());
+    let (mut a, mut b) = (stack.messaging_as("yul"), stack.messaging_as("yul"));
     let (accepted, replied) = tokio::join!(a.respond_to_inmail(accept), b.send_message(reply));
     let statuses = [
         accepted.ok().map(|r| r.into_inner().refund_status),
@@ -932,5 +939,5 @@ async fn a_refund_owed_while_billing_is_down_comes_back_later() {
     .await;
     assert!(refunded, "the owed refund never came back");
     assert_eq!(available(&stack, "xan").await, 5);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }

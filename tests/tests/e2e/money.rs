@@ -9,13 +9,13 @@ use inmail_shared::proto::billing::v1::LedgerEntryKind as Entry;
 use inmail_shared::proto::messaging::v1::{InmailResponse, RefundStatus};
 use inmail_shared::proto::plans::v1 as plans;
 use inmail_tests::processes::ProcessStack;
-use inmail_tests::{BillingClient, PlansClient, Stack, StackOptions, channel, rid};
+use inmail_tests::{As, BillingClient, Stack, StackOptions, billing_at, plans_at, rid};
 
 use crate::common::*;
 
 async fn change_plan(stack: &Stack, member: &str, plan: &str) {
     stack
-        .plans()
+        .plans_as(member)
         .change_plan(plans::ChangePlanRequest {
             request_id: rid(),
             member_id: member.into(),
@@ -57,7 +57,7 @@ async fn a_refund_owed_at_day_89_is_made_when_billing_returns_at_day_91() {
     );
     accept.set_timeout(Duration::from_secs(2));
     // Answered PENDING (or cut short by the deadline): the refund is owed.
-    let _ = stack.messaging().respond_to_inmail(accept).await;
+    let _ = stack.messaging_as("tia").respond_to_inmail(accept).await;
     let c = conversation(&stack, "tia", "sal~tia").await.unwrap();
     assert_eq!(
         c.inmail.unwrap().refund_status,
@@ -78,7 +78,7 @@ async fn a_refund_owed_at_day_89_is_made_when_billing_returns_at_day_91() {
     );
     let entries = ledger(&stack, "sal").await;
     assert_eq!(count_kind(&entries, Entry::Refund), 1);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 /// Alternating ChangePlan IMMEDIATELY between two paid plans: within one
@@ -103,7 +103,7 @@ async fn switching_plans_back_and_forth_never_mints_credits() {
     let entries = ledger(&stack, "zed").await;
     assert_eq!(granted(&entries), 50, "credits minted by switching plans");
     assert!(available(&stack, "zed").await <= 50);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 /// An upgrade inside a billing period tops up to the new plan's monthly
@@ -138,7 +138,7 @@ async fn an_upgrade_tops_up_the_difference_and_a_downgrade_grants_nothing() {
     // The recruiter-lite period's next cycle renews in full.
     stack.advance(31 * DAY).await;
     assert_eq!(available(&stack, "uma").await, 30);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -164,8 +164,8 @@ async fn a_hold_made_while_subscription_plan_stalls_is_still_released() {
         _ => Vec::new(),
     })
     .await;
-    let mut plans = PlansClient::new(channel(stack.plans.addr));
-    let mut billing = BillingClient::new(channel(stack.billing.addr));
+    let mut plans = plans_at(stack.plans.addr, &As::member("vic"));
+    let billing = billing_at(stack.billing.addr, &As::Service("messaging"));
     plans
         .subscribe(plans::SubscribeRequest {
             request_id: rid(),
@@ -226,7 +226,7 @@ async fn a_hold_made_while_subscription_plan_stalls_is_still_released() {
         "the hold escaped the sweeper (debit answered {answered:?})"
     );
     assert_eq!(balance(billing.clone()).await, 5, "the credit came back");
-    assert_ledgers_reconcile(&mut billing).await;
+    assert_ledgers_reconcile(&mut billing_at(stack.billing.addr, &As::Operator)).await;
 }
 
 /// Timing settings that contradict each other are refused at start, naming
@@ -301,7 +301,7 @@ async fn a_send_slower_than_hold_ttl_is_delivered_and_charged_once() {
         ),
         (1, 0)
     );
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 /// With a replica configured (REDIS_MIN_REPLICAS=1), a money write is
@@ -342,14 +342,14 @@ async fn money_writes_wait_for_a_replica_when_one_is_configured() {
         amount: 1,
     };
     stack
-        .billing()
+        .billing_as_messaging()
         .debit_for_message(debit("y1"))
         .await
         .unwrap();
 
     signal(replica.pid(), "-STOP");
     let stalled = stack
-        .billing()
+        .billing_as_messaging()
         .debit_for_message(debit("y2"))
         .await
         .unwrap_err();
@@ -357,7 +357,7 @@ async fn money_writes_wait_for_a_replica_when_one_is_configured() {
     assert_eq!(reason(&stalled), "NOT_REPLICATED");
     signal(replica.pid(), "-CONT");
     let retried = stack
-        .billing()
+        .billing_as_messaging()
         .debit_for_message(debit("y2"))
         .await
         .expect("the retry gets the first outcome")

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use inmail_shared::proto::plans::v1 as pb;
-use inmail_tests::{Stack, rid};
+use inmail_tests::{As, Stack, rid};
 use tonic::Code;
 
 use crate::common::*;
@@ -11,7 +11,7 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalog_lists_the_design_defaults_and_pages() {
     let stack = Stack::start().await;
-    let mut plans = stack.plans();
+    let mut plans = stack.plans_as("reader");
     let all = plans
         .list_plans(pb::ListPlansRequest::default())
         .await
@@ -113,7 +113,7 @@ async fn scheduled_change_takes_effect_at_cycle_end() {
     stack.set_time(utc(2027, 5, 10, 8)).await;
     subscribe(&stack, "dave", "premium-career").await;
     let s = stack
-        .plans()
+        .plans_as("dave")
         .change_plan(pb::ChangePlanRequest {
             request_id: rid(),
             member_id: "dave".into(),
@@ -141,7 +141,7 @@ async fn scheduled_change_takes_effect_at_cycle_end() {
     assert_near(ts(&s.period_started_at), utc(2027, 6, 10, 8));
 
     let entitlement = stack
-        .plans()
+        .plans_with(&As::Operator)
         .get_entitlement(pb::GetEntitlementRequest {
             member_id: "dave".into(),
             after_version: 1,
@@ -177,7 +177,7 @@ async fn cancel_keeps_the_plan_until_cycle_end_then_free_and_open_profile_off() 
             .open_profile
     );
     let s = stack
-        .plans()
+        .plans_as("erin")
         .cancel_subscription(pb::CancelSubscriptionRequest {
             request_id: rid(),
             member_id: "erin".into(),
@@ -209,7 +209,7 @@ async fn cancel_keeps_the_plan_until_cycle_end_then_free_and_open_profile_off() 
 async fn cancel_now_and_clear_a_scheduled_change() {
     let stack = Stack::start().await;
     subscribe(&stack, "finn", "premium-career").await;
-    let mut plans = stack.plans();
+    let mut plans = stack.plans_as("finn");
     plans
         .change_plan(pb::ChangePlanRequest {
             request_id: rid(),
@@ -265,7 +265,7 @@ async fn cancel_now_and_clear_a_scheduled_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_retry_returns_the_first_answer_and_reuse_is_refused() {
     let stack = Stack::start().await;
-    let mut plans = stack.plans();
+    let mut plans = stack.plans_as("gail");
     let request = pb::SubscribeRequest {
         request_id: "sub-1".into(),
         member_id: "gail".into(),
@@ -308,7 +308,7 @@ async fn request_id_retry_returns_the_first_answer_and_reuse_is_refused() {
 async fn bad_input_names_the_field_and_changes_nothing() {
     let stack = Stack::start().await;
     subscribe(&stack, "hank", "premium-career").await;
-    let mut plans = stack.plans();
+    let mut plans = stack.plans_as("hank");
     let before = stack.redis.digest().await;
 
     let cases: Vec<(&str, tonic::Status)> = vec![
@@ -390,7 +390,8 @@ async fn bad_input_names_the_field_and_changes_nothing() {
         ),
         (
             "member_id",
-            plans
+            stack
+                .plans_with(&As::Operator)
                 .get_entitlement(pb::GetEntitlementRequest {
                     member_id: "{hank}".into(),
                     after_version: 0,
@@ -456,7 +457,7 @@ async fn concurrent_changes_of_one_member_apply_one_at_a_time() {
     let stack = Stack::start().await;
     let mut calls = Vec::new();
     for i in 0..60 {
-        let mut plans = stack.plans();
+        let mut plans = stack.plans_as("race");
         calls.push(tokio::spawn(async move {
             match i % 4 {
                 0 => plans
@@ -529,7 +530,7 @@ async fn concurrent_changes_of_one_member_apply_one_at_a_time() {
     // Each success's plan fits the one before it: paid plans follow a
     // subscribe or change, free follows a cancel.
     let entitlement = stack
-        .plans()
+        .plans_with(&As::Operator)
         .get_entitlement(pb::GetEntitlementRequest {
             member_id: "race".into(),
             after_version: 0,

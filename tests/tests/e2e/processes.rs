@@ -10,9 +10,7 @@ use inmail_shared::proto::messaging::v1 as pb;
 use inmail_shared::proto::plans::v1 as plans;
 use inmail_tests::processes::{ProcessStack, ServiceProcess, binary};
 use inmail_tests::redis_server::free_port;
-use inmail_tests::{
-    BillingClient, ClockClient, MessagingClient, PlansClient, RedisServer, channel, rid,
-};
+use inmail_tests::{As, RedisServer, billing_at, channel, clock_at, messaging_at, plans_at, rid};
 use tonic::Code;
 
 use crate::common::*;
@@ -133,10 +131,11 @@ async fn sigterm_reports_not_serving_drains_and_exits() {
         redis
             .service_env()
             .into_iter()
+            .chain(inmail_tests::pki().service_env("billing-credits"))
             .chain([
                 (
                     "SUBSCRIPTION_PLAN_URL".into(),
-                    format!("http://127.0.0.1:{}", free_port()),
+                    format!("https://127.0.0.1:{}", free_port()),
                 ),
                 ("SHUTDOWN_GRACE".into(), "5s".into()),
             ])
@@ -156,7 +155,7 @@ async fn sigterm_reports_not_serving_drains_and_exits() {
         inmail_tests::SERVING
     );
 
-    let mut client = BillingClient::new(channel(billing_process.addr));
+    let mut client = billing_at(billing_process.addr, &As::member("zoe"));
     let in_flight = tokio::spawn(async move {
         let mut call = tonic::Request::new(billing::GetBalanceRequest {
             member_id: "zoe".into(),
@@ -194,30 +193,31 @@ async fn sigterm_reports_not_serving_drains_and_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_subcommand_exits_zero_only_when_serving() {
     let redis = RedisServer::start().await;
-    let plans_process = ServiceProcess::start("subscription-plan", redis.service_env()).await;
+    let tls = inmail_tests::pki().service_env("subscription-plan");
+    let plans_process = ServiceProcess::start(
+        "subscription-plan",
+        redis.service_env().into_iter().chain(tls.clone()).collect(),
+    )
+    .await;
     let addr = plans_process.addr.to_string();
-    let (code, _) = run(
-        "subscription-plan",
-        &[("LISTEN_ADDR", &addr)],
-        &["healthcheck"],
-    );
-    assert_eq!(code, Some(0));
-    let dead = format!("127.0.0.1:{}", free_port());
-    let (code, _) = run(
-        "subscription-plan",
-        &[("LISTEN_ADDR", &dead)],
-        &["healthcheck"],
-    );
+    let with_tls = |listen: &str| -> Vec<(String, String)> {
+        let mut env = tls.clone();
+        env.push(("LISTEN_ADDR".into(), listen.into()));
+        env
+    };
+    fn env_of(env: &[(String, String)]) -> Vec<(&str, &str)> {
+        env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+    let serving = with_tls(&addr);
+    let (code, stderr) = run("subscription-plan", &env_of(&serving), &["healthcheck"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let dead = with_tls(&format!("127.0.0.1:{}", free_port()));
+    let (code, _) = run("subscription-plan", &env_of(&dead), &["healthcheck"]);
     assert_eq!(code, Some(1));
     drop(redis);
     assert!(
         eventually(Duration::from_secs(5), || async {
-            run(
-                "subscription-plan",
-                &[("LISTEN_ADDR", &addr)],
-                &["healthcheck"],
-            )
-            .0 == Some(1)
+            run("subscription-plan", &env_of(&serving), &["healthcheck"]).0 == Some(1)
         })
         .await,
         "healthcheck kept passing without Redis"
@@ -236,9 +236,8 @@ async fn sigkill_during_sends_leaves_no_orphan_charge_and_no_free_inmail() {
     })
     .await;
     let senders: Vec<String> = (0..8).map(|i| format!("sender{i}")).collect();
-    let mut plans_client = PlansClient::new(channel(stack.plans.addr));
     for sender in &senders {
-        plans_client
+        plans_at(stack.plans.addr, &As::member(sender))
             .subscribe(plans::SubscribeRequest {
                 request_id: rid(),
                 member_id: sender.clone(),
@@ -259,7 +258,7 @@ async fn sigkill_during_sends_leaves_no_orphan_charge_and_no_free_inmail() {
         .cloned()
         .map(|request| {
             tokio::spawn(async move {
-                let mut client = MessagingClient::new(channel(messaging_addr));
+                let mut client = messaging_at(messaging_addr, &As::member(&request.sender_id));
                 let mut call = tonic::Request::new(request);
                 call.set_timeout(Duration::from_secs(3));
                 client.send_message(call).await
@@ -278,8 +277,8 @@ async fn sigkill_during_sends_leaves_no_orphan_charge_and_no_free_inmail() {
 
     // Clients retry what did not get a definitive answer.
     let mut outcomes: HashMap<String, Result<(), String>> = HashMap::new();
-    let mut client = MessagingClient::new(channel(stack.messaging.addr));
     for request in &requests {
+        let mut client = messaging_at(stack.messaging.addr, &As::member(&request.sender_id));
         let mut outcome = Err("never answered".to_string());
         for _ in 0..20 {
             match client.send_message(request.clone()).await {
@@ -316,7 +315,7 @@ async fn sigkill_during_sends_leaves_no_orphan_charge_and_no_free_inmail() {
     }
 
     // Past every bound: holds (30s) and unfinished sends (60s) are settled.
-    let mut clock = ClockClient::new(channel(stack.messaging.addr));
+    let mut clock = clock_at(stack.messaging.addr);
     inmail_tests::advance(&mut clock, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -325,21 +324,22 @@ async fn sigkill_during_sends_leaves_no_orphan_charge_and_no_free_inmail() {
         "unfinished work left behind"
     );
 
-    let mut billing_client = BillingClient::new(channel(stack.billing.addr));
+    let mut billing_client = billing_at(stack.billing.addr, &As::Operator);
     for sender in &senders {
-        let delivered: Vec<pb::Conversation> = client
-            .list_conversations(pb::ListConversationsRequest {
-                member_id: sender.clone(),
-                page_size: 500,
-                page_token: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .conversations
-            .into_iter()
-            .filter(|c| c.inmail.as_ref().is_some_and(|i| &i.sender_id == sender))
-            .collect();
+        let delivered: Vec<pb::Conversation> =
+            messaging_at(stack.messaging.addr, &As::member(sender))
+                .list_conversations(pb::ListConversationsRequest {
+                    member_id: sender.clone(),
+                    page_size: 500,
+                    page_token: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .conversations
+                .into_iter()
+                .filter(|c| c.inmail.as_ref().is_some_and(|i| &i.sender_id == sender))
+                .collect();
         let succeeded = requests
             .iter()
             .filter(|r| &r.sender_id == sender && outcomes[&r.request_id].is_ok())

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use inmail_shared::proto::messaging::v1 as pb;
 use inmail_shared::proto::messaging::v1::InmailResponse;
 use inmail_tests::{Stack, StackOptions, rid};
+use rustls::pki_types::pem::PemObject;
 use tonic::Code;
 
 use crate::common::*;
@@ -26,7 +27,7 @@ async fn with_redis_down_sends_and_responses_fail_fast() {
     stack.redis.kill();
     let started = Instant::now();
     let send = stack
-        .messaging()
+        .messaging_as("kai")
         .send_message(with_deadline(
             send_request("kai", "max", "Hi", "Hello"),
             Duration::from_secs(8),
@@ -36,7 +37,7 @@ async fn with_redis_down_sends_and_responses_fail_fast() {
     let send_took = started.elapsed();
     let started = Instant::now();
     let reply = stack
-        .messaging()
+        .messaging_as("lea")
         .respond_to_inmail(with_deadline(
             pb::RespondToInmailRequest {
                 request_id: rid(),
@@ -78,7 +79,7 @@ async fn a_dead_billing_costs_milliseconds_and_free_messages_are_not_shed() {
     stack.stop_billing().await;
     let mut inmails = Vec::new();
     for i in 0..20 {
-        let mut client = stack.messaging();
+        let mut client = stack.messaging_as(&format!("nia{i}"));
         inmails.push(tokio::spawn(async move {
             let started = Instant::now();
             let answer = client
@@ -94,7 +95,7 @@ async fn a_dead_billing_costs_milliseconds_and_free_messages_are_not_shed() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let mut free = Vec::new();
     for i in 0..8 {
-        let mut client = stack.messaging();
+        let mut client = stack.messaging_as("oli");
         free.push(tokio::spawn(async move {
             client
                 .send_message(with_deadline(
@@ -137,7 +138,7 @@ async fn page_tokens_are_bound_to_their_list_and_member_and_cannot_be_forged() {
         grant(&stack, member, 1).await;
     }
     let ledger_page = |member: &str, token: &str| {
-        let mut client = stack.billing();
+        let mut client = stack.billing_as(member);
         let request = billing::ListLedgerEntriesRequest {
             member_id: member.into(),
             page_size: 1,
@@ -172,14 +173,14 @@ async fn page_tokens_are_bound_to_their_list_and_member_and_cannot_be_forged() {
     for other in ["tom", "uli"] {
         for i in 0..3 {
             stack
-                .messaging()
+                .messaging_as("rae")
                 .send_message(send_request("rae", other, "", &format!("m{i}")))
                 .await
                 .unwrap();
         }
     }
     let messages = |conv: &str, token: &str| {
-        let mut client = stack.messaging();
+        let mut client = stack.messaging_as("rae");
         let request = pb::ListMessagesRequest {
             member_id: "rae".into(),
             conversation_id: conv.into(),
@@ -210,13 +211,13 @@ async fn free_messages_are_rate_limited_per_sender() {
     connect(&stack, "vi", "wu").await;
     for i in 0..5 {
         stack
-            .messaging()
+            .messaging_as("vi")
             .send_message(send_request("vi", "wu", "", &format!("hello {i}")))
             .await
             .unwrap();
     }
     let limited = stack
-        .messaging()
+        .messaging_as("vi")
         .send_message(send_request("vi", "wu", "", "one too many"))
         .await
         .unwrap_err();
@@ -249,7 +250,7 @@ async fn large_pages_stay_within_a_size_budget_and_do_not_starve_the_service() {
     let body: String = "\u{1F600}".repeat(8000);
     let mut sends = Vec::new();
     for i in 0..150 {
-        let mut client = stack.messaging();
+        let mut client = stack.messaging_as("xu");
         let body = body.clone();
         sends.push(tokio::spawn(async move {
             client
@@ -262,7 +263,7 @@ async fn large_pages_stay_within_a_size_budget_and_do_not_starve_the_service() {
         send.await.unwrap();
     }
     let page = |token: String| {
-        let mut client = stack.messaging();
+        let mut client = stack.messaging_as("yo");
         async move {
             client
                 .list_messages(pb::ListMessagesRequest {
@@ -328,10 +329,30 @@ async fn streams_that_never_send_a_body_do_not_lock_callers_out() {
         ..Default::default()
     })
     .await;
+    // A raw HTTP/2 client over TLS, as a member, that never sends a body.
     let tcp = tokio::net::TcpStream::connect(stack.messaging.addr)
         .await
         .unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in rustls::pki_types::CertificateDer::pem_slice_iter(
+        inmail_tests::pki().pki.ca.cert_pem.as_bytes(),
+    ) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let token = format!("Bearer {}", inmail_tests::pki().token("zoe"));
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -344,6 +365,7 @@ async fn streams_that_never_send_a_body_do_not_lock_callers_out() {
         ))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
+        .header("authorization", &token)
         .body(())
         .unwrap();
         // Headers only: the body never comes.
@@ -354,7 +376,7 @@ async fn streams_that_never_send_a_body_do_not_lock_callers_out() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
     let answer = stack
-        .messaging()
+        .messaging_as("zoe")
         .get_inmail_preference(with_deadline(
             pb::GetInmailPreferenceRequest {
                 member_id: "zoe".into(),

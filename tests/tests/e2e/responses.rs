@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use inmail_shared::proto::billing::v1::LedgerEntryKind as Entry;
 use inmail_shared::proto::messaging::v1 as pb;
 use inmail_shared::proto::messaging::v1::{InmailResponse, RefundStatus};
-use inmail_tests::{MessagingClient, Stack, channel, rid};
+use inmail_tests::{As, MessagingClient, Stack, messaging_at, rid};
 
 use crate::common::*;
 
@@ -29,7 +29,7 @@ fn respond_request(
 
 async fn messages(stack: &Stack, member: &str, conv: &str) -> Vec<pb::Message> {
     stack
-        .messaging()
+        .messaging_as(member)
         .list_messages(pb::ListMessagesRequest {
             member_id: member.into(),
             conversation_id: conv.into(),
@@ -89,7 +89,7 @@ async fn thirty_concurrent_replies_store_one_response_and_agree() {
     let requests = (0..30)
         .map(|i| respond_request("bo", "ada~bo", InmailResponse::Reply, &format!("reply {i}")))
         .collect();
-    let answers = race(vec![stack.messaging()], requests).await;
+    let answers = race(vec![stack.messaging_as("bo")], requests).await;
     let kinds: HashSet<String> = answers.iter().map(gist).collect();
     assert_eq!(kinds.len(), 1, "the answers disagree: {kinds:?}");
     let first = answers[0].as_ref().expect("the response is answered");
@@ -102,7 +102,7 @@ async fn thirty_concurrent_replies_store_one_response_and_agree() {
     );
     assert_eq!(available(&stack, "ada").await, 5, "refunded once");
     assert_eq!(count_kind(&ledger(&stack, "ada").await, Entry::Refund), 1);
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 /// ACCEPT and REPLY racing on one InMail: one response wins; the same kind
@@ -121,7 +121,7 @@ async fn accept_and_reply_racing_leave_one_response() {
             }
         })
         .collect();
-    let answers = race(vec![stack.messaging()], requests).await;
+    let answers = race(vec![stack.messaging_as("di")], requests).await;
     let accepted: HashSet<String> = answers.iter().step_by(2).map(gist).collect();
     let replied: HashSet<String> = answers.iter().skip(1).step_by(2).map(gist).collect();
     assert_eq!(accepted.len(), 1, "accept answers disagree: {accepted:?}");
@@ -139,7 +139,7 @@ async fn accept_and_reply_racing_leave_one_response() {
     let stored = messages(&stack, "cy", "cy~di").await;
     assert_eq!(stored.len(), if reply_won { 2 } else { 1 });
     assert_eq!(available(&stack, "cy").await, 5, "refunded once");
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
 /// Accepting again with a new request id answers the recorded response;
@@ -152,7 +152,7 @@ async fn thirty_concurrent_accepts_with_new_request_ids_agree() {
     let requests = (0..30)
         .map(|_| respond_request("flo", "ed~flo", InmailResponse::Accept, ""))
         .collect();
-    let answers = race(vec![stack.messaging()], requests).await;
+    let answers = race(vec![stack.messaging_as("flo")], requests).await;
     let kinds: HashSet<String> = answers.iter().map(gist).collect();
     assert_eq!(kinds.len(), 1, "the answers disagree: {kinds:?}");
     assert_eq!(
@@ -169,10 +169,12 @@ async fn thirty_concurrent_accepts_with_new_request_ids_agree() {
 async fn duplicates_of_one_request_over_two_replicas_get_the_first_outcome() {
     let stack = Stack::start().await;
     let replica = stack.messaging_replica().await;
-    let clients = vec![
-        stack.messaging(),
-        MessagingClient::new(channel(replica.addr)),
-    ];
+    let both = |member: &str| {
+        vec![
+            stack.messaging_as(member),
+            messaging_at(replica.addr, &As::member(member)),
+        ]
+    };
     for (n, response) in [
         (0, InmailResponse::Accept),
         (1, InmailResponse::Decline),
@@ -188,7 +190,7 @@ async fn duplicates_of_one_request_over_two_replicas_get_the_first_outcome() {
             ""
         };
         let request = respond_request(&recipient, &conv, response, body);
-        let answers = race(clients.clone(), vec![request; 30]).await;
+        let answers = race(both(&recipient), vec![request; 30]).await;
         let kinds: HashSet<String> = answers.iter().map(gist).collect();
         assert_eq!(
             kinds.len(),
@@ -205,6 +207,7 @@ async fn duplicates_of_one_request_over_two_replicas_get_the_first_outcome() {
     // An InMail send, the same request 30 times over both replicas.
     subscribe(&stack, "ivy", "premium-career").await;
     let request = send_request("ivy", "jon", "Hello", "Same request, thirty times");
+    let clients = both("ivy");
     let mut calls = Vec::new();
     for i in 0..30 {
         let mut client = clients[i % 2].clone();
@@ -231,5 +234,5 @@ async fn duplicates_of_one_request_over_two_replicas_get_the_first_outcome() {
     }
     assert_eq!(answers.len(), 1, "the duplicates disagree: {answers:?}");
     assert_eq!(available(&stack, "ivy").await, 4, "charged once");
-    assert_ledgers_reconcile(&mut stack.billing()).await;
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }

@@ -1,0 +1,171 @@
+//! A development PKI: a local CA, certificates for the services and an
+//! operator, and the member-token signing key with its public JWK set. What
+//! `scripts/dev-up.sh` and the tests use; never a production CA.
+
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+use super::TRUST_DOMAIN;
+
+/// A certificate and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+/// A CA that issues certificates.
+pub struct Authority {
+    pub cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").finish()
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Authority {
+    pub fn new(name: &str) -> Result<Self, String> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().map_err(err)?;
+        let cert = params.self_signed(&key).map_err(err)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A certificate for `identity` (the path of its SPIFFE id, e.g.
+    /// "messaging" or "operator/ana"), valid as server and client, for the
+    /// host names and addresses in `hosts`.
+    pub fn issue(&self, identity: &str, hosts: &[&str]) -> Result<Pem, String> {
+        let mut params =
+            CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+                .map_err(err)?;
+        let uri = format!("spiffe://{TRUST_DOMAIN}/{identity}");
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.as_str().try_into().map_err(err)?));
+        params.distinguished_name.push(DnType::CommonName, identity);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().map_err(err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
+        Ok(Pem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    }
+}
+
+/// The member-token signing key and its public JWK set.
+#[derive(Debug, Clone)]
+pub struct SigningKey {
+    /// PKCS#8 PEM.
+    pub private_pem: String,
+    pub kid: String,
+    /// `{"keys":[...]}`, what the services verify with.
+    pub jwks: String,
+}
+
+impl SigningKey {
+    pub fn generate(kid: &str) -> Result<Self, String> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(err)?;
+        let x = URL_SAFE_NO_PAD.encode(key.public_key_raw());
+        let jwks = serde_json::json!({
+            "keys": [{ "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": kid, "x": x }]
+        })
+        .to_string();
+        Ok(Self {
+            private_pem: key.serialize_pem(),
+            kid: kid.to_string(),
+            jwks,
+        })
+    }
+}
+
+/// The services of the stack.
+pub const SERVICES: &[&str] = &["subscription-plan", "billing-credits", "messaging"];
+
+/// Everything a secured stack needs, in memory.
+#[derive(Debug)]
+pub struct DevPki {
+    pub ca: Authority,
+    /// One certificate per service, then the operator's ("operator/dev").
+    pub certs: Vec<(String, Pem)>,
+    pub signing: SigningKey,
+}
+
+impl DevPki {
+    /// `hosts`: the names and addresses the services are reached at.
+    pub fn generate(hosts: &[&str]) -> Result<Self, String> {
+        let ca = Authority::new("inmail development CA")?;
+        let mut certs = Vec::new();
+        for service in SERVICES {
+            let mut names: Vec<&str> = hosts.to_vec();
+            names.push(service);
+            certs.push((service.to_string(), ca.issue(service, &names)?));
+        }
+        certs.push(("operator".to_string(), ca.issue("operator/dev", hosts)?));
+        let signing = SigningKey::generate("dev-1")?;
+        Ok(Self { ca, certs, signing })
+    }
+
+    pub fn cert(&self, name: &str) -> &Pem {
+        &self
+            .certs
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no certificate {name}"))
+            .1
+    }
+
+    /// Writes `ca.crt`, `<name>.crt` / `<name>.key`, `jwt-signing.pem` and
+    /// `jwks.json` into `dir` (keys readable by the owner only).
+    pub fn write(&self, dir: &Path) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let write = |name: &str, text: &str, secret: bool| -> Result<(), String> {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            #[cfg(unix)]
+            if secret {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            Ok(())
+        };
+        write("ca.crt", &self.ca.cert_pem, false)?;
+        for (name, pem) in &self.certs {
+            write(&format!("{name}.crt"), &pem.cert, false)?;
+            write(&format!("{name}.key"), &pem.key, true)?;
+        }
+        write("jwt-signing.pem", &self.signing.private_pem, true)?;
+        write("jwks.json", &self.signing.jwks, false)?;
+        Ok(())
+    }
+}

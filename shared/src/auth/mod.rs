@@ -1,0 +1,307 @@
+//! Who is calling, and what they may do (DESIGN.md §8).
+//!
+//! Three kinds of caller: services prove who they are with a client
+//! certificate (mutual TLS) whose SPIFFE-style URI SAN names them
+//! (`spiffe://inmail/messaging`); operators too (`spiffe://inmail/operator`,
+//! or `spiffe://inmail/operator/<name>`); members present a bearer token (a
+//! JWT signed by the identity provider, EdDSA), whose subject is the member.
+//! Every server checks each call against its access table ([`access`]): a
+//! method missing from the table is refused. A member may act for and read
+//! only itself ([`Caller::act_for`]).
+
+pub mod access;
+pub mod devpki;
+pub mod tls;
+pub mod token;
+
+use crate::error::ApiError;
+use crate::reasons;
+
+/// The trust domain of the SPIFFE ids.
+pub const TRUST_DOMAIN: &str = "inmail";
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A service (`spiffe://inmail/<name>`).
+    Service(String),
+    /// An operator (`spiffe://inmail/operator[/<name>]`).
+    Operator(String),
+    /// A member, by the verified token's subject.
+    Member(String),
+    /// No credentials: only what is open to anyone (health, reflection).
+    Anonymous,
+    /// The plaintext, no-authentication mode on loopback, for local
+    /// experiments only.
+    Local,
+}
+
+impl Caller {
+    /// The caller named by a verified certificate's SPIFFE id, if it is one
+    /// of ours.
+    pub fn from_spiffe(uri: &str) -> Option<Self> {
+        let path = uri.strip_prefix(&format!("spiffe://{TRUST_DOMAIN}/"))?;
+        let mut parts = path.split('/');
+        let first = parts.next().filter(|p| !p.is_empty())?;
+        if first == "operator" {
+            let name = parts.next().unwrap_or("operator");
+            return Some(Self::Operator(name.to_string()));
+        }
+        parts
+            .next()
+            .is_none()
+            .then(|| Self::Service(first.to_string()))
+    }
+
+    /// A member's call may name only that member (`field` holds the member
+    /// the call acts for or reads); services and operators the access table
+    /// let in act for any member.
+    pub fn act_for(&self, field: &str, member: &str) -> Result<(), ApiError> {
+        match self {
+            Self::Member(subject) if subject == member => Ok(()),
+            Self::Member(_) => Err(ApiError::permission_denied(
+                reasons::PERMISSION_DENIED,
+                format!("{field} must be the authenticated member"),
+            )),
+            Self::Service(_) | Self::Operator(_) | Self::Local => Ok(()),
+            Self::Anonymous => Err(ApiError::unauthenticated(
+                reasons::UNAUTHENTICATED,
+                "this call needs credentials",
+            )),
+        }
+    }
+
+    /// For logs and spans.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Service(name) => format!("service:{name}"),
+            Self::Operator(name) => format!("operator:{name}"),
+            Self::Member(member) => format!("member:{member}"),
+            Self::Anonymous => "anonymous".into(),
+            Self::Local => "local".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_name_services_and_operators() {
+        assert_eq!(
+            Caller::from_spiffe("spiffe://inmail/messaging"),
+            Some(Caller::Service("messaging".into()))
+        );
+        assert_eq!(
+            Caller::from_spiffe("spiffe://inmail/operator/ana"),
+            Some(Caller::Operator("ana".into()))
+        );
+        assert_eq!(
+            Caller::from_spiffe("spiffe://inmail/operator"),
+            Some(Caller::Operator("operator".into()))
+        );
+        assert_eq!(Caller::from_spiffe("spiffe://other/messaging"), None);
+        assert_eq!(Caller::from_spiffe("spiffe://inmail/a/b"), None);
+        assert_eq!(Caller::from_spiffe("spiffe://inmail/"), None);
+    }
+
+    #[test]
+    fn members_act_only_for_themselves() {
+        let sam = Caller::Member("sam".into());
+        assert!(sam.act_for("member_id", "sam").is_ok());
+        let denied = sam.act_for("member_id", "rita").unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(
+            Caller::Service("messaging".into())
+                .act_for("member_id", "rita")
+                .is_ok()
+        );
+        assert_eq!(
+            Caller::Anonymous
+                .act_for("member_id", "rita")
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+}
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tonic::transport::Channel;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use self::tls::{TlsFiles, TlsMaterial};
+use self::token::TokenVerifier;
+use crate::config::CommonArgs;
+
+/// How a service proves itself and checks its callers.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// TLS on the port, mutual TLS towards other services, member tokens.
+    Tls {
+        material: Arc<TlsMaterial>,
+        tokens: Arc<TokenVerifier>,
+    },
+    /// Plaintext and no authentication, on loopback only (asked for by
+    /// name: INSECURE_PLAINTEXT).
+    Plaintext,
+}
+
+fn is_loopback_url(url: &str) -> bool {
+    let host = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split(['/', '?'])
+        .next()
+        .unwrap_or("");
+    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl Security {
+    /// Reads and checks the security settings of a service serving on
+    /// `listen` and calling `downstreams` (setting name, URL).
+    pub fn from_args(
+        common: &CommonArgs,
+        listen: SocketAddr,
+        downstreams: &[(&str, &str)],
+    ) -> Result<Self, String> {
+        if common.test_clock && !listen.ip().is_loopback() && !common.test_clock_unsafe_allow_remote
+        {
+            return Err(format!(
+                "TEST_CLOCK is on and LISTEN_ADDR {listen} is beyond loopback: anyone who reaches \
+                 it could move every service's time. Listen on loopback, turn TEST_CLOCK off, or \
+                 set TEST_CLOCK_UNSAFE_ALLOW_REMOTE=true (never in production)"
+            ));
+        }
+        if common.insecure_plaintext {
+            if !listen.ip().is_loopback() {
+                return Err(format!(
+                    "INSECURE_PLAINTEXT serves without TLS or authentication, so only on \
+                     loopback; LISTEN_ADDR {listen} is not"
+                ));
+            }
+            for (var, url) in downstreams {
+                if !url.starts_with("http://") || !is_loopback_url(url) {
+                    return Err(format!(
+                        "INSECURE_PLAINTEXT calls other services in plaintext, so only on \
+                         loopback: {var} {url:?} must be an http:// loopback URL"
+                    ));
+                }
+            }
+            tracing::warn!(
+                "INSECURE PLAINTEXT: no TLS and no authentication; loopback only, for local experiments"
+            );
+            return Ok(Self::Plaintext);
+        }
+        for (var, url) in downstreams {
+            if !url.starts_with("https://") {
+                return Err(format!(
+                    "{var} {url:?} must be an https:// URL: calls between services use mutual TLS"
+                ));
+            }
+        }
+        let missing = |var: &str| {
+            format!(
+                "{var} is required: TLS and authentication are on (set INSECURE_PLAINTEXT=true \
+                 for plaintext on loopback only)"
+            )
+        };
+        let files = TlsFiles {
+            cert: common
+                .tls_cert_file
+                .clone()
+                .ok_or_else(|| missing("TLS_CERT_FILE"))?,
+            key: common
+                .tls_key_file
+                .clone()
+                .ok_or_else(|| missing("TLS_KEY_FILE"))?,
+            ca: common
+                .tls_ca_file
+                .clone()
+                .ok_or_else(|| missing("TLS_CA_FILE"))?,
+        };
+        let material = TlsMaterial::load(&files)?;
+        let keys = common
+            .jwt_public_keys_file
+            .clone()
+            .ok_or_else(|| missing("JWT_PUBLIC_KEYS_FILE"))?;
+        let tokens = TokenVerifier::load(
+            &keys,
+            "JWT_PUBLIC_KEYS_FILE",
+            &common.jwt_issuer,
+            &common.jwt_audience,
+        )?;
+        Ok(Self::Tls {
+            material: Arc::new(material),
+            tokens: Arc::new(tokens),
+        })
+    }
+
+    /// A lazily connected channel to another service (mutual TLS unless in
+    /// plaintext mode).
+    pub fn channel(&self, var: &str, url: &str) -> Result<Channel, String> {
+        let tls = match self {
+            Self::Tls { material, .. } => Some(material.client_config()),
+            Self::Plaintext => None,
+        };
+        crate::client::lazy_channel(url, tls).map_err(|e| format!("{var}: {e}"))
+    }
+
+    /// Who is calling: the verified client certificate's SPIFFE id, else
+    /// the bearer token's member, else nobody. A token that does not verify
+    /// is UNAUTHENTICATED.
+    pub fn authenticate(
+        &self,
+        headers: &tonic::codegen::http::HeaderMap,
+        extensions: &tonic::codegen::http::Extensions,
+    ) -> Result<Caller, ApiError> {
+        let tokens = match self {
+            Self::Plaintext => return Ok(Caller::Local),
+            Self::Tls { tokens, .. } => tokens,
+        };
+        let peer = extensions
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs);
+        if let Some(chain) = peer.as_ref().and_then(|c| c.first()) {
+            return Ok(tls::uri_sans(chain)
+                .iter()
+                .find_map(|uri| Caller::from_spiffe(uri))
+                // A certificate of our CA without one of our ids: known to
+                // nobody's table.
+                .unwrap_or_else(|| Caller::Service(String::new())));
+        }
+        let Some(value) = headers.get("authorization") else {
+            return Ok(Caller::Anonymous);
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .ok_or_else(|| {
+                ApiError::unauthenticated(
+                    reasons::UNAUTHENTICATED,
+                    "the authorization header must be 'Bearer <token>'",
+                )
+            })?;
+        tokens
+            .verify(token.trim())
+            .map(Caller::Member)
+            .map_err(|why| {
+                ApiError::unauthenticated(
+                    reasons::UNAUTHENTICATED,
+                    format!("the bearer token is not valid: {why}"),
+                )
+            })
+    }
+}

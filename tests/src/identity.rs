@@ -1,0 +1,183 @@
+//! Who the tests call as. One development PKI per test process (a CA, a
+//! certificate per service and an operator's, the member-token signing
+//! key), written to a temporary directory the services read; clients present
+//! a member's bearer token, a service's certificate, or the operator's.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use inmail_shared::auth::devpki::{Authority, DevPki, Pem};
+use inmail_shared::auth::token::TokenSigner;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+pub use inmail_shared::auth::devpki::SERVICES;
+
+/// The issuer and audience the services are started with.
+pub const ISSUER: &str = "inmail";
+pub const AUDIENCE: &str = "inmail";
+
+pub struct Pki {
+    pub pki: DevPki,
+    pub dir: PathBuf,
+    signer: TokenSigner,
+}
+
+/// The test process's PKI.
+pub fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        inmail_shared::auth::tls::install_crypto_provider();
+        let pki = DevPki::generate(&["localhost", "127.0.0.1"]).expect("a development PKI");
+        let dir =
+            std::env::temp_dir().join(format!("inmail-pki-{}", uuid::Uuid::new_v4().simple()));
+        pki.write(&dir).expect("write the PKI");
+        let signer = TokenSigner::new(
+            pki.signing.private_pem.as_bytes(),
+            &pki.signing.kid,
+            ISSUER,
+            AUDIENCE,
+        )
+        .expect("the signing key");
+        Pki { pki, dir, signer }
+    })
+}
+
+impl Pki {
+    pub fn file(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    /// The security flags of a service (`name`: its certificate).
+    pub fn service_args(&self, name: &str) -> Vec<String> {
+        vec![
+            "--tls-cert-file".into(),
+            self.file(&format!("{name}.crt")),
+            "--tls-key-file".into(),
+            self.file(&format!("{name}.key")),
+            "--tls-ca-file".into(),
+            self.file("ca.crt"),
+            "--jwt-public-keys-file".into(),
+            self.file("jwks.json"),
+        ]
+    }
+
+    /// The same as environment variables (for the binaries).
+    pub fn service_env(&self, name: &str) -> Vec<(String, String)> {
+        vec![
+            ("TLS_CERT_FILE".into(), self.file(&format!("{name}.crt"))),
+            ("TLS_KEY_FILE".into(), self.file(&format!("{name}.key"))),
+            ("TLS_CA_FILE".into(), self.file("ca.crt")),
+            ("JWT_PUBLIC_KEYS_FILE".into(), self.file("jwks.json")),
+        ]
+    }
+
+    /// A valid token of `member`.
+    pub fn token(&self, member: &str) -> String {
+        self.signer
+            .mint(member, Duration::from_secs(3600))
+            .expect("a token")
+    }
+
+    /// A token of `member` that expired an hour ago.
+    pub fn expired_token(&self, member: &str) -> String {
+        let now = inmail_shared::clock::system_ms() as u64 / 1000;
+        self.signer
+            .mint_at(member, now - 7200, Duration::from_secs(3600))
+            .expect("a token")
+    }
+
+    pub fn cert(&self, name: &str) -> &Pem {
+        self.pki.cert(name)
+    }
+}
+
+/// Who a client calls as.
+#[derive(Debug, Clone)]
+pub enum As {
+    /// A member, with a bearer token.
+    Member(String),
+    /// A service, with its certificate.
+    Service(&'static str),
+    /// The operator, with the operator's certificate.
+    Operator,
+    /// TLS, no credentials.
+    Anonymous,
+    /// A certificate of the caller's choosing (e.g. from another CA).
+    Certificate(Pem),
+    /// An exact `authorization` header value.
+    Header(String),
+}
+
+impl As {
+    pub fn member(member: &str) -> Self {
+        Self::Member(member.to_string())
+    }
+}
+
+/// Adds the caller's `authorization` header, if any.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel as every test client uses it.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+fn tls_for(who: &As) -> ClientTlsConfig {
+    let pki = pki();
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.pki.ca.cert_pem));
+    let identity = match who {
+        As::Service(name) => Some(pki.cert(name).clone()),
+        As::Operator => Some(pki.cert("operator").clone()),
+        As::Certificate(pem) => Some(pem.clone()),
+        As::Member(_) | As::Anonymous | As::Header(_) => None,
+    };
+    match identity {
+        Some(pem) => tls.identity(Identity::from_pem(pem.cert, pem.key)),
+        None => tls,
+    }
+}
+
+/// A lazily connected TLS channel to `addr` as `who`.
+pub fn channel_as(addr: SocketAddr, who: &As) -> Authed {
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls_for(who))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(20))
+        .connect_lazy();
+    let header = match who {
+        As::Member(member) => Some(format!("Bearer {}", pki().token(member))),
+        As::Header(value) => Some(value.clone()),
+        _ => None,
+    };
+    InterceptedService::new(
+        channel,
+        Bearer(header.map(|h| h.parse().expect("ascii header"))),
+    )
+}
+
+/// A certificate for `identity` from a CA the services do not trust.
+pub fn foreign_certificate(identity: &str) -> Pem {
+    Authority::new("some other CA")
+        .and_then(|ca| ca.issue(identity, &["localhost", "127.0.0.1"]))
+        .expect("a foreign certificate")
+}
