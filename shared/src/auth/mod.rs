@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod devpki;
+pub mod redis_acl;
 pub mod tls;
 pub mod token;
 

@@ -204,3 +204,98 @@ async fn the_test_clock_is_refused_when_off() {
     stop.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// Each service reaches Redis as its own ACL user, limited to its own key
+/// prefix: the stack works so, and billing's user cannot read messaging's
+/// keys (nor run what the rules leave out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
+    use inmail_shared::auth::redis_acl::{USERS, rules};
+    let redis = inmail_tests::RedisServer::start().await;
+    let dir = std::env::temp_dir().join(format!("inmail-acl-{}", rid()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut credentials = std::collections::HashMap::new();
+    for (service, prefix) in USERS {
+        let password = rid();
+        let mut setuser = redis::cmd("ACL");
+        setuser.arg("SETUSER").arg(*service).arg("on").arg(format!(">{password}"));
+        for rule in rules(prefix, true).split_whitespace() {
+            setuser.arg(rule);
+        }
+        redis.on_every_node(&setuser).await;
+        let file = dir.join(format!("{service}.password"));
+        std::fs::write(&file, &password).unwrap();
+        credentials.insert(*service, (file, password));
+    }
+    let args = |service: &str| {
+        vec![
+            "--redis-username".to_string(),
+            service.to_string(),
+            "--redis-password-file".into(),
+            credentials[service].0.to_string_lossy().into_owned(),
+        ]
+    };
+    let stack = Stack::start_on(
+        redis,
+        StackOptions {
+            plans_args: args("subscription-plan"),
+            billing_args: args("billing-credits"),
+            messaging_args: args("messaging"),
+            ..Default::default()
+        },
+    )
+    .await;
+    subscribe(&stack, "acl", "premium-career").await;
+    send(&stack, "acl", "bee").await.unwrap();
+    respond(&stack, "bee", "acl~bee", pb::InmailResponse::Accept, "")
+        .await
+        .unwrap();
+    assert_eq!(available(&stack, "acl").await, 5);
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
+
+    // As billing's user: its own keys, nothing of messaging's.
+    let (_, password) = &credentials["billing-credits"];
+    let settings = inmail_shared::storage::RedisSettings {
+        cluster: stack.redis.is_cluster(),
+        username: Some("billing-credits".into()),
+        password: Some(password.clone()),
+        ..inmail_shared::storage::RedisSettings::new(stack.redis.url())
+    };
+    let mut conn = inmail_shared::storage::Redis::open(&settings).unwrap().conn();
+    let own: Option<String> = redis::cmd("HGET")
+        .arg("billing:{acl}:account")
+        .arg("balance")
+        .query_async(&mut conn)
+        .await
+        .expect("billing reads its own keys");
+    assert_eq!(own.as_deref(), Some("5"));
+    let keyed = [
+        redis::cmd("HGETALL").arg("messaging:{acl~bee}:conv").clone(),
+        redis::cmd("GET").arg("plans:{acl}:subscription").clone(),
+        redis::cmd("EVAL")
+            .arg("return redis.call('HGETALL', KEYS[1])")
+            .arg(1)
+            .arg("messaging:{acl~bee}:conv")
+            .clone(),
+    ];
+    for command in keyed {
+        let refused: Result<redis::Value, _> = command.query_async(&mut conn).await;
+        let error = refused.expect_err("billing's user was let through");
+        assert!(error.to_string().to_uppercase().contains("NOPERM"), "{error}");
+    }
+    // Commands without keys, on one node.
+    let node = stack.redis.url().split(',').next().unwrap().to_string();
+    let node = node.replacen("redis://", &format!("redis://billing-credits:{password}@"), 1);
+    let client = redis::Client::open(node).unwrap();
+    let mut node = client.get_multiplexed_async_connection().await.unwrap();
+    for command in [
+        redis::cmd("KEYS").arg("*").clone(),
+        redis::cmd("FLUSHALL").clone(),
+        redis::cmd("CONFIG").arg("GET").arg("*").clone(),
+    ] {
+        let refused: Result<redis::Value, _> = command.query_async(&mut node).await;
+        let error = refused.expect_err("billing's user was let through");
+        assert!(error.to_string().to_uppercase().contains("NOPERM"), "{error}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
