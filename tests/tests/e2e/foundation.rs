@@ -218,7 +218,11 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
     for (service, prefix) in USERS {
         let password = rid();
         let mut setuser = redis::cmd("ACL");
-        setuser.arg("SETUSER").arg(*service).arg("on").arg(format!(">{password}"));
+        setuser
+            .arg("SETUSER")
+            .arg(*service)
+            .arg("on")
+            .arg(format!(">{password}"));
         for rule in rules(prefix, true).split_whitespace() {
             setuser.arg(rule);
         }
@@ -261,7 +265,9 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
         password: Some(password.clone()),
         ..inmail_shared::storage::RedisSettings::new(stack.redis.url())
     };
-    let mut conn = inmail_shared::storage::Redis::open(&settings).unwrap().conn();
+    let mut conn = inmail_shared::storage::Redis::open(&settings)
+        .unwrap()
+        .conn();
     let own: Option<String> = redis::cmd("HGET")
         .arg("billing:{acl}:account")
         .arg("balance")
@@ -270,7 +276,9 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
         .expect("billing reads its own keys");
     assert_eq!(own.as_deref(), Some("5"));
     let keyed = [
-        redis::cmd("HGETALL").arg("messaging:{acl~bee}:conv").clone(),
+        redis::cmd("HGETALL")
+            .arg("messaging:{acl~bee}:conv")
+            .clone(),
         redis::cmd("GET").arg("plans:{acl}:subscription").clone(),
         redis::cmd("EVAL")
             .arg("return redis.call('HGETALL', KEYS[1])")
@@ -281,11 +289,18 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
     for command in keyed {
         let refused: Result<redis::Value, _> = command.query_async(&mut conn).await;
         let error = refused.expect_err("billing's user was let through");
-        assert!(error.to_string().to_uppercase().contains("NOPERM"), "{error}");
+        assert!(
+            error.to_string().to_uppercase().contains("NOPERM"),
+            "{error}"
+        );
     }
     // Commands without keys, on one node.
     let node = stack.redis.url().split(',').next().unwrap().to_string();
-    let node = node.replacen("redis://", &format!("redis://billing-credits:{password}@"), 1);
+    let node = node.replacen(
+        "redis://",
+        &format!("redis://billing-credits:{password}@"),
+        1,
+    );
     let client = redis::Client::open(node).unwrap();
     let mut node = client.get_multiplexed_async_connection().await.unwrap();
     for command in [
@@ -295,7 +310,10 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
     ] {
         let refused: Result<redis::Value, _> = command.query_async(&mut node).await;
         let error = refused.expect_err("billing's user was let through");
-        assert!(error.to_string().to_uppercase().contains("NOPERM"), "{error}");
+        assert!(
+            error.to_string().to_uppercase().contains("NOPERM"),
+            "{error}"
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }
