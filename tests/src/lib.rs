@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::redis_server::RedisServer;
+pub use crate::redis_server::{RedisServer, free_port, redis_server_binary};
 
 pub use crate::identity::{As, Authed, channel_as, pki};
 

@@ -99,7 +99,7 @@ pub struct Args {
     #[arg(
         long,
         env = "SUBSCRIPTION_PLAN_URL",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50051"
     )]
     pub subscription_plan_url: String,
 

@@ -1,6 +1,7 @@
 //! messaging: connections, blocks, InMail preferences, conversations and
 //! messages; InMail charged through billing-credits and refunded on response.
 
+mod checks;
 pub mod conversations;
 pub mod domain;
 pub mod downstream;
@@ -60,10 +61,15 @@ pub enum Commands {
         ttl: Duration,
     },
     /// Write a development PKI into DIR: a CA, a certificate per service
-    /// and an operator's, the member-token signing key and its JWK set.
+    /// and an operator's, the member-token signing key and its JWK set, a
+    /// Redis password per service and the Redis ACL files. Leaves a DIR that
+    /// already holds one (ca.crt) as it is unless --force.
     DevPki {
         #[arg(long)]
         dir: std::path::PathBuf,
+        /// Replace what DIR holds.
+        #[arg(long)]
+        force: bool,
         /// Host names and addresses the services are reached at (besides
         /// their service names).
         #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
@@ -93,7 +99,13 @@ fn run_dev_command(command: Commands, args: &Args) -> Result<String, String> {
             .map_err(|e| format!("JWT_SIGNING_KEY_FILE {}: {e}", signing_key_file.display()))?;
             signer.mint(&member, ttl)
         }
-        Commands::DevPki { dir, hosts } => {
+        Commands::DevPki { dir, force, hosts } => {
+            if !force && dir.join("ca.crt").exists() {
+                return Ok(format!(
+                    "{} already holds a development PKI; left as it is (--force replaces it)",
+                    dir.display()
+                ));
+            }
             let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
             let pki = inmail_shared::auth::devpki::DevPki::generate(&hosts)?;
             pki.write(&dir)?;
@@ -149,7 +161,7 @@ pub struct Args {
     #[arg(
         long,
         env = "BILLING_CREDITS_URL",
-        default_value = "http://127.0.0.1:50052"
+        default_value = "https://127.0.0.1:50052"
     )]
     pub billing_credits_url: String,
 
@@ -157,7 +169,7 @@ pub struct Args {
     #[arg(
         long,
         env = "SUBSCRIPTION_PLAN_URL",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "https://127.0.0.1:50051"
     )]
     pub subscription_plan_url: String,
 

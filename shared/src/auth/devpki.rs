@@ -1,6 +1,8 @@
 //! A development PKI: a local CA, certificates for the services and an
-//! operator, and the member-token signing key with its public JWK set. What
-//! `scripts/dev-up.sh` and the tests use; never a production CA.
+//! operator, the member-token signing key with its public JWK set, and a
+//! Redis password per service with the ACL files that admit them. What
+//! `scripts/dev-up.sh`, the compose file's `secrets` job and the tests use;
+//! never a production CA.
 
 use std::path::Path;
 
@@ -118,6 +120,10 @@ pub struct DevPki {
     /// One certificate per service, then the operator's ("operator/dev").
     pub certs: Vec<(String, Pem)>,
     pub signing: SigningKey,
+    /// One Redis password per service: (service, password).
+    pub redis_passwords: Vec<(String, String)>,
+    /// The Redis administrator's (the default user's) password.
+    pub redis_admin_password: String,
 }
 
 impl DevPki {
@@ -132,7 +138,24 @@ impl DevPki {
         }
         certs.push(("operator".to_string(), ca.issue("operator/dev", hosts)?));
         let signing = SigningKey::generate("dev-1")?;
-        Ok(Self { ca, certs, signing })
+        let password = || {
+            format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            )
+        };
+        let redis_passwords = SERVICES
+            .iter()
+            .map(|service| (service.to_string(), password()))
+            .collect();
+        Ok(Self {
+            ca,
+            certs,
+            signing,
+            redis_passwords,
+            redis_admin_password: password(),
+        })
     }
 
     pub fn cert(&self, name: &str) -> &Pem {
@@ -144,8 +167,12 @@ impl DevPki {
             .1
     }
 
-    /// Writes `ca.crt`, `<name>.crt` / `<name>.key`, `jwt-signing.pem` and
-    /// `jwks.json` into `dir` (keys readable by the owner only).
+    /// Writes `ca.crt`, `<name>.crt` / `<name>.key`, `jwt-signing.pem`,
+    /// `jwks.json`, `redis-<service>.password`, `redis-admin.password`, and
+    /// the Redis ACL files
+    /// `redis-users.acl` (test clock off) and `redis-users-test-clock.acl`
+    /// into `dir` (keys and passwords readable by the owner only; the ACL
+    /// files hold only hashes).
     pub fn write(&self, dir: &Path) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let write = |name: &str, text: &str, secret: bool| -> Result<(), String> {
@@ -166,6 +193,25 @@ impl DevPki {
         }
         write("jwt-signing.pem", &self.signing.private_pem, true)?;
         write("jwks.json", &self.signing.jwks, false)?;
+        for (service, password) in &self.redis_passwords {
+            write(&format!("redis-{service}.password"), password, true)?;
+        }
+        write("redis-admin.password", &self.redis_admin_password, true)?;
+        let passwords: Vec<(&str, &str)> = self
+            .redis_passwords
+            .iter()
+            .map(|(s, p)| (s.as_str(), p.as_str()))
+            .collect();
+        write(
+            "redis-users.acl",
+            &super::redis_acl::acl_file(&self.redis_admin_password, &passwords, false),
+            false,
+        )?;
+        write(
+            "redis-users-test-clock.acl",
+            &super::redis_acl::acl_file(&self.redis_admin_password, &passwords, true),
+            false,
+        )?;
         Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! Each service reaches Redis as its own user (DESIGN.md §8), which can
+//! Each service reaches Redis as its own user (README.md, "Who may call what"), which can
 //! touch only its own key prefix (and the test clock's keys where that is
 //! on). The rules here are what `scripts/dev-up.sh`, the shipped compose
 //! file and the tests install, so they are tested as shipped.
@@ -8,12 +8,18 @@
 //! is allowed; Redis answers it with key names of every prefix (names only,
 //! never values): a known limit of Redis ACLs.
 
+use sha2::{Digest, Sha256};
+
 /// The key prefix of each service's user.
 pub const USERS: &[(&str, &str)] = &[
     ("subscription-plan", "plans"),
     ("billing-credits", "billing"),
     ("messaging", "messaging"),
 ];
+
+/// The user health checks connect as: PING and nothing else, no password
+/// (it can learn only that Redis is up).
+pub const PROBE_USER: &str = "probe";
 
 /// The ACL rule list (after the user name and password) of `service`.
 pub fn rules(prefix: &str, test_clock: bool) -> String {
@@ -27,16 +33,30 @@ pub fn rules(prefix: &str, test_clock: bool) -> String {
     )
 }
 
-/// A whole `users.acl` file: the default user off, one user per service
-/// with its password (`passwords`: service, password).
-pub fn acl_file(passwords: &[(&str, &str)], test_clock: bool) -> String {
-    let mut text = String::from("user default off\n");
+/// A whole `users.acl` file: the default user as the administrator (its
+/// password `admin_password`), the probe user, and one user per service
+/// (`passwords`: service, password). Passwords are stored as their SHA-256
+/// (`#hex`), so the file itself gives none away.
+///
+/// The default user keeps every permission on purpose: Redis replays the
+/// AOF as the default user and re-checks ACLs at each EXEC (Lua script
+/// effects are written as MULTI/EXEC), so with the default user off or
+/// limited every script's writes are silently dropped at the next restart
+/// (redis/redis#14541, fixed upstream only after 7.x; the test
+/// `shipped_redis_users_keep_script_writes_across_a_restart` shows it).
+pub fn acl_file(admin_password: &str, passwords: &[(&str, &str)], test_clock: bool) -> String {
+    let hashed = |password: &str| hex::encode(Sha256::digest(password.as_bytes()));
+    let mut text = format!("user default on #{} ~* &* +@all\n", hashed(admin_password));
+    text.push_str(&format!(
+        "user {PROBE_USER} on nopass resetchannels -@all +ping\n"
+    ));
     for (service, prefix) in USERS {
         let Some((_, password)) = passwords.iter().find(|(s, _)| s == service) else {
             continue;
         };
         text.push_str(&format!(
-            "user {service} on >{password} {}\n",
+            "user {service} on #{} {}\n",
+            hashed(password),
             rules(prefix, test_clock)
         ));
     }

@@ -594,3 +594,67 @@ async fn every_rpc_admits_only_the_callers_its_table_names() {
         );
     }
 }
+
+/// One README row per method: `| `Service/Method` | who |`.
+fn readme_rows() -> Vec<String> {
+    let tables: [(&str, Table); 4] = [
+        ("subscription-plan", subscription_plan::grpc::ACCESS),
+        ("billing-credits", billing_credits::grpc::ACCESS),
+        ("messaging", messaging::grpc::ACCESS),
+        (
+            "all (when `TEST_CLOCK` is on)",
+            inmail_shared::auth::access::TEST_CLOCK,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (server, table) in tables {
+        for (path, who) in table {
+            let method = path.rsplit('.').next().unwrap();
+            let who: Vec<String> = who
+                .iter()
+                .map(|w| match w {
+                    Who::Anyone => "anyone".to_string(),
+                    Who::Member => "the member itself".to_string(),
+                    Who::Service(name) => format!("service `{name}`"),
+                    Who::Operator => "operator".to_string(),
+                })
+                .collect();
+            rows.push(format!("| {server} | `{method}` | {} |", who.join(", ")));
+        }
+    }
+    rows
+}
+
+/// README.md's access table is the code's, row for row.
+#[test]
+fn readme_states_the_access_tables_of_the_code() {
+    let readme = include_str!("../../../README.md");
+    let rows = readme_rows();
+    let missing: Vec<&String> = rows
+        .iter()
+        .filter(|r| !readme.contains(r.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README.md's access table differs from the code; these rows are missing:\n{}",
+        missing
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let listed = readme
+        .lines()
+        .filter(|l| {
+            l.starts_with("| subscription-plan | `")
+                || l.starts_with("| billing-credits | `")
+                || l.starts_with("| messaging | `")
+                || l.starts_with("| all (when")
+        })
+        .count();
+    assert_eq!(
+        listed,
+        rows.len(),
+        "README.md lists methods the code does not"
+    );
+}

@@ -52,9 +52,25 @@ fn compose_file_is_valid_and_sets_only_variables_the_binaries_accept() {
 
     let mut binaries = BTreeSet::new();
     for (name, service) in &compose.services {
+        if name.as_str() == "secrets" {
+            let Some(ComposeCommand::List(command)) = &service.command else {
+                panic!("secrets has no command list");
+            };
+            assert_eq!(command[..2], ["messaging", "dev-pki"], "{command:?}");
+            let cli = cli_of("messaging");
+            cli.clone()
+                .try_get_matches_from(command)
+                .unwrap_or_else(|e| panic!("secrets: messaging refuses {command:?}: {e}"));
+            continue;
+        }
+        let depends = format!("{:?}", service.depends_on);
+        assert!(
+            depends.contains("secrets") && depends.contains("ServiceCompletedSuccessfully"),
+            "{name} may start before its secrets exist: {depends}"
+        );
         if name.as_str() == "redis" {
             let redis = format!("{:?}", service.command);
-            for setting in ["appendonly", "always", "noeviction"] {
+            for setting in ["appendonly", "always", "noeviction", "--aclfile"] {
                 assert!(
                     redis.contains(setting),
                     "Redis runs without {setting}: {redis}"
@@ -78,6 +94,42 @@ fn compose_file_is_valid_and_sets_only_variables_the_binaries_accept() {
             .clone()
             .into_map()
             .expect("environment is a map");
+        // Secured: its own identity, its own Redis user, other services
+        // over TLS, no test clock.
+        let setting = |key: &str| {
+            environment
+                .iter()
+                .find(|(k, _)| k.as_str() == key)
+                .and_then(|(_, v)| v.as_ref().map(|v| v.to_string()))
+        };
+        for (key, expected) in [
+            ("TLS_CERT_FILE", format!("{name}.crt")),
+            ("TLS_KEY_FILE", format!("{name}.key")),
+            ("TLS_CA_FILE", "ca.crt".to_string()),
+            ("JWT_PUBLIC_KEYS_FILE", "jwks.json".to_string()),
+            ("REDIS_PASSWORD_FILE", format!("redis-{name}.password")),
+        ] {
+            let value = setting(key).unwrap_or_else(|| panic!("{name} does not set {key}"));
+            assert!(value.ends_with(&expected), "{name}: {key}={value}");
+        }
+        assert_eq!(setting("REDIS_USERNAME").as_deref(), Some(name.as_str()));
+        for key in [
+            "INSECURE_PLAINTEXT",
+            "TEST_CLOCK",
+            "TEST_CLOCK_UNSAFE_ALLOW_REMOTE",
+        ] {
+            assert!(setting(key).is_none(), "{name} sets {key}");
+        }
+        for key in ["SUBSCRIPTION_PLAN_URL", "BILLING_CREDITS_URL"] {
+            if let Some(url) = setting(key) {
+                assert!(url.starts_with("https://"), "{name}: {key}={url}");
+            }
+        }
+        let ports = format!("{:?}", service.ports);
+        assert!(
+            ports.matches("127.0.0.1").count() == service.ports.len(),
+            "{name} publishes ports beyond this host's loopback: {ports}"
+        );
         let mut args = vec![binary.to_string()];
         for (key, value) in environment {
             let key = key.to_string();

@@ -210,26 +210,31 @@ async fn the_test_clock_is_refused_when_off() {
 /// keys (nor run what the rules leave out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
-    use inmail_shared::auth::redis_acl::{USERS, rules};
+    use inmail_shared::auth::redis_acl::{PROBE_USER, USERS, acl_file};
     let redis = inmail_tests::RedisServer::start().await;
     let dir = std::env::temp_dir().join(format!("inmail-acl-{}", rid()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut credentials = std::collections::HashMap::new();
-    for (service, prefix) in USERS {
+    for (service, _) in USERS {
         let password = rid();
-        let mut setuser = redis::cmd("ACL");
-        setuser
-            .arg("SETUSER")
-            .arg(*service)
-            .arg("on")
-            .arg(format!(">{password}"));
-        for rule in rules(prefix, true).split_whitespace() {
-            setuser.arg(rule);
-        }
-        redis.on_every_node(&setuser).await;
         let file = dir.join(format!("{service}.password"));
         std::fs::write(&file, &password).unwrap();
         credentials.insert(*service, (file, password));
+    }
+    // The users exactly as the shipped ACL file states them (the default
+    // user, the administrator, stays as the harness made it).
+    let passwords: Vec<(&str, &str)> = credentials
+        .iter()
+        .map(|(service, (_, password))| (*service, password.as_str()))
+        .collect();
+    let file = acl_file(&rid(), &passwords, true);
+    for line in file.lines().filter(|l| !l.starts_with("user default ")) {
+        let mut setuser = redis::cmd("ACL");
+        setuser.arg("SETUSER");
+        for word in line.split_whitespace().skip(1) {
+            setuser.arg(word);
+        }
+        redis.on_every_node(&setuser).await;
     }
     let args = |service: &str| {
         vec![
@@ -315,5 +320,119 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
             "{error}"
         );
     }
+    // The health checks' user: PING, nothing else.
+    let probe = stack.redis.url().split(',').next().unwrap().replacen(
+        "redis://",
+        &format!("redis://{PROBE_USER}:anything@"),
+        1,
+    );
+    let client = redis::Client::open(probe).unwrap();
+    let mut probe = client.get_multiplexed_async_connection().await.unwrap();
+    let pong: String = redis::cmd("PING").query_async(&mut probe).await.unwrap();
+    assert_eq!(pong, "PONG");
+    let refused: Result<Option<String>, _> = redis::cmd("GET")
+        .arg("billing:{acl}:account")
+        .query_async(&mut probe)
+        .await;
+    let error = refused.expect_err("the probe user read a key");
+    assert!(
+        error.to_string().to_uppercase().contains("NOPERM"),
+        "{error}"
+    );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A Redis run with the shipped ACL file keeps what scripts wrote across a
+/// restart. Redis replays its AOF as the default user and re-checks ACLs at
+/// each EXEC (a script's writes are logged as MULTI/EXEC): with the default
+/// user off, every credit written by a script vanished at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_redis_users_keep_script_writes_across_a_restart() {
+    use inmail_shared::auth::redis_acl::{PROBE_USER, acl_file};
+    let dir = std::env::temp_dir().join(format!("inmail-acl-aof-{}", rid()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let password = rid();
+    std::fs::write(
+        dir.join("users.acl"),
+        acl_file(&rid(), &[("billing-credits", &password)], false),
+    )
+    .unwrap();
+    let port = inmail_tests::free_port();
+    let start = || {
+        std::process::Command::new(inmail_tests::redis_server_binary())
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--aclfile")
+            .arg(dir.join("users.acl"))
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(["--logfile", "redis.log"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-server")
+    };
+    let connect = |user: &str, password: &str| {
+        redis::Client::open(format!("redis://{user}:{password}@127.0.0.1:{port}")).unwrap()
+    };
+    async fn ready(client: &redis::Client) -> redis::aio::MultiplexedConnection {
+        for _ in 0..200 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return conn;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not start");
+    }
+    let mut redis = start();
+    let mut billing = ready(&connect("billing-credits", &password)).await;
+    let _: () = redis::cmd("EVAL")
+        .arg(
+            "redis.call('HSET', KEYS[1], 'balance', 5) \
+             redis.call('XADD', KEYS[2], '*', 'kind', 'grant', 'amount', 5)",
+        )
+        .arg(2)
+        .arg("billing:{aof}:account")
+        .arg("billing:{aof}:ledger")
+        .query_async(&mut billing)
+        .await
+        .expect("billing's user runs its script");
+    // Killed, not shut down: only the fsynced AOF is left.
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+
+    let mut redis = start();
+    ready(&connect(PROBE_USER, "x")).await;
+    let mut billing = ready(&connect("billing-credits", &password)).await;
+    let balance: Option<String> = redis::cmd("HGET")
+        .arg("billing:{aof}:account")
+        .arg("balance")
+        .query_async(&mut billing)
+        .await
+        .unwrap();
+    let entries: usize = redis::cmd("XLEN")
+        .arg("billing:{aof}:ledger")
+        .query_async(&mut billing)
+        .await
+        .unwrap();
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        (balance.as_deref(), entries),
+        (Some("5"), 1),
+        "the script's writes were lost on restart; redis.log:\n{log}"
+    );
 }

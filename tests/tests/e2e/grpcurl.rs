@@ -180,8 +180,8 @@ fn shell_words(line: &str) -> Vec<String> {
 }
 
 /// Every grpcurl example of README.md works verbatim (only the ports, the
-/// PKI directory and the tokens differ: the test's services listen on free
-/// ports with the test's PKI).
+/// PKI directory (also the CA copied out of compose) and the tokens differ:
+/// the test's services listen on free ports with the test's PKI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_grpcurl_examples_work_verbatim() {
     let stack = Stack::start().await;
@@ -197,6 +197,7 @@ async fn the_readme_grpcurl_examples_work_verbatim() {
     for example in examples {
         let line = example
             .replace(".local/pki/", &pki_dir)
+            .replace(".local/compose-ca.crt", &format!("{pki_dir}ca.crt"))
             .replace("$SAM", &pki.token("sam"))
             .replace("$RITA", &pki.token("rita"))
             .replace("localhost:50051", &stack.plans.addr.to_string())
