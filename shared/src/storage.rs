@@ -1,7 +1,7 @@
 //! The Redis connection every service uses, on a single Redis or a Redis
 //! Cluster.
 //!
-//! Single: one multiplexed connection (ConnectionManager; PERF-NOTES.md: a
+//! Single: one multiplexed connection (ConnectionManager; docs/performance.md: a
 //! pool does not add throughput) that reconnects by itself. Cluster: the
 //! redis-rs cluster client, which routes each command by its key's slot.
 //! Both dial lazily and use short timeouts, so a service starts while Redis

@@ -1,5 +1,6 @@
 //! Logs through tracing (human or JSON) and Prometheus metrics.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -16,8 +17,11 @@ pub enum LogFormat {
 pub fn init_tracing(format: LogFormat, filter: &str) -> Result<(), String> {
     let filter = EnvFilter::try_new(filter)
         .map_err(|e| format!("LOG_LEVEL {filter:?} is not a valid filter: {e}"))?;
+    // Colours only on a terminal: logs written to files or collectors stay
+    // plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_target(true);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

@@ -3,7 +3,7 @@
 
 use crate::error::{ApiError, Violation};
 
-/// Longest member id (DESIGN.md §3 "Identity").
+/// Longest member id (README.md, "How it behaves").
 pub const MEMBER_ID_MAX_LEN: usize = 64;
 /// Longest request_id we keep as an idempotency key.
 pub const REQUEST_ID_MAX_LEN: usize = 128;

@@ -1,6 +1,6 @@
 //! The ledger archive: verified entries older than the hot retention leave
 //! Redis for append-only JSON Lines files, so a member's ledger in RAM stays
-//! bounded while every entry stays on record (DESIGN.md §4.5).
+//! bounded while every entry stays on record (README.md, "Money guarantees").
 //!
 //! An entry is written to the archive (and fsynced) before it is trimmed
 //! from Redis; a crash in between archives it twice, never loses it (readers

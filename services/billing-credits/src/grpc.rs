@@ -19,7 +19,7 @@ use crate::reconcile::reconcile_page;
 use crate::store::ReleaseCause;
 use crate::views;
 
-/// Who may call each method (DESIGN.md §8): only messaging moves credits for
+/// Who may call each method (README.md, "Who may call what"): only messaging moves credits for
 /// a message, only operators grant and reconcile, members read their own.
 pub const ACCESS: Table = &[
     (

@@ -1,5 +1,5 @@
 //! Ledger reconciliation: replays members' ledgers and reports every member
-//! whose ledger does not add up to the counter (DESIGN.md §4.5). Each member
+//! whose ledger does not add up to the counter (README.md, "Money guarantees"). Each member
 //! keeps a checkpoint of what was verified, so a call replays only what was
 //! added since, in bounded steps (no script ever holds Redis for long).
 

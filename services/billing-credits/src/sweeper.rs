@@ -1,5 +1,5 @@
 //! Releases held debits that were not confirmed in time, so a credit never
-//! stays charged for a message that was not stored (DESIGN.md §4.3). Any
+//! stays charged for a message that was not stored (README.md, "Money guarantees"). Any
 //! number of replicas may sweep at once: releasing is idempotent.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The rules of messages (DESIGN.md §3 "Messages"), pure: what kind a message
+//! The rules of messages (README.md, "How it behaves"), pure: what kind a message
 //! is, what it costs and who may send it.
 
 use std::collections::HashMap;
@@ -174,7 +174,7 @@ pub enum Decision {
     NeedOpenProfile,
 }
 
-/// Decides a message's kind in DESIGN.md's order: blocks stop everything;
+/// Decides a message's kind in README.md's order ("Messages"): blocks stop everything;
 /// connections are free; one's own pending InMail holds further messages
 /// (policy); writing back to someone who wrote (or responded) is a free
 /// reply; then Open Profile; everyone else costs an InMail.

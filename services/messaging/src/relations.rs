@@ -1,5 +1,5 @@
 //! Connections, blocks and InMail preferences: who may reach whom before any
-//! message is sent (DESIGN.md §3 "Messages").
+//! message is sent (README.md, "How it behaves").
 
 use inmail_shared::ApiError;
 

@@ -1,4 +1,4 @@
-//! Responses to InMails and the refunds they make due (DESIGN.md §3: the
+//! Responses to InMails and the refunds they make due (README.md, "How it behaves": the
 //! first response within the window refunds the sender's credit, exactly
 //! once).
 

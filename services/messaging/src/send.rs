@@ -567,7 +567,7 @@ fn begin_refused(begun: Begun, now_ms: i64) -> ApiError {
     }
 }
 
-/// Subject and body limits depend on the kind (DESIGN.md §3).
+/// Subject and body limits depend on the kind (README.md, "How it behaves").
 fn check_size(kind: Kind, subject: &str, body: &str) -> Result<(), ApiError> {
     let mut checks = inmail_shared::validate::Checks::new();
     if kind == Kind::Inmail {

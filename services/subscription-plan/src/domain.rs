@@ -1,4 +1,4 @@
-//! The rules of subscriptions (DESIGN.md §3 "Plans"), pure: state in, time
+//! The rules of subscriptions (README.md, "How it behaves"), pure: state in, time
 //! passed in, new state or a refusal out.
 //!
 //! A member's history is a chain of plan periods, each with a version (0 for

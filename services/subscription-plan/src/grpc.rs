@@ -21,7 +21,7 @@ use crate::domain::{EndReason, PeriodView, PlanError, SubscriptionState, Timing}
 use crate::error::DOMAIN;
 use crate::store::{Committed, PlanStore, RequestSeen};
 
-/// Who may call each method (DESIGN.md §8): members manage and read their
+/// Who may call each method (README.md, "Who may call what"): members manage and read their
 /// own subscription; billing and messaging ask for entitlements and Open
 /// Profile; operators read.
 pub const ACCESS: Table = &[

@@ -1,4 +1,4 @@
-//! Who is calling, and what they may do (DESIGN.md §8).
+//! Who is calling, and what they may do (README.md, "Who may call what").
 //!
 //! Three kinds of caller: services prove who they are with a client
 //! certificate (mutual TLS) whose SPIFFE-style URI SAN names them

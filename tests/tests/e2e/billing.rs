@@ -1,5 +1,5 @@
 //! billing-credits over real gRPC, with the real subscription-plan and a real
-//! Redis: the money guarantees of DESIGN.md §4.
+//! Redis: the money guarantees of README.md, "Money guarantees".
 
 use std::time::Duration;
 

@@ -30,7 +30,7 @@ local function reset_cycle_counters()
   end
 end
 
--- Grant windows (DESIGN.md §3: plan changes never mint credits). A window
+-- Grant windows (README.md, "How it behaves": plan changes never mint credits). A window
 -- opens with a renewal that starts after the last window ended, and lasts
 -- that cycle (`wend`); `wgrant` counts the credits granted in it. A renewal
 -- starting inside an open window — the first cycle of a plan change or a

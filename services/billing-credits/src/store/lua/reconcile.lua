@@ -1,4 +1,4 @@
--- One bounded step of a member's reconciliation (DESIGN.md §4.5).
+-- One bounded step of a member's reconciliation (README.md, "Money guarantees").
 --
 -- KEYS[1]  account hash    KEYS[2]  ledger stream
 -- ARGV[1]  the most entries to replay in this step
