@@ -175,6 +175,12 @@ pub fn channel_as(addr: SocketAddr, who: &As) -> Authed {
     )
 }
 
+/// A lazily connected plaintext channel to a stack run with
+/// INSECURE_PLAINTEXT, typed like every other test channel.
+pub fn plaintext_authed(addr: SocketAddr) -> Authed {
+    InterceptedService::new(crate::plaintext_channel(addr), Bearer(None))
+}
+
 /// A certificate for `identity` from a CA the services do not trust.
 pub fn foreign_certificate(identity: &str) -> Pem {
     Authority::new("some other CA")

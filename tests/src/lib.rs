@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::redis_server::{RedisServer, free_port, redis_server_binary};
 
-pub use crate::identity::{As, Authed, channel_as, pki};
+pub use crate::identity::{As, Authed, channel_as, pki, plaintext_authed};
 
 pub type PlansClient =
     plans::subscription_plan_service_client::SubscriptionPlanServiceClient<Authed>;
@@ -427,6 +427,26 @@ pub async fn wait_serving(addr: SocketAddr) {
 /// The health a server reports for everything it serves.
 pub async fn health(addr: SocketAddr) -> Result<i32, tonic::Status> {
     HealthClient::new(channel(addr))
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+/// A lazily connected plaintext channel (a stack run with
+/// INSECURE_PLAINTEXT).
+pub fn plaintext_channel(addr: SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(20))
+        .connect_lazy()
+}
+
+/// The overall health of a plaintext server.
+pub async fn health_plaintext(addr: SocketAddr) -> Result<i32, tonic::Status> {
+    tonic_health::pb::health_client::HealthClient::new(plaintext_channel(addr))
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),
         })

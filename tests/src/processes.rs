@@ -80,7 +80,16 @@ impl ServiceProcess {
         self.spawn_only();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if matches!(crate::health(self.addr).await, Ok(crate::SERVING)) {
+            let plaintext = self
+                .env
+                .iter()
+                .any(|(k, v)| k == "INSECURE_PLAINTEXT" && v == "true");
+            let health = if plaintext {
+                crate::health_plaintext(self.addr).await
+            } else {
+                crate::health(self.addr).await
+            };
+            if matches!(health, Ok(crate::SERVING)) {
                 return;
             }
             if let Some(child) = self.child.as_mut()
@@ -177,29 +186,44 @@ impl ProcessStack {
         redis: RedisServer,
         extra_for: impl Fn(&str) -> Vec<(String, String)>,
     ) -> Self {
+        Self::start_with(redis, false, extra_for).await
+    }
+
+    /// The stack with TLS and authentication, or (`plaintext`) with
+    /// INSECURE_PLAINTEXT on loopback (the bench's comparison).
+    pub async fn start_with(
+        redis: RedisServer,
+        plaintext: bool,
+        extra_for: impl Fn(&str) -> Vec<(String, String)>,
+    ) -> Self {
         crate::init_logs();
         let base = |name: &str| {
             let mut env = redis.service_env();
-            env.extend(crate::pki().service_env(name));
+            if plaintext {
+                env.push(("INSECURE_PLAINTEXT".to_string(), "true".to_string()));
+            } else {
+                env.extend(crate::pki().service_env(name));
+            }
             env.push(("TEST_CLOCK".to_string(), "true".to_string()));
             env.extend(extra_for(name));
             env
         };
+        let scheme = if plaintext { "http" } else { "https" };
         let plans = ServiceProcess::start("subscription-plan", base("subscription-plan")).await;
         let mut billing_env = base("billing-credits");
         billing_env.push((
             "SUBSCRIPTION_PLAN_URL".into(),
-            format!("https://{}", plans.addr),
+            format!("{scheme}://{}", plans.addr),
         ));
         let billing = ServiceProcess::start("billing-credits", billing_env).await;
         let mut messaging_env = base("messaging");
         messaging_env.push((
             "SUBSCRIPTION_PLAN_URL".into(),
-            format!("https://{}", plans.addr),
+            format!("{scheme}://{}", plans.addr),
         ));
         messaging_env.push((
             "BILLING_CREDITS_URL".into(),
-            format!("https://{}", billing.addr),
+            format!("{scheme}://{}", billing.addr),
         ));
         let messaging = ServiceProcess::start("messaging", messaging_env).await;
         Self {

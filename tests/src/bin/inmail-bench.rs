@@ -1,20 +1,32 @@
-//! inmail-bench: the load tool. Starts its own Redis and the three release
-//! binaries (or uses a running stack), then drives, at one concurrency and
-//! in one run:
+//! inmail-bench: the load tool. Starts its own Redis servers and the three
+//! release binaries twice (secured: TLS, tokens, mutual TLS; and with
+//! INSECURE_PLAINTEXT, for the price of security), then drives, at one
+//! concurrency and in one run:
 //!
-//! 1. `direct`: billing's debit script straight on Redis (the same script,
-//!    keys and round trips billing makes), the baseline;
-//! 2. `debit`: DebitForMessage over gRPC (distinct message ids, many members);
-//! 3. `send`: SendMessage over gRPC, InMails to distinct recipients from many
-//!    senders (the whole saga: plans, debit, confirm, delivery).
+//! 1. `thin`: the thin ideal (a tonic server whose Debit is one small Lua
+//!    script; built from THIN_IDEAL_DIR, see scripts/bench.sh) with its own
+//!    load tool, on the secured stack's Redis: the yardstick;
+//! 2. `direct`: billing's debit scripts straight on Redis;
+//! 3. `debit` / `debit-plain`: DebitForMessage over gRPC as messaging (TLS)
+//!    and in plaintext;
+//! 4. `send` / `send-plain`: SendMessage, InMails to distinct recipients
+//!    from many senders with their tokens (the whole saga).
 //!
-//! It prints throughput, p50/p99/p999 latency, errors, the ratios between
-//! them, and the CPU each process used: on a 2-core machine the load tool,
-//! the services and Redis share the cores, so ratios from one run are the
-//! honest figure.
+//! Each row: throughput, p50/p99/p999, errors, Redis time and commands per
+//! call (INFO commandstats), CPU per call of every process, and the
+//! services' resident memory; then the ratios against the thin ideal and
+//! TLS against plaintext. On a 2-core machine the load tools, services and
+//! Redis share the cores, so only ratios from one run are honest figures.
 //!
-//! Build and run: `cargo build --release --bins && target/release/inmail-bench`
+//! `--members 1000000` loads that many funded members (balances and
+//! ledgers) before measuring, to show cost per call flat in the member
+//! count.
+//!
+//! Build and run: `scripts/bench.sh` (builds the thin ideal too) or
+//! `cargo build --release --bins && target/release/inmail-bench`.
 
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,12 +39,15 @@ use inmail_shared::proto::messaging::v1 as messaging;
 use inmail_shared::proto::plans::v1 as plans;
 use inmail_shared::storage::{Redis, RedisSettings};
 use inmail_tests::processes::ProcessStack;
-use inmail_tests::{BillingClient, MessagingClient, PlansClient, channel};
+use inmail_tests::{
+    As, Authed, BillingClient, MessagingClient, PlansClient, channel_as, pki, plaintext_authed,
+};
+use tonic::metadata::{Ascii, MetadataValue};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "inmail-bench",
-    about = "Load tool: direct Redis script vs Debit vs SendMessage"
+    about = "Load tool: the thin ideal vs Debit vs SendMessage, secured and in plaintext"
 )]
 struct Args {
     /// Calls in flight at once.
@@ -47,10 +62,23 @@ struct Args {
     /// Members debited (and senders of InMail).
     #[arg(long, default_value_t = 1000)]
     members: usize,
-    /// Scenarios to run, in order.
-    #[arg(long, value_delimiter = ',', default_value = "direct,debit,send")]
+    /// Scenarios to run, in order (thin, direct, debit, debit-plain, send,
+    /// send-plain).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "thin,direct,debit,debit-plain,send,send-plain"
+    )]
     scenarios: Vec<String>,
-    /// Also print Redis' INFO commandstats per measured call.
+    /// Where the thin ideal's release binaries (`server`, `load`) are;
+    /// without it the `thin` scenario is skipped. scripts/bench.sh builds
+    /// them.
+    #[arg(long, env = "THIN_IDEAL_DIR")]
+    thin_ideal_dir: Option<PathBuf>,
+    /// Calls the thin ideal's load tool makes (after its 5,000 warm-up).
+    #[arg(long, default_value_t = 120_000)]
+    thin_calls: u64,
+    /// Also print the Redis commands behind each row.
     #[arg(long)]
     redis_stats: bool,
     /// Tokio worker threads of each service (TOKIO_WORKER_THREADS; default:
@@ -62,64 +90,177 @@ struct Args {
     appendfsync: String,
 }
 
-/// Redis time per measured call, by command (includes the warm-up's calls,
-/// so per-call figures are slightly high).
-async fn redis_stats(conn: &mut redis::aio::MultiplexedConnection, calls: u64) {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let mut rows: Vec<(String, u64, f64)> = info
-        .lines()
-        .filter_map(|line| {
-            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let field = |key: &str| {
-                stats
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            Some((name.to_string(), field("calls") as u64, field("usec")))
+/// A stack the bench drives: the processes, their Redis, and how to call.
+struct Bench {
+    stack: ProcessStack,
+    plaintext: bool,
+    processes: Vec<(String, u32)>,
+    redis: redis::aio::MultiplexedConnection,
+}
+
+impl Bench {
+    async fn start(args: &Args, plaintext: bool) -> Self {
+        let workers = args.service_worker_threads;
+        let redis = inmail_tests::RedisServer::start_single().await;
+        let stack = ProcessStack::start_with(redis, plaintext, |name| {
+            let mut env: Vec<(String, String)> = workers
+                .map(|n| ("TOKIO_WORKER_THREADS".to_string(), n.to_string()))
+                .into_iter()
+                .collect();
+            env.extend([
+                ("TEST_CLOCK".into(), "false".into()),
+                ("LOG_LEVEL".into(), "warn".into()),
+            ]);
+            if name == "messaging" {
+                env.push(("INMAIL_BURST".into(), "1000000000".into()));
+                env.push(("INMAIL_PER_DAY".into(), "1000000000".into()));
+            }
+            env
         })
+        .await;
+        let processes: Vec<(String, u32)> = [
+            ("redis".to_string(), redis_pid(&stack)),
+            ("plans".to_string(), stack.plans.pid()),
+            ("billing".to_string(), stack.billing.pid()),
+            ("messaging".to_string(), stack.messaging.pid()),
+        ]
+        .into_iter()
+        .filter(|(_, pid)| *pid != 0)
         .collect();
-    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
-    let total: f64 = rows.iter().map(|r| r.2).sum();
-    println!(
-        "{:<12} redis: {:.1} µs of Redis time per call",
-        "",
-        total / calls.max(1) as f64
-    );
-    for (name, n, usec) in rows.iter().take(8) {
-        println!(
-            "{:<14} {name:<10} {:>5.2} calls/op {:>6.1} µs/op",
-            "",
-            *n as f64 / calls.max(1) as f64,
-            usec / calls.max(1) as f64
-        );
+        let mut redis = redis::Client::open(stack.redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("appendfsync")
+            .arg(&args.appendfsync)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        Self {
+            stack,
+            plaintext,
+            processes,
+            redis,
+        }
+    }
+
+    fn channel(&self, addr: std::net::SocketAddr, who: As) -> Authed {
+        if self.plaintext {
+            plaintext_authed(addr)
+        } else {
+            channel_as(addr, &who)
+        }
+    }
+
+    /// The `authorization` value a member's calls carry (none in
+    /// plaintext).
+    fn token(&self, member: &str) -> Option<MetadataValue<Ascii>> {
+        (!self.plaintext).then(|| format!("Bearer {}", pki().token(member)).parse().unwrap())
+    }
+
+    async fn reset_redis_stats(&mut self) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut self.redis)
+            .await
+            .unwrap();
+    }
+
+    /// Redis commands since the last reset: (name, calls, µs), busiest
+    /// first.
+    async fn redis_commands(&mut self) -> Vec<(String, u64, f64)> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.redis)
+            .await
+            .unwrap();
+        let mut rows: Vec<(String, u64, f64)> = info
+            .lines()
+            .filter_map(|line| {
+                let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                let field = |key: &str| {
+                    stats
+                        .split(',')
+                        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                };
+                Some((name.to_string(), field("calls") as u64, field("usec")))
+            })
+            .filter(|(name, _, _)| name != "info" && name != "config")
+            .collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows
     }
 }
 
+/// One scenario's figures.
 #[derive(Default)]
 struct Outcome {
-    histogram: Option<Histogram<u64>>,
     ok: u64,
     errors: u64,
     first_error: Option<String>,
     elapsed: Duration,
-    bench_cpu: Duration,
-    others_cpu: Vec<(String, Duration)>,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    /// Calls made in all, warm-up included (what Redis saw).
+    calls_total: u64,
+    /// CPU of each process over the measured calls.
+    cpu: Vec<(String, Duration)>,
+    /// Calls the CPU figures cover.
+    cpu_calls: u64,
+    redis_usec: f64,
+    redis_commands: Vec<(String, u64, f64)>,
+    /// Resident memory of the services, KiB.
+    rss_kib: Vec<(String, u64)>,
 }
 
-fn cpu_of(pid: u32) -> Duration {
-    // utime + stime, fields 14 and 15 of /proc/<pid>/stat, in clock ticks.
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn redis_us_per_call(&self) -> f64 {
+        self.redis_usec / self.calls_total.max(1) as f64
+    }
+
+    fn redis_cmds_per_call(&self) -> f64 {
+        self.redis_commands.iter().map(|r| r.1).sum::<u64>() as f64 / self.calls_total.max(1) as f64
+    }
+
+    fn cpu_us_per_call(&self) -> f64 {
+        self.cpu.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>() * 1e6
+            / self.cpu_calls.max(1) as f64
+    }
+}
+
+/// (utime + stime, cutime + cstime) of a process.
+fn cpu_times(pid: u32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    let ticks = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    (
+        Duration::from_millis((ticks(11) + ticks(12)) * 10),
+        Duration::from_millis((ticks(13) + ticks(14)) * 10),
+    )
+}
+
+fn cpu_of(pid: u32) -> Duration {
+    cpu_times(pid).0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Runs `op(i)` from `concurrency` tasks with increasing `i` for warmup +
@@ -164,15 +305,17 @@ where
             (histogram, ok, errors, first_error)
         }));
     }
-    tokio::time::sleep_until((measure_from).into()).await;
-    let bench_cpu_start = cpu_of(std::process::id());
+    tokio::time::sleep_until(measure_from.into()).await;
+    let me = std::process::id();
+    let bench_start = cpu_of(me);
     let others_start: Vec<Duration> = processes.iter().map(|(_, pid)| cpu_of(*pid)).collect();
     let mut outcome = Outcome::default();
+    let mut total: Option<Histogram<u64>> = None;
     for task in tasks {
         let (histogram, ok, errors, first_error) = task.await.unwrap();
-        match &mut outcome.histogram {
+        match &mut total {
             Some(total) => total.add(&histogram).unwrap(),
-            None => outcome.histogram = Some(histogram),
+            None => total = Some(histogram),
         }
         outcome.ok += ok;
         outcome.errors += errors;
@@ -183,38 +326,67 @@ where
     outcome.elapsed = Instant::now()
         .saturating_duration_since(measure_from)
         .min(args.duration + Duration::from_secs(5));
-    outcome.bench_cpu = cpu_of(std::process::id()).saturating_sub(bench_cpu_start);
-    outcome.others_cpu = processes
-        .iter()
-        .zip(others_start)
-        .map(|((name, pid), before)| (name.clone(), cpu_of(*pid).saturating_sub(before)))
-        .collect();
+    outcome.cpu = vec![("bench".to_string(), cpu_of(me).saturating_sub(bench_start))];
+    outcome.cpu.extend(
+        processes
+            .iter()
+            .zip(others_start)
+            .map(|((name, pid), before)| (name.clone(), cpu_of(*pid).saturating_sub(before))),
+    );
+    outcome.cpu_calls = outcome.ok + outcome.errors;
+    outcome.calls_total = counter.load(Ordering::Relaxed);
+    let h = total.unwrap();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    (outcome.p50_ms, outcome.p99_ms, outcome.p999_ms) = (ms(0.5), ms(0.99), ms(0.999));
     outcome
 }
 
-fn rate(outcome: &Outcome) -> f64 {
-    outcome.ok as f64 / outcome.elapsed.as_secs_f64()
-}
-
-fn report(name: &str, outcome: &Outcome) {
-    let h = outcome.histogram.as_ref().unwrap();
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let share = |cpu: Duration| 100.0 * cpu.as_secs_f64() / outcome.elapsed.as_secs_f64();
+fn report(name: &str, outcome: &Outcome, redis_detail: bool) {
+    let per_call = |cpu: Duration| cpu.as_secs_f64() * 1e6 / outcome.cpu_calls.max(1) as f64;
     println!(
-        "{name:<12} {:>8} ok {:>9.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p999 {:>6.2} ms  errors {:>5}  CPU: bench {:>4.0}%{}",
+        "{name:<12} {:>8} ok {:>8.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p999 {:>6.2} ms  errors {}",
         outcome.ok,
-        rate(outcome),
-        ms(0.5),
-        ms(0.99),
-        ms(0.999),
+        outcome.rate(),
+        outcome.p50_ms,
+        outcome.p99_ms,
+        outcome.p999_ms,
         outcome.errors,
-        share(outcome.bench_cpu),
-        outcome
-            .others_cpu
-            .iter()
-            .map(|(n, cpu)| format!(" {n} {:.0}%", share(*cpu)))
-            .collect::<String>()
     );
+    println!(
+        "{:<12} redis {:.1} µs and {:.1} commands per call; CPU µs per call: {}, all {:.0}",
+        "",
+        outcome.redis_us_per_call(),
+        outcome.redis_cmds_per_call(),
+        outcome
+            .cpu
+            .iter()
+            .map(|(n, cpu)| format!("{n} {:.0}", per_call(*cpu)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        outcome.cpu_us_per_call()
+    );
+    if !outcome.rss_kib.is_empty() {
+        println!(
+            "{:<12} RSS: {}",
+            "",
+            outcome
+                .rss_kib
+                .iter()
+                .map(|(n, kib)| format!("{n} {:.1} MiB", *kib as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if redis_detail {
+        for (name, n, usec) in outcome.redis_commands.iter().take(8) {
+            println!(
+                "{:<14} {name:<10} {:>5.2} calls/op {:>6.1} µs/op",
+                "",
+                *n as f64 / outcome.calls_total.max(1) as f64,
+                usec / outcome.calls_total.max(1) as f64
+            );
+        }
+    }
     if let Some(error) = &outcome.first_error {
         println!("{:<12} first error: {error}", "");
     }
@@ -230,116 +402,187 @@ fn main() {
 }
 
 async fn run(args: Args) {
-    // The baseline script runs on one Redis: the bench always uses a single one.
-    let workers = args.service_worker_threads;
-    let stack = ProcessStack::start_on(inmail_tests::RedisServer::start_single().await, |name| {
-        let mut env: Vec<(String, String)> = workers
-            .map(|n| ("TOKIO_WORKER_THREADS".to_string(), n.to_string()))
-            .into_iter()
-            .collect();
-        env.extend([
-            ("TEST_CLOCK".into(), "false".into()),
-            ("LOG_LEVEL".into(), "warn".into()),
-        ]);
-        if name == "messaging" {
-            env.push(("INMAIL_BURST".into(), "1000000000".into()));
-            env.push(("INMAIL_PER_DAY".into(), "1000000000".into()));
-        }
-        env
-    })
-    .await;
-    let redis_pid = redis_pid(&stack);
-    let processes: Vec<(String, u32)> = [
-        ("redis".to_string(), redis_pid),
-        ("plans".to_string(), stack.plans.pid()),
-        ("billing".to_string(), stack.billing.pid()),
-        ("messaging".to_string(), stack.messaging.pid()),
-    ]
-    .into_iter()
-    .filter(|(_, pid)| *pid != 0)
-    .collect();
+    let mut secured = Bench::start(&args, false).await;
+    let mut plain = if args.scenarios.iter().any(|s| s.ends_with("-plain")) {
+        Some(Bench::start(&args, true).await)
+    } else {
+        None
+    };
     println!(
-        "inmail-bench: concurrency {}, {} members, {:?} measured after {:?} warm-up, {} cores",
+        "inmail-bench: concurrency {}, {} members, {:?} measured after {:?} warm-up, {} cores; \
+         redis: appendonly yes, appendfsync {}",
         args.concurrency,
         args.members,
         args.duration,
         args.warmup,
         std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1)
+            .unwrap_or(1),
+        args.appendfsync
     );
     let mut results: Vec<(String, Outcome)> = Vec::new();
-    let mut redis_conn = redis::Client::open(stack.redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("appendfsync")
-        .arg(&args.appendfsync)
-        .query_async(&mut redis_conn)
-        .await
-        .unwrap();
-    println!("redis: appendonly yes, appendfsync {}", args.appendfsync);
     for scenario in &args.scenarios {
-        let _: () = redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query_async(&mut redis_conn)
-            .await
-            .unwrap();
-        let outcome = match scenario.as_str() {
-            "direct" => direct(&args, &stack, &processes).await,
-            "debit" => debit(&args, &stack, &processes).await,
-            "send" => send(&args, &stack, &processes).await,
-            other => panic!("unknown scenario {other:?} (direct, debit, send)"),
+        let bench = if scenario.ends_with("-plain") {
+            plain.as_mut().unwrap()
+        } else {
+            &mut secured
         };
-        report(scenario, &outcome);
-        if args.redis_stats {
-            redis_stats(&mut redis_conn, outcome.ok + outcome.errors).await;
+        let prefix = scenario.replace('-', "");
+        match scenario.as_str() {
+            "debit" | "debit-plain" => subscribe_and_fund(bench, &prefix, args.members).await,
+            "send" | "send-plain" => subscribe_and_fund(bench, &prefix, args.members).await,
+            _ => {}
         }
+        bench.reset_redis_stats().await;
+        let mut outcome = match scenario.as_str() {
+            "thin" => match &args.thin_ideal_dir {
+                Some(dir) => thin(&args, bench, dir).await,
+                None => {
+                    println!(
+                        "thin         skipped: set THIN_IDEAL_DIR (scripts/bench.sh builds it)"
+                    );
+                    continue;
+                }
+            },
+            "direct" => direct(&args, bench).await,
+            "debit" | "debit-plain" => debit(&args, bench, &prefix).await,
+            "send" | "send-plain" => send(&args, bench, &prefix).await,
+            other => panic!(
+                "unknown scenario {other:?} (thin, direct, debit, debit-plain, send, send-plain)"
+            ),
+        };
+        outcome.redis_commands = bench.redis_commands().await;
+        outcome.redis_usec = outcome.redis_commands.iter().map(|r| r.2).sum();
+        if outcome.rss_kib.is_empty() {
+            outcome.rss_kib = bench
+                .processes
+                .iter()
+                .filter(|(n, _)| n != "redis")
+                .map(|(n, pid)| (n.clone(), rss_kib(*pid)))
+                .collect();
+        }
+        report(scenario, &outcome, args.redis_stats);
         results.push((scenario.clone(), outcome));
     }
-    let find = |name: &str| {
-        results
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, o)| rate(o))
-    };
-    if let (Some(direct), Some(debit)) = (find("direct"), find("debit")) {
-        println!("ratio debit/direct      = {:.2}", debit / direct);
+    summary(&results);
+}
+
+fn summary(results: &[(String, Outcome)]) {
+    let find = |name: &str| results.iter().find(|(n, _)| n == name).map(|(_, o)| o);
+    println!();
+    println!(
+        "{:<12} {:>8} {:>7} {:>8} {:>9} {:>13} {:>13}",
+        "", "calls/s", "x thin", "p99 ms", "p99/thin", "redis µs/call", "CPU µs/call"
+    );
+    let thin = find("thin");
+    for (name, o) in results {
+        let (x, px) = match thin {
+            Some(t) => (
+                format!("{:.2}", o.rate() / t.rate()),
+                format!("{:.1}", o.p99_ms / t.p99_ms),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{name:<12} {:>8.0} {:>7} {:>8.2} {:>9} {:>13.1} {:>13.0}",
+            o.rate(),
+            x,
+            o.p99_ms,
+            px,
+            o.redis_us_per_call(),
+            o.cpu_us_per_call()
+        );
     }
-    if let (Some(debit), Some(send)) = (find("debit"), find("send")) {
-        println!("ratio send/debit        = {:.2}", send / debit);
+    for kind in ["debit", "send"] {
+        if let (Some(tls), Some(plain)) = (find(kind), find(&format!("{kind}-plain"))) {
+            println!(
+                "{kind}: TLS and authentication / plaintext = {:.2} (throughput)",
+                tls.rate() / plain.rate()
+            );
+        }
     }
 }
 
 fn redis_pid(stack: &ProcessStack) -> u32 {
-    // The Redis of this run listens on its own port; find its pid by port.
-    let port = stack
-        .redis
-        .url()
-        .rsplit(':')
-        .next()
-        .unwrap_or("")
-        .to_string();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmdline = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
-        // Redis rewrites its title to "redis-server 127.0.0.1:<port>".
-        if cmdline.contains("redis-server") && cmdline.contains(&format!(":{port}")) {
-            return entry.file_name().to_string_lossy().parse().unwrap_or(0);
-        }
-    }
-    0
+    stack.redis.pid()
 }
 
 fn now_ms() -> i64 {
     inmail_shared::clock::system_ms()
 }
 
-/// The debit script on Redis with nothing in between.
-async fn direct(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) -> Outcome {
-    let redis = Redis::open(&RedisSettings::new(stack.redis.url())).unwrap();
+/// The thin ideal: its server on this stack's Redis, driven by its own load
+/// tool.
+async fn thin(args: &Args, bench: &Bench, dir: &std::path::Path) -> Outcome {
+    let port = inmail_tests::free_port();
+    let mut server = std::process::Command::new(dir.join("server"))
+        .env("ADDR", format!("127.0.0.1:{port}"))
+        .env("REDIS_URL", bench.stack.redis.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}/server: {e}", dir.display()));
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut processes = bench.processes.clone();
+    processes.push(("thin-server".to_string(), server.id()));
+    let me = std::process::id();
+    let before: Vec<Duration> = processes.iter().map(|(_, pid)| cpu_of(*pid)).collect();
+    let (_, children_before) = cpu_times(me);
+    let warm = 5000u64;
+    let output = tokio::process::Command::new(dir.join("load"))
+        .arg("debit")
+        .arg(format!("url=http://127.0.0.1:{port}"))
+        .arg(format!("c={}", args.concurrency))
+        .arg(format!("n={}", args.thin_calls))
+        .arg(format!("warm={warm}"))
+        .arg(format!("users={}", args.members))
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{}/load: {e}", dir.display()));
+    let (_, children_after) = cpu_times(me);
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let field = |key: &str| -> f64 {
+        text.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("the thin ideal's load tool printed no {key}: {text}"))
+    };
+    let mut outcome = Outcome {
+        errors: field("errors") as u64,
+        elapsed: Duration::from_secs_f64(field("elapsed_s")),
+        p50_ms: field("p50_ms"),
+        p99_ms: field("p99_ms"),
+        p999_ms: field("p999_ms"),
+        calls_total: args.thin_calls + warm,
+        cpu_calls: args.thin_calls + warm,
+        ..Default::default()
+    };
+    outcome.ok = args.thin_calls.saturating_sub(outcome.errors);
+    outcome.cpu = vec![(
+        "load".to_string(),
+        children_after.saturating_sub(children_before),
+    )];
+    outcome.cpu.extend(
+        processes
+            .iter()
+            .zip(before)
+            .filter(|((name, _), _)| name == "redis" || name == "thin-server")
+            .map(|((name, pid), before)| (name.clone(), cpu_of(*pid).saturating_sub(before))),
+    );
+    outcome.rss_kib = vec![("thin-server".to_string(), rss_kib(server.id()))];
+    let _ = server.kill();
+    let _ = server.wait();
+    outcome
+}
+
+/// Billing's debit scripts on Redis with nothing in between.
+async fn direct(args: &Args, bench: &Bench) -> Outcome {
+    let redis = Redis::open(&RedisSettings::new(bench.stack.redis.url())).unwrap();
     let store = BillingStore::new(redis);
     let members = args.members as u64;
     let entitlement = format!(
@@ -366,7 +609,7 @@ async fn direct(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) 
             .unwrap();
     }
     let store = Arc::new(store);
-    drive(args, processes, move |i| {
+    drive(args, &bench.processes, move |i| {
         let store = store.clone();
         async move {
             let member = format!("direct-{}", i % members);
@@ -400,42 +643,78 @@ async fn direct(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) 
     .await
 }
 
-async fn subscribe_and_fund(stack: &ProcessStack, prefix: &str, count: usize) {
-    let mut plans_client = PlansClient::new(channel(stack.plans.addr));
-    let mut billing_client = BillingClient::new(channel(stack.billing.addr));
-    for m in 0..count {
-        let member = format!("{prefix}-{m}");
-        plans_client
-            .subscribe(plans::SubscribeRequest {
-                request_id: format!("bench-sub-{member}"),
-                member_id: member.clone(),
-                plan_id: "recruiter-lite".into(),
-            })
-            .await
-            .unwrap();
-        billing_client
-            .grant_credits(billing::GrantCreditsRequest {
-                request_id: format!("bench-grant-{member}"),
-                member_id: member,
-                amount: 1000,
-                reason: "bench".into(),
-            })
-            .await
-            .unwrap();
+fn as_member<T>(message: T, token: &Option<MetadataValue<Ascii>>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", token.clone());
+    }
+    request
+}
+
+/// `count` members `<prefix>-<n>` on Recruiter Lite with 1,000 extra
+/// credits each (subscribed with their own tokens, granted by an operator).
+async fn subscribe_and_fund(bench: &Bench, prefix: &str, count: usize) {
+    let plans_client = PlansClient::new(bench.channel(bench.stack.plans.addr, As::Anonymous));
+    let billing_client = BillingClient::new(bench.channel(bench.stack.billing.addr, As::Operator));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (mut plans_client, mut billing_client, next) =
+            (plans_client.clone(), billing_client.clone(), next.clone());
+        let prefix = prefix.to_string();
+        let plaintext = bench.plaintext;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let m = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if m >= count {
+                    return;
+                }
+                let member = format!("{prefix}-{m}");
+                let token = (!plaintext)
+                    .then(|| format!("Bearer {}", pki().token(&member)).parse().unwrap());
+                plans_client
+                    .subscribe(as_member(
+                        plans::SubscribeRequest {
+                            request_id: format!("bench-sub-{member}"),
+                            member_id: member.clone(),
+                            plan_id: "recruiter-lite".into(),
+                        },
+                        &token,
+                    ))
+                    .await
+                    .unwrap();
+                billing_client
+                    .grant_credits(billing::GrantCreditsRequest {
+                        request_id: format!("bench-grant-{member}"),
+                        member_id: member,
+                        amount: 1000,
+                        reason: "bench".into(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
     }
 }
 
-async fn debit(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) -> Outcome {
-    subscribe_and_fund(stack, "debit", args.members).await;
-    let client = BillingClient::new(channel(stack.billing.addr));
+async fn debit(args: &Args, bench: &Bench, prefix: &str) -> Outcome {
+    let client =
+        BillingClient::new(bench.channel(bench.stack.billing.addr, As::Service("messaging")));
     let members = args.members as u64;
-    drive(args, processes, move |i| {
+    let prefix = prefix.to_string();
+    drive(args, &bench.processes, move |i| {
         let mut client = client.clone();
+        let member = format!("{prefix}-{}", i % members);
         async move {
             client
                 .debit_for_message(billing::DebitForMessageRequest {
                     request_id: format!("debit-req-{i}"),
-                    member_id: format!("debit-{}", i % members),
+                    member_id: member,
                     message_id: format!("debit-msg-{i}"),
                     amount: 1,
                 })
@@ -447,22 +726,31 @@ async fn debit(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) -
     .await
 }
 
-async fn send(args: &Args, stack: &ProcessStack, processes: &[(String, u32)]) -> Outcome {
-    subscribe_and_fund(stack, "sender", args.members).await;
-    let client = MessagingClient::new(channel(stack.messaging.addr));
+async fn send(args: &Args, bench: &Bench, prefix: &str) -> Outcome {
+    let client = MessagingClient::new(bench.channel(bench.stack.messaging.addr, As::Anonymous));
     let members = args.members as u64;
-    drive(args, processes, move |i| {
+    let tokens: Arc<Vec<Option<MetadataValue<Ascii>>>> = Arc::new(
+        (0..members)
+            .map(|m| bench.token(&format!("{prefix}-{m}")))
+            .collect(),
+    );
+    let prefix = prefix.to_string();
+    drive(args, &bench.processes, move |i| {
         let mut client = client.clone();
+        let sender = i % members;
+        let request = as_member(
+            messaging::SendMessageRequest {
+                request_id: format!("send-req-{i}"),
+                sender_id: format!("{prefix}-{sender}"),
+                recipient_id: format!("recipient-{i}"),
+                subject: "A role for you".into(),
+                body: "Hello! I came across your profile and would like to talk.".into(),
+            },
+            &tokens[sender as usize],
+        );
         async move {
-            let sender = i % members;
             client
-                .send_message(messaging::SendMessageRequest {
-                    request_id: format!("send-req-{i}"),
-                    sender_id: format!("sender-{sender}"),
-                    recipient_id: format!("recipient-{i}"),
-                    subject: "A role for you".into(),
-                    body: "Hello! I came across your profile and would like to talk.".into(),
-                })
+                .send_message(request)
                 .await
                 .map(|_| ())
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
