@@ -454,6 +454,7 @@ where
         let shared = self.shared.clone();
 
         let method = request.uri().path().to_string();
+        let method_label = shared.access.method_name(&method);
         let budget = request
             .headers()
             .get("grpc-timeout")
@@ -488,12 +489,7 @@ where
             Ok(caller) => caller,
             Err(refused) => {
                 let status = refused.into_status("server.inmail");
-                record_call(
-                    shared.service,
-                    &method,
-                    &format!("{:?}", status.code()),
-                    Duration::ZERO,
-                );
+                record_call(shared.service, method_label, status.code(), Duration::ZERO);
                 tracing::info!(method = %method, code = ?status.code(), "refused: {}", status.message());
                 return Box::pin(async move { Ok(status.into_http()) });
             }
@@ -545,7 +541,7 @@ where
                                     "the request body could not be read: {err}"
                                 ))
                             };
-                            record_call(shared.service, &method, &format!("{:?}", status.code()), started.elapsed());
+                            record_call(shared.service, method_label, status.code(), started.elapsed());
                             return Ok(status.into_http());
                         }
                         Err(_) => {
@@ -553,7 +549,7 @@ where
                                 "the request body did not arrive within {:?}",
                                 shared.body_read_timeout.min(budget)
                             ));
-                            record_call(shared.service, &method, "DeadlineExceeded", started.elapsed());
+                            record_call(shared.service, method_label, tonic::Code::DeadlineExceeded, started.elapsed());
                             return Ok(status.into_http());
                         }
                     };
@@ -570,7 +566,7 @@ where
                                 Duration::from_millis(100),
                             )
                             .into_status("server.inmail");
-                            record_call(shared.service, &method, "ResourceExhausted", Duration::ZERO);
+                            record_call(shared.service, method_label, tonic::Code::ResourceExhausted, Duration::ZERO);
                             return Ok(status.into_http());
                         }
                     }
@@ -597,7 +593,7 @@ where
                     .map(tonic::Code::from)
                     .unwrap_or(tonic::Code::Ok);
                 let elapsed = started.elapsed();
-                record_call(shared.service, &method, &format!("{code:?}"), elapsed);
+                record_call(shared.service, method_label, code, elapsed);
                 if code == tonic::Code::Ok {
                     tracing::debug!(elapsed_ms = elapsed.as_secs_f64() * 1e3, "ok");
                 } else {
@@ -610,14 +606,40 @@ where
     }
 }
 
-fn record_call(service: &'static str, method: &str, code: &str, elapsed: Duration) {
+/// Records one call; every label is a `&'static str` (no allocation per
+/// call).
+fn record_call(service: &'static str, method: &'static str, code: tonic::Code, elapsed: Duration) {
     let labels = [
-        ("service", service.to_string()),
-        ("method", method.to_string()),
-        ("code", code.to_string()),
+        ("service", service),
+        ("method", method),
+        ("code", code_name(code)),
     ];
     metrics::histogram!("grpc_server_handling_seconds", &labels).record(elapsed.as_secs_f64());
     metrics::counter!("grpc_server_handled_total", &labels).increment(1);
+}
+
+/// A status code's name as the metrics label (tonic's Debug spelling).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }
 
 /// Parses a `grpc-timeout` header: up to 8 digits and a unit (H M S m u n).

@@ -94,6 +94,14 @@ impl Access {
         self.methods.keys()
     }
 
+    /// The table's own copy of a method path (a label without an
+    /// allocation), or "unknown" for one in no table.
+    pub fn method_name(&self, method: &str) -> &'static str {
+        self.methods
+            .get_key_value(method)
+            .map_or("unknown", |(name, _)| name)
+    }
+
     /// Whether `caller` may call `method`.
     pub fn decide(&self, method: &str, caller: &Caller) -> Decision {
         let service = method

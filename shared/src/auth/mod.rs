@@ -12,6 +12,7 @@
 pub mod access;
 pub mod devpki;
 pub mod redis_acl;
+pub mod seen;
 pub mod tls;
 pub mod token;
 
@@ -145,6 +146,8 @@ pub enum Security {
     Tls {
         material: Arc<TlsMaterial>,
         tokens: Arc<TokenVerifier>,
+        /// Callers of certificates and tokens already verified.
+        seen: Arc<Seen>,
     },
     /// Plaintext and no authentication, on loopback only (asked for by
     /// name: INSECURE_PLAINTEXT).
@@ -164,6 +167,20 @@ fn is_loopback_url(url: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// What a server verified already (see [`seen`]).
+#[derive(Default)]
+pub struct Seen {
+    certificates: seen::Seen<Caller>,
+    /// Member by token, until the token's expiry plus the verifier's leeway.
+    tokens: seen::Seen<String>,
+}
+
+impl std::fmt::Debug for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seen").finish_non_exhaustive()
+    }
 }
 
 impl Security {
@@ -243,6 +260,7 @@ impl Security {
         Ok(Self::Tls {
             material: Arc::new(material),
             tokens: Arc::new(tokens),
+            seen: Arc::new(Seen::default()),
         })
     }
 
@@ -264,20 +282,28 @@ impl Security {
         headers: &tonic::codegen::http::HeaderMap,
         extensions: &tonic::codegen::http::Extensions,
     ) -> Result<Caller, ApiError> {
-        let tokens = match self {
+        let (tokens, seen) = match self {
             Self::Plaintext => return Ok(Caller::Local),
-            Self::Tls { tokens, .. } => tokens,
+            Self::Tls { tokens, seen, .. } => (tokens, seen),
         };
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let peer = extensions
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(TlsConnectInfo::peer_certs);
         if let Some(chain) = peer.as_ref().and_then(|c| c.first()) {
-            return Ok(tls::uri_sans(chain)
+            if let Some(caller) = seen.certificates.get(chain.as_ref(), now_s) {
+                return Ok(caller);
+            }
+            let caller = tls::uri_sans(chain)
                 .iter()
                 .find_map(|uri| Caller::from_spiffe(uri))
                 // A certificate of our CA without one of our ids: known to
                 // nobody's table.
-                .unwrap_or_else(|| Caller::Service(String::new())));
+                .unwrap_or_else(|| Caller::Service(String::new()));
+            seen.certificates.put(chain.as_ref(), caller.clone(), None);
+            return Ok(caller);
         }
         let Some(value) = headers.get("authorization") else {
             return Ok(Caller::Anonymous);
@@ -295,9 +321,17 @@ impl Security {
                     "the authorization header must be 'Bearer <token>'",
                 )
             })?;
+        let token = token.trim();
+        if let Some(member) = seen.tokens.get(token.as_bytes(), now_s) {
+            return Ok(Caller::Member(member));
+        }
         tokens
-            .verify(token.trim())
-            .map(Caller::Member)
+            .verify(token)
+            .map(|(member, expires_s)| {
+                seen.tokens
+                    .put(token.as_bytes(), member.clone(), Some(expires_s));
+                Caller::Member(member)
+            })
             .map_err(|why| {
                 ApiError::unauthenticated(
                     reasons::UNAUTHENTICATED,

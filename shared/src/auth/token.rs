@@ -67,8 +67,9 @@ impl TokenVerifier {
     }
 
     /// The member a token names, once its signature, issuer, audience and
-    /// expiry check out.
-    pub fn verify(&self, token: &str) -> Result<String, String> {
+    /// expiry check out, and until when (epoch seconds, the leeway included)
+    /// it stays valid.
+    pub fn verify(&self, token: &str) -> Result<(String, u64), String> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| format!("malformed token: {e}"))?;
         let candidates: Vec<&DecodingKey> = match &header.kid {
@@ -83,7 +84,10 @@ impl TokenVerifier {
         let mut last = "no key matches the token's kid".to_string();
         for key in candidates {
             match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
-                Ok(data) if is_member_id(&data.claims.sub) => return Ok(data.claims.sub),
+                Ok(data) if is_member_id(&data.claims.sub) => {
+                    let until = data.claims.exp.saturating_add(self.validation.leeway);
+                    return Ok((data.claims.sub, until));
+                }
                 Ok(_) => return Err("the token's subject is not a member id".into()),
                 Err(e) => last = e.to_string(),
             }
