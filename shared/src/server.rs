@@ -118,6 +118,11 @@ impl HealthGate {
         self.names.lock().unwrap().push(name.to_string());
     }
 
+    /// Whether Redis has answered (or failed to) at least once.
+    fn redis_known(&self) -> bool {
+        self.state.lock().unwrap().redis_known
+    }
+
     /// Whether the services report SERVING.
     pub fn is_serving(&self) -> bool {
         let state = *self.state.lock().unwrap();
@@ -164,6 +169,11 @@ impl HealthGate {
     }
 }
 
+/// Missed pings in a row that turn health NOT_SERVING: one answer slowed by
+/// a loaded machine (an fsync stall, a busy core) does not take a replica
+/// out of rotation; a Redis that is down does within about two intervals.
+const MISSES_TO_NOT_SERVING: u32 = 2;
+
 /// Pings Redis every `interval` and moves health with the answers, until
 /// `stop` is cancelled.
 pub fn spawn_redis_watch(
@@ -173,6 +183,7 @@ pub fn spawn_redis_watch(
     stop: CancellationToken,
 ) {
     tokio::spawn(async move {
+        let mut misses = 0u32;
         loop {
             let ping = tokio::time::timeout(interval.max(Duration::from_millis(200)), redis.ping());
             let error = tokio::select! {
@@ -186,7 +197,21 @@ pub fn spawn_redis_watch(
             if gate.state.lock().unwrap().draining {
                 return;
             }
-            gate.set_redis_ok(error.is_none(), error.as_deref()).await;
+            match &error {
+                None => {
+                    misses = 0;
+                    gate.set_redis_ok(true, None).await;
+                }
+                Some(e) => {
+                    misses += 1;
+                    // At start, the first answer decides.
+                    if misses >= MISSES_TO_NOT_SERVING || !gate.redis_known() {
+                        gate.set_redis_ok(false, Some(e)).await;
+                    } else {
+                        tracing::debug!(error = %e, "redis missed a ping");
+                    }
+                }
+            }
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = stop.cancelled() => return,
