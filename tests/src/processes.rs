@@ -55,6 +55,12 @@ impl ServiceProcess {
         service
     }
 
+    /// Another process of the same binary with the same settings, on its
+    /// own port: a replica.
+    pub async fn replica(&self) -> Self {
+        Self::start(self.name, self.env.clone()).await
+    }
+
     /// Starts the binary without waiting for it to serve.
     pub fn spawn_only(&mut self) {
         let log = std::fs::OpenOptions::new()

@@ -21,6 +21,7 @@ use inmail_shared::bootstrap::Runtime;
 use inmail_shared::cli::ServiceBinary;
 use inmail_shared::config::CommonArgs;
 use inmail_shared::idempotency::REQUEST_RETENTION;
+use inmail_shared::sweep::{LEAVE_WAIT, await_leave};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -177,7 +178,7 @@ pub async fn serve(
         runtime.clock.clone(),
         policy,
     );
-    sweeper::spawn_hold_sweeper(credits.clone(), args.sweep_interval, stop.clone());
+    let sweeper = sweeper::spawn_hold_sweeper(credits.clone(), args.sweep_interval, stop.clone());
     if let Some(dir) = &args.ledger_archive_dir {
         std::fs::create_dir_all(dir).map_err(|e| {
             format!(
@@ -195,5 +196,7 @@ pub async fn serve(
     }
     let mut server = runtime.server(SERVICE, args.common.limits());
     server.add_service(BillingApi::new(credits).into_server(), grpc::ACCESS);
-    runtime.serve(server, listener, stop).await
+    let served = runtime.serve(server, listener, stop).await;
+    await_leave(sweeper, LEAVE_WAIT).await;
+    served
 }

@@ -1,12 +1,14 @@
 //! Releases held debits that were not confirmed in time, so a credit never
-//! stays charged for a message that was not stored (README.md, "Money guarantees"). Any
-//! number of replicas may sweep at once: releasing is idempotent.
+//! stays charged for a message that was not stored (README.md, "Money guarantees"). The
+//! replicas share the shards of the hold index ([`SweepGroup`]); releasing
+//! is idempotent, so a shard swept twice while they change hands is harmless.
 
 use std::time::Duration;
 
 use inmail_shared::ApiError;
 use inmail_shared::context::CallContext;
-use inmail_shared::sweep::spawn_periodic;
+use inmail_shared::sweep::{SweepGroup, spawn_shared_sweep};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::credits::{Credits, Op};
@@ -15,23 +17,38 @@ use crate::store::{DebitState, HOLD_SHARDS, ReleaseCause};
 /// Expired holds handled per shard per round.
 const BATCH: usize = 200;
 
-pub fn spawn_hold_sweeper(credits: Credits, interval: Duration, stop: CancellationToken) {
-    spawn_periodic("hold sweeper", interval, stop, move || {
-        let credits = credits.clone();
-        async move { sweep_once(&credits).await }
-    });
+/// The Redis key of the hold sweepers' group.
+pub const GROUP_KEY: &str = "billing:sweepers";
+
+pub fn spawn_hold_sweeper(
+    credits: Credits,
+    interval: Duration,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let group = SweepGroup::new(credits.store().redis().clone(), GROUP_KEY, interval);
+    spawn_shared_sweep(
+        "hold sweeper",
+        group,
+        HOLD_SHARDS,
+        interval,
+        stop,
+        move |shards| {
+            let credits = credits.clone();
+            async move { sweep_shards(&credits, &shards).await }
+        },
+    )
 }
 
-/// One pass over every shard; answers how many holds it released.
+/// One pass over `shards`; answers how many holds it released.
 ///
 /// Confirmed debits are not taken out of the index when they are confirmed
 /// (that would cost every debit one more write); they leave it here, in
 /// batches: one round trip reads the states, one ZREM drops the settled.
-pub async fn sweep_once(credits: &Credits) -> Result<usize, ApiError> {
+async fn sweep_shards(credits: &Credits, shards: &[u32]) -> Result<usize, ApiError> {
     let now = credits.clock().now_ms().await?;
     let store = credits.store();
     let mut released = 0;
-    for shard in 0..HOLD_SHARDS {
+    for &shard in shards {
         loop {
             let due = store.expired_holds(shard, now, BATCH).await?;
             if due.is_empty() {

@@ -24,6 +24,7 @@ use inmail_shared::bootstrap::Runtime;
 use inmail_shared::cli::ServiceBinary;
 use inmail_shared::config::CommonArgs;
 use inmail_shared::idempotency::REQUEST_RETENTION;
+use inmail_shared::sweep::{LEAVE_WAIT, await_leave};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -302,11 +303,14 @@ pub async fn serve_with_faults(
         runtime.clock.clone(),
         config,
     );
-    sweeper::spawn_outbox_sweeper(messaging.clone(), args.sweep_interval, stop.clone());
+    let sweeper =
+        sweeper::spawn_outbox_sweeper(messaging.clone(), args.sweep_interval, stop.clone());
     let mut server = runtime.server(SERVICE, args.common.limits());
     server.add_service(
         MessagingApi::new(messaging, args.common.request_timeout).into_server(),
         grpc::ACCESS,
     );
-    runtime.serve(server, listener, stop).await
+    let served = runtime.serve(server, listener, stop).await;
+    await_leave(sweeper, LEAVE_WAIT).await;
+    served
 }

@@ -1,15 +1,17 @@
 //! Finishes what a dead process left in the outbox: staged InMails
 //! (delivered if billing confirmed them, given up and released otherwise) and
-//! refunds that billing did not take yet. Idempotent, so any number of
-//! replicas may sweep at once.
+//! refunds that billing did not take yet. The replicas share the outbox's
+//! shards ([`SweepGroup`]); finishing is idempotent, so a shard swept twice
+//! while they change hands is harmless.
 
 use std::time::Duration;
 
 use inmail_shared::context::CallContext;
 use inmail_shared::proto::billing::v1 as billing;
 use inmail_shared::proto::billing::v1::DebitState;
-use inmail_shared::sweep::spawn_periodic;
+use inmail_shared::sweep::{SweepGroup, spawn_shared_sweep};
 use inmail_shared::{ApiError, reasons};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::RefundState;
@@ -19,23 +21,38 @@ use crate::store::{MessageState, OUTBOX_SHARDS, OutboxItem};
 
 const BATCH: usize = 100;
 
-pub fn spawn_outbox_sweeper(messaging: Messaging, interval: Duration, stop: CancellationToken) {
-    spawn_periodic("outbox sweeper", interval, stop, move || {
-        let messaging = messaging.clone();
-        async move { sweep_once(&messaging).await }
-    });
+/// The Redis key of the outbox sweepers' group.
+pub const GROUP_KEY: &str = "messaging:sweepers";
+
+pub fn spawn_outbox_sweeper(
+    messaging: Messaging,
+    interval: Duration,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    let group = SweepGroup::new(messaging.store().redis().clone(), GROUP_KEY, interval);
+    spawn_shared_sweep(
+        "outbox sweeper",
+        group,
+        OUTBOX_SHARDS,
+        interval,
+        stop,
+        move |shards| {
+            let messaging = messaging.clone();
+            async move { sweep_shards(&messaging, &shards).await }
+        },
+    )
 }
 
-/// One pass over the outbox; answers how many items it finished.
+/// One pass over `shards` of the outbox; answers how many items it finished.
 ///
 /// Delivered sends are not taken out of the outbox when they are delivered
 /// (that would cost every InMail one more write); they leave it here, in
 /// batches: one round trip reads their states, one ZREM drops the finished.
-pub async fn sweep_once(messaging: &Messaging) -> Result<usize, ApiError> {
+async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, ApiError> {
     let now = messaging.clock().now_ms().await?;
     let store = messaging.store();
     let mut finished = 0;
-    for shard in 0..OUTBOX_SHARDS {
+    for &shard in shards {
         loop {
             let due = store.outbox_due(shard, now, BATCH).await?;
             if due.is_empty() {

@@ -384,3 +384,155 @@ async fn sigkill_during_sends_leaves_no_orphan_charge_and_no_free_inmail() {
     }
     inmail_tests::assert_ledgers_reconcile(&mut billing_client).await;
 }
+
+/// The replicas of billing share the hold sweeper's shards: while three run,
+/// each registers in the group and the hold index is scanned about as often
+/// as with one (not three times as often). When one is killed, the others
+/// take its shards once its registration runs out: holds in every shard are
+/// still released; one stopped gracefully leaves the group at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hold_sweeping_is_shared_by_the_replicas_and_taken_over_from_a_killed_one() {
+    if inmail_tests::redis_server::cluster_mode() {
+        // Counts commands on one Redis (INFO commandstats).
+        return;
+    }
+    let mut stack = ProcessStack::start(|name| match name {
+        "billing-credits" => vec![
+            ("HOLD_TTL".into(), "1s".into()),
+            ("SWEEP_INTERVAL".into(), "200ms".into()),
+        ],
+        _ => Vec::new(),
+    })
+    .await;
+    let mut redis = redis::Client::open(stack.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let group = "billing:sweepers";
+
+    // Hold-index scans (ZRANGE on billing:holds:*) per second: with one
+    // billing, then with three.
+    async fn zrange_calls_in(
+        redis: &mut redis::aio::MultiplexedConnection,
+        window: Duration,
+    ) -> u64 {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(redis)
+            .await
+            .unwrap();
+        tokio::time::sleep(window).await;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(redis)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_zrange:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map(|n| n.parse().unwrap())
+            .unwrap_or(0)
+    }
+    let window = Duration::from_secs(3);
+    let alone = zrange_calls_in(&mut redis, window).await;
+    let mut second = stack.billing.replica().await;
+    let third = stack.billing.replica().await;
+    let registered = eventually(Duration::from_secs(5), || {
+        let mut redis = redis.clone();
+        async move {
+            let n: u64 = redis::cmd("ZCARD")
+                .arg(group)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            n == 3
+        }
+    })
+    .await;
+    assert!(registered, "three replicas never registered in {group}");
+    let shared = zrange_calls_in(&mut redis, window).await;
+    // The messaging sweeper scans its outbox with ZRANGE too: both counts
+    // include its 16 shards per round. Unshared, three billings would make
+    // it (16 * 3 + 16) / (16 + 16) = 2x.
+    assert!(
+        alone > 0 && (shared as f64) < 1.4 * alone as f64,
+        "hold index scans: {alone} with one replica, {shared} with three"
+    );
+
+    // SIGKILL one replica; then holds made in every shard (members spread
+    // over the 16) must all be released by the survivors.
+    stack.billing.kill();
+    let survivor = billing_at(second.addr, &As::Service("messaging"));
+    let members: Vec<String> = (0..48).map(|i| format!("takeover-{i}")).collect();
+    for member in &members {
+        plans_at(stack.plans.addr, &As::member(member))
+            .subscribe(plans::SubscribeRequest {
+                request_id: rid(),
+                member_id: member.clone(),
+                plan_id: "premium-career".into(),
+            })
+            .await
+            .unwrap();
+        // A hold lives max(HOLD_TTL, the call's deadline).
+        let mut debit = tonic::Request::new(billing::DebitForMessageRequest {
+            request_id: rid(),
+            member_id: member.clone(),
+            message_id: format!("{member}-held"),
+            amount: 1,
+        });
+        debit.set_timeout(Duration::from_secs(1));
+        survivor.clone().debit_for_message(debit).await.unwrap();
+    }
+    // HOLD_TTL (1 s) + the dead replica's registration (3 intervals) + a
+    // sweep, with margin for a loaded machine.
+    let all_released = eventually(Duration::from_secs(6), || {
+        let survivor = survivor.clone();
+        let members = members.clone();
+        async move {
+            for member in &members {
+                let state = survivor
+                    .clone()
+                    .get_debit(billing::GetDebitRequest {
+                        member_id: member.clone(),
+                        message_id: format!("{member}-held"),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .debit
+                    .unwrap()
+                    .state;
+                if state == billing::DebitState::Held as i32 {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    assert!(
+        all_released,
+        "holds in the killed replica's shards were not taken over"
+    );
+    let n: u64 = redis::cmd("ZCARD")
+        .arg(group)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "the killed replica dropped out of the group");
+
+    // SIGTERM: the replica leaves the group as it stops.
+    second.terminate();
+    second
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exited");
+    let n: u64 = redis::cmd("ZCARD")
+        .arg(group)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "a replica stopped gracefully left the group");
+    drop(third);
+}
