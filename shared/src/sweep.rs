@@ -13,12 +13,14 @@
 use std::future::Future;
 use std::time::Duration;
 
-use redis::Script;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
-use crate::storage::Redis;
+use crate::storage::{Batch, Redis};
 
 /// How long a stopping service waits for its sweepers to leave their groups.
 pub const LEAVE_WAIT: Duration = Duration::from_secs(2);
@@ -26,17 +28,22 @@ pub const LEAVE_WAIT: Duration = Duration::from_secs(2);
 /// Registrations last this many sweep intervals.
 const TERMS_PER_REGISTRATION: u32 = 3;
 
-const GROUP_SCRIPT: &str = include_str!("lua/sweep_group.lua");
+/// Every this many rounds a replica also drops the registrations that ran
+/// out (the dead replicas' ids) from the group.
+const CLEANUP_EVERY: u32 = 16;
 
 /// The replicas of one service that share a sweep, registered under one
-/// Redis key.
+/// Redis key: a sorted set of replica ids, each scored by when its
+/// registration runs out (epoch ms, by the registering host's clock: a
+/// clock off by `d` delays a takeover, or makes two replicas sweep a shard,
+/// for `d`; both harmless, sweeping being idempotent).
 #[derive(Clone)]
 pub struct SweepGroup {
     redis: Redis,
     key: String,
     me: String,
     term: Duration,
-    script: Script,
+    rounds: Arc<AtomicU32>,
 }
 
 impl SweepGroup {
@@ -48,26 +55,35 @@ impl SweepGroup {
             key: key.into(),
             me: uuid::Uuid::new_v4().simple().to_string(),
             term: interval * TERMS_PER_REGISTRATION,
-            script: Script::new(GROUP_SCRIPT),
+            rounds: Arc::new(AtomicU32::new(0)),
         }
     }
 
-    /// How long after its last round a replica that died still holds its
-    /// shards: the takeover delay.
-    pub fn takeover_after(&self) -> Duration {
-        self.term
-    }
-
     /// Registers this replica for another term and answers the shards, of
-    /// `0..shards`, it sweeps this round.
+    /// `0..shards`, it sweeps this round: one round trip of two commands
+    /// (three every [`CLEANUP_EVERY`] rounds).
     pub async fn shards(&self, shards: u32) -> Result<Vec<u32>, ApiError> {
-        let members: Vec<String> = self
-            .script
-            .key(&self.key)
-            .arg(&self.me)
-            .arg(self.term.as_millis() as u64)
-            .invoke_async(&mut self.redis.conn())
-            .await?;
+        let now = crate::clock::system_ms();
+        let mut batch = Batch::new();
+        if self
+            .rounds
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(CLEANUP_EVERY)
+        {
+            let mut cleanup = redis::cmd("ZREMRANGEBYSCORE");
+            cleanup.arg(&self.key).arg("-inf").arg(now);
+            batch.add_ignored(cleanup);
+        }
+        let mut register = redis::cmd("ZADD");
+        register
+            .arg(&self.key)
+            .arg(now + self.term.as_millis() as i64)
+            .arg(&self.me);
+        batch.add_ignored(register);
+        let mut live = redis::cmd("ZRANGE");
+        live.arg(&self.key).arg(now).arg("+inf").arg("BYSCORE");
+        batch.add(live);
+        let (members,): (Vec<String>,) = self.redis.run(&batch).await?;
         Ok(shares(&members, &self.me, shards))
     }
 

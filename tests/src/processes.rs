@@ -10,8 +10,18 @@ use std::time::Duration;
 use crate::redis_server::{RedisServer, free_port};
 
 /// A workspace binary, built next to the test executable (`cargo build
-/// --workspace --bins` builds them; the README's test command does).
+/// --workspace --bins` builds them; the README's test command does), or in
+/// `INMAIL_BIN_DIR` when set (the bench, to compare another build).
 pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("INMAIL_BIN_DIR") {
+        let path = PathBuf::from(dir).join(name);
+        assert!(
+            path.is_file(),
+            "{} is missing (INMAIL_BIN_DIR)",
+            path.display()
+        );
+        return path;
+    }
     let exe = std::env::current_exe().expect("test executable path");
     // Next to a binary (target/release/inmail-bench), or one level up from a
     // test (target/debug/deps/e2e-…).

@@ -18,6 +18,11 @@
 //! TLS against plaintext. On a 2-core machine the load tools, services and
 //! Redis share the cores, so only ratios from one run are honest figures.
 //!
+//! `--scenarios idle --idle-replicas 1,2,4` measures Redis's load with the
+//! services idle at each replica count (every service replicated), on a
+//! fresh stack: commands and Redis time per second, Redis's CPU, and the
+//! sweepers' share. `INMAIL_BIN_DIR` runs other builds of the services.
+//!
 //! `--members 1000000` loads that many funded members (balances and
 //! ledgers) before measuring, to show cost per call flat in the member
 //! count.
@@ -85,6 +90,12 @@ struct Args {
     /// one per core).
     #[arg(long)]
     service_worker_threads: Option<usize>,
+    /// Replica counts (of every service) the `idle` scenario measures.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    idle_replicas: Vec<usize>,
+    /// How long the `idle` scenario measures each replica count.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    idle_window: Duration,
     /// Redis AOF fsync policy for the run (the shipped configuration: always).
     #[arg(long, default_value = "always")]
     appendfsync: String,
@@ -190,7 +201,7 @@ impl Bench {
                 };
                 Some((name.to_string(), field("calls") as u64, field("usec")))
             })
-            .filter(|(name, _, _)| name != "info" && name != "config")
+            .filter(|(name, _, _)| name != "info" && !name.starts_with("config"))
             .collect();
         rows.sort_by(|a, b| b.2.total_cmp(&a.2));
         rows
@@ -402,6 +413,12 @@ fn main() {
 }
 
 async fn run(args: Args) {
+    if args.scenarios.iter().any(|s| s == "idle") {
+        idle(&args).await;
+        if args.scenarios.len() == 1 {
+            return;
+        }
+    }
     let mut secured = Bench::start(&args, false).await;
     let mut plain = if args.scenarios.iter().any(|s| s.ends_with("-plain")) {
         Some(Bench::start(&args, true).await)
@@ -435,6 +452,7 @@ async fn run(args: Args) {
         }
         bench.reset_redis_stats().await;
         let mut outcome = match scenario.as_str() {
+            "idle" => continue,
             "thin" => match &args.thin_ideal_dir {
                 Some(dir) => thin(&args, bench, dir).await,
                 None => {
@@ -448,7 +466,7 @@ async fn run(args: Args) {
             "debit" | "debit-plain" => debit(&args, bench, &prefix).await,
             "send" | "send-plain" => send(&args, bench, &prefix).await,
             other => panic!(
-                "unknown scenario {other:?} (thin, direct, debit, debit-plain, send, send-plain)"
+                "unknown scenario {other:?} (idle, thin, direct, debit, debit-plain, send, send-plain)"
             ),
         };
         outcome.redis_commands = bench.redis_commands().await;
@@ -757,4 +775,84 @@ async fn send(args: &Args, bench: &Bench, prefix: &str) -> Outcome {
         }
     })
     .await
+}
+
+/// Redis's load with the services idle, at each replica count of every
+/// service: what replicas cost when nothing happens (sweepers, health
+/// checks).
+async fn idle(args: &Args) {
+    let mut bench = Bench::start(args, false).await;
+    let redis = redis_pid(&bench.stack);
+    let mut extra: Vec<inmail_tests::processes::ServiceProcess> = Vec::new();
+    println!(
+        "idle: Redis load with the services idle, {:?} per replica count \
+         (ZRANGE: the sweepers' shard scans and group reads; PING: health checks)",
+        args.idle_window
+    );
+    println!(
+        "{:<10} {:>9} {:>11} {:>14} {:>12} {:>12}",
+        "replicas", "cmds/s", "Redis µs/s", "Redis CPU ms/s", "ZRANGE/s", "PING/s"
+    );
+    let mut first: Option<f64> = None;
+    for &count in &args.idle_replicas {
+        while extra.len() < 3 * count.saturating_sub(1) {
+            let stack = &bench.stack;
+            for service in [&stack.plans, &stack.billing, &stack.messaging] {
+                extra.push(service.replica().await);
+            }
+        }
+        while extra.len() > 3 * count.saturating_sub(1) {
+            let mut gone = extra.pop().unwrap();
+            gone.terminate();
+            gone.wait_exit(Duration::from_secs(10)).await;
+        }
+        // Registrations settle (departed replicas' run out) before measuring.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        bench.reset_redis_stats().await;
+        let cpu_before = cpu_of(redis);
+        let started = Instant::now();
+        tokio::time::sleep(args.idle_window).await;
+        let rows = bench.redis_commands().await;
+        let secs = started.elapsed().as_secs_f64();
+        let cpu = cpu_of(redis).saturating_sub(cpu_before);
+        let calls = |name: &str| {
+            rows.iter()
+                .filter(|r| r.0 == name)
+                .map(|r| r.1)
+                .sum::<u64>() as f64
+                / secs
+        };
+        let total_calls = rows.iter().map(|r| r.1).sum::<u64>() as f64 / secs;
+        let usec = rows.iter().map(|r| r.2).sum::<f64>() / secs;
+        println!(
+            "{:<10} {:>9.1} {:>11.1} {:>14.2} {:>12.1} {:>12.1}",
+            count,
+            total_calls,
+            usec,
+            cpu.as_secs_f64() * 1e3 / secs,
+            calls("zrange"),
+            calls("ping")
+        );
+        if args.redis_stats {
+            for (name, n, us) in &rows {
+                println!(
+                    "    {name:<24} {:>9.1}/s {:>9.1} µs/s",
+                    *n as f64 / secs,
+                    us / secs
+                );
+            }
+        }
+        match first {
+            None => first = Some(usec),
+            Some(base) => println!(
+                "           Redis µs/s {:.2}x of {} replica(s)",
+                usec / base.max(1e-9),
+                args.idle_replicas[0]
+            ),
+        }
+    }
+    for mut process in extra {
+        process.terminate();
+        process.wait_exit(Duration::from_secs(10)).await;
+    }
 }

@@ -409,7 +409,17 @@ async fn hold_sweeping_is_shared_by_the_replicas_and_taken_over_from_a_killed_on
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let group = "billing:sweepers";
+    // Registrations that have not run out (scored by when they do).
+    async fn registered(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
+        let now = chrono::Utc::now().timestamp_millis();
+        redis::cmd("ZCOUNT")
+            .arg("billing:sweepers")
+            .arg(now)
+            .arg("+inf")
+            .query_async(redis)
+            .await
+            .unwrap()
+    }
 
     // Hold-index scans (ZRANGE on billing:holds:*) per second: with one
     // billing, then with three.
@@ -438,19 +448,12 @@ async fn hold_sweeping_is_shared_by_the_replicas_and_taken_over_from_a_killed_on
     let alone = zrange_calls_in(&mut redis, window).await;
     let mut second = stack.billing.replica().await;
     let third = stack.billing.replica().await;
-    let registered = eventually(Duration::from_secs(5), || {
+    let three = eventually(Duration::from_secs(5), || {
         let mut redis = redis.clone();
-        async move {
-            let n: u64 = redis::cmd("ZCARD")
-                .arg(group)
-                .query_async(&mut redis)
-                .await
-                .unwrap();
-            n == 3
-        }
+        async move { registered(&mut redis).await == 3 }
     })
     .await;
-    assert!(registered, "three replicas never registered in {group}");
+    assert!(three, "three replicas never registered in billing:sweepers");
     let shared = zrange_calls_in(&mut redis, window).await;
     // The messaging sweeper scans its outbox with ZRANGE too: both counts
     // include its 16 shards per round. Unshared, three billings would make
@@ -515,12 +518,11 @@ async fn hold_sweeping_is_shared_by_the_replicas_and_taken_over_from_a_killed_on
         all_released,
         "holds in the killed replica's shards were not taken over"
     );
-    let n: u64 = redis::cmd("ZCARD")
-        .arg(group)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(n, 2, "the killed replica dropped out of the group");
+    assert_eq!(
+        registered(&mut redis).await,
+        2,
+        "the killed replica dropped out of the group"
+    );
 
     // SIGTERM: the replica leaves the group as it stops.
     second.terminate();
@@ -528,11 +530,10 @@ async fn hold_sweeping_is_shared_by_the_replicas_and_taken_over_from_a_killed_on
         .wait_exit(Duration::from_secs(10))
         .await
         .expect("exited");
-    let n: u64 = redis::cmd("ZCARD")
-        .arg(group)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(n, 1, "a replica stopped gracefully left the group");
+    assert_eq!(
+        registered(&mut redis).await,
+        1,
+        "a replica stopped gracefully left the group"
+    );
     drop(third);
 }
