@@ -23,9 +23,13 @@
 //! fresh stack: commands and Redis time per second, Redis's CPU, and the
 //! sweepers' share. `INMAIL_BIN_DIR` runs other builds of the services.
 //!
-//! `--members 1000000` loads that many funded members (balances and
-//! ledgers) before measuring, to show cost per call flat in the member
-//! count.
+//! `--members 1000,1000000` runs Debit and SendMessage at each member count
+//! in one run, on the same stacks: the first 1,000 members are subscribed
+//! and funded through the services; the others are copies of the first
+//! written straight into Redis (subscription, account with balance, ledger),
+//! so a million load in seconds. Members are picked spread over all of
+//! them, to show cost per call flat in the member count. The thin ideal and
+//! `direct` run once, at the first count.
 //!
 //! Build and run: `scripts/bench.sh` (builds the thin ideal too) or
 //! `cargo build --release --bins && target/release/inmail-bench`.
@@ -64,9 +68,10 @@ struct Args {
     /// Unmeasured warm-up per scenario.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
-    /// Members debited (and senders of InMail).
-    #[arg(long, default_value_t = 1000)]
-    members: usize,
+    /// Members debited (and senders of InMail): one count, or several to run
+    /// Debit and SendMessage at each (e.g. 1000,1000000).
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    members: Vec<usize>,
     /// Scenarios to run, in order (thin, direct, debit, debit-plain, send,
     /// send-plain).
     #[arg(
@@ -107,6 +112,8 @@ struct Bench {
     plaintext: bool,
     processes: Vec<(String, u32)>,
     redis: redis::aio::MultiplexedConnection,
+    /// Members loaded, per name prefix.
+    loaded: std::collections::HashMap<String, usize>,
 }
 
 impl Bench {
@@ -122,6 +129,11 @@ impl Bench {
                 ("TEST_CLOCK".into(), "false".into()),
                 ("LOG_LEVEL".into(), "warn".into()),
             ]);
+            if name == "billing-credits" {
+                // Debit-only load leaves its holds unconfirmed: they must not
+                // expire (and be released by the sweeper) during later rows.
+                env.push(("HOLD_TTL".into(), "1h".into()));
+            }
             if name == "messaging" {
                 env.push(("INMAIL_BURST".into(), "1000000000".into()));
                 env.push(("INMAIL_PER_DAY".into(), "1000000000".into()));
@@ -155,6 +167,7 @@ impl Bench {
             plaintext,
             processes,
             redis,
+            loaded: Default::default(),
         }
     }
 
@@ -426,7 +439,7 @@ async fn run(args: Args) {
         None
     };
     println!(
-        "inmail-bench: concurrency {}, {} members, {:?} measured after {:?} warm-up, {} cores; \
+        "inmail-bench: concurrency {}, {:?} members, {:?} measured after {:?} warm-up, {} cores; \
          redis: appendonly yes, appendfsync {}",
         args.concurrency,
         args.members,
@@ -438,49 +451,61 @@ async fn run(args: Args) {
         args.appendfsync
     );
     let mut results: Vec<(String, Outcome)> = Vec::new();
-    for scenario in &args.scenarios {
-        let bench = if scenario.ends_with("-plain") {
-            plain.as_mut().unwrap()
-        } else {
-            &mut secured
-        };
-        let prefix = scenario.replace('-', "");
-        match scenario.as_str() {
-            "debit" | "debit-plain" => subscribe_and_fund(bench, &prefix, args.members).await,
-            "send" | "send-plain" => subscribe_and_fund(bench, &prefix, args.members).await,
-            _ => {}
+    let counts = args.members.clone();
+    for (k, &members) in counts.iter().enumerate() {
+        for scenario in &args.scenarios {
+            if k > 0 && matches!(scenario.as_str(), "thin" | "direct" | "idle") {
+                continue;
+            }
+            let bench = if scenario.ends_with("-plain") {
+                plain.as_mut().unwrap()
+            } else {
+                &mut secured
+            };
+            let prefix = scenario.replace('-', "");
+            if matches!(
+                scenario.as_str(),
+                "debit" | "debit-plain" | "send" | "send-plain"
+            ) {
+                load_members(bench, &prefix, members, &args.appendfsync).await;
+            }
+            bench.reset_redis_stats().await;
+            let mut outcome = match scenario.as_str() {
+                "idle" => continue,
+                "thin" => match &args.thin_ideal_dir {
+                    Some(dir) => thin(&args, bench, dir, members).await,
+                    None => {
+                        println!(
+                            "thin         skipped: set THIN_IDEAL_DIR (scripts/bench.sh builds it)"
+                        );
+                        continue;
+                    }
+                },
+                "direct" => direct(&args, bench, members).await,
+                "debit" | "debit-plain" => debit(&args, bench, &prefix, members).await,
+                "send" | "send-plain" => send(&args, bench, &prefix, members).await,
+                other => panic!(
+                    "unknown scenario {other:?} (idle, thin, direct, debit, debit-plain, send, send-plain)"
+                ),
+            };
+            outcome.redis_commands = bench.redis_commands().await;
+            outcome.redis_usec = outcome.redis_commands.iter().map(|r| r.2).sum();
+            if outcome.rss_kib.is_empty() {
+                outcome.rss_kib = bench
+                    .processes
+                    .iter()
+                    .filter(|(n, _)| n != "redis")
+                    .map(|(n, pid)| (n.clone(), rss_kib(*pid)))
+                    .collect();
+            }
+            let name = if counts.len() > 1 && !matches!(scenario.as_str(), "thin" | "direct") {
+                format!("{scenario}@{}", short_count(members))
+            } else {
+                scenario.clone()
+            };
+            report(&name, &outcome, args.redis_stats);
+            results.push((name, outcome));
         }
-        bench.reset_redis_stats().await;
-        let mut outcome = match scenario.as_str() {
-            "idle" => continue,
-            "thin" => match &args.thin_ideal_dir {
-                Some(dir) => thin(&args, bench, dir).await,
-                None => {
-                    println!(
-                        "thin         skipped: set THIN_IDEAL_DIR (scripts/bench.sh builds it)"
-                    );
-                    continue;
-                }
-            },
-            "direct" => direct(&args, bench).await,
-            "debit" | "debit-plain" => debit(&args, bench, &prefix).await,
-            "send" | "send-plain" => send(&args, bench, &prefix).await,
-            other => panic!(
-                "unknown scenario {other:?} (idle, thin, direct, debit, debit-plain, send, send-plain)"
-            ),
-        };
-        outcome.redis_commands = bench.redis_commands().await;
-        outcome.redis_usec = outcome.redis_commands.iter().map(|r| r.2).sum();
-        if outcome.rss_kib.is_empty() {
-            outcome.rss_kib = bench
-                .processes
-                .iter()
-                .filter(|(n, _)| n != "redis")
-                .map(|(n, pid)| (n.clone(), rss_kib(*pid)))
-                .collect();
-        }
-        report(scenario, &outcome, args.redis_stats);
-        results.push((scenario.clone(), outcome));
     }
     summary(&results);
 }
@@ -519,6 +544,207 @@ fn summary(results: &[(String, Outcome)]) {
             );
         }
     }
+    // Cost per call at the largest member count against the smallest.
+    let at = |name: &str| -> Vec<(&String, &Outcome)> {
+        results
+            .iter()
+            .filter(|(n, _)| n.split('@').next() == Some(name) && n.contains('@'))
+            .map(|(n, o)| (n, o))
+            .collect()
+    };
+    for kind in ["debit", "debit-plain", "send", "send-plain"] {
+        let rows = at(kind);
+        if let (Some((small, s)), Some((large, l))) = (rows.first(), rows.last())
+            && rows.len() > 1
+        {
+            println!(
+                "{large} / {small}: Redis µs/call {:.2}, CPU µs/call {:.2}, throughput {:.2}",
+                l.redis_us_per_call() / s.redis_us_per_call().max(1e-9),
+                l.cpu_us_per_call() / s.cpu_us_per_call().max(1e-9),
+                l.rate() / s.rate().max(1e-9)
+            );
+        }
+    }
+}
+
+fn short_count(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+/// The member a call `i` acts for, of `members`: spread over all of them
+/// (a multiplicative hash), not the first few.
+fn member_index(i: u64, members: u64) -> u64 {
+    i.wrapping_mul(2_654_435_761) % members
+}
+
+/// Members loaded through the services; beyond them, copies.
+const THROUGH_SERVICES: usize = 1000;
+
+/// Makes `count` members `<prefix>-<n>` exist, funded: up to
+/// [`THROUGH_SERVICES`] through the services (subscribed, granted 1,000
+/// credits); the rest as copies of `<prefix>-0` written into Redis.
+async fn load_members(bench: &mut Bench, prefix: &str, count: usize, appendfsync: &str) {
+    let loaded = bench.loaded.get(prefix).copied().unwrap_or(0);
+    if loaded >= count {
+        return;
+    }
+    let through = count.min(THROUGH_SERVICES);
+    if loaded < through {
+        subscribe_and_fund(bench, prefix, loaded, through).await;
+    }
+    if count > through {
+        let started = Instant::now();
+        copy_members(bench, prefix, loaded.max(through), count, appendfsync).await;
+        println!(
+            "loaded members {}..{count} of {prefix} into Redis in {:.1}s",
+            loaded.max(through),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    bench.loaded.insert(prefix.to_string(), count);
+}
+
+/// Writes members `from..to` as copies of `<prefix>-0`: its subscription
+/// (plans), its account and its ledger (billing), with the member id
+/// replaced. Pipelined with AOF fsync and automatic rewrites off, then the
+/// AOF is rewritten once (so no rewrite starts while measuring) and the
+/// settings restored.
+async fn copy_members(bench: &mut Bench, prefix: &str, from: usize, to: usize, appendfsync: &str) {
+    let template = format!("{prefix}-0");
+    let mut redis = bench.redis.clone();
+    let subscription: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(format!("plans:{{{template}}}:subscription"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let account: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(format!("billing:{{{template}}}:account"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let ledger: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(format!("billing:{{{template}}}:ledger"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        !subscription.is_empty() && !account.is_empty() && !ledger.is_empty(),
+        "the template member {template} is not loaded"
+    );
+    let quoted = format!("\"{template}\"");
+    let swap = move |value: &str, member: &str| -> String {
+        if value == template {
+            member.to_string()
+        } else {
+            value.replace(&quoted, &format!("\"{member}\""))
+        }
+    };
+    let set = |name: &str, value: &str| {
+        let mut redis = bench.redis.clone();
+        let (name, value) = (name.to_string(), value.to_string());
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+    };
+    let auto_rewrite: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("auto-aof-rewrite-percentage")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    set("appendfsync", "no").await;
+    // No automatic AOF rewrites while loading: one at the end.
+    set("auto-aof-rewrite-percentage", "0").await;
+    let swap = Arc::new(swap);
+    let (subscription, account, ledger) =
+        (Arc::new(subscription), Arc::new(account), Arc::new(ledger));
+    let next = Arc::new(AtomicU64::new(from as u64));
+    const CHUNK: u64 = 200;
+    // A connection without a response timeout: a big pipeline into a
+    // growing keyspace may take a while.
+    let loader = redis::Client::open(bench.stack.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (mut redis, next, swap) = (loader.clone(), next.clone(), swap.clone());
+        let (subscription, account, ledger) =
+            (subscription.clone(), account.clone(), ledger.clone());
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let first = next.fetch_add(CHUNK, Ordering::Relaxed);
+                if first >= to as u64 {
+                    return;
+                }
+                let mut pipe = redis::pipe();
+                for m in first..(first + CHUNK).min(to as u64) {
+                    let member = format!("{prefix}-{m}");
+                    let hset =
+                        |pipe: &mut redis::Pipeline, key: String, fields: &[(String, String)]| {
+                            let cmd = pipe.cmd("HSET").arg(key);
+                            for (f, v) in fields {
+                                cmd.arg(f).arg(swap(v, &member));
+                            }
+                            cmd.ignore();
+                        };
+                    hset(
+                        &mut pipe,
+                        format!("plans:{{{member}}}:subscription"),
+                        &subscription,
+                    );
+                    hset(&mut pipe, format!("billing:{{{member}}}:account"), &account);
+                    for (id, fields) in ledger.iter() {
+                        let cmd = pipe
+                            .cmd("XADD")
+                            .arg(format!("billing:{{{member}}}:ledger"))
+                            .arg(id);
+                        for (f, v) in fields {
+                            cmd.arg(f).arg(swap(v, &member));
+                        }
+                        cmd.ignore();
+                    }
+                }
+                let _: () = pipe.query_async(&mut redis).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let _: () = redis::cmd("BGREWRITEAOF")
+        .query_async(&mut redis)
+        .await
+        .unwrap_or(());
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if info.contains("aof_rewrite_in_progress:0") && !info.contains("aof_rewrite_scheduled:1") {
+            break;
+        }
+    }
+    set("appendfsync", appendfsync).await;
+    set("auto-aof-rewrite-percentage", &auto_rewrite[1]).await;
 }
 
 fn redis_pid(stack: &ProcessStack) -> u32 {
@@ -531,7 +757,7 @@ fn now_ms() -> i64 {
 
 /// The thin ideal: its server on this stack's Redis, driven by its own load
 /// tool.
-async fn thin(args: &Args, bench: &Bench, dir: &std::path::Path) -> Outcome {
+async fn thin(args: &Args, bench: &Bench, dir: &std::path::Path, members: usize) -> Outcome {
     let port = inmail_tests::free_port();
     let mut server = std::process::Command::new(dir.join("server"))
         .env("ADDR", format!("127.0.0.1:{port}"))
@@ -558,7 +784,7 @@ async fn thin(args: &Args, bench: &Bench, dir: &std::path::Path) -> Outcome {
         .arg(format!("c={}", args.concurrency))
         .arg(format!("n={}", args.thin_calls))
         .arg(format!("warm={warm}"))
-        .arg(format!("users={}", args.members))
+        .arg(format!("users={members}"))
         .output()
         .await
         .unwrap_or_else(|e| panic!("{}/load: {e}", dir.display()));
@@ -599,10 +825,10 @@ async fn thin(args: &Args, bench: &Bench, dir: &std::path::Path) -> Outcome {
 }
 
 /// Billing's debit scripts on Redis with nothing in between.
-async fn direct(args: &Args, bench: &Bench) -> Outcome {
+async fn direct(args: &Args, bench: &Bench, members: usize) -> Outcome {
     let redis = Redis::open(&RedisSettings::new(bench.stack.redis.url())).unwrap();
     let store = BillingStore::new(redis);
-    let members = args.members as u64;
+    let members = members as u64;
     let entitlement = format!(
         r#"{{"periods":[{{"v":1,"p":"recruiter-lite","m":30,"c":120,"paid":1,"n":1,"st":{},"cs":{},"ce":{}}}]}}"#,
         now_ms(),
@@ -671,12 +897,12 @@ fn as_member<T>(message: T, token: &Option<MetadataValue<Ascii>>) -> tonic::Requ
     request
 }
 
-/// `count` members `<prefix>-<n>` on Recruiter Lite with 1,000 extra
+/// Members `<prefix>-<from>..<to>` on Recruiter Lite with 1,000 extra
 /// credits each (subscribed with their own tokens, granted by an operator).
-async fn subscribe_and_fund(bench: &Bench, prefix: &str, count: usize) {
+async fn subscribe_and_fund(bench: &Bench, prefix: &str, from: usize, count: usize) {
     let plans_client = PlansClient::new(bench.channel(bench.stack.plans.addr, As::Anonymous));
     let billing_client = BillingClient::new(bench.channel(bench.stack.billing.addr, As::Operator));
-    let next = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(from as u64));
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let (mut plans_client, mut billing_client, next) =
@@ -720,20 +946,20 @@ async fn subscribe_and_fund(bench: &Bench, prefix: &str, count: usize) {
     }
 }
 
-async fn debit(args: &Args, bench: &Bench, prefix: &str) -> Outcome {
+async fn debit(args: &Args, bench: &Bench, prefix: &str, members: usize) -> Outcome {
     let client =
         BillingClient::new(bench.channel(bench.stack.billing.addr, As::Service("messaging")));
-    let members = args.members as u64;
+    let members = members as u64;
     let prefix = prefix.to_string();
     drive(args, &bench.processes, move |i| {
         let mut client = client.clone();
-        let member = format!("{prefix}-{}", i % members);
+        let member = format!("{prefix}-{}", member_index(i, members));
         async move {
             client
                 .debit_for_message(billing::DebitForMessageRequest {
-                    request_id: format!("debit-req-{i}"),
+                    request_id: format!("debit-req-{members}-{i}"),
                     member_id: member,
-                    message_id: format!("debit-msg-{i}"),
+                    message_id: format!("debit-msg-{members}-{i}"),
                     amount: 1,
                 })
                 .await
@@ -744,27 +970,34 @@ async fn debit(args: &Args, bench: &Bench, prefix: &str) -> Outcome {
     .await
 }
 
-async fn send(args: &Args, bench: &Bench, prefix: &str) -> Outcome {
+/// Senders with a token ready, at most (tokens are made before the run).
+const SENDER_POOL: u64 = 20_000;
+
+async fn send(args: &Args, bench: &Bench, prefix: &str, members: usize) -> Outcome {
     let client = MessagingClient::new(bench.channel(bench.stack.messaging.addr, As::Anonymous));
-    let members = args.members as u64;
-    let tokens: Arc<Vec<Option<MetadataValue<Ascii>>>> = Arc::new(
-        (0..members)
-            .map(|m| bench.token(&format!("{prefix}-{m}")))
+    let members = members as u64;
+    // Senders spread over all the members, each with its token.
+    let pool: Arc<Vec<(u64, Option<MetadataValue<Ascii>>)>> = Arc::new(
+        (0..members.min(SENDER_POOL))
+            .map(|j| {
+                let m = member_index(j, members);
+                (m, bench.token(&format!("{prefix}-{m}")))
+            })
             .collect(),
     );
     let prefix = prefix.to_string();
     drive(args, &bench.processes, move |i| {
         let mut client = client.clone();
-        let sender = i % members;
+        let (sender, token) = &pool[(i % pool.len() as u64) as usize];
         let request = as_member(
             messaging::SendMessageRequest {
-                request_id: format!("send-req-{i}"),
+                request_id: format!("send-req-{members}-{i}"),
                 sender_id: format!("{prefix}-{sender}"),
-                recipient_id: format!("recipient-{i}"),
+                recipient_id: format!("recipient-{members}-{i}"),
                 subject: "A role for you".into(),
                 body: "Hello! I came across your profile and would like to talk.".into(),
             },
-            &tokens[sender as usize],
+            token,
         );
         async move {
             client
