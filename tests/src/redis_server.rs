@@ -333,19 +333,47 @@ impl RedisServer {
         }
     }
 
-    /// DEBUG DIGEST of every node: a hash of the whole dataset, to show a
-    /// call changed nothing.
+    /// A digest of every node's data, to show a call changed nothing: each
+    /// key's name, value (DEBUG DIGEST-VALUE) and expiry, in key order. The
+    /// sweepers' group registrations (`*:sweepers`), which the replicas
+    /// renew every round whatever the calls do, are left out.
     pub async fn digest(&self) -> String {
         let mut digests = Vec::new();
         for node in &self.nodes {
             let client = redis::Client::open(node.url()).unwrap();
             let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-            let digest: String = redis::cmd("DEBUG")
-                .arg("DIGEST")
-                .query_async(&mut conn)
-                .await
-                .expect("DEBUG DIGEST");
-            digests.push(digest);
+            let mut keys: Vec<String> = Vec::new();
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SCAN");
+                keys.extend(batch.into_iter().filter(|k| !k.ends_with(":sweepers")));
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            let mut node_digest = Vec::with_capacity(keys.len());
+            for key in &keys {
+                let (value, expiry): (Vec<String>, i64) = redis::pipe()
+                    .cmd("DEBUG")
+                    .arg("DIGEST-VALUE")
+                    .arg(key)
+                    .cmd("PEXPIRETIME")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("DEBUG DIGEST-VALUE");
+                node_digest.push(format!("{key}={}@{expiry}", value.join("")));
+            }
+            digests.push(node_digest.join(";"));
         }
         digests.join(",")
     }

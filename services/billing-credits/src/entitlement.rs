@@ -37,6 +37,10 @@ pub struct PeriodArg {
 
 #[derive(Debug, Clone, Serialize)]
 struct EntitlementArg {
+    /// The revision of the subscription it comes from: the scripts trust
+    /// the cached entitlement only while the stored subscription still has
+    /// it.
+    rev: u64,
     /// Ended periods oldest first, then the current one.
     periods: Vec<PeriodArg>,
 }
@@ -52,8 +56,9 @@ pub struct Fetched {
 pub struct Entitlements {
     client: PlansClient,
     downstream: Downstream,
-    /// How long an entitlement is trusted without asking again (never past
-    /// the end of its cycle).
+    /// How long an entitlement is trusted without asking again, while the
+    /// subscription's revision is unchanged (never past the end of its
+    /// cycle).
     cache_ttl: Duration,
 }
 
@@ -144,8 +149,11 @@ pub fn entitlement_arg(
     let mut periods: Vec<PeriodArg> = response.ended_periods.iter().map(period_arg).collect();
     periods.sort_by_key(|p| p.v);
     periods.push(period_arg(current));
-    let json = serde_json::to_string(&EntitlementArg { periods })
-        .map_err(|e| ApiError::internal(format!("cannot encode entitlement: {e}")))?;
+    let json = serde_json::to_string(&EntitlementArg {
+        rev: response.revision,
+        periods,
+    })
+    .map_err(|e| ApiError::internal(format!("cannot encode entitlement: {e}")))?;
     Ok((json, ms(&current.cycle_end)))
 }
 
@@ -175,6 +183,7 @@ mod tests {
             current_period: Some(period(3, "recruiter-lite")),
             ended_periods: vec![period(2, "premium-business"), period(1, "premium-career")],
             as_of: ts(150),
+            revision: 7,
         };
         let (json, end) = entitlement_arg(&response).unwrap();
         assert_eq!(end, 200_000);
@@ -188,5 +197,6 @@ mod tests {
         assert_eq!(versions, [1, 2, 3]);
         assert_eq!(value["periods"][2]["cs"], 100_000);
         assert_eq!(value["periods"][2]["paid"], 1);
+        assert_eq!(value["rev"], 7);
     }
 }

@@ -114,8 +114,10 @@ pub struct Args {
     pub refund_window: Duration,
 
     /// How long an entitlement from subscription-plan is trusted without
-    /// asking again (never past the end of its cycle); 0s asks every time.
-    #[arg(long, env = "ENTITLEMENT_CACHE_TTL", default_value = "1s", value_parser = humantime::parse_duration)]
+    /// asking again while the member's subscription is unchanged (a change
+    /// is seen at once: the scripts compare its revision), never past the
+    /// end of its cycle; 0s asks every time.
+    #[arg(long, env = "ENTITLEMENT_CACHE_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub entitlement_cache_ttl: Duration,
 
     /// Where verified ledger entries older than LEDGER_HOT_RETENTION go

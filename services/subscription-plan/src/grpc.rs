@@ -102,13 +102,23 @@ impl PlansApi {
 
     /// The member's state as of now (scheduled changes applied), and now.
     async fn current(&self, member: &str) -> Result<(SubscriptionState, i64), ApiError> {
+        self.current_with_revision(member)
+            .await
+            .map(|(state, now, _)| (state, now))
+    }
+
+    /// [`Self::current`] and the revision of the stored state it comes from.
+    async fn current_with_revision(
+        &self,
+        member: &str,
+    ) -> Result<(SubscriptionState, i64, u64), ApiError> {
         let loaded = self.store.load(member, None).await?;
         let now = self.clock.now_ms().await?;
         let state = loaded
             .state
             .unwrap_or_else(|| SubscriptionState::never_subscribed(&self.catalog))
             .at(now);
-        Ok((state, now))
+        Ok((state, now, loaded.published))
     }
 
     /// Applies `change` to the member's state, one writer at a time
@@ -447,13 +457,14 @@ impl pb::subscription_plan_service_server::SubscriptionPlanService for PlansApi 
             Checks::new()
                 .member_id("member_id", &request.member_id)
                 .finish()?;
-            let (state, now) = self.current(&request.member_id).await?;
+            let (state, now, revision) = self.current_with_revision(&request.member_id).await?;
             let (current, ended) = state.entitlement(request.after_version, now);
             Ok(pb::GetEntitlementResponse {
                 member_id: request.member_id.clone(),
                 current_period: Some(period_view(&current)),
                 ended_periods: ended.iter().map(period_view).collect(),
                 as_of: ms_to_timestamp(now),
+                revision,
             })
         })
         .await

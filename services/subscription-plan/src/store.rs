@@ -7,6 +7,10 @@
 //!   (the member's [`SubscriptionState`] as JSON).
 //! - `plans:{M}:request:<request_id>` hash: `fp` (fingerprint of the
 //!   arguments), `outcome` (the first outcome, JSON). Expires after 7 days.
+//! - `plans:{M}:rev` string: the subscription's revision, published for
+//!   billing-credits (written with every change; billing's scripts read it
+//!   to know whether their cached entitlement still holds, and billing's
+//!   Redis user may reach this key and no other of ours). Absent: 0.
 
 use inmail_shared::ApiError;
 use inmail_shared::idempotency::{Outcome, REQUEST_RETENTION};
@@ -22,6 +26,12 @@ fn subscription_key(member: &str) -> String {
     format!("plans:{{{member}}}:subscription")
 }
 
+/// The published revision (see the module header); billing-credits reads
+/// it under the same name.
+pub fn revision_key(member: &str) -> String {
+    format!("plans:{{{member}}}:rev")
+}
+
 fn request_key(member: &str, request_id: &str) -> String {
     format!("plans:{{{member}}}:request:{request_id}")
 }
@@ -30,6 +40,9 @@ fn request_key(member: &str, request_id: &str) -> String {
 #[derive(Debug)]
 pub struct Loaded {
     pub rev: u64,
+    /// The revision published for billing (0 before the first change that
+    /// published one).
+    pub published: u64,
     pub state: Option<SubscriptionState>,
     pub request: RequestSeen,
 }
@@ -83,14 +96,21 @@ impl PlanStore {
             .arg(subscription_key(member))
             .arg("rev")
             .arg("state");
+        pipe.cmd("GET").arg(revision_key(member));
         if let Some((request_id, _)) = request {
             pipe.cmd("HMGET")
                 .arg(request_key(member, request_id))
                 .arg("fp")
                 .arg("outcome");
         }
-        let mut replies: Vec<Vec<Option<String>>> =
-            pipe.query_async(&mut self.redis.conn()).await?;
+        let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.redis.conn()).await?;
+        let published: Option<u64> = redis::from_redis_value(replies.remove(1))
+            .map_err(|e| ApiError::internal(format!("bad published revision: {e}")))?;
+        let mut replies: Vec<Vec<Option<String>>> = replies
+            .into_iter()
+            .map(redis::from_redis_value)
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::internal(format!("unreadable subscription: {e}")))?;
         let request_seen = match (request, replies.get(1)) {
             (Some((_, fingerprint)), Some(record)) => match (&record[0], &record[1]) {
                 (Some(fp), _) if fp != fingerprint => RequestSeen::Mismatch,
@@ -113,6 +133,7 @@ impl PlanStore {
             .map_err(|e| ApiError::internal(format!("unreadable subscription state: {e}")))?;
         Ok(Loaded {
             rev,
+            published: published.unwrap_or(0),
             state,
             request: request_seen,
         })
@@ -140,6 +161,7 @@ impl PlanStore {
             .commit
             .key(subscription_key(member))
             .key(request_key(member, request_id))
+            .key(revision_key(member))
             .arg(rev)
             .arg(state_json)
             .arg(fingerprint)

@@ -21,9 +21,22 @@ pub const USERS: &[(&str, &str)] = &[
 /// (it can learn only that Redis is up).
 pub const PROBE_USER: &str = "probe";
 
+/// Keys of another service a service's user may reach: (its prefix, the
+/// key pattern). Billing's balance scripts read the revision of a member's
+/// subscription that subscription-plan publishes (billing-credits'
+/// store/keys.rs). Only read, but Redis checks every key handed to a script
+/// as read-write, so a read-only grant (`%R~`) would refuse the scripts:
+/// the grant is kept to that one small key instead.
+pub const SHARED: &[(&str, &str)] = &[("billing", "plans:*:rev")];
+
 /// The ACL rule list (after the user name and password) of `service`.
 pub fn rules(prefix: &str, test_clock: bool) -> String {
     let mut keys = format!("~{prefix}:*");
+    for (reader, pattern) in SHARED {
+        if *reader == prefix {
+            keys.push_str(&format!(" ~{pattern}"));
+        }
+    }
     if test_clock {
         keys.push_str(" ~testclock:*");
     }

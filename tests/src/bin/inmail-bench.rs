@@ -638,8 +638,9 @@ async fn copy_members(bench: &mut Bench, prefix: &str, from: usize, to: usize, a
         "the template member {template} is not loaded"
     );
     let quoted = format!("\"{template}\"");
+    let name = template.clone();
     let swap = move |value: &str, member: &str| -> String {
-        if value == template {
+        if value == name {
             member.to_string()
         } else {
             value.replace(&quoted, &format!("\"{member}\""))
@@ -667,9 +668,20 @@ async fn copy_members(bench: &mut Bench, prefix: &str, from: usize, to: usize, a
     set("appendfsync", "no").await;
     // No automatic AOF rewrites while loading: one at the end.
     set("auto-aof-rewrite-percentage", "0").await;
+    // The revision subscription-plan published for the template: the
+    // copies' accounts trust their cached entitlement while it is theirs.
+    let revision: String = redis::cmd("GET")
+        .arg(format!("plans:{{{template}}}:rev"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     let swap = Arc::new(swap);
-    let (subscription, account, ledger) =
-        (Arc::new(subscription), Arc::new(account), Arc::new(ledger));
+    let (subscription, account, ledger, revision) = (
+        Arc::new(subscription),
+        Arc::new(account),
+        Arc::new(ledger),
+        Arc::new(revision),
+    );
     let next = Arc::new(AtomicU64::new(from as u64));
     const CHUNK: u64 = 200;
     // A connection without a response timeout: a big pipeline into a
@@ -684,8 +696,12 @@ async fn copy_members(bench: &mut Bench, prefix: &str, from: usize, to: usize, a
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let (mut redis, next, swap) = (loader.clone(), next.clone(), swap.clone());
-        let (subscription, account, ledger) =
-            (subscription.clone(), account.clone(), ledger.clone());
+        let (subscription, account, ledger, revision) = (
+            subscription.clone(),
+            account.clone(),
+            ledger.clone(),
+            revision.clone(),
+        );
         let prefix = prefix.to_string();
         tasks.push(tokio::spawn(async move {
             loop {
@@ -709,6 +725,10 @@ async fn copy_members(bench: &mut Bench, prefix: &str, from: usize, to: usize, a
                         format!("plans:{{{member}}}:subscription"),
                         &subscription,
                     );
+                    pipe.cmd("SET")
+                        .arg(format!("plans:{{{member}}}:rev"))
+                        .arg(revision.as_str())
+                        .ignore();
                     hset(&mut pipe, format!("billing:{{{member}}}:account"), &account);
                     for (id, fields) in ledger.iter() {
                         let cmd = pipe

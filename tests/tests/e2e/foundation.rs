@@ -207,7 +207,8 @@ async fn the_test_clock_is_refused_when_off() {
 
 /// Each service reaches Redis as its own ACL user, limited to its own key
 /// prefix: the stack works so, and billing's user cannot read messaging's
-/// keys (nor run what the rules leave out).
+/// keys, nor subscription-plan's (but the subscription revision it
+/// publishes for billing), nor run what the rules leave out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
     use inmail_shared::auth::redis_acl::{PROBE_USER, USERS, acl_file};
@@ -280,11 +281,26 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
         .await
         .expect("billing reads its own keys");
     assert_eq!(own.as_deref(), Some("5"));
+    // Of subscription-plan's keys only the revision it publishes.
+    let revision: Option<String> = redis::cmd("GET")
+        .arg("plans:{acl}:rev")
+        .query_async(&mut conn)
+        .await
+        .expect("billing reads a member's subscription revision");
+    assert_eq!(revision.as_deref(), Some("1"));
     let keyed = [
         redis::cmd("HGETALL")
             .arg("messaging:{acl~bee}:conv")
             .clone(),
-        redis::cmd("GET").arg("plans:{acl}:subscription").clone(),
+        redis::cmd("HGETALL")
+            .arg("plans:{acl}:subscription")
+            .clone(),
+        redis::cmd("EVAL")
+            .arg("return redis.call('HSET', KEYS[1], 'rev', 99)")
+            .arg(1)
+            .arg("plans:{acl}:subscription")
+            .clone(),
+        redis::cmd("HGETALL").arg("plans:{acl}:request:any").clone(),
         redis::cmd("EVAL")
             .arg("return redis.call('HGETALL', KEYS[1])")
             .arg(1)

@@ -141,6 +141,35 @@ async fn an_upgrade_tops_up_the_difference_and_a_downgrade_grants_nothing() {
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
+/// Billing trusts a cached entitlement only while the member's subscription
+/// is at the revision it came from: with ENTITLEMENT_CACHE_TTL at an hour,
+/// every plan change is still seen by the very next balance call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_change_reaches_billing_at_once_whatever_the_cache_ttl() {
+    let stack = Stack::start_with(StackOptions {
+        billing_args: vec!["--entitlement-cache-ttl".into(), "1h".into()],
+        ..Default::default()
+    })
+    .await;
+    subscribe(&stack, "una", "premium-career").await;
+    assert_eq!(available(&stack, "una").await, 5);
+    // Cached now; unchanged, it is answered without asking again.
+    assert_eq!(available(&stack, "una").await, 5);
+    change_plan(&stack, "una", "recruiter-lite").await;
+    assert_eq!(
+        available(&stack, "una").await,
+        25,
+        "the upgrade was not seen"
+    );
+    change_plan(&stack, "una", "premium-business").await;
+    assert_eq!(
+        available(&stack, "una").await,
+        0,
+        "the downgrade was not seen"
+    );
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
+}
+
 fn signal(pid: u32, sig: &str) {
     let status = std::process::Command::new("kill")
         .args([sig, &pid.to_string()])

@@ -6,7 +6,8 @@
 //!   `cend`) and its counters (`debited`, `refunded`, `released`, `granted`,
 //!   reset at each renewal), the entitlement in force (`plan`, `monthly`,
 //!   `cap`, `paid`), until when it may be trusted without asking
-//!   subscription-plan again (`valid`), and the grant window (`wend`,
+//!   subscription-plan again (`valid`) and the subscription revision it came
+//!   from (`erev`), and the grant window (`wend`,
 //!   `wgrant`: see account.lua) that keeps plan changes from minting.
 //! - `billing:{M}:ledger` stream: one entry per balance change, never edited.
 //! - `billing:{M}:debit:<message_id>` hash: a message's debit (held,
@@ -20,6 +21,12 @@
 //! - `billing:holds:{h<N>}` sorted sets ([`HOLD_SHARDS`] shards): held debits
 //!   by expiry, for the sweeper. Written before the debit, so no hold can
 //!   miss it.
+//!
+//! Read, never written: subscription-plan's `plans:{M}:rev`, the revision
+//! of the member's subscription it publishes (in the member's slot too).
+//! The balance scripts compare it with the revision their cached
+//! entitlement came from (README.md, "How it behaves"); of
+//! subscription-plan's keys, billing's Redis user may reach these only.
 
 use inmail_shared::sweep::shard_of;
 
@@ -40,6 +47,12 @@ pub fn debit(member: &str, message_id: &str) -> String {
 
 pub fn request(member: &str, request_id: &str) -> String {
     format!("billing:{{{member}}}:request:{request_id}")
+}
+
+/// The revision of the member's subscription subscription-plan publishes
+/// (read only).
+pub fn plans_revision(member: &str) -> String {
+    format!("plans:{{{member}}}:rev")
 }
 
 pub fn message_owner(message_id: &str) -> String {
@@ -86,6 +99,7 @@ mod tests {
             ledger("m-1"),
             debit("m-1", "msg"),
             request("m-1", "req"),
+            plans_revision("m-1"),
         ] {
             assert!(key.contains("{m-1}"), "{key}");
         }

@@ -148,6 +148,8 @@ impl BillingStore {
         if let Some(message_id) = debit_of {
             inv.key(keys::debit(call.member, message_id));
         }
+        // Always the last key (account_args.lua).
+        inv.key(keys::plans_revision(call.member));
         inv.arg(call.now_ms)
             .arg(call.entitlement)
             .arg(call.valid_until_ms)

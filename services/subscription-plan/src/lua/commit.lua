@@ -3,6 +3,7 @@
 --
 -- KEYS[1]  the subscription hash (rev, state)
 -- KEYS[2]  the request record (fp, outcome)
+-- KEYS[3]  the revision published for billing-credits (string)
 -- ARGV[1]  the revision read
 -- ARGV[2]  the new state JSON ("" for a refusal: only the outcome is recorded)
 -- ARGV[3]  fingerprint of the request's arguments
@@ -21,6 +22,7 @@ local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
 if rev ~= tonumber(ARGV[1]) then return {'conflict'} end
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'rev', rev + 1, 'state', ARGV[2])
+  redis.call('SET', KEYS[3], rev + 1)
 end
 redis.call('HSET', KEYS[2], 'fp', ARGV[3], 'outcome', ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])

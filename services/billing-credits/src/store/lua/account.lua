@@ -85,6 +85,8 @@ local function settle()
   end
   if ENT == '' then
     if not exists or now >= num('valid') then return 'need' end
+    -- A plan change since the entitlement was asked for: ask again.
+    if (redis.call('GET', S) or '0') ~= (acct.erev or '') then return 'need' end
     return 'ok'
   end
   local ent = cjson.decode(ENT)
@@ -117,7 +119,7 @@ local function settle()
     if p.v == num('ver') then renew_to(p) end
   end
   for field, value in pairs({ plan = cur.p, monthly = cur.m, cap = cur.c, paid = cur.paid,
-      cstart = cur.cs, cend = cur.ce, valid = VALID }) do
+      cstart = cur.cs, cend = cur.ce, valid = VALID, erev = string.format('%d', ent.rev or 0) }) do
     if tostring(acct[field]) ~= tostring(value) then set(field, value) end
   end
   exists = true

@@ -2,11 +2,16 @@
 -- replay, and brings the account to the current cycle (settle).
 --
 -- KEYS[1]  account hash    KEYS[2]  ledger stream    KEYS[3]  request record
+-- KEYS[#KEYS]  the revision of the member's subscription subscription-plan
+--          publishes (read only: says whether the cached entitlement still
+--          holds)
 -- ARGV[1]  now ms
--- ARGV[2]  entitlement JSON {"periods":[{v,p,m,c,paid,n,st,cs,ce}, ...]}
---          (ended periods oldest first, then the current one; see
---          entitlement.rs), "" = the cached one while it may be trusted,
---          "*" = the cached one however old (releases must not wait)
+-- ARGV[2]  entitlement JSON {"rev":n,"periods":[{v,p,m,c,paid,n,st,cs,ce}, ...]}
+--          (the subscription revision it comes from; ended periods oldest
+--          first, then the current one; see entitlement.rs), "" = the
+--          cached one while it may be trusted (not past `valid`, and the
+--          subscription still at the revision it came from), "*" = the
+--          cached one however old (releases must not wait)
 -- ARGV[3]  until when a fresh entitlement may be trusted (ms)
 -- ARGV[4]  request_id ("" for reads)   ARGV[5]  fingerprint
 -- ARGV[6]  request retention ms        ARGV[7..]  the script's own
@@ -20,6 +25,6 @@
 -- changed. A script whose entitlement cannot be trusted answers
 -- {"s":"need"|"stale","ver":n} without writing.
 
-local A, L, R = KEYS[1], KEYS[2], KEYS[3]
+local A, L, R, S = KEYS[1], KEYS[2], KEYS[3], KEYS[#KEYS]
 local now = tonumber(ARGV[1])
 local ENT, VALID, REQ, FP, RETAIN = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
