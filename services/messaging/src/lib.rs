@@ -102,8 +102,10 @@ fn run_dev_command(command: Commands, args: &Args) -> Result<String, String> {
         }
         Commands::DevPki { dir, force, hosts } => {
             if !force && dir.join("ca.crt").exists() {
+                inmail_shared::auth::devpki::DevPki::refresh_acl_files(&dir)?;
                 return Ok(format!(
-                    "{} already holds a development PKI; left as it is (--force replaces it)",
+                    "{} already holds a development PKI; left as it is, its Redis ACL files \
+                     rewritten to the current rules (--force replaces it all)",
                     dir.display()
                 ));
             }

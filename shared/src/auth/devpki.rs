@@ -167,6 +167,37 @@ impl DevPki {
             .1
     }
 
+    /// Rewrites the Redis ACL files of a PKI written before, from its
+    /// passwords: the rules follow the code (a release may grant a service
+    /// a new key pattern); certificates, keys and passwords stay.
+    pub fn refresh_acl_files(dir: &Path) -> Result<(), String> {
+        let read = |name: &str| -> Result<String, String> {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let admin = read("redis-admin.password")?;
+        let mut passwords = Vec::new();
+        for (service, _) in super::redis_acl::USERS {
+            passwords.push((*service, read(&format!("redis-{service}.password"))?));
+        }
+        let passwords: Vec<(&str, &str)> =
+            passwords.iter().map(|(s, p)| (*s, p.as_str())).collect();
+        for (name, test_clock) in [
+            ("redis-users.acl", false),
+            ("redis-users-test-clock.acl", true),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(
+                &path,
+                super::redis_acl::acl_file(&admin, &passwords, test_clock),
+            )
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// Writes `ca.crt`, `<name>.crt` / `<name>.key`, `jwt-signing.pem`,
     /// `jwks.json`, `redis-<service>.password`, `redis-admin.password`, and
     /// the Redis ACL files

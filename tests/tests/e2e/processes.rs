@@ -537,3 +537,39 @@ async fn hold_sweeping_is_shared_by_the_replicas_and_taken_over_from_a_killed_on
     );
     drop(third);
 }
+
+/// `messaging dev-pki` on a directory that holds a PKI keeps it (the CA,
+/// keys and passwords) but rewrites its Redis ACL files to the current
+/// rules, so an older development PKI gets the grants a release adds.
+#[test]
+fn dev_pki_keeps_an_existing_pki_and_refreshes_its_acl_files() {
+    let dir = std::env::temp_dir().join(format!("inmail-devpki-{}", rid()));
+    let path = dir.to_string_lossy().into_owned();
+    let (code, stderr) = run("messaging", &[], &["dev-pki", "--dir", &path]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let ca = std::fs::read(dir.join("ca.crt")).unwrap();
+    let acl = std::fs::read_to_string(dir.join("redis-users.acl")).unwrap();
+    assert!(acl.contains("~plans:*:rev"), "{acl}");
+    // An ACL file from an older release.
+    std::fs::write(
+        dir.join("redis-users.acl"),
+        "user default on nopass ~* +@all\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("redis-users-test-clock.acl"), "stale\n").unwrap();
+    let (code, stderr) = run("messaging", &[], &["dev-pki", "--dir", &path]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        std::fs::read(dir.join("ca.crt")).unwrap(),
+        ca,
+        "the CA was replaced"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("redis-users.acl")).unwrap(),
+        acl,
+        "the ACL file was not brought to the current rules"
+    );
+    let test_clock = std::fs::read_to_string(dir.join("redis-users-test-clock.acl")).unwrap();
+    assert!(test_clock.contains("~testclock:*"), "{test_clock}");
+    let _ = std::fs::remove_dir_all(dir);
+}
