@@ -363,7 +363,24 @@ async fn money_writes_wait_for_a_replica_when_one_is_configured() {
         },
     )
     .await;
-    subscribe(&stack, "yan", "premium-career").await;
+    // Set-up, as a client does it: a write the replica did not confirm in
+    // time (a loaded machine) is retried with the same request id.
+    let subscribe_yan = plans::SubscribeRequest {
+        request_id: rid(),
+        member_id: "yan".into(),
+        plan_id: "premium-career".into(),
+    };
+    let mut subscribed = Err(tonic::Status::unknown("not tried"));
+    for _ in 0..20 {
+        subscribed = stack.plans_as("yan").subscribe(subscribe_yan.clone()).await;
+        match &subscribed {
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => break,
+        }
+    }
+    subscribed.expect("subscribe yan");
     let debit = |id: &str| billing::DebitForMessageRequest {
         request_id: format!("req-{id}"),
         member_id: "yan".into(),
