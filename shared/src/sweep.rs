@@ -11,10 +11,9 @@
 //! at most a repeated scan, never a lost or doubled effect.
 
 use std::future::Future;
-use std::time::Duration;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
