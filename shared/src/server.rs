@@ -175,7 +175,10 @@ impl HealthGate {
 const MISSES_TO_NOT_SERVING: u32 = 2;
 
 /// Pings Redis every `interval` and moves health with the answers, until
-/// `stop` is cancelled.
+/// `stop` is cancelled. A Redis that answered any command of the service
+/// within the last two intervals (a call, a sweep round) is not pinged: that
+/// answer says as much, and an idle replica's sweeps then keep its health
+/// without adding load to Redis.
 pub fn spawn_redis_watch(
     redis: Redis,
     gate: HealthGate,
@@ -185,7 +188,12 @@ pub fn spawn_redis_watch(
     tokio::spawn(async move {
         let mut misses = 0u32;
         loop {
-            let ping = tokio::time::timeout(interval.max(Duration::from_millis(200)), redis.ping());
+            let ping = tokio::time::timeout(interval.max(Duration::from_millis(200)), async {
+                if redis.answered_within(interval * 2) {
+                    return Ok(());
+                }
+                redis.ping().await
+            });
             let error = tokio::select! {
                 result = ping => match result {
                     Ok(Ok(())) => None,

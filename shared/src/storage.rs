@@ -12,7 +12,10 @@
 //! (Redis runs it in order), one command after the other on a cluster (a
 //! cluster pipeline must stay in one slot). Either way they run in order.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -57,19 +60,57 @@ impl RedisSettings {
     }
 }
 
-/// A connection to run commands on: a single Redis or a cluster.
+/// A connection to run commands on: a single Redis or a cluster. Every
+/// command answered through it is noted (see [`Redis::answered_within`]).
 #[derive(Clone)]
-pub enum RedisConn {
+pub struct RedisConn {
+    link: Link,
+    answered: Answered,
+}
+
+#[derive(Clone)]
+enum Link {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
+/// When Redis last answered a command of this service (ms since the
+/// process's first look at the clock, 0: never). Shared by every clone.
+#[derive(Clone, Default)]
+struct Answered(Arc<AtomicU64>);
+
+fn process_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    // +1: a reply in the first millisecond is not "never".
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+impl Answered {
+    fn note(&self) {
+        self.0.fetch_max(process_ms(), Ordering::Relaxed);
+    }
+
+    fn within(&self, window: Duration) -> bool {
+        let last = self.0.load(Ordering::Relaxed);
+        last != 0 && process_ms().saturating_sub(last) <= window.as_millis() as u64
+    }
+
+    fn noted<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if result.is_ok() {
+            self.note();
+        }
+        result
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(conn) => conn.req_packed_command(cmd),
-            Self::Cluster(conn) => conn.req_packed_command(cmd),
-        }
+        let answered = &self.answered;
+        let reply = match &mut self.link {
+            Link::Single(conn) => conn.req_packed_command(cmd),
+            Link::Cluster(conn) => conn.req_packed_command(cmd),
+        };
+        Box::pin(async move { answered.noted(reply.await) })
     }
 
     fn req_packed_commands<'a>(
@@ -78,10 +119,12 @@ impl ConnectionLike for RedisConn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(conn) => conn.req_packed_commands(cmd, offset, count),
-            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
-        }
+        let answered = &self.answered;
+        let replies = match &mut self.link {
+            Link::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Link::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        };
+        Box::pin(async move { answered.noted(replies.await) })
     }
 
     fn get_db(&self) -> i64 {
@@ -100,7 +143,14 @@ pub struct Redis {
 }
 
 /// Validates the URL(s) and prepares one connection without dialing.
-fn connect(settings: &RedisSettings) -> Result<RedisConn, String> {
+fn connect(settings: &RedisSettings, answered: &Answered) -> Result<RedisConn, String> {
+    Ok(RedisConn {
+        link: link(settings)?,
+        answered: answered.clone(),
+    })
+}
+
+fn link(settings: &RedisSettings) -> Result<Link, String> {
     Ok(if settings.cluster {
         let nodes: Vec<&str> = settings.url.split(',').map(str::trim).collect();
         for node in &nodes {
@@ -123,7 +173,7 @@ fn connect(settings: &RedisSettings) -> Result<RedisConn, String> {
         let config = redis::cluster::ClusterConfig::new()
             .set_connection_timeout(settings.connect_timeout)
             .set_response_timeout(settings.response_timeout);
-        RedisConn::Cluster(client.get_pending_async_connection_with_config(config))
+        Link::Cluster(client.get_pending_async_connection_with_config(config))
     } else {
         use redis::IntoConnectionInfo;
         let info =
@@ -147,7 +197,7 @@ fn connect(settings: &RedisSettings) -> Result<RedisConn, String> {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(20))
             .set_max_delay(Duration::from_millis(200));
-        RedisConn::Single(
+        Link::Single(
             ConnectionManager::new_lazy_with_config(client, config)
                 .map_err(|e| format!("cannot prepare the Redis connection: {e}"))?,
         )
@@ -168,9 +218,10 @@ impl Redis {
     /// service starts (and reports NOT_SERVING) even while Redis is down.
     /// Needs a Tokio runtime.
     pub fn open(settings: &RedisSettings) -> Result<Self, String> {
+        let answered = Answered::default();
         Ok(Self {
-            conn: connect(settings)?,
-            bulk: connect(settings)?,
+            conn: connect(settings, &answered)?,
+            bulk: connect(settings, &answered)?,
             url: settings
                 .url
                 .split(',')
@@ -196,11 +247,11 @@ impl Redis {
         wait.arg(replicas).arg(timeout.as_millis() as u64);
         let mut conn = self.conn();
         let mut acked = i64::MAX;
-        match &mut conn {
-            RedisConn::Single(single) => {
+        match &mut conn.link {
+            Link::Single(single) => {
                 acked = wait.query_async(single).await?;
             }
-            RedisConn::Cluster(cluster) => {
+            Link::Cluster(cluster) => {
                 use redis::cluster_routing::{Route, Slot, SlotAddr};
                 let mut slots: Vec<Slot> = keys.iter().map(Slot::for_key).collect();
                 slots.sort_by_key(|s| format!("{s:?}"));
@@ -240,7 +291,7 @@ impl Redis {
     }
 
     pub fn is_cluster(&self) -> bool {
-        matches!(self.conn, RedisConn::Cluster(_))
+        matches!(self.conn.link, Link::Cluster(_))
     }
 
     /// The URL without its password, for logs.
@@ -266,40 +317,36 @@ impl Redis {
         mut conn: RedisConn,
         batch: &Batch<'_>,
     ) -> Result<T, ApiError> {
-        match &mut conn {
-            RedisConn::Single(single) => {
-                let mut pipe = redis::pipe();
-                for (cmd, ignored) in &batch.cmds {
-                    pipe.add_command(cmd.clone());
-                    if *ignored {
-                        pipe.ignore();
-                    }
-                }
-                match pipe.query_async(single).await {
-                    Err(err) if is_noscript(&err) => {
-                        batch.load_scripts(single).await?;
-                        Ok(pipe.query_async(single).await?)
-                    }
-                    other => Ok(other?),
+        if matches!(conn.link, Link::Single(_)) {
+            let mut pipe = redis::pipe();
+            for (cmd, ignored) in &batch.cmds {
+                pipe.add_command(cmd.clone());
+                if *ignored {
+                    pipe.ignore();
                 }
             }
-            RedisConn::Cluster(cluster) => {
-                let mut values = Vec::with_capacity(batch.cmds.len());
-                for (cmd, ignored) in &batch.cmds {
-                    let value = match cmd.query_async::<Value>(cluster).await {
-                        Err(err) if is_noscript(&err) => {
-                            batch.load_scripts(cluster).await?;
-                            cmd.query_async::<Value>(cluster).await?
-                        }
-                        other => other?,
-                    };
-                    if !ignored {
-                        values.push(value);
-                    }
+            return match pipe.query_async(&mut conn).await {
+                Err(err) if is_noscript(&err) => {
+                    batch.load_scripts(&mut conn).await?;
+                    Ok(pipe.query_async(&mut conn).await?)
                 }
-                Ok(T::from_redis_value(Value::Array(values)).map_err(redis::RedisError::from)?)
+                other => Ok(other?),
+            };
+        }
+        let mut values = Vec::with_capacity(batch.cmds.len());
+        for (cmd, ignored) in &batch.cmds {
+            let value = match cmd.query_async::<Value>(&mut conn).await {
+                Err(err) if is_noscript(&err) => {
+                    batch.load_scripts(&mut conn).await?;
+                    cmd.query_async::<Value>(&mut conn).await?
+                }
+                other => other?,
+            };
+            if !ignored {
+                values.push(value);
             }
         }
+        Ok(T::from_redis_value(Value::Array(values)).map_err(redis::RedisError::from)?)
     }
 
     /// One SCAN step over every key matching `pattern`. The cursor is opaque:
@@ -312,8 +359,8 @@ impl Redis {
         count: usize,
     ) -> Result<(String, Vec<String>), ApiError> {
         let mut conn = self.conn();
-        match &mut conn {
-            RedisConn::Single(single) => {
+        match &mut conn.link {
+            Link::Single(single) => {
                 let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
@@ -324,7 +371,7 @@ impl Redis {
                     .await?;
                 Ok((next.to_string(), keys))
             }
-            RedisConn::Cluster(cluster) => {
+            Link::Cluster(cluster) => {
                 let primaries = cluster_primaries(cluster).await?;
                 let (mut node, mut node_cursor) = match cursor.split_once(':') {
                     Some((node, c)) => (node.parse::<usize>().unwrap_or(0), c.to_string()),
@@ -354,6 +401,12 @@ impl Redis {
                 Ok((format!("{node}:{node_cursor}"), keys))
             }
         }
+    }
+
+    /// Whether Redis answered a command of this service (on any of its
+    /// connections) within `window`.
+    pub fn answered_within(&self, window: Duration) -> bool {
+        self.conn.answered.within(window)
     }
 
     pub async fn ping(&self) -> Result<(), ApiError> {

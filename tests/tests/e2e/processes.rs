@@ -598,3 +598,64 @@ fn dev_pki_keeps_an_existing_pki_and_refreshes_its_acl_files() {
     assert!(test_clock.contains("~testclock:*"), "{test_clock}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Health does not ping a Redis that answered the service's own work within
+/// the last two check intervals: idle billing and messaging, whose sweeps
+/// talk to Redis every SWEEP_INTERVAL (1 s), add no PINGs, so an idle replica
+/// costs Redis its sweep registration and no more. subscription-plan, which
+/// has no background work, still pings (twice a second). Health stays
+/// SERVING throughout (that a dead Redis still turns it NOT_SERVING is
+/// `foundation::health_follows_redis_and_service_resumes_by_itself`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_services_whose_sweeps_reach_redis_do_not_ping_it_for_health() {
+    if inmail_tests::redis_server::cluster_mode() {
+        // Counts commands on one Redis (INFO commandstats).
+        return;
+    }
+    let stack = ProcessStack::start(|_| Vec::new()).await;
+    let mut redis = redis::Client::open(stack.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Past start-up (the first sweep rounds run at once).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let window = Duration::from_secs(4);
+    tokio::time::sleep(window).await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let calls = |command: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map(|n| n.parse().unwrap())
+            .unwrap_or(0)
+    };
+    let (pings, zadds) = (calls("ping"), calls("zadd"));
+    // Every service pinging twice a second would make 3 * 2 * 4 = 24; plans
+    // alone makes 8. Two more allow for a sweep round delayed past the
+    // window on a loaded machine.
+    assert!(
+        pings <= 10,
+        "{pings} PINGs in {window:?} with the services idle (ZADD, the sweep registrations: {zadds})"
+    );
+    assert!(
+        zadds >= 4,
+        "the sweepers did not run during the window ({zadds} registrations)"
+    );
+    for addr in [stack.plans.addr, stack.billing.addr, stack.messaging.addr] {
+        assert_eq!(
+            inmail_tests::health(addr).await.unwrap(),
+            inmail_tests::SERVING,
+            "{addr}"
+        );
+    }
+}
