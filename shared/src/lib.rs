@@ -12,6 +12,7 @@ pub mod error;
 pub mod idempotency;
 pub mod paging;
 pub mod proto;
+pub mod published;
 pub mod reasons;
 pub mod rpc;
 pub mod server;

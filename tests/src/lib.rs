@@ -273,6 +273,18 @@ impl Stack {
         replica
     }
 
+    pub async fn stop_plans(&mut self) {
+        self.plans.stop().await;
+    }
+
+    /// subscription-plan again on its address (billing and messaging keep
+    /// calling it there).
+    pub async fn start_plans_again(&mut self) {
+        let listener = bind_again(self.plans.addr).await;
+        self.plans = Self::spawn_plans(listener, &self.redis.service_args(), &self.options);
+        wait_serving(self.plans.addr).await;
+    }
+
     pub async fn stop_billing(&mut self) {
         self.billing.stop().await;
     }

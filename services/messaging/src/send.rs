@@ -57,23 +57,16 @@ impl Messaging {
             body: input.body,
             fingerprint: input.fingerprint,
         };
-        // The recipient's Open Profile is asked for while the pair is read:
-        // an InMail needs both, and waiting for one before the other would
-        // add a round trip to every InMail. A free message ignores it.
-        let mut open_profile: Option<Result<bool, ApiError>> = None;
+        // The recipient's Open Profile, when the kind depends on it, comes
+        // from what subscription-plan publishes in Redis, read with the pair
+        // (inmail_shared::published); only when that is missing or stale is
+        // subscription-plan asked, at most once per send.
+        let mut asked: Option<Result<bool, ApiError>> = None;
         for _ in 0..DECIDE_ATTEMPTS {
-            let read =
-                self.store
-                    .read_for_send(input.sender, input.request_id, &conv, input.recipient);
-            let (record, conversation, accepts_inmail) = match open_profile {
-                Some(_) => read.await?,
-                None => {
-                    let (read, open) =
-                        tokio::join!(read, self.plans.open_profile(ctx, input.recipient));
-                    open_profile = Some(open);
-                    read?
-                }
-            };
+            let (record, conversation, accepts_inmail, published) = self
+                .store
+                .read_for_send(input.sender, input.request_id, &conv, input.recipient)
+                .await?;
             let claimed = record.fingerprint.is_some();
             if let Some(claimed_with) = &record.fingerprint {
                 if claimed_with != input.fingerprint {
@@ -97,15 +90,40 @@ impl Messaging {
             if !claimed {
                 precheck(&pair)?;
             }
-            let kind = self.decide_kind(
-                &pair,
-                input.sender,
-                input.recipient,
-                open_profile.as_ref(),
-                accepts_inmail,
-            )?;
-            check_size(kind, input.subject, input.body)?;
             let now = self.clock.now_ms().await?;
+            let known = published
+                .map(|open| open.at(now))
+                .or_else(|| asked.as_ref().and_then(|r| r.as_ref().ok().copied()));
+            let decide = |open_profile: Option<bool>| {
+                decide(
+                    &pair,
+                    input.sender,
+                    input.recipient,
+                    self.config.policy,
+                    open_profile,
+                    accepts_inmail,
+                )
+            };
+            let kind = match decide(known)? {
+                Decision::Kind(kind) => kind,
+                Decision::NeedOpenProfile => {
+                    let answer = match &asked {
+                        Some(answer) => answer.clone(),
+                        None => {
+                            let answer = self.plans.open_profile(ctx, input.recipient).await;
+                            asked = Some(answer.clone());
+                            answer
+                        }
+                    };
+                    match decide(Some(answer?))? {
+                        Decision::Kind(kind) => kind,
+                        Decision::NeedOpenProfile => {
+                            return Err(ApiError::internal("Open Profile known and still needed"));
+                        }
+                    }
+                }
+            };
+            check_size(kind, input.subject, input.body)?;
             let month = domain::calendar_month(now);
             let begin = Begin {
                 kind,
@@ -153,32 +171,6 @@ impl Messaging {
             reasons::CONVERSATION_CHANGING,
             "the conversation kept changing while the message was sent; retry the same request",
         ))
-    }
-
-    fn decide_kind(
-        &self,
-        pair: &Pair,
-        sender: &str,
-        recipient: &str,
-        open_profile: Option<&Result<bool, ApiError>>,
-        accepts_inmail: bool,
-    ) -> Result<Kind, ApiError> {
-        let known = open_profile.and_then(|r| r.as_ref().ok().copied());
-        match decide(
-            pair,
-            sender,
-            recipient,
-            self.config.policy,
-            known,
-            accepts_inmail,
-        )? {
-            Decision::Kind(kind) => Ok(kind),
-            // Needed, but subscription-plan could not say.
-            Decision::NeedOpenProfile => Err(match open_profile {
-                Some(Err(err)) => err.clone(),
-                _ => ApiError::internal("the recipient's Open Profile was not asked for"),
-            }),
-        }
     }
 
     /// A free message: delivered in one step. `None` when the pair changed.

@@ -9,6 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use inmail_shared::clock::millis_to_datetime;
+use inmail_shared::published::OpenProfile;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, Plan};
@@ -231,6 +232,21 @@ impl SubscriptionState {
         }
     }
 
+    /// Open Profile as of any instant until the next write: what
+    /// [`Self::at`] gives, before and after the scheduled change.
+    pub fn open_profile_schedule(&self) -> OpenProfile {
+        let before = self.open_profile && self.current.terms.paid;
+        OpenProfile {
+            before,
+            switch_ms: self.scheduled.as_ref().map(|s| s.effective_ms),
+            // Leaving paid plans turns it off (start_period).
+            after: self
+                .scheduled
+                .as_ref()
+                .map_or(before, |s| self.open_profile && s.terms.paid),
+        }
+    }
+
     pub fn set_open_profile(mut self, enabled: bool) -> Result<Self, PlanError> {
         if enabled && !self.current.terms.paid {
             return Err(PlanError::PaidPlanRequired);
@@ -369,6 +385,30 @@ mod tests {
     }
 
     #[test]
+    fn an_open_profile_stays_open_through_a_change_between_paid_plans() {
+        let c = catalog();
+        let s = SubscriptionState::never_subscribed(&c)
+            .subscribe(plan(&c, "premium-career"), ms(2027, 1, 31))
+            .unwrap()
+            .set_open_profile(true)
+            .unwrap()
+            .change_plan(
+                plan(&c, "recruiter-lite"),
+                Timing::EndOfCycle,
+                ms(2027, 2, 10),
+            )
+            .unwrap();
+        let schedule = s.open_profile_schedule();
+        assert_eq!(schedule.switch_ms, Some(ms(2027, 2, 28)));
+        for t in [ms(2027, 2, 10), ms(2027, 2, 28), ms(2027, 6, 1)] {
+            assert!(schedule.at(t), "at {t}");
+            assert!(s.clone().at(t).open_profile, "at {t}");
+        }
+        let closed = SubscriptionState::never_subscribed(&c).open_profile_schedule();
+        assert!(!closed.at(0) && !closed.at(i64::MAX));
+    }
+
+    #[test]
     fn cancel_at_cycle_end_moves_to_free_and_turns_open_profile_off() {
         let c = catalog();
         let s = SubscriptionState::never_subscribed(&c)
@@ -378,6 +418,20 @@ mod tests {
             .unwrap()
             .cancel(c.free(), Timing::EndOfCycle, ms(2027, 3, 20))
             .unwrap();
+        let schedule = s.open_profile_schedule();
+        for t in [
+            ms(2027, 3, 20),
+            ms(2027, 4, 5) - 1,
+            ms(2027, 4, 5),
+            ms(2028, 1, 1),
+        ] {
+            let at = s.clone().at(t);
+            assert_eq!(
+                schedule.at(t),
+                at.open_profile && at.current.terms.paid,
+                "at {t}"
+            );
+        }
         let still = s.clone().at(ms(2027, 4, 5) - 1);
         assert!(still.open_profile);
         assert!(still.current.terms.paid);

@@ -82,12 +82,32 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| format!("LISTEN_ADDR: {e}"))?;
     let runtime = Runtime::open(&args.common, listen, &[])?;
-    let api = PlansApi::new(
-        catalog,
-        PlanStore::new(runtime.redis.clone()),
-        runtime.clock.clone(),
-    );
+    let store = PlanStore::new(runtime.redis.clone());
+    tokio::spawn(publish_all(store.clone(), stop.clone()));
+    let api = PlansApi::new(catalog, store, runtime.clock.clone());
     let mut server = runtime.server(SERVICE, args.common.limits());
     server.add_service(api.into_server(), grpc::ACCESS);
     runtime.serve(server, listener, stop).await
+}
+
+/// Publishes the subscriptions stored before their revision and Open
+/// Profile were published (store.rs), retrying while Redis is unreachable.
+async fn publish_all(store: PlanStore, stop: CancellationToken) {
+    loop {
+        match store.publish_all().await {
+            Ok(0) => return,
+            Ok(published) => {
+                tracing::info!(
+                    published,
+                    "published subscriptions stored before publication"
+                );
+                return;
+            }
+            Err(err) => tracing::warn!(error = %err, "publishing stored subscriptions; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = stop.cancelled() => return,
+        }
+    }
 }

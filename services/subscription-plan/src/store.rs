@@ -7,13 +7,18 @@
 //!   (the member's [`SubscriptionState`] as JSON).
 //! - `plans:{M}:request:<request_id>` hash: `fp` (fingerprint of the
 //!   arguments), `outcome` (the first outcome, JSON). Expires after 7 days.
-//! - `plans:{M}:rev` string: the subscription's revision, published for
-//!   billing-credits (written with every change; billing's scripts read it
-//!   to know whether their cached entitlement still holds, and billing's
-//!   Redis user may reach this key and no other of ours). Absent: 0.
+//! - `plans:{M}:rev` and `plans:{M}:open` strings: the revision and the
+//!   Open Profile published for the other services (written with every
+//!   change; see `inmail_shared::published`). Billing's Redis user may reach
+//!   the revision, messaging's may read both and `plans:published`, and no
+//!   other key of ours.
+//! - `plans:published`: set once every stored subscription has both (after
+//!   the start-up backfill of subscriptions stored before they existed), so
+//!   a member with neither never subscribed.
 
 use inmail_shared::ApiError;
 use inmail_shared::idempotency::{Outcome, REQUEST_RETENTION};
+use inmail_shared::published::{self, OpenProfile};
 use inmail_shared::storage::Redis;
 use redis::Script;
 
@@ -21,15 +26,16 @@ use crate::domain::SubscriptionState;
 
 /// Commits a change; see the script's header.
 const COMMIT: &str = include_str!("lua/commit.lua");
+/// Publishes what the last write did not; see the script's header.
+const PUBLISH: &str = include_str!("lua/publish.lua");
 
 fn subscription_key(member: &str) -> String {
     format!("plans:{{{member}}}:subscription")
 }
 
-/// The published revision (see the module header); billing-credits reads
-/// it under the same name.
+/// The published revision (see the module header).
 pub fn revision_key(member: &str) -> String {
-    format!("plans:{{{member}}}:rev")
+    published::revision_key(member)
 }
 
 fn request_key(member: &str, request_id: &str) -> String {
@@ -40,9 +46,11 @@ fn request_key(member: &str, request_id: &str) -> String {
 #[derive(Debug)]
 pub struct Loaded {
     pub rev: u64,
-    /// The revision published for billing (0 before the first change that
-    /// published one).
+    /// The published revision (0 before the first change that published
+    /// one).
     pub published: u64,
+    /// The published Open Profile, as stored.
+    pub open: Option<String>,
     pub state: Option<SubscriptionState>,
     pub request: RequestSeen,
 }
@@ -70,6 +78,7 @@ pub enum Committed {
 pub struct PlanStore {
     redis: Redis,
     commit: Script,
+    publish: Script,
 }
 
 impl PlanStore {
@@ -77,6 +86,7 @@ impl PlanStore {
         Self {
             redis,
             commit: Script::new(COMMIT),
+            publish: Script::new(PUBLISH),
         }
     }
 
@@ -97,6 +107,7 @@ impl PlanStore {
             .arg("rev")
             .arg("state");
         pipe.cmd("GET").arg(revision_key(member));
+        pipe.cmd("GET").arg(published::open_profile_key(member));
         if let Some((request_id, _)) = request {
             pipe.cmd("HMGET")
                 .arg(request_key(member, request_id))
@@ -106,6 +117,8 @@ impl PlanStore {
         let mut replies: Vec<redis::Value> = pipe.query_async(&mut self.redis.conn()).await?;
         let published: Option<u64> = redis::from_redis_value(replies.remove(1))
             .map_err(|e| ApiError::internal(format!("bad published revision: {e}")))?;
+        let open: Option<String> = redis::from_redis_value(replies.remove(1))
+            .map_err(|e| ApiError::internal(format!("bad published Open Profile: {e}")))?;
         let mut replies: Vec<Vec<Option<String>>> = replies
             .into_iter()
             .map(redis::from_redis_value)
@@ -134,6 +147,7 @@ impl PlanStore {
         Ok(Loaded {
             rev,
             published: published.unwrap_or(0),
+            open,
             state,
             request: request_seen,
         })
@@ -157,16 +171,21 @@ impl PlanStore {
         };
         let outcome_json = serde_json::to_string(outcome)
             .map_err(|e| ApiError::internal(format!("cannot encode outcome: {e}")))?;
+        let open = state
+            .map(|s| s.open_profile_schedule().encode(rev + 1))
+            .unwrap_or_default();
         let reply: Vec<String> = self
             .commit
             .key(subscription_key(member))
             .key(request_key(member, request_id))
             .key(revision_key(member))
+            .key(published::open_profile_key(member))
             .arg(rev)
             .arg(state_json)
             .arg(fingerprint)
             .arg(outcome_json)
             .arg(REQUEST_RETENTION.as_millis() as u64)
+            .arg(open)
             .invoke_async(&mut self.redis.conn())
             .await?;
         self.redis.acknowledge(&[&subscription_key(member)]).await?;
@@ -181,6 +200,89 @@ impl PlanStore {
                 "unexpected reply from the commit script",
             )),
         }
+    }
+}
+
+impl Loaded {
+    /// Whether the published revision and Open Profile say what this
+    /// state does (else [`PlanStore::publish`] them).
+    pub fn is_published(&self) -> bool {
+        self.published == self.rev
+            && self
+                .open
+                .as_deref()
+                .and_then(OpenProfile::decode)
+                .is_some_and(|(tag, _)| tag == self.rev)
+    }
+}
+
+impl PlanStore {
+    /// Publishes every stored subscription that lacks its published
+    /// revision or Open Profile, then sets `plans:published`; does nothing
+    /// once that is set. Answers how many it published.
+    pub async fn publish_all(&self) -> Result<u64, ApiError> {
+        let done: Option<String> = redis::cmd("GET")
+            .arg(published::ALL_PUBLISHED_KEY)
+            .query_async(&mut self.redis.conn())
+            .await?;
+        if done.is_some() {
+            return Ok(0);
+        }
+        let mut published = 0;
+        let mut cursor = "0".to_string();
+        loop {
+            let (next, keys) = self
+                .redis
+                .scan(&cursor, "plans:{*}:subscription", 500)
+                .await?;
+            for key in keys {
+                let Some(member) = key
+                    .strip_prefix("plans:{")
+                    .and_then(|k| k.strip_suffix("}:subscription"))
+                else {
+                    continue;
+                };
+                let loaded = self.load(member, None).await?;
+                if let Some(state) = &loaded.state
+                    && !loaded.is_published()
+                    && self
+                        .publish(member, loaded.rev, &state.open_profile_schedule())
+                        .await?
+                {
+                    published += 1;
+                }
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        let _: () = redis::cmd("SET")
+            .arg(published::ALL_PUBLISHED_KEY)
+            .arg(1)
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(published)
+    }
+
+    /// Publishes the revision `rev` and `open`, computed from the state at
+    /// that revision, unless the subscription changed since.
+    pub async fn publish(
+        &self,
+        member: &str,
+        rev: u64,
+        open: &OpenProfile,
+    ) -> Result<bool, ApiError> {
+        let published: i64 = self
+            .publish
+            .key(subscription_key(member))
+            .key(revision_key(member))
+            .key(published::open_profile_key(member))
+            .arg(rev)
+            .arg(open.encode(rev))
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        Ok(published == 1)
     }
 }
 

@@ -22,19 +22,29 @@ pub const USERS: &[(&str, &str)] = &[
 pub const PROBE_USER: &str = "probe";
 
 /// Keys of another service a service's user may reach: (its prefix, the
-/// key pattern). Billing's balance scripts read the revision of a member's
-/// subscription that subscription-plan publishes (billing-credits'
-/// store/keys.rs). Only read, but Redis checks every key handed to a script
-/// as read-write, so a read-only grant (`%R~`) would refuse the scripts:
-/// the grant is kept to that one small key instead.
-pub const SHARED: &[(&str, &str)] = &[("billing", "plans:*:rev")];
+/// Redis key selector). They are what subscription-plan publishes for the
+/// others (`inmail_shared::published`):
+/// - billing's balance scripts read the revision of a member's
+///   subscription. Only read, but Redis checks every key handed to a script
+///   as read-write, so a read-only selector (`%R~`) would refuse the
+///   scripts: the grant is kept to that one small key instead.
+/// - messaging reads the revision, the Open Profile and whether all are
+///   published with plain reads (never in a script), so its grant is
+///   read-only.
+pub const SHARED: &[(&str, &str)] = &[
+    ("billing", "~plans:*:rev"),
+    ("messaging", "%R~plans:*:rev"),
+    ("messaging", "%R~plans:*:open"),
+    ("messaging", "%R~plans:published"),
+];
 
 /// The ACL rule list (after the user name and password) of `service`.
 pub fn rules(prefix: &str, test_clock: bool) -> String {
     let mut keys = format!("~{prefix}:*");
-    for (reader, pattern) in SHARED {
+    for (reader, selector) in SHARED {
         if *reader == prefix {
-            keys.push_str(&format!(" ~{pattern}"));
+            keys.push(' ');
+            keys.push_str(selector);
         }
     }
     if test_clock {

@@ -26,7 +26,8 @@
 //! `--members 1000,1000000` runs Debit and SendMessage at each member count
 //! in one run, on the same stacks: the first 1,000 members are subscribed
 //! and funded through the services; the others are copies of the first
-//! written straight into Redis (subscription, account with balance, ledger),
+//! written straight into Redis (subscription with its published revision
+//! and Open Profile, account with balance, ledger),
 //! so a million load in seconds. Members are picked spread over all of
 //! them, to show cost per call flat in the member count. The thin ideal
 //! runs at each count too (its load tool's users spread the same way, made
@@ -628,7 +629,8 @@ async fn load_members(bench: &mut Bench, prefix: &str, count: usize, appendfsync
 }
 
 /// Writes members `from..to` as copies of `<prefix>-0`: its subscription
-/// (plans), its account and its ledger (billing), with the member id
+/// and what subscription-plan publishes of it (revision, Open Profile), its
+/// account and its ledger (billing), with the member id
 /// replaced. Pipelined with AOF fsync and automatic rewrites off, then the
 /// AOF is rewritten once (so no rewrite starts while measuring) and the
 /// settings restored.
@@ -694,12 +696,19 @@ async fn copy_members(bench: &mut Bench, prefix: &str, from: usize, to: usize, a
         .query_async(&mut redis)
         .await
         .unwrap();
+    // And its published Open Profile, tagged with that revision.
+    let open: String = redis::cmd("GET")
+        .arg(format!("plans:{{{template}}}:open"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     let swap = Arc::new(swap);
-    let (subscription, account, ledger, revision) = (
+    let (subscription, account, ledger, revision, open) = (
         Arc::new(subscription),
         Arc::new(account),
         Arc::new(ledger),
         Arc::new(revision),
+        Arc::new(open),
     );
     let next = Arc::new(AtomicU64::new(from as u64));
     const CHUNK: u64 = 200;
@@ -715,11 +724,12 @@ async fn copy_members(bench: &mut Bench, prefix: &str, from: usize, to: usize, a
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let (mut redis, next, swap) = (loader.clone(), next.clone(), swap.clone());
-        let (subscription, account, ledger, revision) = (
+        let (subscription, account, ledger, revision, open) = (
             subscription.clone(),
             account.clone(),
             ledger.clone(),
             revision.clone(),
+            open.clone(),
         );
         let prefix = prefix.to_string();
         tasks.push(tokio::spawn(async move {
@@ -747,6 +757,10 @@ async fn copy_members(bench: &mut Bench, prefix: &str, from: usize, to: usize, a
                     pipe.cmd("SET")
                         .arg(format!("plans:{{{member}}}:rev"))
                         .arg(revision.as_str())
+                        .ignore();
+                    pipe.cmd("SET")
+                        .arg(format!("plans:{{{member}}}:open"))
+                        .arg(open.as_str())
                         .ignore();
                     hset(&mut pipe, format!("billing:{{{member}}}:account"), &account);
                     for (id, fields) in ledger.iter() {

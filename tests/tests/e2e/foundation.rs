@@ -207,8 +207,9 @@ async fn the_test_clock_is_refused_when_off() {
 
 /// Each service reaches Redis as its own ACL user, limited to its own key
 /// prefix: the stack works so, and billing's user cannot read messaging's
-/// keys, nor subscription-plan's (but the subscription revision it
-/// publishes for billing), nor run what the rules leave out.
+/// keys, nor subscription-plan's (but what it publishes: the subscription
+/// revision for billing; the revision and Open Profile, read-only, for
+/// messaging), nor run what the rules leave out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
     use inmail_shared::auth::redis_acl::{PROBE_USER, USERS, acl_file};
@@ -315,6 +316,55 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
             "{error}"
         );
     }
+    // As messaging's user: of subscription-plan's keys only what it
+    // publishes, and only to read (the send above read them).
+    let (_, messaging_password) = &credentials["messaging"];
+    let settings = inmail_shared::storage::RedisSettings {
+        cluster: stack.redis.is_cluster(),
+        username: Some("messaging".into()),
+        password: Some(messaging_password.clone()),
+        ..inmail_shared::storage::RedisSettings::new(stack.redis.url())
+    };
+    let mut messaging_conn = inmail_shared::storage::Redis::open(&settings)
+        .unwrap()
+        .conn();
+    let open: Option<String> = redis::cmd("GET")
+        .arg("plans:{acl}:open")
+        .query_async(&mut messaging_conn)
+        .await
+        .expect("messaging reads a member's published Open Profile");
+    assert_eq!(open.as_deref(), Some("1:0:0:0"));
+    let all: bool = redis::cmd("EXISTS")
+        .arg("plans:published")
+        .query_async(&mut messaging_conn)
+        .await
+        .expect("messaging reads whether all is published");
+    assert!(all);
+    for command in [
+        redis::cmd("SET")
+            .arg("plans:{acl}:open")
+            .arg("1:1:0:1")
+            .clone(),
+        redis::cmd("SET").arg("plans:{acl}:rev").arg("9").clone(),
+        redis::cmd("DEL").arg("plans:published").clone(),
+        redis::cmd("HGETALL")
+            .arg("plans:{acl}:subscription")
+            .clone(),
+        redis::cmd("EVAL")
+            .arg("return redis.call('GET', KEYS[1])")
+            .arg(1)
+            .arg("plans:{acl}:open")
+            .clone(),
+        redis::cmd("HGETALL").arg("billing:{acl}:account").clone(),
+    ] {
+        let refused: Result<redis::Value, _> = command.query_async(&mut messaging_conn).await;
+        let error = refused.expect_err("messaging's user was let through");
+        assert!(
+            error.to_string().to_uppercase().contains("NOPERM"),
+            "{error}"
+        );
+    }
+
     // Commands without keys, on one node.
     let node = stack.redis.url().split(',').next().unwrap().to_string();
     let node = node.replacen(

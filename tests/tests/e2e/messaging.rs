@@ -9,7 +9,8 @@ use inmail_shared::ApiError;
 use inmail_shared::proto::billing::v1::LedgerEntryKind as Entry;
 use inmail_shared::proto::messaging::v1 as pb;
 use inmail_shared::proto::messaging::v1::{InmailResponse, MessageKind, RefundStatus};
-use inmail_tests::{Stack, StackOptions, rid};
+use inmail_shared::proto::plans::v1 as plans;
+use inmail_tests::{As, Stack, StackOptions, messaging_at, rid};
 use messaging::send::{AfterDebitHook, Faults};
 use tonic::Code;
 
@@ -940,4 +941,141 @@ async fn a_refund_owed_while_billing_is_down_comes_back_later() {
     assert!(refunded, "the owed refund never came back");
     assert_eq!(available(&stack, "xan").await, 5);
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
+}
+
+/// The recipient's Open Profile comes from what subscription-plan publishes
+/// in Redis with every change (inmail_shared::published), not from a call
+/// per send: with subscription-plan stopped, a message to an Open Profile is
+/// still free, one to a closed profile or to a member who never subscribed
+/// costs an InMail, and a scheduled cancellation turns Open Profile off at
+/// the cycle end without any write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_profile_is_read_from_what_subscription_plan_publishes_without_calling_it() {
+    let mut stack = Stack::start().await;
+    stack.set_time(utc(2027, 3, 5, 12)).await;
+    for member in ["sam", "tess", "olive", "rosa", "carl"] {
+        subscribe(&stack, member, "premium-business").await;
+    }
+    set_open_profile(&stack, "olive", true).await.unwrap();
+    set_open_profile(&stack, "carl", true).await.unwrap();
+    stack
+        .plans_as("carl")
+        .cancel_subscription(plans::CancelSubscriptionRequest {
+            request_id: rid(),
+            member_id: "carl".into(),
+            timing: plans::ChangeTiming::EndOfCycle as i32,
+        })
+        .await
+        .unwrap();
+    // carl takes no InMail: once his profile closes, a stranger's message
+    // is refused by messaging alone (no credit, no billing call).
+    stack
+        .messaging_as("carl")
+        .set_inmail_preference(pb::SetInmailPreferenceRequest {
+            request_id: rid(),
+            member_id: "carl".into(),
+            accept_inmail: false,
+        })
+        .await
+        .unwrap();
+    let credits = available(&stack, "sam").await;
+
+    stack.stop_plans().await;
+    let free = send(&stack, "sam", "olive").await.unwrap();
+    assert_eq!(kind(&free), MessageKind::OpenProfile);
+    let free = send(&stack, "sam", "carl").await.unwrap();
+    assert_eq!(
+        kind(&free),
+        MessageKind::OpenProfile,
+        "open until the cycle end"
+    );
+    assert_eq!(available(&stack, "sam").await, credits);
+    for closed in ["rosa", "nina"] {
+        let paid = send(&stack, "sam", closed).await.unwrap();
+        assert_eq!(kind(&paid), MessageKind::Inmail, "{closed}");
+    }
+    assert_eq!(available(&stack, "sam").await, credits - 2);
+
+    // Past carl's cycle end his plan is free and his profile closed, though
+    // nothing was written since: tess's message would be an InMail, which
+    // carl does not take.
+    stack.set_time(utc(2027, 4, 5, 13)).await;
+    let refused = send(&stack, "tess", "carl").await.unwrap_err();
+    assert_eq!(reason(&refused), "INMAIL_NOT_ACCEPTED", "{refused:?}");
+}
+
+/// Subscriptions stored before Open Profile was published (an upgrade from
+/// an earlier version) are asked for over gRPC until subscription-plan,
+/// at its next start, publishes them all; a member with neither published
+/// key is taken as never subscribed only after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_stored_before_publication_are_asked_for_then_published_at_start() {
+    let mut stack = Stack::start().await;
+    subscribe(&stack, "sam", "premium-business").await;
+    subscribe(&stack, "olive", "premium-business").await;
+    set_open_profile(&stack, "olive", true).await.unwrap();
+    // What an earlier version left: no published Open Profile, no revision,
+    // no "all published".
+    let mut redis = stack.redis.conn().await;
+    for key in [
+        "plans:{olive}:open".to_string(),
+        "plans:{olive}:rev".to_string(),
+        "plans:published".to_string(),
+    ] {
+        let _: () = redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    // A messaging that has not seen "all published" yet asks: free.
+    let replica = stack.messaging_replica().await;
+    let mut fresh = messaging_at(replica.addr, &As::member("sam"));
+    let free = fresh
+        .send_message(send_request("sam", "olive", "Hi", "Hello"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kind(&free), MessageKind::OpenProfile);
+    // With subscription-plan down it cannot tell, and says so; it does not
+    // take the missing keys for "never subscribed".
+    stack.stop_plans().await;
+    let unknown = fresh
+        .send_message(send_request("sam", "omar", "Hi", "Hello"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::Unavailable, "{unknown:?}");
+
+    // Its next start publishes what is missing.
+    stack.start_plans_again().await;
+    let published = eventually(Duration::from_secs(5), || {
+        let mut redis = redis.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg("plans:published")
+                .query_async::<bool>(&mut redis)
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    assert!(published, "plans:published was not set at start");
+    let open: Option<String> = redis::cmd("GET")
+        .arg("plans:{olive}:open")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(
+        open.is_some_and(|v| v.ends_with(":1:0:1")),
+        "olive's Open Profile was not published"
+    );
+    stack.stop_plans().await;
+    let free = send(&stack, "tess", "olive").await.unwrap();
+    assert_eq!(kind(&free), MessageKind::OpenProfile);
+    let paid = fresh
+        .send_message(send_request("sam", "omar", "Hi", "Hello"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kind(&paid), MessageKind::Inmail);
 }

@@ -14,8 +14,11 @@ mod relations;
 pub mod reply;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use inmail_shared::ApiError;
+use inmail_shared::published::{self, OpenProfile};
 use inmail_shared::storage::{Batch, Redis, args};
 use redis::Script;
 
@@ -131,6 +134,9 @@ pub struct MessagingStore {
     connect: Script,
     disconnect: Script,
     block: Script,
+    /// Whether subscription-plan has published every subscription (then
+    /// never unset, so no longer read).
+    all_published: Arc<AtomicBool>,
 }
 
 impl MessagingStore {
@@ -146,6 +152,7 @@ impl MessagingStore {
             connect: Script::new(include_str!("lua/connect.lua")),
             disconnect: Script::new(include_str!("lua/disconnect.lua")),
             block: Script::new(include_str!("lua/block.lua")),
+            all_published: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -154,15 +161,17 @@ impl MessagingStore {
     }
 
     /// What a send needs to decide its kind, in one round trip: the
-    /// sender's request record, the pair, and whether the recipient accepts
-    /// InMail.
+    /// sender's request record, the pair, whether the recipient accepts
+    /// InMail, and the recipient's Open Profile as subscription-plan
+    /// publishes it (`None`: not published, or not for the current
+    /// revision: ask subscription-plan).
     pub async fn read_for_send(
         &self,
         sender: &str,
         request_id: &str,
         conv: &str,
         recipient: &str,
-    ) -> Result<(SendRecord, ConversationRecord, bool), ApiError> {
+    ) -> Result<(SendRecord, ConversationRecord, bool, Option<OpenProfile>), ApiError> {
         let mut batch = Batch::new();
         batch
             .add(
@@ -178,13 +187,41 @@ impl MessagingStore {
                     .arg(keys::prefs(recipient))
                     .arg("inmail")
                     .clone(),
+            )
+            .add(
+                redis::cmd("MGET")
+                    .arg(published::revision_key(recipient))
+                    .arg(published::open_profile_key(recipient))
+                    .clone(),
             );
+        let mut all_published = self.all_published.load(Ordering::Relaxed);
+        if !all_published {
+            batch.add(
+                redis::cmd("EXISTS")
+                    .arg(published::ALL_PUBLISHED_KEY)
+                    .clone(),
+            );
+        }
+        let mut replies: Vec<redis::Value> = self.redis.run(&batch).await?;
+        let marker = if all_published {
+            false
+        } else {
+            redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil))
+                .map_err(|e| ApiError::internal(format!("unreadable EXISTS reply: {e}")))?
+        };
         type Read = (
             (Option<String>, Option<String>),
             HashMap<String, String>,
             Option<String>,
+            (Option<String>, Option<String>),
         );
-        let ((fingerprint, refused), pair, accepts): Read = self.redis.run(&batch).await?;
+        let ((fingerprint, refused), pair, accepts, (revision, open)): Read =
+            redis::from_redis_value(redis::Value::Array(replies))
+                .map_err(|e| ApiError::internal(format!("unreadable send state: {e}")))?;
+        if marker {
+            all_published = true;
+            self.all_published.store(true, Ordering::Relaxed);
+        }
         Ok((
             SendRecord {
                 fingerprint,
@@ -192,6 +229,7 @@ impl MessagingStore {
             },
             ConversationRecord::from_fields(&pair),
             accepts.as_deref() != Some("0"),
+            OpenProfile::trusted(open.as_deref(), revision.as_deref(), all_published),
         ))
     }
 

@@ -3,12 +3,15 @@
 --
 -- KEYS[1]  the subscription hash (rev, state)
 -- KEYS[2]  the request record (fp, outcome)
--- KEYS[3]  the revision published for billing-credits (string)
+-- KEYS[3]  the published revision (string)
+-- KEYS[4]  the published Open Profile (string, tagged with the new revision)
 -- ARGV[1]  the revision read
 -- ARGV[2]  the new state JSON ("" for a refusal: only the outcome is recorded)
 -- ARGV[3]  fingerprint of the request's arguments
 -- ARGV[4]  the outcome JSON
 -- ARGV[5]  request record retention ms
+-- ARGV[6]  the Open Profile to publish with the new state (its revision is
+--          the read one + 1)
 --
 -- Checks before any write: the request id was not used with other arguments
 -- and has no outcome yet; the revision is still the one read.
@@ -23,6 +26,7 @@ if rev ~= tonumber(ARGV[1]) then return {'conflict'} end
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'rev', rev + 1, 'state', ARGV[2])
   redis.call('SET', KEYS[3], rev + 1)
+  redis.call('SET', KEYS[4], ARGV[6])
 end
 redis.call('HSET', KEYS[2], 'fp', ARGV[3], 'outcome', ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
