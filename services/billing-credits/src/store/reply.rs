@@ -148,25 +148,45 @@ pub struct BalanceView {
     pub ver: u64,
 }
 
+/// A debit record as a script answers it. Its times (epoch ms) come as
+/// JSON numbers or, where the script passes on the string it was given or
+/// read, as decimal strings (no float formatting in Lua); a time not
+/// reached yet may be left out (0).
 #[derive(Debug, Clone, Deserialize)]
 pub struct DebitView {
     pub state: DebitState,
     #[serde(default)]
     pub amount: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "millis")]
     pub debited_at: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "millis")]
     pub expires_at: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "millis")]
     pub confirmed_at: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "millis")]
     pub refundable_until: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "millis")]
     pub returned_at: i64,
     #[serde(default)]
     pub reason: Option<ReleaseCause>,
     #[serde(default)]
     pub balance_after: i64,
+}
+
+/// Epoch ms as a JSON number or a decimal string.
+fn millis<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Millis {
+        Number(i64),
+        Text(String),
+    }
+    match Millis::deserialize(deserializer)? {
+        Millis::Number(ms) => Ok(ms),
+        Millis::Text(text) => text
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("not epoch ms: {text:?}"))),
+    }
 }
 
 /// The kind of a ledger entry (the entry's `k`).
@@ -261,6 +281,21 @@ mod tests {
                 .unwrap();
         assert_eq!(debit.state, DebitState::Released);
         assert_eq!(debit.reason, Some(ReleaseCause::HoldExpired));
+    }
+
+    #[test]
+    fn debit_times_parse_from_numbers_or_strings_and_default_to_zero() {
+        let debit: DebitView = serde_json::from_str(
+            r#"{"state":"held","amount":1,"debited_at":"1795824659926","expires_at":1795824689926}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (debit.debited_at, debit.expires_at, debit.confirmed_at),
+            (1_795_824_659_926, 1_795_824_689_926, 0)
+        );
+        assert!(
+            serde_json::from_str::<DebitView>(r#"{"state":"held","debited_at":"soon"}"#).is_err()
+        );
     }
 
     #[test]

@@ -6,10 +6,25 @@ do
   if replay then return replay end
 end
 
+-- The account is read in two parts: the fields a debit needs, at once (one
+-- HMGET); every other field when first asked for (one HGETALL, merged under
+-- what is already read or set). A debit reads half the hash; a renewal or a
+-- balance view reads it all, as before.
 local acct, dirty = {}, {}
 do
-  local flat = redis.call('HGETALL', A)
-  for i = 1, #flat, 2 do acct[flat[i]] = flat[i + 1] end
+  local HOT = { 'ver', 'balance', 'valid', 'erev', 'paid', 'debited', 'plan', 'idx' }
+  local values = redis.call('HMGET', A, unpack(HOT))
+  for i, field in ipairs(HOT) do acct[field] = values[i] or nil end
+  local all = false
+  setmetatable(acct, { __index = function(t, field)
+    if all then return nil end
+    all = true
+    local flat = redis.call('HGETALL', A)
+    for i = 1, #flat, 2 do
+      if rawget(t, flat[i]) == nil and not dirty[flat[i]] then rawset(t, flat[i], flat[i + 1]) end
+    end
+    return rawget(t, field)
+  end })
 end
 local exists = acct.ver ~= nil
 local bal = tonumber(acct.balance or '0')
@@ -19,7 +34,7 @@ local function set(field, value) acct[field] = value; dirty[field] = true end
 
 -- Appends a ledger entry carrying the balance after it.
 local function entry(kind, amount, msg, note)
-  return redis.call('XADD', L, '*', 'k', kind, 'a', amount, 'b', bal, 't', now,
+  return redis.call('XADD', L, '*', 'k', kind, 'a', int(amount), 'b', int(bal), 't', NOW,
     'm', msg or '', 'r', REQ, 'p', acct.plan or '', 'v', acct.ver or '0',
     'c', acct.idx or '0', 'n', note or '')
 end
@@ -131,8 +146,10 @@ local function save()
   if bal ~= bal_before then set('balance', bal) end
   local args = {}
   for field in pairs(dirty) do
+    local value = acct[field]
+    if type(value) == 'number' and value == math.floor(value) then value = int(value) end
     args[#args + 1] = field
-    args[#args + 1] = acct[field]
+    args[#args + 1] = value
   end
   if #args > 0 then redis.call('HSET', A, unpack(args)) end
 end

@@ -26,5 +26,5 @@
 -- {"s":"need"|"stale","ver":n} without writing.
 
 local A, L, R, S = KEYS[1], KEYS[2], KEYS[3], KEYS[#KEYS]
-local now = tonumber(ARGV[1])
+local now, NOW = tonumber(ARGV[1]), ARGV[1]
 local ENT, VALID, REQ, FP, RETAIN = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]

@@ -11,6 +11,6 @@
 -- recorded: the caller releases it). Confirming twice answers the same.
 -- Reply: {"s":"ok","debit":{...}} or a refusal.
 local D, R = KEYS[1], KEYS[3]
-local now = tonumber(ARGV[1])
+local now, NOW = tonumber(ARGV[1]), ARGV[1]
 local REQ, FP, RETAIN = ARGV[4], ARGV[5], ARGV[6]
 local WINDOW, KEEP = tonumber(ARGV[7]), tonumber(ARGV[8])

@@ -17,6 +17,7 @@
 -- DEBIT ledger entry.
 -- Reply: {"s":"ok","debit":{...},"balance_after":n,"debited":n} or a refusal.
 local D, MSG, AMOUNT, EXPIRES = KEYS[4], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local AMOUNT_S, EXPIRES_S = ARGV[8], ARGV[9]
 local existing = debit_view(D)
 if existing then
   save()
@@ -32,10 +33,12 @@ if now >= EXPIRES then
 end
 bal = bal - AMOUNT
 bump('debited', AMOUNT)
-redis.call('HSET', D, 'state', 'held', 'amount', AMOUNT, 't_debit', now, 't_expire', EXPIRES,
-  'bal_after', bal, 'req', REQ)
+redis.call('HSET', D, 'state', 'held', 'amount', AMOUNT_S, 't_debit', NOW, 't_expire', EXPIRES_S,
+  'bal_after', int(bal), 'req', REQ)
 entry('DEBIT', -AMOUNT, MSG, '')
 save()
+-- Times as the strings they came as (the reply takes either; no float
+-- formatting), times not reached yet left out.
 return finish({ s = 'ok', balance_after = bal, debited = AMOUNT,
-  debit = { state = 'held', amount = AMOUNT, debited_at = now, expires_at = EXPIRES,
-    confirmed_at = 0, refundable_until = 0, returned_at = 0, balance_after = bal } })
+  debit = { state = 'held', amount = AMOUNT, debited_at = NOW, expires_at = EXPIRES_S,
+    balance_after = bal } })

@@ -18,10 +18,10 @@ if d.state == 'refunded' then
   save()
   return finish({ s = 'ok', debit = d, refunded_now = false, balance_after = bal })
 end
-if RESPONDED > d.refundable_until then save() return refuse('REFUND_WINDOW_CLOSED', { debit = d }) end
+if RESPONDED > tonumber(d.refundable_until or '0') then save() return refuse('REFUND_WINDOW_CLOSED', { debit = d }) end
 bal = bal + d.amount
 bump('refunded', d.amount)
-redis.call('HSET', D, 'state', 'refunded', 't_return', now)
+redis.call('HSET', D, 'state', 'refunded', 't_return', NOW)
 entry('REFUND', d.amount, MSG, '')
 save()
 return finish({ s = 'ok', debit = debit_view(D), refunded_now = true, refunded = d.amount, balance_after = bal })

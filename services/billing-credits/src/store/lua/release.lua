@@ -14,7 +14,7 @@ local D, MSG, REASON, KEEP, ONLY_EXPIRED = KEYS[4], ARGV[7], ARGV[8], tonumber(A
 local d = debit_view(D)
 if not d then
   if ONLY_EXPIRED then save() return finish({ s = 'ok', released_now = false, balance_after = bal }) end
-  redis.call('HSET', D, 'state', 'released', 'amount', 0, 't_return', now, 'reason', REASON)
+  redis.call('HSET', D, 'state', 'released', 'amount', 0, 't_return', NOW, 'reason', REASON)
   redis.call('PEXPIRE', D, KEEP)
   save()
   return finish({ s = 'ok', debit = debit_view(D), released_now = false, balance_after = bal })
@@ -23,10 +23,10 @@ if d.state == 'confirmed' or d.state == 'refunded' then
   save()
   return refuse('DEBIT_CONFIRMED', { debit = d, balance_after = bal })
 end
-if d.state == 'held' and not (ONLY_EXPIRED and now < d.expires_at) then
+if d.state == 'held' and not (ONLY_EXPIRED and now < tonumber(d.expires_at or '0')) then
   bal = bal + d.amount
   bump('released', d.amount)
-  redis.call('HSET', D, 'state', 'released', 't_return', now, 'reason', REASON)
+  redis.call('HSET', D, 'state', 'released', 't_return', NOW, 'reason', REASON)
   redis.call('PEXPIRE', D, KEEP)
   entry('RELEASE', d.amount, MSG, REASON)
   save()

@@ -11,6 +11,11 @@
 
 local renewed, written_off = 0, 0
 
+-- A whole number as Redis stores it. Written so instead of letting Lua
+-- turn the number into a string ("%.17g", a float conversion that was a
+-- fifth of a debit's Redis time).
+local function int(n) return string.format('%d', n) end
+
 local function check_request()
   if REQ == '' then return nil end
   local rec = redis.call('GET', R)
@@ -25,7 +30,9 @@ end
 
 -- Finishes a call: records the reply under the request id and answers it.
 local function finish(reply)
-  reply.renewed, reply.written_off = renewed, written_off
+  -- Counts of nothing are left out (the reply's fields default to 0).
+  if renewed ~= 0 then reply.renewed = renewed end
+  if written_off ~= 0 then reply.written_off = written_off end
   local out = cjson.encode(reply)
   if REQ ~= '' then redis.call('SET', R, FP .. '\n' .. out, 'PX', RETAIN) end
   return out
@@ -43,8 +50,10 @@ local function debit_view(key)
   if #flat == 0 then return nil end
   local d = {}
   for i = 1, #flat, 2 do d[flat[i]] = flat[i + 1] end
-  return { state = d.state, amount = tonumber(d.amount), debited_at = tonumber(d.t_debit or '0'),
-    expires_at = tonumber(d.t_expire or '0'), confirmed_at = tonumber(d.t_confirm or '0'),
-    refundable_until = tonumber(d.refundable or '0'), returned_at = tonumber(d.t_return or '0'),
+  -- Times stay the strings stored (nil: not reached); compare them with
+  -- tonumber().
+  return { state = d.state, amount = tonumber(d.amount), debited_at = d.t_debit,
+    expires_at = d.t_expire, confirmed_at = d.t_confirm,
+    refundable_until = d.refundable, returned_at = d.t_return,
     reason = d.reason, balance_after = tonumber(d.bal_after or '0') }
 end
