@@ -175,18 +175,36 @@ pub struct DebitView {
 
 /// Epoch ms as a JSON number or a decimal string.
 fn millis<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Millis {
-        Number(i64),
-        Text(String),
+    struct Millis;
+    impl serde::de::Visitor<'_> for Millis {
+        type Value = i64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("epoch ms, as a number or a decimal string")
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, ms: i64) -> Result<i64, E> {
+            Ok(ms)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, ms: u64) -> Result<i64, E> {
+            i64::try_from(ms).map_err(|_| E::custom(format!("epoch ms out of range: {ms}")))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, ms: f64) -> Result<i64, E> {
+            if ms.fract() == 0.0 && ms.abs() < 9.0e15 {
+                Ok(ms as i64)
+            } else {
+                Err(E::custom(format!("not epoch ms: {ms}")))
+            }
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<i64, E> {
+            text.parse()
+                .map_err(|_| E::custom(format!("not epoch ms: {text:?}")))
+        }
     }
-    match Millis::deserialize(deserializer)? {
-        Millis::Number(ms) => Ok(ms),
-        Millis::Text(text) => text
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("not epoch ms: {text:?}"))),
-    }
+    deserializer.deserialize_any(Millis)
 }
 
 /// The kind of a ledger entry (the entry's `k`).
