@@ -171,14 +171,15 @@ impl HealthGate {
 
 /// Missed pings in a row that turn health NOT_SERVING: one answer slowed by
 /// a loaded machine (an fsync stall, a busy core) does not take a replica
-/// out of rotation; a Redis that is down does within about two intervals.
+/// out of rotation; a Redis that is down does within about five intervals
+/// of its last answer (two skipped checks, then two missed pings).
 const MISSES_TO_NOT_SERVING: u32 = 2;
 
 /// Pings Redis every `interval` and moves health with the answers, until
 /// `stop` is cancelled. A Redis that answered any command of the service
-/// within the last two intervals (a call, a sweep round) is not pinged: that
-/// answer says as much, and an idle replica's sweeps then keep its health
-/// without adding load to Redis.
+/// within the last two intervals (a call, a sweep round, the last ping) is
+/// not pinged: that answer says as much, and an idle replica's sweeps then
+/// keep its health without adding load to Redis.
 pub fn spawn_redis_watch(
     redis: Redis,
     gate: HealthGate,
