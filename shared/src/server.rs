@@ -176,10 +176,12 @@ impl HealthGate {
 const MISSES_TO_NOT_SERVING: u32 = 2;
 
 /// Pings Redis every `interval` and moves health with the answers, until
-/// `stop` is cancelled. A Redis that answered any command of the service
-/// within the last two intervals (a call, a sweep round, the last ping) is
-/// not pinged: that answer says as much, and an idle replica's sweeps then
-/// keep its health without adding load to Redis.
+/// `stop` is cancelled. A single Redis that answered any command of the
+/// service within the last two intervals (a call, a sweep round, the last
+/// ping; not an error reply) is not pinged: that answer says as much, and
+/// an idle replica's sweeps then keep its health without adding load to
+/// Redis. A cluster is always pinged: the ping goes to every primary, and
+/// an answer from one says nothing of the others.
 pub fn spawn_redis_watch(
     redis: Redis,
     gate: HealthGate,
@@ -190,7 +192,7 @@ pub fn spawn_redis_watch(
         let mut misses = 0u32;
         loop {
             let ping = tokio::time::timeout(interval.max(Duration::from_millis(200)), async {
-                if redis.answered_within(interval * 2) {
+                if !redis.is_cluster() && redis.answered_within(interval * 2) {
                     return Ok(());
                 }
                 redis.ping().await

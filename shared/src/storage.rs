@@ -95,8 +95,19 @@ impl Answered {
         last != 0 && process_ms().saturating_sub(last) <= window.as_millis() as u64
     }
 
-    fn noted<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
-        if result.is_ok() {
+    /// Notes a reply. An error reply (`-LOADING` from a Redis still
+    /// loading its data, `-BUSY`, NOSCRIPT) comes as a value here, not an
+    /// error: it is not Redis serving, so it is not noted.
+    fn noted(&self, result: redis::RedisResult<Value>) -> redis::RedisResult<Value> {
+        if matches!(&result, Ok(value) if !matches!(value, Value::ServerError(_))) {
+            self.note();
+        }
+        result
+    }
+
+    fn noted_all(&self, result: redis::RedisResult<Vec<Value>>) -> redis::RedisResult<Vec<Value>> {
+        if matches!(&result, Ok(values) if !values.iter().any(|v| matches!(v, Value::ServerError(_))))
+        {
             self.note();
         }
         result
@@ -124,7 +135,7 @@ impl ConnectionLike for RedisConn {
             Link::Single(conn) => conn.req_packed_commands(cmd, offset, count),
             Link::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
         };
-        Box::pin(async move { answered.noted(replies.await) })
+        Box::pin(async move { answered.noted_all(replies.await) })
     }
 
     fn get_db(&self) -> i64 {

@@ -10,6 +10,72 @@ use tonic::Code;
 
 use crate::common::*;
 
+/// A Redis that answers nothing but errors is not serving: while a script
+/// runs past `busy-reply-threshold`, every command (the services' sweeps
+/// and health pings alike) gets `-BUSY`, and health turns NOT_SERVING;
+/// once the script is killed it is SERVING again. (Error replies do not
+/// count as Redis answering, which lets a health check skip its ping.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_while_redis_answers_only_errors() {
+    if inmail_tests::redis_server::cluster_mode() {
+        // Blocks one Redis with a script.
+        return;
+    }
+    let stack = Stack::start().await;
+    let addrs = [stack.plans.addr, stack.billing.addr, stack.messaging.addr];
+    for addr in addrs {
+        assert_eq!(health(addr).await.unwrap(), SERVING);
+    }
+    let client = redis::Client::open(stack.redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("busy-reply-threshold")
+        .arg(100)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut blocked = client.get_multiplexed_async_connection().await.unwrap();
+    let busy = tokio::spawn(async move {
+        redis::cmd("EVAL")
+            .arg("while true do end")
+            .arg(0)
+            .query_async::<redis::Value>(&mut blocked)
+            .await
+    });
+    for addr in addrs {
+        assert!(
+            eventually(Duration::from_secs(6), || async {
+                matches!(health(addr).await, Ok(NOT_SERVING))
+            })
+            .await,
+            "{addr} kept reporting SERVING while Redis answered only BUSY"
+        );
+    }
+    let killed = eventually(Duration::from_secs(5), || {
+        let mut admin = admin.clone();
+        async move {
+            redis::cmd("SCRIPT")
+                .arg("KILL")
+                .query_async::<()>(&mut admin)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(killed, "SCRIPT KILL did not stop the script");
+    assert!(busy.await.unwrap().is_err(), "the killed script answered");
+    for addr in addrs {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                matches!(health(addr).await, Ok(SERVING))
+            })
+            .await,
+            "{addr} did not come back to SERVING"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_redis_and_service_resumes_by_itself() {
     let mut stack = Stack::start().await;

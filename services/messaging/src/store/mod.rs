@@ -172,7 +172,18 @@ impl MessagingStore {
         conv: &str,
         recipient: &str,
     ) -> Result<(SendRecord, ConversationRecord, bool, Option<OpenProfile>), ApiError> {
+        // Whether every subscription is published is read before the
+        // published keys: once it is, a key missing at the later read was
+        // never written (the backfill publishes, then sets it).
+        let mut all_published = self.all_published.load(Ordering::Relaxed);
         let mut batch = Batch::new();
+        if !all_published {
+            batch.add(
+                redis::cmd("EXISTS")
+                    .arg(published::ALL_PUBLISHED_KEY)
+                    .clone(),
+            );
+        }
         batch
             .add(
                 redis::cmd("HMGET")
@@ -194,19 +205,11 @@ impl MessagingStore {
                     .arg(published::open_profile_key(recipient))
                     .clone(),
             );
-        let mut all_published = self.all_published.load(Ordering::Relaxed);
-        if !all_published {
-            batch.add(
-                redis::cmd("EXISTS")
-                    .arg(published::ALL_PUBLISHED_KEY)
-                    .clone(),
-            );
-        }
         let mut replies: Vec<redis::Value> = self.redis.run(&batch).await?;
-        let marker = if all_published {
+        let marker = if all_published || replies.is_empty() {
             false
         } else {
-            redis::from_redis_value(replies.pop().unwrap_or(redis::Value::Nil))
+            redis::from_redis_value(replies.remove(0))
                 .map_err(|e| ApiError::internal(format!("unreadable EXISTS reply: {e}")))?
         };
         type Read = (
