@@ -331,16 +331,20 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 
     // As billing's user: its own keys, nothing of messaging's.
-    let (_, password) = &credentials["billing-credits"];
-    let settings = inmail_shared::storage::RedisSettings {
-        cluster: stack.redis.is_cluster(),
-        username: Some("billing-credits".into()),
-        password: Some(password.clone()),
-        ..inmail_shared::storage::RedisSettings::new(stack.redis.url())
+    // A connection as a service's Redis user, routed as the services route.
+    let connect_as = |service: &str| {
+        let settings = inmail_shared::storage::RedisSettings {
+            cluster: stack.redis.is_cluster(),
+            username: Some(service.into()),
+            password: Some(credentials[service].1.clone()),
+            ..inmail_shared::storage::RedisSettings::new(stack.redis.url())
+        };
+        inmail_shared::storage::Redis::open(&settings)
+            .unwrap()
+            .conn()
     };
-    let mut conn = inmail_shared::storage::Redis::open(&settings)
-        .unwrap()
-        .conn();
+    let (_, password) = &credentials["billing-credits"];
+    let mut conn = connect_as("billing-credits");
     let own: Option<String> = redis::cmd("HGET")
         .arg("billing:{acl}:account")
         .arg("balance")
@@ -384,16 +388,7 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
     }
     // As messaging's user: of subscription-plan's keys only what it
     // publishes, and only to read (the send above read them).
-    let (_, messaging_password) = &credentials["messaging"];
-    let settings = inmail_shared::storage::RedisSettings {
-        cluster: stack.redis.is_cluster(),
-        username: Some("messaging".into()),
-        password: Some(messaging_password.clone()),
-        ..inmail_shared::storage::RedisSettings::new(stack.redis.url())
-    };
-    let mut messaging_conn = inmail_shared::storage::Redis::open(&settings)
-        .unwrap()
-        .conn();
+    let mut messaging_conn = connect_as("messaging");
     let open: Option<String> = redis::cmd("GET")
         .arg("plans:{acl}:open")
         .query_async(&mut messaging_conn)
