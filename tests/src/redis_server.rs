@@ -31,19 +31,65 @@ fn find_binary(name: &str) -> PathBuf {
         })
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, for a server a test starts (Redis, a
+/// service process, a metrics endpoint).
+///
+/// Ports come from one counter below the kernel's ephemeral range, not from
+/// binding port 0: a port learnt from `bind(0)` and then closed goes back to
+/// the ephemeral pool, where the kernel may hand it to any outgoing
+/// connection or to another test's `bind(0)` before the server binds it
+/// ("Address already in use" in a service that never served). The counter
+/// gives each call of this test process another port, and connections never
+/// draw from below the range. When the range leaves no room below it, this
+/// falls back to `bind(0)`.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const SPAN: u32 = TEST_PORTS.end - TEST_PORTS.start;
+    if ephemeral_low() < TEST_PORTS.end + CLUSTER_BUS_OFFSET as u32 {
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+    }
+    // Start where another test process (the cluster run after the single
+    // one, a bench beside the tests) is unlikely to be.
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (TEST_PORTS.start + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORTS:?}");
+}
+
+/// Where [`free_port`] takes ports from: below the usual ephemeral range
+/// (32768–60999) together with a cluster node's bus port (+10000).
+const TEST_PORTS: std::ops::Range<u32> = 12_000..22_000;
+const CLUSTER_BUS_OFFSET: u16 = 10_000;
+
+/// The low end of the kernel's ephemeral port range (Linux), 32768 when it
+/// cannot be read.
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// A port for a cluster node: it and its cluster bus port (+10000) are free.
 fn free_cluster_port() -> u16 {
     loop {
         let port = free_port();
-        if port <= 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        if port <= 55_000
+            && std::net::TcpListener::bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET)).is_ok()
+        {
             return port;
         }
     }
