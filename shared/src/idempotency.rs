@@ -129,6 +129,13 @@ const CLAIM_SCRIPT: &str = include_str!("lua/request_claim.lua");
 
 const COMPLETE_SCRIPT: &str = include_str!("lua/request_complete.lua");
 
+/// The scripts by name, as sent to Redis (what a profile labels their
+/// hashes with).
+pub const SCRIPTS: [(&str, &str); 2] = [
+    ("request_claim", CLAIM_SCRIPT),
+    ("request_complete", COMPLETE_SCRIPT),
+];
+
 /// Request records under caller-chosen keys (each key carries the hash tag of
 /// the member it belongs to), one caller at a time per request: the first
 /// does the work under a lease, concurrent duplicates wait for its outcome,

@@ -29,6 +29,10 @@ const COMMIT: &str = include_str!("lua/commit.lua");
 /// Publishes what the last write did not; see the script's header.
 const PUBLISH: &str = include_str!("lua/publish.lua");
 
+/// The scripts by name, as sent to Redis (what a profile labels their
+/// hashes with).
+pub const SCRIPTS: [(&str, &str); 2] = [("commit", COMMIT), ("publish", PUBLISH)];
+
 fn subscription_key(member: &str) -> String {
     format!("plans:{{{member}}}:subscription")
 }

@@ -17,6 +17,9 @@
 //! services' resident memory; then the ratios against the thin ideal and
 //! TLS against plaintext. On a 2-core machine the load tools, services and
 //! Redis share the cores, so only ratios from one run are honest figures.
+//! `--script-profile` also splits each row's Redis time by script (named by
+//! hash from every service's `store::SCRIPTS`) and command, with the
+//! commands each script ran counted under it, from Redis's SLOWLOG.
 //!
 //! `--scenarios idle --idle-replicas 1,2,4` measures Redis's load with the
 //! services idle at each replica count (every service replicated), on a
@@ -93,6 +96,12 @@ struct Args {
     /// Also print the Redis commands behind each row.
     #[arg(long)]
     redis_stats: bool,
+    /// Also print Redis time per call of each script (by name) and command,
+    /// from Redis's SLOWLOG of the row's last 20,000 commands, logged with
+    /// a threshold of 0. Logging every command costs Redis a little: take
+    /// the throughput ratios from a run without it.
+    #[arg(long)]
+    script_profile: bool,
     /// Tokio worker threads of each service (TOKIO_WORKER_THREADS; default:
     /// one per core).
     #[arg(long)]
@@ -195,6 +204,85 @@ impl Bench {
             .unwrap();
     }
 
+    /// Starts (`on`) or stops logging every command in the SLOWLOG, and
+    /// empties it.
+    async fn log_every_command(&mut self, on: bool) {
+        let (threshold, len) = if on {
+            (0, SLOWLOG_SAMPLE)
+        } else {
+            (10_000, 128)
+        };
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("slowlog-log-slower-than")
+            .arg(threshold)
+            .arg("slowlog-max-len")
+            .arg(len)
+            .query_async(&mut self.redis)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SLOWLOG")
+            .arg("RESET")
+            .query_async(&mut self.redis)
+            .await
+            .unwrap();
+    }
+
+    /// The SLOWLOG's entries, oldest first, the bench's own commands left
+    /// out.
+    async fn logged_commands(&mut self) -> Vec<Logged> {
+        let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+            .arg("GET")
+            .arg(SLOWLOG_SAMPLE)
+            .query_async(&mut self.redis)
+            .await
+            .unwrap();
+        let names = script_names();
+        let mut logged: Vec<Logged> = entries
+            .into_iter()
+            .filter_map(|entry| {
+                let redis::Value::Array(fields) = entry else {
+                    return None;
+                };
+                let text = |v: Option<&redis::Value>| match v {
+                    Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                    Some(redis::Value::SimpleString(s)) => s.clone(),
+                    _ => String::new(),
+                };
+                let micros = match fields.get(2)? {
+                    redis::Value::Int(us) => *us as u64,
+                    _ => return None,
+                };
+                let redis::Value::Array(argv) = fields.get(3)? else {
+                    return None;
+                };
+                let command = text(argv.first()).to_ascii_lowercase();
+                if matches!(command.as_str(), "slowlog" | "config" | "info") {
+                    return None;
+                }
+                let label = if command == "evalsha" {
+                    let sha = text(argv.get(1));
+                    match names.get(&sha) {
+                        Some(name) => format!("script {name}"),
+                        None => format!("script {}", &sha[..sha.len().min(8)]),
+                    }
+                } else {
+                    command
+                };
+                // A command a script ran is logged, before its script, with
+                // no client address.
+                let nested = text(fields.get(4)).starts_with('?');
+                Some(Logged {
+                    label,
+                    micros,
+                    nested,
+                })
+            })
+            .collect();
+        logged.reverse();
+        logged
+    }
+
     /// Redis commands since the last reset: (name, calls, µs), busiest
     /// first.
     async fn redis_commands(&mut self) -> Vec<(String, u64, f64)> {
@@ -241,6 +329,9 @@ struct Outcome {
     cpu_calls: u64,
     redis_usec: f64,
     redis_commands: Vec<(String, u64, f64)>,
+    /// The row's last commands as Redis logged them, oldest first
+    /// (`--script-profile`).
+    logged: Vec<Logged>,
     /// Resident memory of the services, KiB.
     rss_kib: Vec<(String, u64)>,
 }
@@ -413,8 +504,105 @@ fn report(name: &str, outcome: &Outcome, redis_detail: bool) {
             );
         }
     }
+    if !outcome.logged.is_empty() {
+        script_profile(outcome);
+    }
     if let Some(error) = &outcome.first_error {
         println!("{:<12} first error: {error}", "");
+    }
+}
+
+/// How many of a row's last commands `--script-profile` looks at.
+const SLOWLOG_SAMPLE: usize = 20_000;
+
+/// Every script of the services by its hash (what EVALSHA names).
+fn script_names() -> std::collections::HashMap<String, &'static str> {
+    billing_credits::store::SCRIPTS
+        .iter()
+        .chain(&::messaging::store::SCRIPTS)
+        .chain(&subscription_plan::store::SCRIPTS)
+        .chain(&inmail_shared::idempotency::SCRIPTS)
+        .map(|(name, source)| (redis::Script::new(source).get_hash().to_string(), *name))
+        .collect()
+}
+
+/// One command as Redis's SLOWLOG has it.
+struct Logged {
+    /// `script <name>` or the command's name.
+    label: String,
+    micros: u64,
+    /// Run by a script (its time is in the script's).
+    nested: bool,
+}
+
+/// Redis time per call of the row, split by script and command: the
+/// sample's share of each, scaled to the row's commands per call
+/// (INFO commandstats). Commands a script ran are counted under it: the
+/// script's time is its commands' plus its Lua.
+fn script_profile(outcome: &Outcome) {
+    #[derive(Default)]
+    struct Row {
+        calls: u64,
+        micros: u64,
+        inner: std::collections::BTreeMap<String, (u64, u64)>,
+    }
+    let mut rows: std::collections::HashMap<String, Row> = Default::default();
+    let mut pending: Vec<&Logged> = Vec::new();
+    let mut top_level = 0u64;
+    let mut all = 0u64;
+    for entry in &outcome.logged {
+        all += 1;
+        if entry.nested {
+            pending.push(entry);
+            continue;
+        }
+        top_level += 1;
+        let row = rows.entry(entry.label.clone()).or_default();
+        row.calls += 1;
+        row.micros += entry.micros;
+        for inner in pending.drain(..) {
+            let cell = row.inner.entry(inner.label.clone()).or_default();
+            cell.0 += 1;
+            cell.1 += inner.micros;
+        }
+    }
+    // Commands per call as INFO counts them (a script's commands included),
+    // and the sample's ops from its share of them.
+    let ops = all as f64 / outcome.redis_cmds_per_call().max(1e-9);
+    let mut rows: Vec<(String, Row)> = rows.into_iter().collect();
+    rows.sort_by(|a, b| b.1.micros.cmp(&a.1.micros).then(a.0.cmp(&b.0)));
+    let total: u64 = rows.iter().map(|r| r.1.micros).sum();
+    println!(
+        "{:<14} Redis executing, per call ({} commands sampled from the SLOWLOG, {} top-level): {:.1} µs",
+        "",
+        all,
+        top_level,
+        total as f64 / ops
+    );
+    for (label, row) in rows.iter().take(12) {
+        let inner_us: u64 = row.inner.values().map(|c| c.1).sum();
+        let mut inner: Vec<_> = row.inner.iter().collect();
+        inner.sort_by(|a, b| b.1.1.cmp(&a.1.1).then(a.0.cmp(b.0)));
+        let detail = if inner.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " = commands {:.1} ({}) + Lua {:.1}",
+                inner_us as f64 / ops,
+                inner
+                    .iter()
+                    .map(|(name, (n, _))| format!("{name} {:.1}", *n as f64 / row.calls as f64))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                (row.micros - inner_us.min(row.micros)) as f64 / ops
+            )
+        };
+        println!(
+            "{:<16} {label:<22} {:>5.2}/op {:>6.1} µs/op{detail}",
+            "",
+            row.calls as f64 / ops,
+            row.micros as f64 / ops,
+        );
     }
 }
 
@@ -486,6 +674,9 @@ async fn run(args: Args) {
             };
             let prefix = scenario.replace('-', "");
             bench.reset_redis_stats().await;
+            if args.script_profile {
+                bench.log_every_command(true).await;
+            }
             let mut outcome = match scenario.as_str() {
                 "idle" => continue,
                 "thin" => match &args.thin_ideal_dir {
@@ -506,6 +697,10 @@ async fn run(args: Args) {
             };
             outcome.redis_commands = bench.redis_commands().await;
             outcome.redis_usec = outcome.redis_commands.iter().map(|r| r.2).sum();
+            if args.script_profile {
+                outcome.logged = bench.logged_commands().await;
+                bench.log_every_command(false).await;
+            }
             if outcome.rss_kib.is_empty() {
                 outcome.rss_kib = bench
                     .processes

@@ -47,6 +47,19 @@ const CONFIRM: &str = concat!(
 const RECONCILE: &str = include_str!("lua/reconcile.lua");
 const COMPACT: &str = include_str!("lua/compact.lua");
 
+/// Every script by name, as sent to Redis: what a profile labels a script
+/// hash (EVALSHA) with (inmail-bench's per-script Redis time).
+pub const SCRIPTS: [(&str, &str); 8] = [
+    ("balance", BALANCE),
+    ("debit", DEBIT),
+    ("confirm", CONFIRM),
+    ("release", RELEASE),
+    ("refund", REFUND),
+    ("grant", GRANT),
+    ("reconcile", RECONCILE),
+    ("compact", COMPACT),
+];
+
 /// The arguments every balance script shares.
 pub struct Call<'a> {
     pub member: &'a str,

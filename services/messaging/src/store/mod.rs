@@ -33,6 +33,30 @@ pub use self::reply::{
     Recorded, Refusal, Responded, Response, Staged, StoredMessage,
 };
 
+const BEGIN_SEND: &str = include_str!("lua/begin_send.lua");
+const STAGE_INMAIL: &str = include_str!("lua/stage_inmail.lua");
+const DELIVER: &str = include_str!("lua/deliver.lua");
+const FAIL_STAGED: &str = include_str!("lua/fail_staged.lua");
+const RESPOND: &str = include_str!("lua/respond.lua");
+const SETTLE_REFUND: &str = include_str!("lua/settle_refund.lua");
+const CONNECT: &str = include_str!("lua/connect.lua");
+const DISCONNECT: &str = include_str!("lua/disconnect.lua");
+const BLOCK: &str = include_str!("lua/block.lua");
+
+/// Every script by name, as sent to Redis: what a profile labels a script
+/// hash (EVALSHA) with (inmail-bench's per-script Redis time).
+pub const SCRIPTS: [(&str, &str); 9] = [
+    ("begin_send", BEGIN_SEND),
+    ("stage_inmail", STAGE_INMAIL),
+    ("deliver", DELIVER),
+    ("fail_staged", FAIL_STAGED),
+    ("respond", RESPOND),
+    ("settle_refund", SETTLE_REFUND),
+    ("connect", CONNECT),
+    ("disconnect", DISCONNECT),
+    ("block", BLOCK),
+];
+
 /// The sender allowances BEGIN_SEND enforces.
 #[derive(Debug, Clone)]
 pub struct SendLimits {
@@ -143,15 +167,15 @@ impl MessagingStore {
     pub fn new(redis: Redis) -> Self {
         Self {
             redis,
-            begin_send: Script::new(include_str!("lua/begin_send.lua")),
-            stage_inmail: Script::new(include_str!("lua/stage_inmail.lua")),
-            deliver: Script::new(include_str!("lua/deliver.lua")),
-            fail_staged: Script::new(include_str!("lua/fail_staged.lua")),
-            respond: Script::new(include_str!("lua/respond.lua")),
-            settle_refund: Script::new(include_str!("lua/settle_refund.lua")),
-            connect: Script::new(include_str!("lua/connect.lua")),
-            disconnect: Script::new(include_str!("lua/disconnect.lua")),
-            block: Script::new(include_str!("lua/block.lua")),
+            begin_send: Script::new(BEGIN_SEND),
+            stage_inmail: Script::new(STAGE_INMAIL),
+            deliver: Script::new(DELIVER),
+            fail_staged: Script::new(FAIL_STAGED),
+            respond: Script::new(RESPOND),
+            settle_refund: Script::new(SETTLE_REFUND),
+            connect: Script::new(CONNECT),
+            disconnect: Script::new(DISCONNECT),
+            block: Script::new(BLOCK),
             all_published: Arc::new(AtomicBool::new(false)),
         }
     }
