@@ -526,6 +526,39 @@ fn script_names() -> std::collections::HashMap<String, &'static str> {
         .collect()
 }
 
+/// A top-level command's (or script's) calls and time, and the commands
+/// it ran (for a script): name → (calls, µs).
+#[derive(Default, Debug, PartialEq)]
+struct Row {
+    calls: u64,
+    micros: u64,
+    inner: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+/// The SLOWLOG's commands (oldest first) by top-level label, busiest
+/// first; each script gets the nested commands logged just before it.
+fn by_script(logged: &[Logged]) -> Vec<(String, Row)> {
+    let mut rows: std::collections::HashMap<String, Row> = Default::default();
+    let mut pending: Vec<&Logged> = Vec::new();
+    for entry in logged {
+        if entry.nested {
+            pending.push(entry);
+            continue;
+        }
+        let row = rows.entry(entry.label.clone()).or_default();
+        row.calls += 1;
+        row.micros += entry.micros;
+        for inner in pending.drain(..) {
+            let cell = row.inner.entry(inner.label.clone()).or_default();
+            cell.0 += 1;
+            cell.1 += inner.micros;
+        }
+    }
+    let mut rows: Vec<(String, Row)> = rows.into_iter().collect();
+    rows.sort_by(|a, b| b.1.micros.cmp(&a.1.micros).then(a.0.cmp(&b.0)));
+    rows
+}
+
 /// One command as Redis's SLOWLOG has it.
 struct Logged {
     /// `script <name>` or the command's name.
@@ -540,37 +573,12 @@ struct Logged {
 /// (INFO commandstats). Commands a script ran are counted under it: the
 /// script's time is its commands' plus its Lua.
 fn script_profile(outcome: &Outcome) {
-    #[derive(Default)]
-    struct Row {
-        calls: u64,
-        micros: u64,
-        inner: std::collections::BTreeMap<String, (u64, u64)>,
-    }
-    let mut rows: std::collections::HashMap<String, Row> = Default::default();
-    let mut pending: Vec<&Logged> = Vec::new();
-    let mut top_level = 0u64;
-    let mut all = 0u64;
-    for entry in &outcome.logged {
-        all += 1;
-        if entry.nested {
-            pending.push(entry);
-            continue;
-        }
-        top_level += 1;
-        let row = rows.entry(entry.label.clone()).or_default();
-        row.calls += 1;
-        row.micros += entry.micros;
-        for inner in pending.drain(..) {
-            let cell = row.inner.entry(inner.label.clone()).or_default();
-            cell.0 += 1;
-            cell.1 += inner.micros;
-        }
-    }
+    let rows = by_script(&outcome.logged);
+    let all = outcome.logged.len();
+    let top_level: u64 = rows.iter().map(|r| r.1.calls).sum();
     // Commands per call as INFO counts them (a script's commands included),
     // and the sample's ops from its share of them.
     let ops = all as f64 / outcome.redis_cmds_per_call().max(1e-9);
-    let mut rows: Vec<(String, Row)> = rows.into_iter().collect();
-    rows.sort_by(|a, b| b.1.micros.cmp(&a.1.micros).then(a.0.cmp(&b.0)));
     let total: u64 = rows.iter().map(|r| r.1.micros).sum();
     println!(
         "{:<14} Redis executing, per call ({} commands sampled from the SLOWLOG, {} top-level): {:.1} µs",
@@ -1335,5 +1343,63 @@ async fn idle(args: &Args) {
     for mut process in extra {
         process.terminate();
         process.wait_exit(Duration::from_secs(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logged(label: &str, micros: u64, nested: bool) -> Logged {
+        Logged {
+            label: label.to_string(),
+            micros,
+            nested,
+        }
+    }
+
+    #[test]
+    fn a_scripts_commands_are_counted_under_it_and_top_level_ones_alone() {
+        let rows = by_script(&[
+            logged("hset", 2, true),
+            logged("xadd", 3, true),
+            logged("script debit", 20, false),
+            logged("zadd", 4, false),
+            logged("hset", 1, true),
+            logged("script debit", 10, false),
+        ]);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].0, "script debit");
+        assert_eq!(
+            rows[0].1,
+            Row {
+                calls: 2,
+                micros: 30,
+                inner: [("hset".to_string(), (2, 3)), ("xadd".to_string(), (1, 3))]
+                    .into_iter()
+                    .collect(),
+            }
+        );
+        assert_eq!(
+            rows[1],
+            (
+                "zadd".to_string(),
+                Row {
+                    calls: 1,
+                    micros: 4,
+                    inner: Default::default(),
+                }
+            )
+        );
+    }
+
+    #[test]
+    fn every_script_of_the_services_has_a_name_by_its_hash() {
+        let names = script_names();
+        assert_eq!(
+            names.get(redis::Script::new(billing_credits::store::SCRIPTS[1].1).get_hash()),
+            Some(&"debit")
+        );
+        assert_eq!(names.len(), 8 + 9 + 2 + 2, "two scripts share a hash");
     }
 }
