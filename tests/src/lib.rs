@@ -142,9 +142,9 @@ impl Stack {
     /// The services on a Redis of the caller's choosing.
     pub async fn start_on(redis: RedisServer, options: StackOptions) -> Self {
         init_logs();
-        let plans_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let billing_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let messaging_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plans_listener = listen().await;
+        let billing_listener = listen().await;
+        let messaging_listener = listen().await;
         let (plans_addr, billing_addr, messaging_addr) = (
             plans_listener.local_addr().unwrap(),
             billing_listener.local_addr().unwrap(),
@@ -261,7 +261,7 @@ impl Stack {
 
     /// A second messaging replica on the same Redis and services.
     pub async fn messaging_replica(&self) -> Service {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = listen().await;
         let replica = Self::spawn_messaging(
             listener,
             &self.redis.service_args(),
@@ -397,6 +397,18 @@ pub async fn advance(clock: &mut ClockClient, by: Duration) -> chrono::DateTime<
         .await
         .expect("AdvanceTime");
     inmail_shared::time::from_timestamp(&response.into_inner().now.unwrap()).unwrap()
+}
+
+/// A listener for an in-process service, on a [`free_port`]: below the
+/// ephemeral range, so that after a stop no outgoing connection can take
+/// the port before [`bind_again`] binds it for the restart.
+async fn listen() -> TcpListener {
+    for _ in 0..10 {
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", free_port())).await {
+            return listener;
+        }
+    }
+    panic!("no port to listen on");
 }
 
 async fn bind_again(addr: SocketAddr) -> TcpListener {
