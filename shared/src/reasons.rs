@@ -73,3 +73,17 @@ pub const OPEN_PROFILE_MONTHLY_LIMIT: &str = "OPEN_PROFILE_MONTHLY_LIMIT";
 pub const CONVERSATION_NOT_FOUND: &str = "CONVERSATION_NOT_FOUND";
 pub const CONVERSATION_CHANGING: &str = "CONVERSATION_CHANGING";
 pub const RETRY_TO_SEE_RESULT: &str = "RETRY_TO_SEE_RESULT";
+/// No pending invitation between the two members in that direction.
+pub const INVITATION_NOT_FOUND: &str = "INVITATION_NOT_FOUND";
+/// The two members are connected already.
+pub const ALREADY_CONNECTED: &str = "ALREADY_CONNECTED";
+/// This member's invitation to the other is pending already.
+pub const INVITATION_PENDING: &str = "INVITATION_PENDING";
+/// A withdrawn or ignored invitation's cooling-off period has not passed.
+pub const INVITATION_COOLING_OFF: &str = "INVITATION_COOLING_OFF";
+/// The sender's weekly invitation budget is spent.
+pub const INVITATION_RATE_LIMITED: &str = "INVITATION_RATE_LIMITED";
+/// The sender has as many pending invitations as allowed.
+pub const TOO_MANY_PENDING_INVITATIONS: &str = "TOO_MANY_PENDING_INVITATIONS";
+/// One of the two members has as many connections as allowed.
+pub const CONNECTION_LIMIT_REACHED: &str = "CONNECTION_LIMIT_REACHED";

@@ -12,6 +12,9 @@ pub const SUBJECT_MAX_CHARS: usize = 200;
 pub const INMAIL_BODY_MAX_CHARS: usize = 2_000;
 /// Longest body of the free kinds, in characters.
 pub const BODY_MAX_CHARS: usize = 8_000;
+/// An invitation's note (LinkedIn's 300): a greeting, not a way around
+/// InMail.
+pub const INVITATION_NOTE_MAX_CHARS: usize = 300;
 
 /// What a message is, which decides its price.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

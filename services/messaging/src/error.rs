@@ -5,7 +5,7 @@ use std::time::Duration;
 use inmail_shared::{ApiError, reasons};
 
 use crate::domain::SendRefusal;
-use crate::store::Refusal;
+use crate::store::{InvitationRefusal, Refusal};
 
 /// `ErrorInfo.domain` of this service's errors.
 pub const DOMAIN: &str = "messaging.inmail";
@@ -167,5 +167,72 @@ pub fn conversation_not_found() -> ApiError {
     ApiError::not_found(
         reasons::CONVERSATION_NOT_FOUND,
         "no such conversation for this member",
+    )
+}
+
+impl From<InvitationRefusal> for ApiError {
+    fn from(refusal: InvitationRefusal) -> Self {
+        match refusal {
+            InvitationRefusal::Blocked => ApiError::failed_precondition(
+                reasons::BLOCKED,
+                "one of the two members blocked the other",
+            ),
+            InvitationRefusal::AlreadyConnected => ApiError::failed_precondition(
+                reasons::ALREADY_CONNECTED,
+                "the two members are connected already",
+            ),
+            InvitationRefusal::InvitationPending => ApiError::failed_precondition(
+                reasons::INVITATION_PENDING,
+                "this member's invitation to the other is pending already",
+            ),
+        }
+    }
+}
+
+pub fn invitation_not_found() -> ApiError {
+    ApiError::not_found(
+        reasons::INVITATION_NOT_FOUND,
+        "no pending invitation between these members in that direction",
+    )
+}
+
+/// A rule of the pair, not a rate: so FAILED_PRECONDITION, with the instant
+/// it ends.
+pub fn invitation_cooling_off(ends_ms: i64) -> ApiError {
+    let ends = chrono::DateTime::from_timestamp_millis(ends_ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default();
+    ApiError::failed_precondition(
+        reasons::INVITATION_COOLING_OFF,
+        format!(
+            "an invitation to this member was withdrawn or ignored; it can be sent again from {ends}"
+        ),
+    )
+}
+
+pub fn invitation_rate_limited(retry_after: Duration) -> ApiError {
+    ApiError::resource_exhausted(
+        reasons::INVITATION_RATE_LIMITED,
+        format!(
+            "this member has used the week's invitations; the next one is allowed in {}s",
+            retry_after.as_secs().max(1)
+        ),
+        retry_after,
+    )
+}
+
+/// Waiting does not help (only a withdrawal or an answer frees a place):
+/// FAILED_PRECONDITION, not RESOURCE_EXHAUSTED.
+pub fn too_many_pending_invitations(max: u32) -> ApiError {
+    ApiError::failed_precondition(
+        reasons::TOO_MANY_PENDING_INVITATIONS,
+        format!("this member has {max} pending invitations, the most allowed; withdraw some first"),
+    )
+}
+
+pub fn connection_limit_reached(whose: &str, max: u32) -> ApiError {
+    ApiError::failed_precondition(
+        reasons::CONNECTION_LIMIT_REACHED,
+        format!("{whose} has {max} connections, the most allowed"),
     )
 }

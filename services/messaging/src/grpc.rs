@@ -16,19 +16,42 @@ use inmail_shared::validate::Checks;
 use tonic::{Request, Response, Status};
 
 use crate::checks::{check_pair, member_conversation, other_member, request_and_pair};
-use crate::domain::{BODY_MAX_CHARS, InmailStage, Pair, SUBJECT_MAX_CHARS};
+use crate::domain::{
+    BODY_MAX_CHARS, INVITATION_NOTE_MAX_CHARS, InmailStage, Pair, SUBJECT_MAX_CHARS,
+};
 use crate::error::{DOMAIN, SendFailure, conversation_not_found};
-use crate::relations::{MemberList, Page};
+use crate::relations::{InvitationSent, MemberList, Page};
 use crate::send::{Messaging, SendInput};
 use crate::store::keys;
 use crate::views;
 
 /// Who may call each method (README.md, "Who may call what"): members act for and read only
-/// themselves; operators may read.
+/// themselves; operators may read, and import connections.
 pub const ACCESS: Table = &[
     (
-        "/inmail.messaging.v1.MessagingService/AddConnection",
+        "/inmail.messaging.v1.MessagingService/SendInvitation",
         &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/ListInvitations",
+        &[Who::Member, Who::Operator],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/AcceptInvitation",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/IgnoreInvitation",
+        &[Who::Member],
+    ),
+    (
+        "/inmail.messaging.v1.MessagingService/WithdrawInvitation",
+        &[Who::Member],
+    ),
+    // Members connect by invitation only; this imports an existing graph.
+    (
+        "/inmail.messaging.v1.MessagingService/AddConnection",
+        &[Who::Operator],
     ),
     (
         "/inmail.messaging.v1.MessagingService/RemoveConnection",
@@ -140,11 +163,7 @@ impl MessagingApi {
         page_size: i32,
         page_token: &str,
     ) -> Result<(Page, String), ApiError> {
-        let name = match list {
-            MemberList::Connections => "connections",
-            MemberList::Blocked => "blocked",
-            MemberList::Inbox => "inbox",
-        };
+        let name = list.name();
         let size = paging::page_size(
             checks,
             page_size,
@@ -166,15 +185,25 @@ impl MessagingApi {
         std::mem::take(checks).finish()?;
         ctx.act_for("member_id", member)?;
         let after = cursor.flatten();
-        let page = self
-            .messaging
-            .member_list(
-                member,
-                list,
-                after.as_ref().map(|(s, m)| (*s, m.as_str())),
-                size,
-            )
-            .await?;
+        let after = after.as_ref().map(|(s, m)| (*s, m.as_str()));
+        let page = if matches!(
+            list,
+            MemberList::InvitationsReceived | MemberList::InvitationsSent
+        ) {
+            let (invitations, next) = self
+                .messaging
+                .invitations(member, list, after, size)
+                .await?;
+            Page {
+                rows: Vec::new(),
+                invitations,
+                next,
+            }
+        } else {
+            self.messaging
+                .member_list(member, list, after, size)
+                .await?
+        };
         let next = match &page.next {
             Some((score, m)) => {
                 let cursor = format!("{score}:{m}");
@@ -197,6 +226,167 @@ impl MessagingApi {
 
 #[tonic::async_trait]
 impl pb::messaging_service_server::MessagingService for MessagingApi {
+    async fn send_invitation(
+        &self,
+        request: Request<pb::SendInvitationRequest>,
+    ) -> Answer<pb::SendInvitationResponse> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        handle(DOMAIN, async {
+            let (me, other) = (&request.member_id, &request.invitee_id);
+            let mut checks = Checks::new();
+            checks.request_id(&request.request_id).text(
+                "note",
+                &request.note,
+                false,
+                INVITATION_NOTE_MAX_CHARS,
+            );
+            check_pair(&mut checks, "member_id", me, "invitee_id", other);
+            checks.finish()?;
+            ctx.act_for("member_id", me)?;
+            self.once(&ctx, me, &request, || async {
+                let sent = self
+                    .messaging
+                    .invite(me, other, &request.note, &request.request_id)
+                    .await?;
+                Ok(match sent {
+                    InvitationSent::Pending { at } => pb::SendInvitationResponse {
+                        invitation: Some(pb::Invitation {
+                            inviter_id: me.clone(),
+                            invitee_id: other.clone(),
+                            note: request.note.clone(),
+                            sent_at: ms_to_timestamp(at),
+                        }),
+                        connection: None,
+                    },
+                    InvitationSent::Connected { since } => pb::SendInvitationResponse {
+                        invitation: None,
+                        connection: Some(pb::Connection {
+                            member_id: other.clone(),
+                            connected_at: ms_to_timestamp(since),
+                        }),
+                    },
+                })
+            })
+            .await
+        })
+        .await
+    }
+
+    async fn list_invitations(
+        &self,
+        request: Request<pb::ListInvitationsRequest>,
+    ) -> Answer<pb::ListInvitationsResponse> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, "");
+        handle(DOMAIN, async {
+            let mut checks = Checks::new();
+            checks.member_id("member_id", &request.member_id);
+            let list = match pb::InvitationDirection::try_from(request.direction) {
+                Ok(pb::InvitationDirection::Received) => MemberList::InvitationsReceived,
+                Ok(pb::InvitationDirection::Sent) => MemberList::InvitationsSent,
+                _ => {
+                    checks.add(
+                        "direction",
+                        "must be INVITATION_DIRECTION_RECEIVED or INVITATION_DIRECTION_SENT",
+                    );
+                    MemberList::InvitationsReceived
+                }
+            };
+            let (page, next_page_token) = self
+                .list_page(
+                    &ctx,
+                    &mut checks,
+                    &request.member_id,
+                    list,
+                    request.page_size,
+                    &request.page_token,
+                )
+                .await?;
+            Ok(pb::ListInvitationsResponse {
+                invitations: page
+                    .invitations
+                    .into_iter()
+                    .map(|row| pb::Invitation {
+                        inviter_id: row.inviter,
+                        invitee_id: row.invitee,
+                        note: row.note,
+                        sent_at: ms_to_timestamp(row.at_ms),
+                    })
+                    .collect(),
+                next_page_token,
+            })
+        })
+        .await
+    }
+
+    async fn accept_invitation(
+        &self,
+        request: Request<pb::AcceptInvitationRequest>,
+    ) -> Answer<pb::AcceptInvitationResponse> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        handle(DOMAIN, async {
+            let (me, inviter) = (&request.member_id, &request.inviter_id);
+            request_and_pair(&request.request_id, "member_id", me, "inviter_id", inviter)?;
+            ctx.act_for("member_id", me)?;
+            self.once(&ctx, me, &request, || async {
+                let since = self.messaging.accept_invitation(me, inviter).await?;
+                Ok(pb::AcceptInvitationResponse {
+                    connection: Some(pb::Connection {
+                        member_id: inviter.clone(),
+                        connected_at: ms_to_timestamp(since),
+                    }),
+                })
+            })
+            .await
+        })
+        .await
+    }
+
+    async fn ignore_invitation(
+        &self,
+        request: Request<pb::IgnoreInvitationRequest>,
+    ) -> Answer<pb::IgnoreInvitationResponse> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        handle(DOMAIN, async {
+            let (me, inviter) = (&request.member_id, &request.inviter_id);
+            request_and_pair(&request.request_id, "member_id", me, "inviter_id", inviter)?;
+            ctx.act_for("member_id", me)?;
+            self.once(&ctx, me, &request, || async {
+                self.messaging.ignore_invitation(me, inviter).await?;
+                Ok(pb::IgnoreInvitationResponse {})
+            })
+            .await
+        })
+        .await
+    }
+
+    async fn withdraw_invitation(
+        &self,
+        request: Request<pb::WithdrawInvitationRequest>,
+    ) -> Answer<pb::WithdrawInvitationResponse> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        handle(DOMAIN, async {
+            let (me, invitee) = (&request.member_id, &request.invitee_id);
+            request_and_pair(&request.request_id, "member_id", me, "invitee_id", invitee)?;
+            ctx.act_for("member_id", me)?;
+            self.once(&ctx, me, &request, || async {
+                self.messaging.withdraw_invitation(me, invitee).await?;
+                Ok(pb::WithdrawInvitationResponse {})
+            })
+            .await
+        })
+        .await
+    }
+
     async fn add_connection(
         &self,
         request: Request<pb::AddConnectionRequest>,

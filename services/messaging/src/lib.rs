@@ -1,4 +1,4 @@
-//! messaging: connections, blocks, InMail preferences, conversations and
+//! messaging: invitations, connections, blocks, InMail preferences, conversations and
 //! messages; InMail charged through billing-credits and refunded on response.
 
 mod checks;
@@ -32,7 +32,7 @@ use crate::domain::PendingInmailPolicy;
 use crate::downstream::{Billing, Plans};
 use crate::grpc::MessagingApi;
 use crate::send::{Config, Faults, Messaging};
-use crate::store::{MessagingStore, SendLimits};
+use crate::store::{InvitationLimits, MessagingStore, SendLimits};
 
 pub const SERVICE: &str = "messaging";
 
@@ -207,6 +207,23 @@ pub struct Args {
     #[arg(long, env = "PENDING_INMAIL_POLICY", value_enum, default_value_t = PendingInmailPolicy::Refuse)]
     pub pending_inmail_policy: PendingInmailPolicy,
 
+    /// Invitations a member may send per week (the budget refills evenly).
+    #[arg(long, env = "INVITATIONS_PER_WEEK", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub invitations_per_week: u32,
+
+    /// Invitations one member may have pending at once.
+    #[arg(long, env = "MAX_PENDING_INVITATIONS", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_invitations: u32,
+
+    /// After a withdrawn or ignored invitation, how long before the inviter
+    /// may invite the same member again.
+    #[arg(long, env = "INVITATION_COOLDOWN", default_value = "21days", value_parser = humantime::parse_duration)]
+    pub invitation_cooldown: Duration,
+
+    /// The most connections one member may have.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 30_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// A response within this long after sending refunds the InMail's credit.
     #[arg(long, env = "REFUND_WINDOW", default_value = "90days", value_parser = humantime::parse_duration)]
     pub refund_window: Duration,
@@ -290,6 +307,13 @@ pub async fn serve_with_faults(
             open_profile_monthly: args.open_profile_monthly_limit,
             open_profile_counter_ttl_ms: (32 * DAY).as_millis() as i64,
             request_retention_ms: REQUEST_RETENTION.as_millis() as i64,
+        },
+        invitations: InvitationLimits {
+            per_week: args.invitations_per_week,
+            tokens_per_ms: f64::from(args.invitations_per_week) / (7 * DAY).as_millis() as f64,
+            max_pending: args.max_pending_invitations,
+            cooldown_ms: args.invitation_cooldown.as_millis() as i64,
+            max_connections: args.max_connections,
         },
         refund_window: args.refund_window,
         recovery_after: args.send_recovery_after,

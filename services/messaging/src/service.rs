@@ -9,7 +9,7 @@ use inmail_shared::clock::Clock;
 
 use crate::domain::{self, PendingInmailPolicy};
 use crate::downstream::{Billing, Plans};
-use crate::store::{MessagingStore, SendLimits, StoredMessage};
+use crate::store::{InvitationLimits, MessagingStore, SendLimits, StoredMessage};
 
 /// A hook tests use to break the saga right after the debit (a store
 /// failure, or stopping billing): it answers the error to inject, if any.
@@ -37,6 +37,7 @@ impl std::fmt::Debug for Faults {
 pub struct Config {
     pub policy: PendingInmailPolicy,
     pub limits: SendLimits,
+    pub invitations: InvitationLimits,
     /// A response within this long after sending refunds the InMail.
     pub refund_window: Duration,
     /// When the sweeper looks at a send that has not finished.

@@ -312,10 +312,67 @@ fn cases() -> Vec<Case> {
             billing::ReconcileLedgersRequest::default(),
         ),
         case(
-            "/inmail.messaging.v1.MessagingService/AddConnection",
+            "/inmail.messaging.v1.MessagingService/SendInvitation",
             Messaging,
             M,
             sam(),
+            msg::SendInvitationRequest {
+                request_id: rid(),
+                member_id: "sam".into(),
+                invitee_id: "ina".into(),
+                note: "Met at the fair".into(),
+            },
+        ),
+        case(
+            "/inmail.messaging.v1.MessagingService/ListInvitations",
+            Messaging,
+            M,
+            sam(),
+            msg::ListInvitationsRequest {
+                member_id: "sam".into(),
+                direction: msg::InvitationDirection::Received as i32,
+                ..Default::default()
+            },
+        ),
+        case(
+            "/inmail.messaging.v1.MessagingService/WithdrawInvitation",
+            Messaging,
+            M,
+            sam(),
+            msg::WithdrawInvitationRequest {
+                request_id: rid(),
+                member_id: "sam".into(),
+                invitee_id: "ina".into(),
+            },
+        ),
+        // The invitations from ivo and ira are sent before the matrix runs.
+        case(
+            "/inmail.messaging.v1.MessagingService/AcceptInvitation",
+            Messaging,
+            M,
+            sam(),
+            msg::AcceptInvitationRequest {
+                request_id: rid(),
+                member_id: "sam".into(),
+                inviter_id: "ivo".into(),
+            },
+        ),
+        case(
+            "/inmail.messaging.v1.MessagingService/IgnoreInvitation",
+            Messaging,
+            M,
+            sam(),
+            msg::IgnoreInvitationRequest {
+                request_id: rid(),
+                member_id: "sam".into(),
+                inviter_id: "ira".into(),
+            },
+        ),
+        case(
+            "/inmail.messaging.v1.MessagingService/AddConnection",
+            Messaging,
+            M,
+            As::Operator,
             msg::AddConnectionRequest {
                 request_id: rid(),
                 member_id: "sam".into(),
@@ -515,6 +572,9 @@ fn the_matrix_covers_every_rpc() {
 async fn every_rpc_admits_only_the_callers_its_table_names() {
     let stack = Stack::start().await;
     subscribe(&stack, "sam", "premium-career").await;
+    for inviter in ["ivo", "ira"] {
+        invite(&stack, inviter, "sam").await.unwrap();
+    }
     let services = ["subscription-plan", "billing-credits", "messaging"];
     for case in cases() {
         let addr = match case.port {

@@ -132,16 +132,50 @@ pub async fn send(
         .map(tonic::Response::into_inner)
 }
 
-pub async fn connect(stack: &Stack, one: &str, other: &str) {
+/// `one` invites `other` (no note), answering the call's outcome.
+pub async fn invite(
+    stack: &Stack,
+    one: &str,
+    other: &str,
+) -> Result<messaging::SendInvitationResponse, tonic::Status> {
     stack
         .messaging_as(one)
-        .add_connection(messaging::AddConnectionRequest {
+        .send_invitation(messaging::SendInvitationRequest {
             request_id: rid(),
             member_id: one.into(),
-            other_member_id: other.into(),
+            invitee_id: other.into(),
+            note: String::new(),
         })
         .await
-        .unwrap();
+        .map(tonic::Response::into_inner)
+}
+
+/// `member` accepts `inviter`'s invitation.
+pub async fn accept(
+    stack: &Stack,
+    member: &str,
+    inviter: &str,
+) -> Result<messaging::AcceptInvitationResponse, tonic::Status> {
+    stack
+        .messaging_as(member)
+        .accept_invitation(messaging::AcceptInvitationRequest {
+            request_id: rid(),
+            member_id: member.into(),
+            inviter_id: inviter.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Connects two members the only way members can: one invites, the other
+/// accepts.
+pub async fn connect(stack: &Stack, one: &str, other: &str) {
+    invite(stack, one, other)
+        .await
+        .unwrap_or_else(|s| panic!("{one} invites {other}: {s:?}"));
+    accept(stack, other, one)
+        .await
+        .unwrap_or_else(|s| panic!("{other} accepts {one}: {s:?}"));
 }
 
 pub async fn respond(

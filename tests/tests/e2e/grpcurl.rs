@@ -119,13 +119,34 @@ async fn the_seed_story_with_grpcurl() {
     assert!(balance.ok, "{}", balance.stderr);
     assert_eq!(balance.json()["balance"]["available"], "2");
 
-    let connected = call(
+    let invited = call(
         messaging,
         &As::member("sam"),
-        "inmail.messaging.v1.MessagingService/AddConnection",
-        Some(r#"{"request_id":"seed-conn","member_id":"sam","other_member_id":"colleague"}"#),
+        "inmail.messaging.v1.MessagingService/SendInvitation",
+        Some(
+            r#"{"request_id":"seed-invite","member_id":"sam","invitee_id":"colleague","note":"We met at the fair"}"#,
+        ),
     );
-    assert!(connected.ok, "{}", connected.stderr);
+    assert!(invited.ok, "{}", invited.stderr);
+    let received = call(
+        messaging,
+        &As::member("colleague"),
+        "inmail.messaging.v1.MessagingService/ListInvitations",
+        Some(r#"{"member_id":"colleague","direction":"INVITATION_DIRECTION_RECEIVED"}"#),
+    );
+    assert!(received.ok, "{}", received.stderr);
+    assert_eq!(received.json()["invitations"][0]["inviterId"], "sam");
+    assert_eq!(
+        received.json()["invitations"][0]["note"],
+        "We met at the fair"
+    );
+    let accepted = call(
+        messaging,
+        &As::member("colleague"),
+        "inmail.messaging.v1.MessagingService/AcceptInvitation",
+        Some(r#"{"request_id":"seed-accept","member_id":"colleague","inviter_id":"sam"}"#),
+    );
+    assert!(accepted.ok, "{}", accepted.stderr);
     let free = call(
         messaging,
         &As::member("sam"),

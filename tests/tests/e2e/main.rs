@@ -7,6 +7,7 @@ mod common;
 mod deploy;
 mod foundation;
 mod grpcurl;
+mod invitations;
 mod ledger;
 mod messaging;
 mod money;

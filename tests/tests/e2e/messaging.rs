@@ -500,15 +500,7 @@ async fn blocks_stop_messages_both_ways_and_remove_the_connection() {
         .unwrap()
         .into_inner();
     assert_eq!(blocked.blocked_members[0].member_id, "jay");
-    let refused = stack
-        .messaging_as("jay")
-        .add_connection(pb::AddConnectionRequest {
-            request_id: rid(),
-            member_id: "jay".into(),
-            other_member_id: "ivy".into(),
-        })
-        .await
-        .unwrap_err();
+    let refused = invite(&stack, "jay", "ivy").await.unwrap_err();
     assert_eq!(reason(&refused), "BLOCKED");
     stack
         .messaging_as("ivy")
@@ -770,11 +762,42 @@ async fn bad_input_names_the_field_stores_nothing_and_charges_nothing() {
         cases.push((field, m.respond_to_inmail(request).await.unwrap_err()));
     }
     cases.push((
-        "other_member_id",
-        m.add_connection(pb::AddConnectionRequest {
+        "invitee_id",
+        m.send_invitation(pb::SendInvitationRequest {
             request_id: rid(),
             member_id: "oz".into(),
-            other_member_id: "oz".into(),
+            invitee_id: "oz".into(),
+            note: String::new(),
+        })
+        .await
+        .unwrap_err(),
+    ));
+    cases.push((
+        "note",
+        m.send_invitation(pb::SendInvitationRequest {
+            request_id: rid(),
+            member_id: "oz".into(),
+            invitee_id: "pat".into(),
+            note: "n".repeat(301),
+        })
+        .await
+        .unwrap_err(),
+    ));
+    cases.push((
+        "direction",
+        m.list_invitations(pb::ListInvitationsRequest {
+            member_id: "oz".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    ));
+    cases.push((
+        "inviter_id",
+        m.accept_invitation(pb::AcceptInvitationRequest {
+            request_id: rid(),
+            member_id: "oz".into(),
+            inviter_id: "".into(),
         })
         .await
         .unwrap_err(),

@@ -3,6 +3,9 @@
 //! `{M}`. Each script touches one of those slots only.
 //!
 //! - `messaging:{a~b}:conv` hash — the pair: `a`, `b`; `conn`, `conn_at`;
+//!   a pending invitation `inv_from`, `inv_at`, `inv_note`, `inv_req` (the
+//!   request that sent it); `cool_a` /
+//!   `cool_b` (until when a may not invite b again / b may not invite a);
 //!   `blk_a` / `blk_b` (when a blocked b / b blocked a); `w_a`, `w_b`
 //!   (messages delivered from each); `open` (someone responded to an InMail);
 //!   `seq`, `count`, `last`, `last_msg`; the conversation's InMail `im_id`,
@@ -18,6 +21,10 @@
 //! - `messaging:{M}:connections`, `messaging:{M}:blocked`,
 //!   `messaging:{M}:inbox` sorted sets — other member (or conversation) by
 //!   time, for listing.
+//! - `messaging:{M}:invitations:sent`, `messaging:{M}:invitations:received`
+//!   sorted sets — the other member of a pending invitation by when it was
+//!   sent (the pair's hash decides; stale entries are dropped when listed).
+//! - `messaging:{M}:inviterate` hash — the weekly invitation token bucket.
 //! - `messaging:{M}:request:<request_id>` hash — request records.
 //! - `messaging:{M}:ratelimit` hash — the InMail token bucket.
 //! - `messaging:{M}:sendrate` hash — the free-send token bucket.
@@ -59,6 +66,18 @@ pub fn inbox(member: &str) -> String {
     format!("messaging:{{{member}}}:inbox")
 }
 
+pub fn invitations_sent(member: &str) -> String {
+    format!("messaging:{{{member}}}:invitations:sent")
+}
+
+pub fn invitations_received(member: &str) -> String {
+    format!("messaging:{{{member}}}:invitations:received")
+}
+
+pub fn invite_rate(member: &str) -> String {
+    format!("messaging:{{{member}}}:inviterate")
+}
+
 pub fn request(member: &str, request_id: &str) -> String {
     format!("messaging:{{{member}}}:request:{request_id}")
 }
@@ -93,7 +112,15 @@ mod tests {
         for key in [conv("a~b"), msg("a~b", "m"), timeline("a~b")] {
             assert!(key.contains("{a~b}"), "{key}");
         }
-        for key in [inbox("m"), request("m", "r"), ratelimit("m"), prefs("m")] {
+        for key in [
+            inbox("m"),
+            request("m", "r"),
+            ratelimit("m"),
+            prefs("m"),
+            invitations_sent("m"),
+            invitations_received("m"),
+            invite_rate("m"),
+        ] {
             assert!(key.contains("{m}"), "{key}");
         }
     }

@@ -27,13 +27,18 @@ use crate::error::SendFailure;
 
 pub use self::keys::OUTBOX_SHARDS;
 pub use self::outbox::OutboxItem;
+pub use self::relations::{InvitationAnswer, InvitationLimits, PendingInvitation};
 use self::reply::parse;
 pub use self::reply::{
-    Begun, Connected, ConversationRecord, Delivered, Delivery, Existing, GivenUp, MessageState,
-    Recorded, Refusal, Responded, Response, Staged, StoredMessage,
+    Answered, Begun, Connected, ConversationRecord, Delivered, Delivery, Existing, GivenUp,
+    InvitationRefusal, Invited, MessageState, Recorded, Refusal, Reserved, Responded, Response,
+    Staged, StoredMessage,
 };
 
-const BEGIN_SEND: &str = include_str!("lua/begin_send.lua");
+const BEGIN_SEND: &str = concat!(
+    include_str!("lua/bucket.lua"),
+    include_str!("lua/begin_send.lua")
+);
 const STAGE_INMAIL: &str = include_str!("lua/stage_inmail.lua");
 const DELIVER: &str = include_str!("lua/deliver.lua");
 const FAIL_STAGED: &str = include_str!("lua/fail_staged.lua");
@@ -42,10 +47,16 @@ const SETTLE_REFUND: &str = include_str!("lua/settle_refund.lua");
 const CONNECT: &str = include_str!("lua/connect.lua");
 const DISCONNECT: &str = include_str!("lua/disconnect.lua");
 const BLOCK: &str = include_str!("lua/block.lua");
+const INVITE: &str = include_str!("lua/invite.lua");
+const ANSWER_INVITATION: &str = include_str!("lua/answer_invitation.lua");
+const RESERVE_INVITATION: &str = concat!(
+    include_str!("lua/bucket.lua"),
+    include_str!("lua/reserve_invitation.lua")
+);
 
 /// Every script by name, as sent to Redis: what a profile labels a script
 /// hash (EVALSHA) with (inmail-bench's per-script Redis time).
-pub const SCRIPTS: [(&str, &str); 9] = [
+pub const SCRIPTS: [(&str, &str); 12] = [
     ("begin_send", BEGIN_SEND),
     ("stage_inmail", STAGE_INMAIL),
     ("deliver", DELIVER),
@@ -55,6 +66,9 @@ pub const SCRIPTS: [(&str, &str); 9] = [
     ("connect", CONNECT),
     ("disconnect", DISCONNECT),
     ("block", BLOCK),
+    ("invite", INVITE),
+    ("answer_invitation", ANSWER_INVITATION),
+    ("reserve_invitation", RESERVE_INVITATION),
 ];
 
 /// The sender allowances BEGIN_SEND enforces.
@@ -158,6 +172,9 @@ pub struct MessagingStore {
     connect: Script,
     disconnect: Script,
     block: Script,
+    invite: Script,
+    answer_invitation: Script,
+    reserve_invitation: Script,
     /// Whether subscription-plan has published every subscription (then
     /// never unset, so no longer read).
     all_published: Arc<AtomicBool>,
@@ -176,6 +193,9 @@ impl MessagingStore {
             connect: Script::new(CONNECT),
             disconnect: Script::new(DISCONNECT),
             block: Script::new(BLOCK),
+            invite: Script::new(INVITE),
+            answer_invitation: Script::new(ANSWER_INVITATION),
+            reserve_invitation: Script::new(RESERVE_INVITATION),
             all_published: Arc::new(AtomicBool::new(false)),
         }
     }

@@ -4,7 +4,47 @@ use inmail_shared::ApiError;
 use inmail_shared::storage::Batch;
 
 use super::reply::parse;
-use super::{Connected, MessagingStore, keys};
+use super::{Answered, Connected, Invited, MessagingStore, Reserved, keys};
+
+/// A sender's invitation allowances (RESERVE_INVITATION).
+#[derive(Debug, Clone)]
+pub struct InvitationLimits {
+    /// The weekly budget: the bucket's size.
+    pub per_week: u32,
+    pub tokens_per_ms: f64,
+    pub max_pending: u32,
+    /// How long after a withdrawn or ignored invitation the inviter may not
+    /// invite the same member again.
+    pub cooldown_ms: i64,
+    /// The most connections one member may have.
+    pub max_connections: u32,
+}
+
+/// What an invitation answer does (ANSWER_INVITATION).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvitationAnswer {
+    Accept,
+    Ignore,
+    Withdraw,
+}
+
+impl InvitationAnswer {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Accept => "accept",
+            Self::Ignore => "ignore",
+            Self::Withdraw => "withdraw",
+        }
+    }
+}
+
+/// A pending invitation as the pair's hash holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingInvitation {
+    pub inviter: String,
+    pub at_ms: i64,
+    pub note: String,
+}
 
 impl MessagingStore {
     pub async fn connect(
@@ -43,6 +83,183 @@ impl MessagingStore {
             );
         }
         let () = self.redis.run(&batch).await?;
+        Ok(())
+    }
+
+    /// How many connections each of two members has.
+    pub async fn connection_counts(&self, one: &str, other: &str) -> Result<(u64, u64), ApiError> {
+        let mut batch = Batch::new();
+        batch
+            .add(redis::cmd("ZCARD").arg(keys::connections(one)).clone())
+            .add(redis::cmd("ZCARD").arg(keys::connections(other)).clone());
+        self.redis.run(&batch).await
+    }
+
+    /// Takes one of `inviter`'s weekly invitations and lists `invitee`
+    /// among their pending ones.
+    pub async fn reserve_invitation(
+        &self,
+        inviter: &str,
+        invitee: &str,
+        now_ms: i64,
+        limits: &InvitationLimits,
+    ) -> Result<Reserved, ApiError> {
+        let reply: String = self
+            .reserve_invitation
+            .key(keys::invitations_sent(inviter))
+            .key(keys::invite_rate(inviter))
+            .arg(invitee)
+            .arg(now_ms)
+            .arg(limits.per_week)
+            .arg(format!("{:.12e}", limits.tokens_per_ms))
+            .arg(limits.max_pending)
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        parse("reserve-invitation", &reply)
+    }
+
+    /// `inviter` (one of the sorted pair `a`, `b`) invites the other.
+    pub async fn invite(
+        &self,
+        conv: &str,
+        (a, b): (&str, &str),
+        inviter: &str,
+        note: &str,
+        now_ms: i64,
+        request_id: &str,
+    ) -> Result<Invited, ApiError> {
+        let reply: String = self
+            .invite
+            .key(keys::conv(conv))
+            .arg(a)
+            .arg(b)
+            .arg(inviter)
+            .arg(note)
+            .arg(now_ms)
+            .arg(request_id)
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        self.redis.acknowledge(&[&keys::conv(conv)]).await?;
+        parse("invite", &reply)
+    }
+
+    /// Accepts, ignores or withdraws `inviter`'s pending invitation.
+    pub async fn answer_invitation(
+        &self,
+        conv: &str,
+        inviter_side: &str,
+        inviter: &str,
+        answer: InvitationAnswer,
+        now_ms: i64,
+        invite_again_at_ms: i64,
+    ) -> Result<Answered, ApiError> {
+        let reply: String = self
+            .answer_invitation
+            .key(keys::conv(conv))
+            .arg(inviter)
+            .arg(answer.as_str())
+            .arg(now_ms)
+            .arg(inviter_side)
+            .arg(invite_again_at_ms)
+            .invoke_async(&mut self.redis.conn())
+            .await?;
+        self.redis.acknowledge(&[&keys::conv(conv)]).await?;
+        parse("answer-invitation", &reply)
+    }
+
+    /// Lists a pending invitation in the inviter's sent and the invitee's
+    /// received invitations.
+    pub async fn index_invitation(
+        &self,
+        inviter: &str,
+        invitee: &str,
+        at_ms: i64,
+    ) -> Result<(), ApiError> {
+        let mut batch = Batch::new();
+        batch
+            .add_ignored(
+                redis::cmd("ZADD")
+                    .arg(keys::invitations_sent(inviter))
+                    .arg(at_ms)
+                    .arg(invitee)
+                    .clone(),
+            )
+            .add_ignored(
+                redis::cmd("ZADD")
+                    .arg(keys::invitations_received(invitee))
+                    .arg(at_ms)
+                    .arg(inviter)
+                    .clone(),
+            );
+        let () = self.redis.run(&batch).await?;
+        Ok(())
+    }
+
+    /// Takes invitations between the two, either way, off their lists.
+    pub async fn unindex_invitations(&self, one: &str, other: &str) -> Result<(), ApiError> {
+        let mut batch = Batch::new();
+        for (inviter, invitee) in [(one, other), (other, one)] {
+            batch
+                .add_ignored(
+                    redis::cmd("ZREM")
+                        .arg(keys::invitations_sent(inviter))
+                        .arg(invitee)
+                        .clone(),
+                )
+                .add_ignored(
+                    redis::cmd("ZREM")
+                        .arg(keys::invitations_received(invitee))
+                        .arg(inviter)
+                        .clone(),
+                );
+        }
+        let () = self.redis.run(&batch).await?;
+        Ok(())
+    }
+
+    /// The pending invitation of each pair (by conversation id), if any.
+    pub async fn pending_invitations(
+        &self,
+        convs: &[String],
+    ) -> Result<Vec<Option<PendingInvitation>>, ApiError> {
+        if convs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = Batch::new();
+        for conv in convs {
+            batch.add(
+                redis::cmd("HMGET")
+                    .arg(keys::conv(conv))
+                    .arg("inv_from")
+                    .arg("inv_at")
+                    .arg("inv_note")
+                    .clone(),
+            );
+        }
+        let rows: Vec<(Option<String>, Option<i64>, Option<String>)> =
+            self.redis.run(&batch).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(inviter, at, note)| {
+                Some(PendingInvitation {
+                    inviter: inviter?,
+                    at_ms: at?,
+                    note: note.unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    /// Drops `others` from a member's sorted-set list (entries found stale).
+    pub async fn drop_from_list(&self, key: &str, others: &[String]) -> Result<(), ApiError> {
+        if others.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = redis::cmd("ZREM")
+            .arg(key)
+            .arg(others)
+            .query_async(&mut self.redis.conn())
+            .await?;
         Ok(())
     }
 
@@ -92,6 +309,7 @@ impl MessagingStore {
             .invoke_async(&mut self.redis.conn())
             .await?;
         self.unindex_connection(blocker, blocked).await?;
+        self.unindex_invitations(blocker, blocked).await?;
         let _: () = redis::cmd("ZADD")
             .arg(keys::blocked(blocker))
             .arg(since)

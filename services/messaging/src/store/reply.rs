@@ -149,6 +149,60 @@ pub enum Connected {
     Refused { reason: Refusal },
 }
 
+/// RESERVE_INVITATION's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum Reserved {
+    /// A token taken and the invitee listed as pending.
+    Reserved,
+    /// The invitee is listed already; nothing taken.
+    Present,
+    TooManyPending,
+    RateLimited {
+        retry_ms: u64,
+    },
+}
+
+/// INVITE's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum Invited {
+    Invited {
+        at: i64,
+    },
+    /// The other member had invited the inviter: now they are connected.
+    Connected {
+        since: i64,
+    },
+    Refused {
+        reason: InvitationRefusal,
+    },
+    CoolingOff {
+        ends: i64,
+    },
+}
+
+/// Why INVITE refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InvitationRefusal {
+    Blocked,
+    AlreadyConnected,
+    InvitationPending,
+}
+
+/// ANSWER_INVITATION's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "s", rename_all = "snake_case")]
+pub enum Answered {
+    Connected {
+        since: i64,
+    },
+    Done,
+    /// No such pending invitation.
+    None,
+}
+
 /// Parses a script's JSON reply into its type.
 pub fn parse<T: serde::de::DeserializeOwned>(script: &str, json: &str) -> Result<T, ApiError> {
     serde_json::from_str(json).map_err(|e| {

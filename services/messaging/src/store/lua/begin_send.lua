@@ -1,4 +1,5 @@
 -- Claims a send's request id and spends the sender's allowance for its kind.
+-- Runs after bucket.lua.
 --
 -- KEYS[1]  the sender's request record (hash: fp, msg, conv, refused)
 -- KEYS[2]  the sender's InMail token bucket (hash: tokens, ts)
@@ -25,27 +26,14 @@ if rec[1] then
 end
 local now = tonumber(ARGV[5])
 
--- A token bucket: answers the ms until a token when there is none, else
--- nil and a function that spends one.
-local function bucket(key, burst, rate)
-  local b = redis.call('HMGET', key, 'tokens', 'ts')
-  local tokens, ts = tonumber(b[1] or burst), tonumber(b[2] or now)
-  if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate) end
-  if tokens < 1 then return math.ceil((1 - tokens) / rate), nil end
-  return nil, function()
-    redis.call('HSET', key, 'tokens', tostring(tokens - 1), 'ts', math.max(now, ts))
-    redis.call('PEXPIRE', key, math.ceil(burst / rate) + 60000)
-  end
-end
-
 local spend
 if ARGV[4] == 'INMAIL' then
   local wait
-  wait, spend = bucket(KEYS[2], tonumber(ARGV[6]), tonumber(ARGV[7]))
+  wait, spend = bucket(KEYS[2], tonumber(ARGV[6]), tonumber(ARGV[7]), now)
   if wait then return cjson.encode({ s = 'rate_limited', retry_ms = wait }) end
 else
   local wait
-  wait, spend = bucket(KEYS[4], tonumber(ARGV[11]), tonumber(ARGV[12]))
+  wait, spend = bucket(KEYS[4], tonumber(ARGV[11]), tonumber(ARGV[12]), now)
   if wait then return cjson.encode({ s = 'send_rate_limited', retry_ms = wait }) end
   if ARGV[4] == 'OPEN_PROFILE' then
     if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[8]) then
