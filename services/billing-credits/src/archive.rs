@@ -48,6 +48,7 @@ fn kind_name(kind: Option<EntryKind>) -> &'static str {
         Some(EntryKind::Refund) => "REFUND",
         Some(EntryKind::Grant) => "GRANT",
         Some(EntryKind::WriteOff) => "WRITE_OFF",
+        Some(EntryKind::PlanChange) => "PLAN_CHANGE",
         None => "UNKNOWN",
     }
 }

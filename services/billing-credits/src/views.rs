@@ -77,6 +77,7 @@ pub fn entry(entry: &StoredEntry) -> pb::LedgerEntry {
         Some(EntryKind::Refund) => pb::LedgerEntryKind::Refund,
         Some(EntryKind::Grant) => pb::LedgerEntryKind::Grant,
         Some(EntryKind::WriteOff) => pb::LedgerEntryKind::WriteOff,
+        Some(EntryKind::PlanChange) => pb::LedgerEntryKind::PlanChange,
         None => pb::LedgerEntryKind::Unspecified,
     };
     pb::LedgerEntry {

@@ -13,7 +13,7 @@ use inmail_shared::published::OpenProfile;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, Plan};
-use crate::cycles::{Cycle, CycleKind, cycle_at, cycles_begun_before};
+use crate::cycles::{Cycle, CycleKind, cycle_at};
 
 /// Ended periods kept per member (billing only ever needs the last few).
 pub const HISTORY_LIMIT: usize = 100;
@@ -54,6 +54,24 @@ pub struct Period {
     pub started_ms: i64,
     pub ended_ms: Option<i64>,
     pub end_reason: Option<EndReason>,
+    /// The instant its cycles are counted from, when not its start: a plan
+    /// change keeps the subscription's renewal date (README.md, "Plans and
+    /// cycles"), so the new plan's first cycle is the one in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_ms: Option<i64>,
+    /// The start of the cycle in progress that an immediate change between
+    /// paid plans continues: the period's first cycle runs from there (not
+    /// from its own start) to the new plan's next renewal, so no change opens
+    /// a cycle (billing counts the credits used since that instant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continues_cycle_from_ms: Option<i64>,
+}
+
+impl Period {
+    /// The instant its cycles are counted from.
+    pub fn anchor_ms(&self) -> i64 {
+        self.anchor_ms.unwrap_or(self.started_ms)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +79,9 @@ pub struct Scheduled {
     pub terms: Terms,
     pub cancellation: bool,
     pub effective_ms: i64,
+    /// The new period's cycle anchor (a plan change keeps the renewal date).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor_ms: Option<i64>,
 }
 
 /// Everything stored about one member's subscription.
@@ -108,6 +129,8 @@ impl SubscriptionState {
                 started_ms: 0,
                 ended_ms: None,
                 end_reason: None,
+                anchor_ms: None,
+                continues_cycle_from_ms: None,
             },
             scheduled: None,
             open_profile: false,
@@ -125,7 +148,12 @@ impl SubscriptionState {
                 } else {
                     EndReason::PlanChanged
                 };
-                self.start_period(scheduled.terms, scheduled.effective_ms, reason);
+                self.start_period(
+                    scheduled.terms,
+                    scheduled.effective_ms,
+                    reason,
+                    scheduled.anchor_ms,
+                );
             } else {
                 self.scheduled = Some(scheduled);
             }
@@ -133,13 +161,28 @@ impl SubscriptionState {
         self
     }
 
-    fn start_period(&mut self, terms: Terms, at_ms: i64, reason: EndReason) {
+    /// Ends the current period at `at_ms` and starts one of `terms`, its
+    /// cycles counted from `anchor_ms` (`None`: from `at_ms`).
+    fn start_period(
+        &mut self,
+        terms: Terms,
+        at_ms: i64,
+        reason: EndReason,
+        anchor_ms: Option<i64>,
+    ) {
+        // An immediate change between paid plans (not at a cycle's end)
+        // continues the cycle in progress.
+        let in_progress = self.cycle(at_ms).start.timestamp_millis();
+        let continues =
+            (self.current.terms.paid && terms.paid && in_progress < at_ms).then_some(in_progress);
         let next = Period {
             version: self.current.version + 1,
             terms,
             started_ms: at_ms,
             ended_ms: None,
             end_reason: None,
+            anchor_ms,
+            continues_cycle_from_ms: continues,
         };
         let mut ended = std::mem::replace(&mut self.current, next);
         ended.ended_ms = Some(at_ms);
@@ -156,11 +199,21 @@ impl SubscriptionState {
 
     /// The current cycle at `now_ms`.
     pub fn cycle(&self, now_ms: i64) -> Cycle {
-        cycle_at(
-            self.current.terms.cycle,
-            millis_to_datetime(self.current.started_ms),
-            millis_to_datetime(now_ms),
-        )
+        PeriodView::of(&self.current, now_ms).cycle
+    }
+
+    /// The 1-based number of the current cycle within the current period.
+    pub fn cycle_number(&self, now_ms: i64) -> u32 {
+        PeriodView::of(&self.current, now_ms).cycles_started
+    }
+
+    /// A paid plan's renewal date stays when it changes to a plan that
+    /// renews the same way: the new period counts its cycles from the same
+    /// anchor. Between an anniversary plan and a calendar-month one (Sales
+    /// Navigator, the 1st) the new plan's rule starts at the change.
+    fn paid_anchor(&self, to: &Terms) -> Option<i64> {
+        (self.current.terms.paid && self.current.terms.cycle == to.cycle)
+            .then(|| self.current.anchor_ms())
     }
 
     pub fn subscribe(mut self, plan: &Plan, now_ms: i64) -> Result<Self, PlanError> {
@@ -172,7 +225,7 @@ impl SubscriptionState {
         if !plan.paid {
             return Err(PlanError::NotSubscribable(plan.id.clone()));
         }
-        self.start_period(Terms::from(plan), now_ms, EndReason::PlanChanged);
+        self.start_period(Terms::from(plan), now_ms, EndReason::PlanChanged, None);
         Ok(self)
     }
 
@@ -193,11 +246,15 @@ impl SubscriptionState {
         }
         match timing {
             Timing::Immediately => {
-                self.start_period(Terms::from(plan), now_ms, EndReason::PlanChanged)
+                let terms = Terms::from(plan);
+                let anchor = self.paid_anchor(&terms);
+                self.start_period(terms, now_ms, EndReason::PlanChanged, anchor)
             }
             Timing::EndOfCycle => {
+                let terms = Terms::from(plan);
                 self.scheduled = Some(Scheduled {
-                    terms: Terms::from(plan),
+                    anchor_ms: self.paid_anchor(&terms),
+                    terms,
                     cancellation: false,
                     effective_ms: self.cycle(now_ms).end.timestamp_millis(),
                 });
@@ -212,13 +269,14 @@ impl SubscriptionState {
         }
         match timing {
             Timing::Immediately => {
-                self.start_period(Terms::from(free), now_ms, EndReason::Cancelled)
+                self.start_period(Terms::from(free), now_ms, EndReason::Cancelled, None)
             }
             Timing::EndOfCycle => {
                 self.scheduled = Some(Scheduled {
                     terms: Terms::from(free),
                     cancellation: true,
                     effective_ms: self.cycle(now_ms).end.timestamp_millis(),
+                    anchor_ms: None,
                 });
             }
         }
@@ -280,28 +338,37 @@ pub struct PeriodView {
 
 impl PeriodView {
     fn of(period: &Period, now_ms: i64) -> Self {
-        let anchor = millis_to_datetime(period.started_ms);
+        let anchor = millis_to_datetime(period.anchor_ms());
+        let start = millis_to_datetime(period.started_ms);
         let kind = period.terms.cycle;
+        // The cycle the period started in is its first (after a plan change,
+        // one that began before it).
+        let first = cycle_at(kind, anchor, start).index;
         let (cycles_started, cycle) = match period.ended_ms {
             None => {
-                let cycle = cycle_at(kind, anchor, millis_to_datetime(now_ms));
-                (cycle.index + 1, cycle)
+                let cycle = cycle_at(kind, anchor, millis_to_datetime(now_ms).max(start));
+                (cycle.index - first + 1, cycle)
             }
+            Some(end_ms) if end_ms <= period.started_ms => (
+                0,
+                Cycle {
+                    index: first,
+                    start,
+                    end: millis_to_datetime(end_ms),
+                },
+            ),
             Some(end_ms) => {
-                let end = millis_to_datetime(end_ms);
-                let started = cycles_begun_before(kind, anchor, end);
-                let last = if started == 0 {
-                    Cycle {
-                        index: 0,
-                        start: anchor,
-                        end,
-                    }
-                } else {
-                    cycle_at(kind, anchor, end - chrono::TimeDelta::milliseconds(1))
-                };
-                (started, last)
+                let end = millis_to_datetime(end_ms) - chrono::TimeDelta::milliseconds(1);
+                let last = cycle_at(kind, anchor, end);
+                (last.index - first + 1, last)
             }
         };
+        let mut cycle = cycle;
+        if let Some(from) = period.continues_cycle_from_ms
+            && cycle.index == first
+        {
+            cycle.start = millis_to_datetime(from);
+        }
         Self {
             period: period.clone(),
             cycles_started,
@@ -501,12 +568,87 @@ mod tests {
         assert_eq!(ended[0].period.terms.plan_id, "premium-career");
         assert_eq!(ended[0].cycles_started, 3);
         assert_eq!(ended[0].cycle.start.timestamp_millis(), ms(2027, 3, 31));
+        assert_eq!(ended[0].cycle.end.timestamp_millis(), ms(2027, 4, 30));
         assert_eq!(current.period.version, 2);
-        // Business from Apr 15: cycles Apr 15, May 15 → 2 begun by Jun 1.
-        assert_eq!(current.cycles_started, 2);
-        assert_eq!(current.cycle.start.timestamp_millis(), ms(2027, 5, 15));
+        // Business from Apr 15 keeps the renewal date: its first cycle is
+        // the one in progress (Mar 31 - Apr 30), then Apr 30 and May 31, so
+        // 3 begun by Jun 1.
+        assert_eq!(current.cycles_started, 3);
+        assert_eq!(current.cycle.start.timestamp_millis(), ms(2027, 5, 31));
         // Asking from version 2 returns no ended period.
         assert!(s.entitlement(2, ms(2027, 6, 1)).1.is_empty());
+    }
+
+    #[test]
+    fn a_plan_change_keeps_the_renewal_date_and_a_resubscription_starts_a_new_one() {
+        let c = catalog();
+        let s = SubscriptionState::never_subscribed(&c)
+            .subscribe(plan(&c, "premium-business"), ms(2027, 1, 25))
+            .unwrap()
+            .change_plan(
+                plan(&c, "premium-career"),
+                Timing::Immediately,
+                ms(2027, 2, 3),
+            )
+            .unwrap();
+        let cycle = s.cycle(ms(2027, 2, 3));
+        assert_eq!(
+            (cycle.start.timestamp_millis(), cycle.end.timestamp_millis()),
+            (ms(2027, 1, 25), ms(2027, 2, 25))
+        );
+        assert_eq!(s.cycle_number(ms(2027, 2, 3)), 1);
+        assert_eq!(s.cycle_number(ms(2027, 2, 25)), 2);
+        // A scheduled change keeps it too, also from a clamped month end.
+        let s = SubscriptionState::never_subscribed(&c)
+            .subscribe(plan(&c, "premium-career"), ms(2027, 1, 31))
+            .unwrap()
+            .change_plan(
+                plan(&c, "recruiter-lite"),
+                Timing::EndOfCycle,
+                ms(2027, 2, 10),
+            )
+            .unwrap()
+            .at(ms(2027, 3, 1));
+        assert_eq!(s.current.started_ms, ms(2027, 2, 28));
+        assert_eq!(
+            s.cycle(ms(2027, 3, 1)).end.timestamp_millis(),
+            ms(2027, 3, 31)
+        );
+        // To Sales Navigator (the 1st) and back: each plan's own rule from
+        // the change.
+        let s = s
+            .change_plan(
+                plan(&c, "sales-navigator-core"),
+                Timing::Immediately,
+                ms(2027, 3, 4),
+            )
+            .unwrap();
+        assert_eq!(s.cycle(ms(2027, 3, 4)).end.timestamp_millis(), {
+            Utc.with_ymd_and_hms(2027, 4, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp_millis()
+        });
+        let s = s
+            .change_plan(
+                plan(&c, "premium-career"),
+                Timing::Immediately,
+                ms(2027, 4, 6),
+            )
+            .unwrap();
+        assert_eq!(
+            s.cycle(ms(2027, 4, 7)).end.timestamp_millis(),
+            ms(2027, 5, 6)
+        );
+        // Cancelled and subscribed again: a new sign-up, a new date.
+        let s = s
+            .cancel(c.free(), Timing::Immediately, ms(2027, 3, 5))
+            .unwrap()
+            .subscribe(plan(&c, "premium-career"), ms(2027, 3, 9))
+            .unwrap();
+        assert_eq!(
+            s.cycle(ms(2027, 3, 9)).end.timestamp_millis(),
+            ms(2027, 4, 9)
+        );
     }
 
     #[test]

@@ -498,7 +498,7 @@ fn subscription_view(member: &str, state: &SubscriptionState, now_ms: i64) -> pb
         period_started_at: ms_to_timestamp(state.current.started_ms),
         cycle_start: Some(to_timestamp(cycle.start)),
         cycle_end: Some(to_timestamp(cycle.end)),
-        cycle_index: cycle.index + 1,
+        cycle_index: state.cycle_number(now_ms),
         scheduled_change: state.scheduled.as_ref().map(|s| pb::ScheduledChange {
             plan_id: s.terms.plan_id.clone(),
             cancellation: s.cancellation,

@@ -276,11 +276,11 @@ async fn upgrade_writes_off_old_credits_and_tops_up_to_the_new_plan() {
         .unwrap();
     stack.advance(ENTITLEMENT_STALENESS).await;
     let b = balance(&stack, "gus").await;
-    // Within the billing period the grants never exceed one month of the
-    // most generous plan held: career's 5, then 30 - 5 (issue 9).
+    // What holding Recruiter Lite since the cycle began would have left:
+    // 30 less the 1 used (issue 19; it was 25, 30 less Career's 5).
     assert_eq!(
         (b.available, b.plan_id.as_str(), b.plan_version),
-        (25, "recruiter-lite", 2)
+        (29, "recruiter-lite", 2)
     );
     let entries = ledger(&stack, "gus").await;
     let write_off = entries
@@ -289,10 +289,10 @@ async fn upgrade_writes_off_old_credits_and_tops_up_to_the_new_plan() {
         .expect("write-off entry");
     assert_eq!((write_off.amount, write_off.balance_after), (-4, 0));
     assert_eq!(write_off.plan_id, "premium-career");
-    assert_eq!(entries[0].kind, Kind::Renewal as i32);
+    assert_eq!(entries[0].kind, Kind::PlanChange as i32);
     assert_eq!(
         (entries[0].amount, entries[0].plan_id.as_str()),
-        (25, "recruiter-lite")
+        (29, "recruiter-lite")
     );
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }

@@ -96,6 +96,29 @@ pub async fn ledger(stack: &Stack, member: &str) -> Vec<billing::LedgerEntry> {
     }
 }
 
+/// Takes one credit for `message_id` as messaging does (debit, confirm);
+/// answers the balance after.
+pub async fn spend(stack: &Stack, member: &str, message_id: &str) -> Result<i64, tonic::Status> {
+    let mut billing = stack.billing_as_messaging();
+    let debited = billing
+        .debit_for_message(billing::DebitForMessageRequest {
+            request_id: rid(),
+            member_id: member.into(),
+            message_id: message_id.into(),
+            amount: 1,
+        })
+        .await?
+        .into_inner();
+    billing
+        .confirm_debit(billing::ConfirmDebitRequest {
+            request_id: rid(),
+            member_id: member.into(),
+            message_id: message_id.into(),
+        })
+        .await?;
+    Ok(debited.balance_after)
+}
+
 pub fn count_kind(entries: &[billing::LedgerEntry], kind: billing::LedgerEntryKind) -> usize {
     entries.iter().filter(|e| e.kind == kind as i32).count()
 }

@@ -11,6 +11,7 @@ mod invitations;
 mod ledger;
 mod messaging;
 mod money;
+mod plan_rules;
 mod plans;
 mod processes;
 mod resilience;

@@ -81,9 +81,10 @@ async fn a_refund_owed_at_day_89_is_made_when_billing_returns_at_day_91() {
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
-/// Alternating ChangePlan IMMEDIATELY between two paid plans: within one
-/// billing period the credits granted never exceed one month of the most
-/// generous plan held in it.
+/// Alternating ChangePlan IMMEDIATELY between two paid plans while
+/// spending: after every change the balance is the new plan's month less
+/// what the cycle used, so the credits used and held never exceed one
+/// month of the most generous plan held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn switching_plans_back_and_forth_never_mints_credits() {
     let stack = Stack::start_with(StackOptions {
@@ -94,50 +95,96 @@ async fn switching_plans_back_and_forth_never_mints_credits() {
     .await;
     subscribe(&stack, "zed", "sales-navigator-core").await;
     assert_eq!(available(&stack, "zed").await, 50);
-    for _ in 0..10 {
+    let mut used = 0;
+    for round in 0..10 {
+        for _ in 0..3 {
+            spend(&stack, "zed", &format!("z{used}")).await.unwrap();
+            used += 1;
+        }
         change_plan(&stack, "zed", "recruiter-lite").await;
-        available(&stack, "zed").await;
+        assert_eq!(
+            available(&stack, "zed").await,
+            (30 - used).max(0),
+            "round {round}"
+        );
         change_plan(&stack, "zed", "sales-navigator-core").await;
-        available(&stack, "zed").await;
+        assert_eq!(available(&stack, "zed").await, 50 - used, "round {round}");
     }
+    assert!(used + available(&stack, "zed").await <= 50);
     let entries = ledger(&stack, "zed").await;
-    assert_eq!(granted(&entries), 50, "credits minted by switching plans");
-    assert!(available(&stack, "zed").await <= 50);
+    assert_eq!(granted(&entries), 50, "only the subscription renewed");
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
-/// An upgrade inside a billing period tops up to the new plan's monthly
-/// credits; a downgrade or a switch back grants nothing new; the next
-/// renewal grants the plan's full month again.
+/// Issue 19's worked examples: an immediate change leaves what the new plan
+/// would have left had the member held it since the cycle began; the
+/// renewal date does not move, so a change never opens a cycle to grant
+/// from; the next renewal grants the plan's full month.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_upgrade_tops_up_the_difference_and_a_downgrade_grants_nothing() {
+async fn an_immediate_change_leaves_the_new_plans_month_less_what_the_cycle_used() {
     let stack = Stack::start_with(StackOptions {
         billing_args: vec!["--entitlement-cache-ttl".into(), "0s".into()],
         ..Default::default()
     })
     .await;
     stack.set_time(utc(2027, 5, 3, 9)).await;
-    subscribe(&stack, "uma", "premium-career").await;
-    assert_eq!(available(&stack, "uma").await, 5);
+    // Business with 2 used -> Career 3 -> Recruiter Lite 28 -> Business 13.
+    subscribe(&stack, "uma", "premium-business").await;
+    spend(&stack, "uma", "u1").await.unwrap();
+    spend(&stack, "uma", "u2").await.unwrap();
+    change_plan(&stack, "uma", "premium-career").await;
+    assert_eq!(available(&stack, "uma").await, 3);
     change_plan(&stack, "uma", "recruiter-lite").await;
-    // 5 unused written off, 30 - 5 granted.
-    assert_eq!(available(&stack, "uma").await, 25);
+    assert_eq!(available(&stack, "uma").await, 28);
     change_plan(&stack, "uma", "premium-business").await;
-    assert_eq!(
-        available(&stack, "uma").await,
-        0,
-        "a downgrade grants nothing"
-    );
-    change_plan(&stack, "uma", "recruiter-lite").await;
-    assert_eq!(
-        available(&stack, "uma").await,
-        0,
-        "a switch back grants nothing"
-    );
-    assert_eq!(granted(&ledger(&stack, "uma").await), 30);
-    // The recruiter-lite period's next cycle renews in full.
-    stack.advance(31 * DAY).await;
-    assert_eq!(available(&stack, "uma").await, 30);
+    assert_eq!(available(&stack, "uma").await, 13);
+    let entries = ledger(&stack, "uma").await;
+    assert_eq!(count_kind(&entries, Entry::PlanChange), 3);
+    // Career with 1 used -> Recruiter Lite 29.
+    subscribe(&stack, "ulf", "premium-career").await;
+    spend(&stack, "ulf", "l1").await.unwrap();
+    change_plan(&stack, "ulf", "recruiter-lite").await;
+    assert_eq!(available(&stack, "ulf").await, 29);
+    // The renewal date stays May 3: the next cycle renews in full, the
+    // unused rolling over (13 + 15; 29 + 30).
+    stack.set_time(utc(2027, 6, 3, 10)).await;
+    assert_eq!(available(&stack, "uma").await, 28);
+    let b = balance(&stack, "ulf").await;
+    assert_eq!(b.available, 59);
+    assert_near(ts(&b.cycle_start), utc(2027, 6, 3, 9));
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
+}
+
+/// Issue 19's first example: a member who read their balance while on free
+/// subscribed to Premium Business on the 25th, spent all 15, and after the
+/// 1st switched to Career and back: the Business cycle still runs from the
+/// 25th, so nothing more is spent in it (it was 30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_free_month_before_a_subscription_does_not_shape_its_cycle() {
+    let stack = Stack::start_with(StackOptions {
+        billing_args: vec!["--entitlement-cache-ttl".into(), "0s".into()],
+        ..Default::default()
+    })
+    .await;
+    stack.set_time(utc(2027, 4, 10, 9)).await;
+    assert_eq!(available(&stack, "vin").await, 0);
+    stack.set_time(utc(2027, 4, 25, 9)).await;
+    subscribe(&stack, "vin", "premium-business").await;
+    let mut spent = 0;
+    while spend(&stack, "vin", &format!("v{spent}")).await.is_ok() {
+        spent += 1;
+    }
+    assert_eq!(spent, 15);
+    stack.set_time(utc(2027, 5, 2, 9)).await;
+    change_plan(&stack, "vin", "premium-career").await;
+    assert_eq!(available(&stack, "vin").await, 0);
+    change_plan(&stack, "vin", "premium-business").await;
+    assert_eq!(available(&stack, "vin").await, 0);
+    let refused = spend(&stack, "vin", "v-more").await.unwrap_err();
+    assert_eq!(reason(&refused), "INSUFFICIENT_CREDITS");
+    // The cycle ends on the 25th, when Business renews in full.
+    stack.set_time(utc(2027, 5, 25, 10)).await;
+    assert_eq!(available(&stack, "vin").await, 15);
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
@@ -158,13 +205,13 @@ async fn a_plan_change_reaches_billing_at_once_whatever_the_cache_ttl() {
     change_plan(&stack, "una", "recruiter-lite").await;
     assert_eq!(
         available(&stack, "una").await,
-        25,
+        30,
         "the upgrade was not seen"
     );
     change_plan(&stack, "una", "premium-business").await;
     assert_eq!(
         available(&stack, "una").await,
-        0,
+        15,
         "the downgrade was not seen"
     );
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;

@@ -152,11 +152,21 @@ async fn a_renewal_caps_grants_above_the_rollover_cap() {
     );
 }
 
+/// An immediate change between paid plans inside a cycle: the balance is
+/// written off and becomes the new plan's month less what the cycle used;
+/// no cycle opens (issue 19).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plan_change_writes_off_and_tops_up_only_within_the_grant_window() {
+async fn an_immediate_plan_change_leaves_the_new_month_less_the_cycles_use() {
     let (_redis, store) = store().await;
-    balance(&store, "w", T0, &entitlement(&[career(1)])).await;
-    // Upgraded ten days in: career's 5 written off, 30 - 5 granted.
+    let first = entitlement(&[career(1)]);
+    balance(&store, "w", T0, &first).await;
+    let held = store
+        .debit(&call("w", T0 + DAY, &first, "d1"), KEEP, "msg-1", 1)
+        .await
+        .unwrap();
+    assert_eq!(held.balance_after, Some(4));
+    // Upgraded ten days in, the cycle in progress continuing (it started
+    // at T0): career's 4 written off, 30 - 1 used.
     let changed = T0 + 10 * DAY;
     let upgrade = Period {
         v: 2,
@@ -164,18 +174,18 @@ async fn a_plan_change_writes_off_and_tops_up_only_within_the_grant_window() {
         cap: 120,
         cycles: 1,
         started: changed,
-        cycle_start: changed,
+        cycle_start: T0,
     };
     let ended = Period {
         cycles: 1,
         ..career(1)
     };
     let reply = balance(&store, "w", changed, &entitlement(&[ended, upgrade])).await;
-    assert_eq!(reply.balance.unwrap().available, 25);
+    assert_eq!(reply.balance.unwrap().available, 29);
     let all = entries(&store, "w").await;
-    assert_eq!(all[1], (EntryKind::WriteOff, -5, 0));
-    assert_eq!(all[2], (EntryKind::Renewal, 25, 25));
-    // Back down within the window: written off, nothing granted.
+    assert_eq!(all[2], (EntryKind::WriteOff, -4, 0));
+    assert_eq!(all[3], (EntryKind::PlanChange, 29, 29));
+    // Back down a day later: 5 - 1.
     let again = changed + DAY;
     let down = Period {
         v: 3,
@@ -183,10 +193,18 @@ async fn a_plan_change_writes_off_and_tops_up_only_within_the_grant_window() {
         cap: 15,
         cycles: 1,
         started: again,
-        cycle_start: again,
+        cycle_start: T0,
     };
     let reply = balance(&store, "w", again, &entitlement(&[upgrade, down])).await;
-    assert_eq!(reply.balance.unwrap().available, 0);
+    assert_eq!(reply.balance.unwrap().available, 4);
+    // The next cycle renews the plan's month in full.
+    let next = Period {
+        cycles: 2,
+        cycle_start: T0 + 30 * DAY,
+        ..down
+    };
+    let reply = balance(&store, "w", T0 + 30 * DAY, &entitlement(&[next])).await;
+    assert_eq!(reply.balance.unwrap().available, 9);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,6 +216,8 @@ pub enum EntryKind {
     Refund,
     Grant,
     WriteOff,
+    /// An immediate plan change: the new plan's month less what the cycle used.
+    PlanChange,
 }
 
 impl EntryKind {
@@ -227,6 +229,7 @@ impl EntryKind {
             "REFUND" => Self::Refund,
             "GRANT" => Self::Grant,
             "WRITE_OFF" => Self::WriteOff,
+            "PLAN_CHANGE" => Self::PlanChange,
             _ => return None,
         })
     }

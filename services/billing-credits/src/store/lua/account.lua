@@ -45,7 +45,7 @@ local function reset_cycle_counters()
   end
 end
 
--- Grant windows (README.md, "How it behaves": plan changes never mint credits). A window
+-- Grant windows (README.md, "How it behaves": resubscribing never mints credits). A window
 -- opens with a renewal that starts after the last window ended, and lasts
 -- that cycle (`wend`); `wgrant` counts the credits granted in it. A renewal
 -- starting inside an open window — the first cycle of a plan change or a
@@ -56,6 +56,9 @@ local function allowance(monthly, cs, ce)
   if cs and cs < num('wend') then
     return math.max(0, monthly - num('wgrant'))
   end
+  -- A cycle that grants nothing (free) opens no window: a free month before
+  -- a subscription never shapes the paid cycle.
+  if monthly == 0 then return 0 end
   set('wend', ce or 0)
   set('wgrant', 0)
   return monthly
@@ -119,8 +122,17 @@ local function settle()
     set('plan', cur.p)
     reset_cycle_counters()
   end
+  local prev
   for _, p in ipairs(periods) do
     if p.v > num('ver') then
+      -- An immediate change between paid plans keeps the cycle in progress
+      -- (subscription-plan anchors the new period's cycles at the same
+      -- renewal date): the balance becomes what holding the new plan since
+      -- the cycle began would have left, its monthly credits less those used
+      -- in the cycle, never below 0; the rest is written off and no new
+      -- cycle opens (README.md, "Balances").
+      local within = prev ~= nil and prev.v == num('ver') and prev.paid == 1 and p.paid == 1
+        and p.st < prev.ce
       if bal ~= 0 then
         local amount = -bal
         bal = 0
@@ -130,8 +142,20 @@ local function settle()
       set('ver', p.v)
       set('idx', 0)
       set('plan', p.p)
+      if within then
+        local used = num('debited') - num('refunded') - num('released')
+        local amount = math.max(0, p.m - used)
+        bal = amount
+        set('idx', 1)
+        -- The window has now granted this plan's month (a cancellation and
+        -- resubscription inside it grants no more).
+        if p.m > num('wgrant') then set('wgrant', p.m) end
+        entry('PLAN_CHANGE', amount, '', p.p .. ': ' .. int(p.m) .. ' a month less ' .. int(used)
+          .. ' used this cycle')
+      end
     end
     if p.v == num('ver') then renew_to(p) end
+    prev = p
   end
   for field, value in pairs({ plan = cur.p, monthly = cur.m, cap = cur.c, paid = cur.paid,
       cstart = cur.cs, cend = cur.ce, valid = VALID, erev = string.format('%d', ent.rev or 0) }) do
