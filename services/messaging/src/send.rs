@@ -532,7 +532,7 @@ impl Messaging {
                         if inmail.sender == message.to
                             && inmail.reply_id.as_deref() == Some(message.id.as_str()) =>
                     {
-                        self.refund_of(ctx, conv, &inmail).await
+                        self.refund_of(ctx, conv, &inmail).await?
                     }
                     _ => Refund::None,
                 };

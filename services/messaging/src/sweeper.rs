@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::RefundState;
 use crate::error::SendFailure;
+use crate::respond::responded_at;
 use crate::send::{Messaging, Refund};
 use crate::store::{MessageState, OUTBOX_SHARDS, OutboxItem};
 
@@ -87,18 +88,19 @@ async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, Ap
                             &i.message_id == inmail_id && i.refund == Some(RefundState::Due)
                         }) {
                             None => true,
-                            Some(inmail) => {
-                                messaging
-                                    .refund_inmail(
-                                        &ctx,
-                                        conv,
-                                        inmail_id,
-                                        sender,
-                                        inmail.responded_at_ms,
-                                    )
-                                    .await
-                                    != Refund::Pending
-                            }
+                            Some(inmail) => match responded_at(&inmail) {
+                                Ok(at) => {
+                                    messaging
+                                        .refund_inmail(&ctx, conv, inmail_id, sender, at)
+                                        .await
+                                        != Refund::Pending
+                                }
+                                // Left owed, never sent with a guessed time.
+                                Err(err) => {
+                                    tracing::error!(%inmail_id, error = %err, "refund owed but not asked for");
+                                    false
+                                }
+                            },
                         }
                     }
                 };

@@ -11,6 +11,7 @@ use inmail_tests::RedisServer;
 const DAY: i64 = 24 * 3600 * 1000;
 const T0: i64 = 1_800_000_000_000;
 const KEEP: Duration = Duration::from_secs(3600);
+const SKEW: Duration = Duration::from_secs(60);
 
 async fn store() -> (RedisServer, BillingStore) {
     let redis = RedisServer::start().await;
@@ -225,11 +226,24 @@ async fn holds_confirm_release_and_refund_once() {
         let store = store.clone();
         async move {
             store
-                .refund(&call("h", T0 + 2, "", request), KEEP, "msg-1", responded)
+                .refund(
+                    &call("h", T0 + 2, "", request),
+                    KEEP,
+                    "msg-1",
+                    responded,
+                    SKEW,
+                )
                 .await
                 .unwrap()
         }
     };
+    // A response before the debit (beyond the clock skew) is refused and
+    // not recorded.
+    let early = refund("r0", T0 - 61_000).await;
+    assert_eq!(
+        (early.s, early.reason),
+        (Outcome::Refused, Some(Refusal::RespondedBeforeDebit))
+    );
     let first = refund("r1", T0 + 2).await;
     assert_eq!(
         (first.refunded_now, first.balance_after),
@@ -275,6 +289,7 @@ async fn the_refund_window_is_judged_at_the_response() {
             KEEP,
             "m",
             T0 + 9 * DAY,
+            SKEW,
         )
         .await
         .unwrap();
@@ -299,6 +314,7 @@ async fn the_refund_window_is_judged_at_the_response() {
             KEEP,
             "m2",
             T0 + 22 * DAY,
+            SKEW,
         )
         .await
         .unwrap();

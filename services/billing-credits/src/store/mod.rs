@@ -275,15 +275,20 @@ impl BillingStore {
         self.run(call.member, inv).await
     }
 
+    /// Refunds a confirmed debit; `clock_skew`: how far before the debit
+    /// (by billing's clock) a caller's `responded_at_ms` may still be.
     pub async fn refund(
         &self,
         call: &Call<'_>,
         retention: Duration,
         message_id: &str,
         responded_at_ms: i64,
+        clock_skew: Duration,
     ) -> Result<Reply, ApiError> {
         let mut inv = Self::invocation(&self.refund, call, retention, Some(message_id));
-        inv.arg(message_id).arg(responded_at_ms);
+        inv.arg(message_id)
+            .arg(responded_at_ms)
+            .arg(millis(clock_skew));
         self.run(call.member, inv).await
     }
 
