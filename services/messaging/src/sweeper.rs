@@ -48,7 +48,8 @@ pub fn spawn_outbox_sweeper(
 ///
 /// Delivered sends are not taken out of the outbox when they are delivered
 /// (that would cost every InMail one more write); they leave it here, in
-/// batches: one round trip reads their states, one ZREM drops the finished.
+/// batches: one round trip reads their states, one script drops the
+/// finished (each only if a retry did not add it again meanwhile).
 async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, ApiError> {
     let now = messaging.clock().now_ms().await?;
     let store = messaging.store();
@@ -59,9 +60,10 @@ async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, Ap
             if due.is_empty() {
                 break;
             }
-            let states = store.outbox_states(&due).await?;
+            let items: Vec<OutboxItem> = due.iter().map(|(item, _)| item.clone()).collect();
+            let states = store.outbox_states(&items).await?;
             let mut done = Vec::with_capacity(due.len());
-            for (item, state) in due.iter().zip(states) {
+            for ((item, due_at), state) in due.iter().zip(states) {
                 let ctx = CallContext::background(Duration::from_secs(5));
                 let finished_now = match item {
                     OutboxItem::Send {
@@ -105,7 +107,7 @@ async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, Ap
                     }
                 };
                 if finished_now {
-                    done.push(item.clone());
+                    done.push((item.clone(), *due_at));
                 } else {
                     let retry_at = now + messaging.config.refund_retry.as_millis() as i64;
                     store.outbox_add(item, retry_at).await?;

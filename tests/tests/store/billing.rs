@@ -409,3 +409,66 @@ fn retention() -> billing_credits::store::Retention {
         message_owner: KEEP,
     }
 }
+
+/// The hold sweeper drops an index entry it read as settled (no debit
+/// behind it, long expired) only while the entry still has the expiry it
+/// read: a retry that re-indexed the message meanwhile and then debited
+/// keeps its entry, so its hold is still released if the retry dies too.
+/// The unconditional ZREM dropped it (issue 19.6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_keeps_a_hold_entry_a_retry_re_added() {
+    let (_redis, store) = store().await;
+    let shard = billing_credits::store::keys::hold_shard_of("k");
+    balance(&store, "k", T0, &entitlement(&[career(1)])).await;
+    // A send indexed its hold and died before its debit ran.
+    store
+        .prepare_debit("k", "msg-r", T0 + 1000, KEEP)
+        .await
+        .unwrap();
+    // The sweeper reads the entry long after: nothing behind it, settled.
+    let now = T0 + 60_000;
+    let due = store.expired_holds(shard, now, 100).await.unwrap();
+    assert_eq!(due, vec![("k".to_string(), "msg-r".to_string(), T0 + 1000)]);
+    assert_eq!(
+        store
+            .debit_states(&[("k".into(), "msg-r".into())])
+            .await
+            .unwrap(),
+        vec![None]
+    );
+    // Meanwhile a retry of the send indexes a new hold and debits.
+    let expires = now + 30_000;
+    store
+        .prepare_debit("k", "msg-r", expires, KEEP)
+        .await
+        .unwrap();
+    let ent = entitlement(&[career(1)]);
+    let retry = Call {
+        hold_expires_ms: expires,
+        ..call("k", now + 1, &ent, "retry")
+    };
+    let held = store.debit(&retry, KEEP, "msg-r", 1).await.unwrap();
+    assert_eq!(
+        held.debit.as_ref().map(|d| d.state),
+        Some(DebitState::Held),
+        "{held:?}"
+    );
+    // The sweeper drops what it read as settled.
+    store.forget_holds(shard, &due).await.unwrap();
+    // The retry's hold is still indexed, due when it expires.
+    let later = store.expired_holds(shard, expires, 100).await.unwrap();
+    assert_eq!(
+        later,
+        vec![("k".to_string(), "msg-r".to_string(), expires)],
+        "the retry's hold left the index: nothing would release it"
+    );
+    // Unchanged since read: dropped.
+    store.forget_holds(shard, &later).await.unwrap();
+    assert!(
+        store
+            .expired_holds(shard, i64::MAX, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
