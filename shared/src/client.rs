@@ -83,7 +83,8 @@ type Breaker = failsafe::StateMachine<
 
 /// A service this one calls, behind a circuit breaker: after
 /// [`Downstream::FAILURES`] failures in a row (unreachable, UNAVAILABLE,
-/// or no answer within [`Downstream::attempt_timeout`]) calls fail at once
+/// or no answer within [`Downstream::attempt_timeout`]; a call ended by the
+/// caller's own deadline or a cancellation counts neither way) calls fail at once
 /// with UNAVAILABLE for a while (1 s, doubling up to 10 s while it stays
 /// down), then calls go through again to see whether it is back. A dead dependency costs milliseconds,
 /// not every caller's deadline.
@@ -141,15 +142,49 @@ impl Downstream {
             }
         })
         .await;
-        match &result {
-            Err(status) if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) => {
-                self.breaker.on_error();
-            }
-            _ => self.breaker.on_success(),
+        match Verdict::of(&result, ctx) {
+            Verdict::Answered => self.breaker.on_success(),
+            Verdict::Failed => self.breaker.on_error(),
+            Verdict::CallersOwn => {}
         }
         result
     }
 }
+
+/// What one call says about the downstream, for the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// It answered (a refusal is an answer).
+    Answered,
+    /// Unreachable, UNAVAILABLE, or no answer within the attempt timeout.
+    Failed,
+    /// The caller's deadline ran out or the call was cancelled: says
+    /// nothing about the downstream, so it counts neither way (a burst of
+    /// callers with tiny deadlines must not open the breaker for everyone).
+    CallersOwn,
+}
+
+impl Verdict {
+    fn of<T>(result: &Result<T, Status>, ctx: &CallContext) -> Self {
+        let Err(status) = result else {
+            return Self::Answered;
+        };
+        // The caller's budget, not the downstream, ended the call: it is
+        // (within a millisecond, the floor of an outgoing deadline) spent.
+        let callers_deadline = ctx.remaining() < CALLERS_DEADLINE_SLACK;
+        match status.code() {
+            // tonic ends a call whose deadline passed with CANCELLED.
+            Code::Cancelled => Self::CallersOwn,
+            Code::Unavailable | Code::DeadlineExceeded if callers_deadline => Self::CallersOwn,
+            Code::Unavailable | Code::DeadlineExceeded => Self::Failed,
+            _ => Self::Answered,
+        }
+    }
+}
+
+/// A call failing with less than this left of the caller's deadline failed
+/// because of that deadline.
+const CALLERS_DEADLINE_SLACK: Duration = Duration::from_millis(1);
 
 #[cfg(test)]
 mod tests {
@@ -232,6 +267,29 @@ mod tests {
             .await;
         assert_eq!(rejected.unwrap_err().code(), Code::Unavailable);
         assert_eq!(calls, before, "an open breaker does not call");
+    }
+
+    #[tokio::test]
+    async fn a_callers_spent_deadline_or_cancellation_does_not_open_the_breaker() {
+        let downstream = Downstream::new("x", Duration::from_secs(1));
+        for _ in 0..2 * Downstream::FAILURES {
+            let spent = CallContext::background(Duration::ZERO);
+            let answer = downstream
+                .call(&spent, || async {
+                    Err::<(), _>(Status::deadline_exceeded("no answer in time"))
+                })
+                .await;
+            assert_eq!(answer.unwrap_err().code(), Code::DeadlineExceeded);
+            let ctx = CallContext::background(Duration::from_secs(2));
+            let _ = downstream
+                .call(&ctx, || async {
+                    Err::<(), _>(Status::cancelled("Timeout expired"))
+                })
+                .await;
+        }
+        let ctx = CallContext::background(Duration::from_secs(2));
+        let answer = downstream.call(&ctx, || async { Ok::<_, Status>(7) }).await;
+        assert_eq!(answer.unwrap(), 7, "the breaker stayed closed");
     }
 
     #[tokio::test]

@@ -11,8 +11,8 @@
 //! at most a repeated scan, never a lost or doubled effect.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -20,6 +20,34 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::storage::{Batch, Redis};
+
+const FORGET_UNCHANGED: &str = include_str!("lua/forget_unchanged.lua");
+
+/// The sweepers' shared scripts by name, as sent to Redis (inmail-bench's
+/// per-script Redis time).
+pub const SCRIPTS: [(&str, &str); 1] = [("forget_unchanged", FORGET_UNCHANGED)];
+
+/// Drops `entries` (member, score as read) of the index `key` that a sweep
+/// found finished, each only while it still has the score it was read with
+/// (one script: atomic). A retry that re-added an entry meanwhile, with a new
+/// score, keeps it; an unconditional ZREM would drop work nobody then
+/// finishes. Answers how many were dropped.
+pub async fn forget_unchanged(
+    redis: &Redis,
+    key: &str,
+    entries: &[(String, i64)],
+) -> Result<usize, ApiError> {
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(FORGET_UNCHANGED));
+    let mut invocation = SCRIPT.key(key);
+    for (member, score) in entries {
+        invocation.arg(member).arg(*score);
+    }
+    let dropped: usize = invocation.invoke_async(&mut redis.conn()).await?;
+    Ok(dropped)
+}
 
 /// How long a stopping service waits for its sweepers to leave their groups.
 pub const LEAVE_WAIT: Duration = Duration::from_secs(2);

@@ -155,15 +155,21 @@ fn tls_for(who: &As) -> ClientTlsConfig {
     }
 }
 
-/// A lazily connected TLS channel to `addr` as `who`.
-pub fn channel_as(addr: SocketAddr, who: &As) -> Authed {
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+/// A lazily connected TLS channel to `addr` with `who`'s client
+/// certificate (if any), as a service's own clients take it.
+pub fn tls_channel(addr: SocketAddr, who: &As) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls_for(who))
         .unwrap()
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(20))
-        .connect_lazy();
+        .connect_lazy()
+}
+
+/// A lazily connected TLS channel to `addr` as `who`.
+pub fn channel_as(addr: SocketAddr, who: &As) -> Authed {
+    let channel = tls_channel(addr, who);
     let header = match who {
         As::Member(member) => Some(format!("Bearer {}", pki().token(member))),
         As::Header(value) => Some(value.clone()),

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::redis_server::{RedisServer, free_port, redis_server_binary};
 
-pub use crate::identity::{As, Authed, channel_as, pki, plaintext_authed};
+pub use crate::identity::{As, Authed, channel_as, pki, plaintext_authed, tls_channel};
 
 pub type PlansClient =
     plans::subscription_plan_service_client::SubscriptionPlanServiceClient<Authed>;

@@ -15,6 +15,11 @@ use crate::entitlement::Entitlements;
 use crate::error::refusal;
 use crate::store::{BillingStore, Call, Outcome, Refusal, ReleaseCause, Reply, Retention};
 
+/// How far a caller's clock may be off billing's (the services' clocks are
+/// synchronised, within this): a `responded_at` may be this far ahead of
+/// billing's now, or before the debit.
+pub const MAX_CLOCK_SKEW_MS: i64 = 60_000;
+
 /// How billing behaves; every figure is a flag.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -266,8 +271,9 @@ impl Credits {
                 responded_at_ms,
             } => {
                 let responded = responded_at_ms.unwrap_or(call.now_ms);
+                let skew = Duration::from_millis(MAX_CLOCK_SKEW_MS as u64);
                 self.store
-                    .refund(call, retention.request, message_id, responded)
+                    .refund(call, retention.request, message_id, responded, skew)
                     .await
             }
             Op::Grant { amount, reason } => {

@@ -56,5 +56,11 @@ pub fn refusal(refusal: Refusal, reply: &Reply, member: &str, message_id: &str) 
             reason,
             format!("the debit of message {message_id} took longer than its hold; retry"),
         ),
+        // Bad input that only the debit record can tell: no response can
+        // come before the InMail was paid for.
+        Refusal::RespondedBeforeDebit => ApiError::invalid_field(
+            "responded_at",
+            format!("is before the debit of message {message_id} was made"),
+        ),
     }
 }

@@ -13,7 +13,7 @@ use inmail_shared::time::from_timestamp;
 use inmail_shared::validate::Checks;
 use tonic::{Request, Response, Status};
 
-use crate::credits::{Credits, Op};
+use crate::credits::{Credits, MAX_CLOCK_SKEW_MS, Op};
 use crate::error::DOMAIN;
 use crate::reconcile::reconcile_page;
 use crate::store::ReleaseCause;
@@ -68,9 +68,6 @@ pub const MAX_GRANT: i32 = 1000;
 pub const MAX_REASON_CHARS: usize = 200;
 /// Longest message id billing keeps.
 pub const MAX_MESSAGE_ID_LEN: usize = 128;
-/// How far ahead of billing's clock a caller's `responded_at` may be (the
-/// callers' clocks are synchronised, within this).
-pub const MAX_CLOCK_SKEW_MS: i64 = 60_000;
 
 #[derive(Clone)]
 pub struct BillingApi {

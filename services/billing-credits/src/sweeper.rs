@@ -43,7 +43,8 @@ pub fn spawn_hold_sweeper(
 ///
 /// Confirmed debits are not taken out of the index when they are confirmed
 /// (that would cost every debit one more write); they leave it here, in
-/// batches: one round trip reads the states, one ZREM drops the settled.
+/// batches: one round trip reads the states, one script drops the settled
+/// (each only if a retry did not index it again meanwhile).
 async fn sweep_shards(credits: &Credits, shards: &[u32]) -> Result<usize, ApiError> {
     let now = credits.clock().now_ms().await?;
     let store = credits.store();
@@ -62,7 +63,7 @@ async fn sweep_shards(credits: &Credits, shards: &[u32]) -> Result<usize, ApiErr
             let grace_ms = credits.orphan_grace().as_millis() as i64;
             let mut settled = Vec::with_capacity(due.len());
             for ((member, message_id, expiry), state) in due.iter().zip(states) {
-                let entry = (member.clone(), message_id.clone());
+                let entry = (member.clone(), message_id.clone(), *expiry);
                 match state {
                     Some(DebitState::Held) => {}
                     // No debit behind the entry yet: its debit script may

@@ -129,7 +129,9 @@ pub struct InmailInfo {
     pub sender: String,
     pub sent_at_ms: i64,
     pub stage: InmailStage,
-    pub responded_at_ms: i64,
+    /// When it was responded to; `None` before that, or when the record
+    /// cannot be read (never guessed: a refund is judged at this time).
+    pub responded_at_ms: Option<i64>,
     /// `None` until it is responded to.
     pub refund: Option<RefundState>,
     /// The reply that answered it, when a reply did.
@@ -290,7 +292,7 @@ mod tests {
                 sender: from.into(),
                 sent_at_ms: 1,
                 stage,
-                responded_at_ms: 0,
+                responded_at_ms: None,
                 refund: None,
                 reply_id: None,
             }),

@@ -69,7 +69,7 @@ impl Messaging {
             .as_ref()
             .filter(|i| i.stage == wanted && i.sender != responder)
         {
-            return Ok(self.refund_of(ctx, conv, done).await);
+            return self.refund_of(ctx, conv, done).await;
         }
         let Some(inmail) = pair
             .inmail
@@ -132,24 +132,24 @@ impl Messaging {
         }
     }
 
-    /// The refund status of a responded InMail as it stands.
+    /// The refund status of a responded InMail as it stands (a refund still
+    /// due is asked for again). An error when the refund is due and the
+    /// time of the response cannot be read: billing judges the refund at
+    /// that time, so it is never guessed.
     pub(crate) async fn refund_of(
         &self,
         ctx: &CallContext,
         conv: &str,
         inmail: &InmailInfo,
-    ) -> Refund {
+    ) -> Result<Refund, ApiError> {
         match inmail.refund {
-            Some(refund) => {
-                let response = Responded {
-                    refund,
-                    inmail_id: inmail.message_id.clone(),
-                    inmail_sender: inmail.sender.clone(),
-                    responded_at: inmail.responded_at_ms,
-                };
-                self.recorded_refund(ctx, conv, &response).await
+            Some(RefundState::Due) => {
+                let responded_at = responded_at(inmail)?;
+                Ok(self
+                    .refund_inmail(ctx, conv, &inmail.message_id, &inmail.sender, responded_at)
+                    .await)
             }
-            None => Refund::None,
+            other => Ok(Refund::of(other)),
         }
     }
 
@@ -197,4 +197,15 @@ impl Messaging {
             }
         }
     }
+}
+
+/// When `inmail` was responded to, as recorded; an error when the record
+/// cannot be read.
+pub(crate) fn responded_at(inmail: &InmailInfo) -> Result<i64, ApiError> {
+    inmail.responded_at_ms.ok_or_else(|| {
+        ApiError::internal(format!(
+            "the response time of InMail {} cannot be read",
+            inmail.message_id
+        ))
+    })
 }

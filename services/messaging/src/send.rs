@@ -220,13 +220,22 @@ impl Messaging {
         let delivered = match self.store.deliver(envelope, &how).await? {
             Delivery::Ok(delivered) => delivered,
             Delivery::Exists(_) | Delivery::Retry => return Ok(None),
-            // Another call's reply answered the InMail first: its outcome.
+            // Another call's reply answered the InMail first: the same reply
+            // again answers its outcome; another body was not sent, and is
+            // refused (one response per InMail).
             Delivery::Responded(recorded) => {
                 let reply = self
                     .store
                     .message(envelope.conv, &recorded.reply_id)
                     .await?
                     .ok_or_else(|| ApiError::internal("the recorded reply vanished"))?;
+                if reply.body != envelope.body {
+                    let failure = SendFailure::NoInmailAwaitingResponse;
+                    self.store
+                        .record_refusal(envelope.sender, request_id, failure)
+                        .await?;
+                    return Err(failure.error());
+                }
                 let refund = self
                     .recorded_refund(ctx, envelope.conv, &recorded.response)
                     .await;
@@ -523,7 +532,7 @@ impl Messaging {
                         if inmail.sender == message.to
                             && inmail.reply_id.as_deref() == Some(message.id.as_str()) =>
                     {
-                        self.refund_of(ctx, conv, &inmail).await
+                        self.refund_of(ctx, conv, &inmail).await?
                     }
                     _ => Refund::None,
                 };

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::RefundState;
 use crate::error::SendFailure;
+use crate::respond::responded_at;
 use crate::send::{Messaging, Refund};
 use crate::store::{MessageState, OUTBOX_SHARDS, OutboxItem};
 
@@ -47,7 +48,8 @@ pub fn spawn_outbox_sweeper(
 ///
 /// Delivered sends are not taken out of the outbox when they are delivered
 /// (that would cost every InMail one more write); they leave it here, in
-/// batches: one round trip reads their states, one ZREM drops the finished.
+/// batches: one round trip reads their states, one script drops the
+/// finished (each only if a retry did not add it again meanwhile).
 async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, ApiError> {
     let now = messaging.clock().now_ms().await?;
     let store = messaging.store();
@@ -58,9 +60,10 @@ async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, Ap
             if due.is_empty() {
                 break;
             }
-            let states = store.outbox_states(&due).await?;
+            let items: Vec<OutboxItem> = due.iter().map(|(item, _)| item.clone()).collect();
+            let states = store.outbox_states(&items).await?;
             let mut done = Vec::with_capacity(due.len());
-            for (item, state) in due.iter().zip(states) {
+            for ((item, due_at), state) in due.iter().zip(states) {
                 let ctx = CallContext::background(Duration::from_secs(5));
                 let finished_now = match item {
                     OutboxItem::Send {
@@ -87,23 +90,24 @@ async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, Ap
                             &i.message_id == inmail_id && i.refund == Some(RefundState::Due)
                         }) {
                             None => true,
-                            Some(inmail) => {
-                                messaging
-                                    .refund_inmail(
-                                        &ctx,
-                                        conv,
-                                        inmail_id,
-                                        sender,
-                                        inmail.responded_at_ms,
-                                    )
-                                    .await
-                                    != Refund::Pending
-                            }
+                            Some(inmail) => match responded_at(&inmail) {
+                                Ok(at) => {
+                                    messaging
+                                        .refund_inmail(&ctx, conv, inmail_id, sender, at)
+                                        .await
+                                        != Refund::Pending
+                                }
+                                // Left owed, never sent with a guessed time.
+                                Err(err) => {
+                                    tracing::error!(%inmail_id, error = %err, "refund owed but not asked for");
+                                    false
+                                }
+                            },
                         }
                     }
                 };
                 if finished_now {
-                    done.push(item.clone());
+                    done.push((item.clone(), *due_at));
                 } else {
                     let retry_at = now + messaging.config.refund_retry.as_millis() as i64;
                     store.outbox_add(item, retry_at).await?;

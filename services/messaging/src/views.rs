@@ -63,7 +63,7 @@ pub fn conversation(
             recipient_id: recipient.to_string(),
             state: state as i32,
             sent_at: ms_to_timestamp(i.sent_at_ms),
-            responded_at: ms_to_timestamp(i.responded_at_ms),
+            responded_at: i.responded_at_ms.and_then(ms_to_timestamp),
             refund_status: refund_status(Refund::of(i.refund)) as i32,
         }
     });

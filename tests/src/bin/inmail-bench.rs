@@ -522,6 +522,7 @@ fn script_names() -> std::collections::HashMap<String, &'static str> {
         .chain(&::messaging::store::SCRIPTS)
         .chain(&subscription_plan::store::SCRIPTS)
         .chain(&inmail_shared::idempotency::SCRIPTS)
+        .chain(&inmail_shared::sweep::SCRIPTS)
         .map(|(name, source)| (redis::Script::new(source).get_hash().to_string(), *name))
         .collect()
 }

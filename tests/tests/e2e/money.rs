@@ -476,3 +476,122 @@ async fn money_writes_wait_for_a_replica_when_one_is_configured() {
         .unwrap();
     assert_eq!(debits, 2);
 }
+
+async fn get_debit(stack: &Stack, member: &str, message_id: &str) -> billing::Debit {
+    stack
+        .billing_as_messaging()
+        .get_debit(billing::GetDebitRequest {
+            member_id: member.into(),
+            message_id: message_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .debit
+        .unwrap()
+}
+
+/// RefundMessage with a responded_at before the debit was made (0, or an
+/// hour before it) is INVALID_ARGUMENT naming responded_at and changes
+/// nothing; the same debit refunds with a true time afterwards (issue 19.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_answering_before_the_debit_is_refused_and_changes_nothing() {
+    let stack = Stack::start().await;
+    subscribe(&stack, "uma", "premium-career").await;
+    let sent = send(&stack, "uma", "vic").await.unwrap();
+    let message_id = sent.message.unwrap().message_id;
+    let debit = get_debit(&stack, "uma", &message_id).await;
+    assert_eq!(debit.state, billing::DebitState::Confirmed as i32);
+    let debited_at = debit.debited_at.unwrap();
+    let refund = |responded_at: prost_types::Timestamp| billing::RefundMessageRequest {
+        request_id: rid(),
+        member_id: "uma".into(),
+        message_id: message_id.clone(),
+        responded_at: Some(responded_at),
+    };
+    let an_hour_before = prost_types::Timestamp {
+        seconds: debited_at.seconds - 3600,
+        nanos: debited_at.nanos,
+    };
+    for responded_at in [prost_types::Timestamp::default(), an_hour_before] {
+        let refused = stack
+            .billing_as_messaging()
+            .refund_message(refund(responded_at))
+            .await
+            .expect_err("a response before the debit must not refund it");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert_eq!(bad_fields(&refused), vec!["responded_at".to_string()]);
+    }
+    assert_eq!(available(&stack, "uma").await, 4, "nothing refunded");
+    assert_eq!(count_kind(&ledger(&stack, "uma").await, Entry::Refund), 0);
+    assert_eq!(
+        get_debit(&stack, "uma", &message_id).await.state,
+        billing::DebitState::Confirmed as i32
+    );
+    // The debit was refundable all along: a true response time refunds it.
+    let now = stack.now().await;
+    let refunded = stack
+        .billing_as_messaging()
+        .refund_message(refund(prost_types::Timestamp {
+            seconds: now.timestamp(),
+            nanos: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(refunded.refunded_now);
+    assert_eq!(available(&stack, "uma").await, 5);
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
+}
+
+/// A refund owed whose recorded response time cannot be read is not sent
+/// with a guessed time (it was sent as 0, which refunded any debit): it
+/// stays owed, and billing refunds nothing (issue 19.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_whose_response_time_cannot_be_read_is_not_sent() {
+    let mut stack = Stack::start().await;
+    subscribe(&stack, "wes", "premium-career").await;
+    send(&stack, "wes", "xia").await.unwrap();
+    stack.stop_billing().await;
+    let mut accept = tonic::Request::new(
+        inmail_shared::proto::messaging::v1::RespondToInmailRequest {
+            request_id: rid(),
+            member_id: "xia".into(),
+            conversation_id: "wes~xia".into(),
+            response: InmailResponse::Accept as i32,
+            body: String::new(),
+        },
+    );
+    accept.set_timeout(Duration::from_secs(2));
+    let _ = stack.messaging_as("xia").respond_to_inmail(accept).await;
+    let c = conversation(&stack, "xia", "wes~xia").await.unwrap();
+    assert_eq!(
+        c.inmail.unwrap().refund_status,
+        RefundStatus::Pending as i32
+    );
+    let mut redis = stack.redis.conn().await;
+    let _: () = redis::cmd("HSET")
+        .arg("messaging:{wes~xia}:conv")
+        .arg("im_resp_at")
+        .arg("not-a-time")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    stack.start_billing_again().await;
+    // The outbox sweeper looks at the refund once the response is old enough.
+    stack.advance(Duration::from_secs(61)).await;
+    let refunded = eventually(Duration::from_secs(4), || async {
+        count_kind(&ledger(&stack, "wes").await, Entry::Refund) > 0
+    })
+    .await;
+    assert!(
+        !refunded,
+        "a refund was made with a response time messaging could not read"
+    );
+    assert_eq!(available(&stack, "wes").await, 4);
+    let c = conversation(&stack, "wes", "wes~xia").await.unwrap();
+    assert_eq!(
+        c.inmail.unwrap().refund_status,
+        RefundStatus::Pending as i32
+    );
+}

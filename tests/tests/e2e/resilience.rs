@@ -391,3 +391,68 @@ async fn streams_that_never_send_a_body_do_not_lock_callers_out() {
     let answered = tokio::time::timeout(Duration::from_secs(5), response).await;
     assert!(answered.is_ok(), "a stalled stream was never answered");
 }
+
+/// The breaker in front of billing counts billing's failures only, never a
+/// caller's deadline running out (issue 19.5). A burst of InMails with
+/// deadlines of a few milliseconds does not refuse the next InMail; and,
+/// deterministically, messaging's own billing client called with budgets
+/// already spent (an InMail whose deadline ran out inside messaging), as
+/// often as opens the breaker on failures, still serves the next call with
+/// a normal deadline. That call was refused UNAVAILABLE: the spent budgets
+/// counted as billing failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_spent_deadlines_do_not_open_the_breaker() {
+    use inmail_shared::client::Downstream;
+    use inmail_shared::context::CallContext;
+    use inmail_tests::{As, tls_channel};
+    use messaging::downstream::Billing;
+
+    let stack = Stack::start().await;
+    for s in 0..3 {
+        subscribe(&stack, &format!("rae{s}"), "premium-business").await;
+    }
+    subscribe(&stack, "sid", "premium-career").await;
+    let mut burst = Vec::new();
+    for i in 0..24u64 {
+        let sender = format!("rae{}", i % 3);
+        let mut client = stack.messaging_as(&sender);
+        let request = with_deadline(
+            send_request(&sender, &format!("ted{i}"), "Hi", "Hello"),
+            Duration::from_millis(2 + i % 10),
+        );
+        burst.push(tokio::spawn(
+            async move { client.send_message(request).await },
+        ));
+    }
+    for call in burst {
+        let _ = call.await.unwrap();
+    }
+    let answer = stack
+        .messaging_as("sid")
+        .send_message(with_deadline(
+            send_request("sid", "uli", "Hi", "A normal InMail"),
+            Duration::from_secs(5),
+        ))
+        .await;
+    assert!(
+        answer.is_ok(),
+        "the burst refused the next InMail: {answer:?}"
+    );
+
+    let billing = Billing::new(
+        tls_channel(stack.billing.addr, &As::Service("messaging")),
+        Duration::from_secs(2),
+    );
+    for _ in 0..=Downstream::FAILURES {
+        let spent = CallContext::background(Duration::ZERO);
+        let answer = billing.available(&spent, "sid").await;
+        assert!(answer.is_err(), "no budget, no answer: {answer:?}");
+    }
+    let normal = CallContext::background(Duration::from_secs(5));
+    let answer = billing.available(&normal, "sid").await;
+    assert_eq!(
+        answer.ok(),
+        Some(4),
+        "spent caller deadlines opened the breaker in front of a healthy billing"
+    );
+}

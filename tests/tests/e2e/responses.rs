@@ -79,10 +79,12 @@ async fn race(
     answers
 }
 
-/// 30 concurrent REPLY responses to one InMail: one reply is stored, the
-/// credit comes back once, and every answer is that one response.
+/// 30 concurrent REPLY responses to one InMail, each with its own body: one
+/// reply is stored and answered OK, the credit comes back once, and the 29
+/// other bodies are refused NO_INMAIL_AWAITING_RESPONSE (they were all
+/// answered OK while only one body was stored; issue 19.4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thirty_concurrent_replies_store_one_response_and_agree() {
+async fn thirty_concurrent_replies_store_one_and_refuse_the_other_bodies() {
     let stack = Stack::start().await;
     subscribe(&stack, "ada", "premium-career").await;
     send(&stack, "ada", "bo").await.unwrap();
@@ -90,16 +92,54 @@ async fn thirty_concurrent_replies_store_one_response_and_agree() {
         .map(|i| respond_request("bo", "ada~bo", InmailResponse::Reply, &format!("reply {i}")))
         .collect();
     let answers = race(vec![stack.messaging_as("bo")], requests).await;
-    let kinds: HashSet<String> = answers.iter().map(gist).collect();
-    assert_eq!(kinds.len(), 1, "the answers disagree: {kinds:?}");
-    let first = answers[0].as_ref().expect("the response is answered");
-    assert_eq!(first.refund_status, RefundStatus::Refunded as i32);
+    let accepted: Vec<&pb::RespondToInmailResponse> =
+        answers.iter().filter_map(|a| a.as_ref().ok()).collect();
+    assert_eq!(
+        accepted.len(),
+        1,
+        "one body wins: {:?}",
+        answers.iter().map(gist).collect::<HashSet<_>>()
+    );
+    let refused = format!(
+        "{:?} NO_INMAIL_AWAITING_RESPONSE",
+        tonic::Code::FailedPrecondition
+    );
+    for answer in answers.iter().filter(|a| a.is_err()) {
+        assert_eq!(gist(answer), refused);
+    }
+    let winner = accepted[0];
+    assert_eq!(winner.refund_status, RefundStatus::Refunded as i32);
+    let reply = winner.reply.as_ref().unwrap();
     let stored = messages(&stack, "ada", "ada~bo").await;
     assert_eq!(
         stored.len(),
         2,
         "the InMail and exactly one reply: {stored:?}"
     );
+    let stored_reply = stored
+        .iter()
+        .find(|m| m.message_id == reply.message_id)
+        .expect("the answered reply is stored");
+    assert_eq!(
+        stored_reply.body, reply.body,
+        "the answered body is the stored one"
+    );
+    // The same body again answers the recorded reply; another is refused.
+    let again = respond(&stack, "bo", "ada~bo", InmailResponse::Reply, &reply.body)
+        .await
+        .unwrap();
+    assert_eq!(again.reply.unwrap().message_id, reply.message_id);
+    let other = respond(
+        &stack,
+        "bo",
+        "ada~bo",
+        InmailResponse::Reply,
+        "something else",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(reason(&other), "NO_INMAIL_AWAITING_RESPONSE", "{other:?}");
+    assert_eq!(messages(&stack, "ada", "ada~bo").await.len(), 2);
     assert_eq!(available(&stack, "ada").await, 5, "refunded once");
     assert_eq!(count_kind(&ledger(&stack, "ada").await, Entry::Refund), 1);
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;

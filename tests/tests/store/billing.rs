@@ -11,6 +11,7 @@ use inmail_tests::RedisServer;
 const DAY: i64 = 24 * 3600 * 1000;
 const T0: i64 = 1_800_000_000_000;
 const KEEP: Duration = Duration::from_secs(3600);
+const SKEW: Duration = Duration::from_secs(60);
 
 async fn store() -> (RedisServer, BillingStore) {
     let redis = RedisServer::start().await;
@@ -243,11 +244,24 @@ async fn holds_confirm_release_and_refund_once() {
         let store = store.clone();
         async move {
             store
-                .refund(&call("h", T0 + 2, "", request), KEEP, "msg-1", responded)
+                .refund(
+                    &call("h", T0 + 2, "", request),
+                    KEEP,
+                    "msg-1",
+                    responded,
+                    SKEW,
+                )
                 .await
                 .unwrap()
         }
     };
+    // A response before the debit (beyond the clock skew) is refused and
+    // not recorded.
+    let early = refund("r0", T0 - 61_000).await;
+    assert_eq!(
+        (early.s, early.reason),
+        (Outcome::Refused, Some(Refusal::RespondedBeforeDebit))
+    );
     let first = refund("r1", T0 + 2).await;
     assert_eq!(
         (first.refunded_now, first.balance_after),
@@ -293,6 +307,7 @@ async fn the_refund_window_is_judged_at_the_response() {
             KEEP,
             "m",
             T0 + 9 * DAY,
+            SKEW,
         )
         .await
         .unwrap();
@@ -317,6 +332,7 @@ async fn the_refund_window_is_judged_at_the_response() {
             KEEP,
             "m2",
             T0 + 22 * DAY,
+            SKEW,
         )
         .await
         .unwrap();
@@ -410,4 +426,67 @@ fn retention() -> billing_credits::store::Retention {
         tombstone: KEEP,
         message_owner: KEEP,
     }
+}
+
+/// The hold sweeper drops an index entry it read as settled (no debit
+/// behind it, long expired) only while the entry still has the expiry it
+/// read: a retry that re-indexed the message meanwhile and then debited
+/// keeps its entry, so its hold is still released if the retry dies too.
+/// The unconditional ZREM dropped it (issue 19.6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_keeps_a_hold_entry_a_retry_re_added() {
+    let (_redis, store) = store().await;
+    let shard = billing_credits::store::keys::hold_shard_of("k");
+    balance(&store, "k", T0, &entitlement(&[career(1)])).await;
+    // A send indexed its hold and died before its debit ran.
+    store
+        .prepare_debit("k", "msg-r", T0 + 1000, KEEP)
+        .await
+        .unwrap();
+    // The sweeper reads the entry long after: nothing behind it, settled.
+    let now = T0 + 60_000;
+    let due = store.expired_holds(shard, now, 100).await.unwrap();
+    assert_eq!(due, vec![("k".to_string(), "msg-r".to_string(), T0 + 1000)]);
+    assert_eq!(
+        store
+            .debit_states(&[("k".into(), "msg-r".into())])
+            .await
+            .unwrap(),
+        vec![None]
+    );
+    // Meanwhile a retry of the send indexes a new hold and debits.
+    let expires = now + 30_000;
+    store
+        .prepare_debit("k", "msg-r", expires, KEEP)
+        .await
+        .unwrap();
+    let ent = entitlement(&[career(1)]);
+    let retry = Call {
+        hold_expires_ms: expires,
+        ..call("k", now + 1, &ent, "retry")
+    };
+    let held = store.debit(&retry, KEEP, "msg-r", 1).await.unwrap();
+    assert_eq!(
+        held.debit.as_ref().map(|d| d.state),
+        Some(DebitState::Held),
+        "{held:?}"
+    );
+    // The sweeper drops what it read as settled.
+    store.forget_holds(shard, &due).await.unwrap();
+    // The retry's hold is still indexed, due when it expires.
+    let later = store.expired_holds(shard, expires, 100).await.unwrap();
+    assert_eq!(
+        later,
+        vec![("k".to_string(), "msg-r".to_string(), expires)],
+        "the retry's hold left the index: nothing would release it"
+    );
+    // Unchanged since read: dropped.
+    store.forget_holds(shard, &later).await.unwrap();
+    assert!(
+        store
+            .expired_holds(shard, i64::MAX, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

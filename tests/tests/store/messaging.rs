@@ -244,3 +244,40 @@ async fn accepting_twice_answers_the_recorded_response() {
         .unwrap();
     assert!(matches!(decline, Response::Refused { .. }));
 }
+
+/// The outbox sweeper drops an item it found finished only while the item
+/// is still due when it read it: a retry that added the same item again
+/// meanwhile (a new time) keeps it (issue 19.6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_keeps_an_outbox_item_a_retry_re_added() {
+    use messaging::store::{OutboxItem, keys};
+    let (_redis, store) = store().await;
+    let item = OutboxItem::Refund {
+        conv: "ann~bob".into(),
+        inmail_id: "m-1".into(),
+        sender: "ann".into(),
+    };
+    let shard = keys::outbox_shard_of("ann~bob");
+    store.outbox_add(&item, T0).await.unwrap();
+    let due = store.outbox_due(shard, T0 + 1, 100).await.unwrap();
+    assert_eq!(due, vec![(item.clone(), T0)]);
+    // A retry adds the item again, due later; then the sweep drops what it
+    // read as finished.
+    store.outbox_add(&item, T0 + 60_000).await.unwrap();
+    store.outbox_remove_many(shard, &due).await.unwrap();
+    assert_eq!(
+        store.outbox_due(shard, T0 + 60_000, 100).await.unwrap(),
+        vec![(item.clone(), T0 + 60_000)],
+        "the retry's item left the outbox"
+    );
+    // Unchanged since read: dropped.
+    let due = store.outbox_due(shard, T0 + 60_000, 100).await.unwrap();
+    store.outbox_remove_many(shard, &due).await.unwrap();
+    assert!(
+        store
+            .outbox_due(shard, i64::MAX, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

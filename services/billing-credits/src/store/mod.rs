@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use inmail_shared::ApiError;
 use inmail_shared::storage::{Batch, Redis};
+use inmail_shared::sweep::forget_unchanged;
 use redis::Script;
 
 pub use self::keys::HOLD_SHARDS;
@@ -275,15 +276,20 @@ impl BillingStore {
         self.run(call.member, inv).await
     }
 
+    /// Refunds a confirmed debit; `clock_skew`: how far before the debit
+    /// (by billing's clock) a caller's `responded_at_ms` may still be.
     pub async fn refund(
         &self,
         call: &Call<'_>,
         retention: Duration,
         message_id: &str,
         responded_at_ms: i64,
+        clock_skew: Duration,
     ) -> Result<Reply, ApiError> {
         let mut inv = Self::invocation(&self.refund, call, retention, Some(message_id));
-        inv.arg(message_id).arg(responded_at_ms);
+        inv.arg(message_id)
+            .arg(responded_at_ms)
+            .arg(millis(clock_skew));
         self.run(call.member, inv).await
     }
 
@@ -299,21 +305,19 @@ impl BillingStore {
         self.run(call.member, inv).await
     }
 
-    /// Drops settled entries of one shard of the hold index.
+    /// Drops settled entries (member, message id, expiry as read) of one
+    /// shard of the hold index, each only while it still has the expiry it
+    /// was read with: a retry that indexed the hold again keeps its entry.
     pub async fn forget_holds(
         &self,
         shard: u32,
-        entries: &[(String, String)],
+        entries: &[(String, String, i64)],
     ) -> Result<(), ApiError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(keys::hold_shard(shard));
-        for (member, message_id) in entries {
-            cmd.arg(keys::hold_entry(member, message_id));
-        }
-        let _: i64 = cmd.query_async(&mut self.redis.conn()).await?;
+        let entries: Vec<(String, i64)> = entries
+            .iter()
+            .map(|(member, message_id, expiry)| (keys::hold_entry(member, message_id), *expiry))
+            .collect();
+        forget_unchanged(&self.redis, &keys::hold_shard(shard), &entries).await?;
         Ok(())
     }
 

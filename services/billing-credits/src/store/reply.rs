@@ -37,6 +37,8 @@ pub enum Refusal {
     DebitNotConfirmed,
     RefundWindowClosed,
     HoldWindowMissed,
+    /// RefundMessage's responded_at is before the debit was made.
+    RespondedBeforeDebit,
 }
 
 impl Refusal {
@@ -52,6 +54,7 @@ impl Refusal {
             Self::DebitNotConfirmed => reasons::DEBIT_NOT_CONFIRMED,
             Self::RefundWindowClosed => reasons::REFUND_WINDOW_CLOSED,
             Self::HoldWindowMissed => reasons::HOLD_WINDOW_MISSED,
+            Self::RespondedBeforeDebit => reasons::INVALID_FIELD,
         }
     }
 }

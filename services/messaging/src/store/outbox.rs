@@ -4,6 +4,7 @@
 
 use inmail_shared::ApiError;
 use inmail_shared::storage::Batch;
+use inmail_shared::sweep::forget_unchanged;
 
 use super::{MessageState, MessagingStore, keys};
 
@@ -89,21 +90,19 @@ impl MessagingStore {
         Ok(())
     }
 
-    /// Drops finished items of one outbox shard.
+    /// Drops finished items (with the time they were due, as read) of one
+    /// outbox shard, each only while it is still due then: an item a retry
+    /// added again meanwhile stays.
     pub async fn outbox_remove_many(
         &self,
         shard: u32,
-        items: &[OutboxItem],
+        items: &[(OutboxItem, i64)],
     ) -> Result<(), ApiError> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(keys::outbox(shard));
-        for item in items {
-            cmd.arg(item.encode());
-        }
-        let _: i64 = cmd.query_async(&mut self.redis.conn()).await?;
+        let entries: Vec<(String, i64)> = items
+            .iter()
+            .map(|(item, due)| (item.encode(), *due))
+            .collect();
+        forget_unchanged(&self.redis, &keys::outbox(shard), &entries).await?;
         Ok(())
     }
 
@@ -135,14 +134,14 @@ impl MessagingStore {
             .collect())
     }
 
-    /// Outbox items due at `now_ms`.
+    /// Outbox items due at `now_ms`, with when each was due.
     pub async fn outbox_due(
         &self,
         shard: u32,
         now_ms: i64,
         limit: usize,
-    ) -> Result<Vec<OutboxItem>, ApiError> {
-        let raw: Vec<String> = redis::cmd("ZRANGE")
+    ) -> Result<Vec<(OutboxItem, i64)>, ApiError> {
+        let raw: Vec<(String, i64)> = redis::cmd("ZRANGE")
             .arg(keys::outbox(shard))
             .arg("-inf")
             .arg(now_ms)
@@ -150,9 +149,13 @@ impl MessagingStore {
             .arg("LIMIT")
             .arg(0)
             .arg(limit)
+            .arg("WITHSCORES")
             .query_async(&mut self.redis.conn())
             .await?;
-        Ok(raw.iter().filter_map(|v| OutboxItem::decode(v)).collect())
+        Ok(raw
+            .iter()
+            .filter_map(|(v, due)| OutboxItem::decode(v).map(|item| (item, *due)))
+            .collect())
     }
 }
 

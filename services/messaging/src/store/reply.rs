@@ -289,7 +289,7 @@ impl ConversationRecord {
             sender: get("im_from").to_string(),
             sent_at_ms: int("im_at"),
             stage,
-            responded_at_ms: int("im_resp_at"),
+            responded_at_ms: fields.get("im_resp_at").and_then(|v| v.parse().ok()),
             refund: RefundState::parse(get("im_refund")),
             reply_id: fields.get("im_reply").cloned(),
         });

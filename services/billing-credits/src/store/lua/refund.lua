@@ -3,15 +3,23 @@
 --
 -- KEYS[4]  the debit record     ARGV[7]  message_id
 -- ARGV[8]  when the recipient responded (ms): the window is judged then
+-- ARGV[9]  how far the caller's clock may lag billing's (ms)
 -- (KEYS[1..3], ARGV[1..6]: account_args.lua)
 --
--- Checks: the debit exists (DEBIT_NOT_FOUND), is confirmed (held:
+-- Checks before the first write: the debit exists (DEBIT_NOT_FOUND), the
+-- response is not before the debit was made, less the clock skew
+-- (RESPONDED_BEFORE_DEBIT: bad input, not recorded under the request id,
+-- nothing written but a settle() of the account), is confirmed (held:
 -- DEBIT_NOT_CONFIRMED; released: DEBIT_RELEASED), and the refund window is
 -- open (REFUND_WINDOW_CLOSED). A refunded debit answers refunded_now=false.
 -- Reply: {"s":"ok","debit":{...},"refunded_now":bool,"balance_after":n}
-local D, MSG, RESPONDED = KEYS[4], ARGV[7], tonumber(ARGV[8])
+local D, MSG, RESPONDED, SKEW = KEYS[4], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
 local d = debit_view(D)
 if not d then save() return refuse('DEBIT_NOT_FOUND') end
+if d.debited_at and RESPONDED < tonumber(d.debited_at) - SKEW then
+  save()
+  return cjson.encode({ s = 'refused', reason = 'RESPONDED_BEFORE_DEBIT' })
+end
 if d.state == 'held' then save() return refuse('DEBIT_NOT_CONFIRMED', { debit = d }) end
 if d.state == 'released' then save() return refuse('DEBIT_RELEASED', { debit = d }) end
 if d.state == 'refunded' then

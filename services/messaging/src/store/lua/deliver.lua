@@ -21,7 +21,8 @@
 -- replied (`im_reply` names the reply) and its refund "due" within the
 -- window ("closed" after). In response mode (ARGV[15]) the InMail must await
 -- this response: one already answered by a reply answers "responded" with
--- that reply, without storing anything; one accepted or declined is
+-- that reply, without storing anything (the caller refuses a body other
+-- than that reply's); one accepted or declined is
 -- NO_INMAIL_AWAITING_RESPONSE.
 -- Reply (JSON): {"s":"ok","seq":n,"sent_at":ms,"refund":r?,"inmail_id":id?,
 --   "inmail_sender":m?,"responded_at":ms?} | {"s":"exists","state":st,"fp":fp} |
