@@ -467,7 +467,7 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             checks.finish()?;
             let (mut response, next) =
                 reconcile_page(self.credits.store(), &ctx, cursor, size, &epoch).await?;
-            if next != "0" {
+            if let Some(next) = next {
                 response.next_page_token = self
                     .tokens
                     .encode("reconcile", &[], &format!("{next}|{epoch}"))

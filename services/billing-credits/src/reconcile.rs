@@ -100,15 +100,16 @@ pub async fn reconcile_member(
 
 /// One page of the check: up to `size` members from `cursor` (a SCAN
 /// cursor, "0" to start). Answers the page and the cursor to resume from
-/// ("0" when every member was checked); a member not finished in time is
-/// resumed, from its checkpoint, by the next page.
+/// (`None` when every member was checked); a member not finished in time is
+/// resumed, from its checkpoint, by the next page — also when that is in the
+/// first SCAN batch, whose cursor is "0" again.
 pub async fn reconcile_page(
     store: &BillingStore,
     ctx: &CallContext,
     cursor: String,
     size: usize,
     epoch: &str,
-) -> Result<(pb::ReconcileLedgersResponse, String), ApiError> {
+) -> Result<(pb::ReconcileLedgersResponse, Option<String>), ApiError> {
     let mut response = pb::ReconcileLedgersResponse::default();
     let mut cursor = cursor;
     // SCAN may answer few keys per step; keep going until a page is full.
@@ -119,7 +120,7 @@ pub async fn reconcile_page(
             response.entries_replayed += checked.replayed;
             match checked.verdict {
                 // Out of time: the next page scans this batch again.
-                None => return Ok((response, cursor)),
+                None => return Ok((response, Some(cursor))),
                 Some(verdict) => {
                     response.members_checked += 1;
                     if let Err(mismatch) = verdict {
@@ -129,8 +130,11 @@ pub async fn reconcile_page(
             }
         }
         cursor = next;
-        if cursor == "0" || response.members_checked as usize >= size || ctx.remaining() < MARGIN {
-            return Ok((response, cursor));
+        if cursor == "0" {
+            return Ok((response, None));
+        }
+        if response.members_checked as usize >= size || ctx.remaining() < MARGIN {
+            return Ok((response, Some(cursor)));
         }
     }
 }

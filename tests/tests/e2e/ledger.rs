@@ -127,6 +127,51 @@ async fn a_huge_ledger_reconciles_in_bounded_steps_and_then_incrementally() {
     assert_eq!(tampered.mismatches.len(), 1, "{tampered:?}");
 }
 
+/// Pages cut short by their deadline hand back a token, also when the
+/// member left unfinished was in the first SCAN batch (whose cursor is "0",
+/// which used to end the check as if every member was done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reconciliation_cut_short_by_its_deadline_resumes_from_its_token() {
+    let stack = Stack::start().await;
+    subscribe(&stack, "long", "premium-career").await;
+    available(&stack, "long").await;
+    grow_ledger(&stack, "long", 300_000).await;
+    let (mut token, mut pages, mut replayed, mut checked) = (String::new(), 0, 0, 0);
+    loop {
+        let mut request = tonic::Request::new(billing::ReconcileLedgersRequest {
+            page_size: 1000,
+            page_token: token,
+            ..Default::default()
+        });
+        // 500 ms of it is the margin the service keeps: ~200 ms of work.
+        request.set_timeout(Duration::from_millis(700));
+        let page = stack
+            .billing_operator()
+            .reconcile_ledgers(request)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.mismatches.is_empty(), "{:?}", page.mismatches);
+        pages += 1;
+        replayed += page.entries_replayed;
+        checked += page.members_checked;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        assert!(pages < 1000, "no progress");
+    }
+    assert!(
+        replayed >= 300_000,
+        "{replayed} entries replayed in {pages} pages"
+    );
+    assert!(
+        pages > 1,
+        "one page replayed all {replayed} entries: make the ledger longer"
+    );
+    assert_eq!(checked, 1);
+}
+
 /// Verified entries older than the hot retention move to the archive: the
 /// ledger in Redis shrinks, every entry is in the archive files, the balance
 /// and the reconciliation (incremental and full) still add up.
