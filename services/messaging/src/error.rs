@@ -41,8 +41,12 @@ pub enum SendFailure {
     PaidPlanRequired,
     /// billing released the debit (its hold ran out) before it was confirmed.
     DebitReleased,
-    /// The sweeper gave up a send whose process died before the commit.
+    /// The sweeper gave up a send whose process died before the commit,
+    /// after billing had taken its credit (given back by the release).
     Abandoned,
+    /// The sweeper gave up a send whose process died before billing took
+    /// any credit for it.
+    AbandonedUncharged,
     /// The send failed after its debit and gave the credit back.
     NotStored,
     /// billing had the message id under another member or amount.
@@ -59,6 +63,7 @@ impl SendFailure {
             Self::PaidPlanRequired => reasons::PAID_PLAN_REQUIRED,
             Self::DebitReleased => reasons::DEBIT_RELEASED,
             Self::Abandoned => "ABANDONED",
+            Self::AbandonedUncharged => "ABANDONED_UNCHARGED",
             Self::NotStored => "NOT_STORED",
             Self::MessageIdConflict => reasons::MESSAGE_ID_CONFLICT,
         }
@@ -73,6 +78,7 @@ impl SendFailure {
             Self::PaidPlanRequired,
             Self::DebitReleased,
             Self::Abandoned,
+            Self::AbandonedUncharged,
             Self::NotStored,
             Self::MessageIdConflict,
         ]
@@ -104,14 +110,19 @@ impl SendFailure {
                 reasons::PAID_PLAN_REQUIRED,
                 "InMail needs a paid plan; free members can message connections and Open Profiles",
             ),
-            // The send was given up after its credit was taken; the credit
-            // went back. A new request id sends again.
-            Self::DebitReleased | Self::Abandoned | Self::NotStored | Self::MessageIdConflict => {
+            // The send was given up (README.md, "Money guarantees"); the
+            // message says truthfully whether a credit moved. A new request
+            // id sends again.
+            Self::DebitReleased | Self::Abandoned | Self::NotStored => {
                 ApiError::failed_precondition(
                     reasons::SEND_ABANDONED,
-                    "the message could not be delivered and its credit was returned; send it again with a new request_id",
+                    "the message was not delivered; the credit taken for it was returned; send it again with a new request_id",
                 )
             }
+            Self::AbandonedUncharged | Self::MessageIdConflict => ApiError::failed_precondition(
+                reasons::SEND_ABANDONED,
+                "the message was not delivered and no credit was taken for it; send it again with a new request_id",
+            ),
         }
     }
 }

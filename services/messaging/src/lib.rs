@@ -318,7 +318,9 @@ pub async fn serve_with_faults(
         refund_window: args.refund_window,
         recovery_after: args.send_recovery_after,
         refund_retry: args.refund_retry,
-        failed_keep: DAY,
+        // As long as the request record: every retry of a given-up send
+        // answers the same refusal.
+        failed_keep: REQUEST_RETENTION,
         page_bytes: args.page_bytes as usize,
         faults,
     };

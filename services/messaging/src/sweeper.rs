@@ -162,9 +162,20 @@ impl Messaging {
                 .release(ctx, sender, message_id, billing::ReleaseReason::Abandoned)
                 .await
             {
-                Ok(_) => {
-                    tracing::info!(%message_id, "recovering an unfinished send: released and given up");
-                    self.give_up(conv, &message, SendFailure::Abandoned).await
+                Ok(released) => {
+                    // A release of an id billing never debited carries no
+                    // debit time: no credit was taken.
+                    let charged = released
+                        .debit
+                        .as_ref()
+                        .is_some_and(|d| d.debited_at.is_some());
+                    tracing::info!(%message_id, charged, "recovering an unfinished send: released and given up");
+                    let failure = if charged {
+                        SendFailure::Abandoned
+                    } else {
+                        SendFailure::AbandonedUncharged
+                    };
+                    self.give_up(conv, &message, failure).await
                 }
                 Err(ApiError::FailedPrecondition {
                     reason: reasons::DEBIT_CONFIRMED,

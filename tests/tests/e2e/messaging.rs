@@ -247,6 +247,80 @@ async fn store_failure_after_the_debit_returns_the_credit() {
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
 }
 
+/// A send whose debit never reached billing is given up by the sweeper; its
+/// refusal says no credit was taken (it used to say one was returned), and
+/// every retry of the request answers the same (issue 19, item 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_send_abandoned_before_billing_says_no_credit_was_taken_to_every_retry() {
+    let mut stack = Stack::start().await;
+    subscribe(&stack, "ada", "premium-career").await;
+    assert_eq!(available(&stack, "ada").await, 5);
+    let request = send_request("ada", "bo", "Hi", "Hello Bo");
+    stack.stop_billing().await;
+    let failed = stack
+        .messaging_as("ada")
+        .send_message(request.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    stack.start_billing_again().await;
+    // messaging's bound: SEND_RECOVERY_AFTER (60s) + one sweep; no retry
+    // comes meanwhile (a retry would finish the send itself).
+    stack.advance(Duration::from_secs(61)).await;
+    let given_up = eventually(Duration::from_secs(5), || async {
+        inmail_tests::outbox_len(&stack.redis).await == 0
+    })
+    .await;
+    assert!(given_up, "the staged message was not given up");
+    let mut refused = None;
+    for _ in 0..3 {
+        let answer = stack
+            .messaging_as("ada")
+            .send_message(request.clone())
+            .await
+            .unwrap_err();
+        let answer = (answer.code(), reason(&answer), answer.message().to_string());
+        assert!(answer.2.contains("no credit was taken"), "{answer:?}");
+        if let Some(first) = &refused {
+            assert_eq!(&answer, first);
+        }
+        refused = Some(answer);
+        stack.advance(2 * DAY).await;
+    }
+    // The given-up message, which holds that answer, lives as long as the
+    // request record does (it expired after a day, and a retry after that
+    // staged the message again and was told a credit had been returned).
+    let mut redis = stack.redis.conn().await;
+    let messages: Vec<String> = redis::cmd("KEYS")
+        .arg("messaging:{ada~bo}:msg:*")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let ttl = |key: String| {
+        let mut redis = redis.clone();
+        async move {
+            let ms: i64 = redis::cmd("PTTL")
+                .arg(key)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            ms
+        }
+    };
+    let message_ttl = ttl(messages[0].clone()).await;
+    let request_ttl = ttl(format!("messaging:{{ada}}:request:{}", request.request_id)).await;
+    assert!(
+        request_ttl > 0 && message_ttl >= request_ttl,
+        "the failed message expires in {message_ttl} ms, its request in {request_ttl} ms"
+    );
+    assert_eq!(available(&stack, "ada").await, 5);
+    let entries = ledger(&stack, "ada").await;
+    assert_eq!(count_kind(&entries, Entry::Debit), 0);
+    assert!(conversation(&stack, "bo", "ada~bo").await.is_err());
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
+}
+
 /// billing goes away right after the debit: the send fails, the held credit
 /// comes back by hold expiry once billing runs again, and messaging's
 /// sweeper gives the staged message up.
@@ -318,6 +392,30 @@ async fn billing_down_between_debit_and_confirm_returns_the_credit_within_the_bo
         ),
         (1, 1)
     );
+    // The refusal says what happened to the credit, and stays the answer to
+    // every retry of the request.
+    let answer = |s: tonic::Status| (s.code(), reason(&s), s.message().to_string());
+    let refused = answer(
+        stack
+            .messaging_as("tom")
+            .send_message(request.clone())
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        refused.2.contains("the credit taken for it was returned"),
+        "{refused:?}"
+    );
+    stack.advance(3 * DAY).await;
+    let later = answer(
+        stack
+            .messaging_as("tom")
+            .send_message(request.clone())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(later, refused);
+    assert_eq!(available(&stack, "tom").await, 5);
     assert_eq!(
         inmail_tests::outbox_len(&stack.redis).await,
         0,
