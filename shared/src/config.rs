@@ -56,6 +56,17 @@ pub struct CommonArgs {
     #[arg(long, env = "DOWNSTREAM_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub downstream_timeout: Duration,
 
+    /// Changes (new request ids) one member may make at once before the
+    /// daily rate applies: every record a member makes us keep is paid for.
+    #[arg(long, env = "MUTATION_BURST", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub mutation_burst: u32,
+
+    /// Changes one member may make per day, on average.
+    #[arg(long, env = "MUTATIONS_PER_DAY", default_value_t = 2000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub mutations_per_day: u32,
+
     /// Calls served at once; beyond it calls are shed with RESOURCE_EXHAUSTED.
     #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -135,6 +146,11 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
+    /// Each member's quota of changes.
+    pub fn mutation_quota(&self) -> crate::idempotency::Quota {
+        crate::idempotency::Quota::per_day(self.mutation_burst, self.mutations_per_day)
+    }
+
     pub fn limits(&self) -> ServerLimits {
         ServerLimits {
             request_timeout: self.request_timeout,

@@ -112,6 +112,40 @@ impl Outcome {
     }
 }
 
+/// A member's mutation quota: a token bucket every new request id of the
+/// member spends from (README.md, "Abuse bounds").
+#[derive(Debug, Clone, Copy)]
+pub struct Quota {
+    pub burst: u32,
+    pub tokens_per_ms: f64,
+}
+
+impl Quota {
+    pub fn per_day(burst: u32, per_day: u32) -> Self {
+        Self {
+            burst,
+            tokens_per_ms: f64::from(per_day) / 86_400_000.0,
+        }
+    }
+
+    /// The bucket's rate as scripts take it.
+    pub fn rate_arg(&self) -> String {
+        format!("{:.12e}", self.tokens_per_ms)
+    }
+}
+
+/// The refusal of a mutation past the member's quota.
+pub fn mutation_rate_limited(retry_after: Duration) -> ApiError {
+    ApiError::resource_exhausted(
+        reasons::MUTATION_RATE_LIMITED,
+        format!(
+            "this member made too many changes; the next one is allowed in {}s",
+            retry_after.as_secs().max(1)
+        ),
+        retry_after,
+    )
+}
+
 /// The state of a request id when claimed.
 #[derive(Debug)]
 pub enum Claim {
@@ -123,9 +157,14 @@ pub enum Claim {
     Wait(Duration),
     /// Done before: answer this.
     Done(Outcome),
+    /// A new request id past the member's quota: refused, nothing kept.
+    Limited(Duration),
 }
 
-const CLAIM_SCRIPT: &str = include_str!("lua/request_claim.lua");
+const CLAIM_SCRIPT: &str = concat!(
+    include_str!("lua/bucket.lua"),
+    include_str!("lua/request_claim.lua")
+);
 
 const COMPLETE_SCRIPT: &str = include_str!("lua/request_complete.lua");
 
@@ -162,31 +201,39 @@ impl RequestLog {
         }
     }
 
+    /// Claims `key` for `owner`; a new request id spends a token of the
+    /// quota at `quota_key` (in the record's slot), when given.
     pub async fn claim(
         &self,
         key: &str,
         fingerprint: &str,
         owner: &str,
+        quota: Option<(&str, Quota)>,
     ) -> Result<Claim, ApiError> {
-        let reply: Vec<Vec<u8>> = self
-            .claim
-            .key(key)
+        let mut invocation = self.claim.key(key);
+        invocation
             .arg(fingerprint)
             .arg(REQUEST_RETENTION.as_millis() as u64)
             .arg(self.lease.as_millis() as u64)
-            .arg(owner)
-            .invoke_async(&mut self.redis.conn())
-            .await?;
+            .arg(owner);
+        if let Some((quota_key, quota)) = quota {
+            invocation
+                .key(quota_key)
+                .arg(quota.burst)
+                .arg(quota.rate_arg());
+        }
+        let reply: Vec<Vec<u8>> = invocation.invoke_async(&mut self.redis.conn()).await?;
+        let millis = |reply: &[Vec<u8>]| {
+            reply
+                .get(1)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         match reply.first().map(Vec::as_slice) {
             Some(b"new") => Ok(Claim::New),
-            Some(b"wait") => {
-                let left = reply
-                    .get(1)
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-                Ok(Claim::Wait(Duration::from_millis(left)))
-            }
+            Some(b"wait") => Ok(Claim::Wait(Duration::from_millis(millis(&reply)))),
+            Some(b"limited") => Ok(Claim::Limited(Duration::from_millis(millis(&reply)))),
             Some(b"mismatch") => Err(ApiError::request_id_reused()),
             Some(b"done") => {
                 let stored = reply
@@ -230,11 +277,13 @@ impl RequestLog {
 
     /// Answers the first outcome of the request at `key`: runs `work` when
     /// this caller owns the request, otherwise waits (within `ctx`'s
-    /// deadline) for the owner's outcome.
+    /// deadline) for the owner's outcome. A new request id of a member's own
+    /// call spends from the quota at `quota` (`None`: not charged).
     pub async fn run<M, F, Fut>(
         &self,
         ctx: &CallContext,
         key: &str,
+        quota: Option<(&str, Quota)>,
         fingerprint: &str,
         work: F,
     ) -> Result<M, ApiError>
@@ -244,9 +293,13 @@ impl RequestLog {
         Fut: std::future::Future<Output = Result<M, ApiError>>,
     {
         let owner = uuid::Uuid::new_v4().simple().to_string();
+        // Services and operators act for members; only a member's own calls
+        // spend the member's quota.
+        let quota = quota.filter(|_| ctx.caller.is_member());
         loop {
-            match self.claim(key, fingerprint, &owner).await? {
+            match self.claim(key, fingerprint, &owner, quota).await? {
                 Claim::Done(outcome) => return outcome.into_result(),
+                Claim::Limited(retry_after) => return Err(mutation_rate_limited(retry_after)),
                 Claim::New => break,
                 Claim::Wait(_) if ctx.remaining() <= WAIT_POLL => {
                     return Err(ApiError::aborted(

@@ -23,6 +23,8 @@ pub const REQUEST_IN_PROGRESS: &str = "REQUEST_IN_PROGRESS";
 pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
 /// The caller is known but may not do this.
 pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
+/// The member's quota of changes (new request ids) is spent for now.
+pub const MUTATION_RATE_LIMITED: &str = "MUTATION_RATE_LIMITED";
 /// No such method is served here (e.g. the test clock when it is off).
 pub const UNIMPLEMENTED: &str = "UNIMPLEMENTED";
 
@@ -85,5 +87,7 @@ pub const INVITATION_COOLING_OFF: &str = "INVITATION_COOLING_OFF";
 pub const INVITATION_RATE_LIMITED: &str = "INVITATION_RATE_LIMITED";
 /// The sender has as many pending invitations as allowed.
 pub const TOO_MANY_PENDING_INVITATIONS: &str = "TOO_MANY_PENDING_INVITATIONS";
+/// The member has blocked as many members as allowed.
+pub const BLOCK_LIMIT_REACHED: &str = "BLOCK_LIMIT_REACHED";
 /// One of the two members has as many connections as allowed.
 pub const CONNECTION_LIMIT_REACHED: &str = "CONNECTION_LIMIT_REACHED";

@@ -241,6 +241,13 @@ pub fn too_many_pending_invitations(max: u32) -> ApiError {
     )
 }
 
+pub fn block_limit_reached(max: u32) -> ApiError {
+    ApiError::failed_precondition(
+        reasons::BLOCK_LIMIT_REACHED,
+        format!("this member has blocked {max} members, the most allowed; unblock some first"),
+    )
+}
+
 pub fn connection_limit_reached(whose: &str, max: u32) -> ApiError {
     ApiError::failed_precondition(
         reasons::CONNECTION_LIMIT_REACHED,

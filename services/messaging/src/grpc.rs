@@ -7,7 +7,7 @@
 use inmail_shared::ApiError;
 use inmail_shared::auth::access::{Table, Who};
 use inmail_shared::context::{CallContext, record_identity};
-use inmail_shared::idempotency::{Mutation, RequestLog};
+use inmail_shared::idempotency::{Mutation, Quota, RequestLog};
 use inmail_shared::paging::{self, PageTokens};
 use inmail_shared::proto::messaging::v1 as pb;
 use inmail_shared::rpc::handle;
@@ -108,6 +108,7 @@ pub struct MessagingApi {
     messaging: Messaging,
     requests: RequestLog,
     tokens: PageTokens,
+    quota: Quota,
 }
 
 type Answer<T> = Result<Response<T>, Status>;
@@ -115,13 +116,16 @@ type Answer<T> = Result<Response<T>, Status>;
 impl MessagingApi {
     /// `lease`: the longest one call may take (REQUEST_TIMEOUT); a duplicate
     /// of a request waits that long at most for the first one's outcome.
-    pub fn new(messaging: Messaging, lease: std::time::Duration) -> Self {
+    /// `quota`: each member's mutation quota, which every new request id
+    /// of a member's own call spends from.
+    pub fn new(messaging: Messaging, lease: std::time::Duration, quota: Quota) -> Self {
         let requests = RequestLog::new(messaging.store().redis().clone(), lease);
         let tokens = PageTokens::new(messaging.store().redis().clone(), "messaging");
         Self {
             messaging,
             requests,
             tokens,
+            quota,
         }
     }
 
@@ -147,8 +151,15 @@ impl MessagingApi {
         Fut: std::future::Future<Output = Result<M, ApiError>>,
     {
         let key = keys::request(member, request.request_id());
+        let quota = keys::quota(member);
         self.requests
-            .run(ctx, &key, &request.fingerprint(), work)
+            .run(
+                ctx,
+                &key,
+                Some((&quota, self.quota)),
+                &request.fingerprint(),
+                work,
+            )
             .await
     }
 

@@ -224,6 +224,10 @@ pub struct Args {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 30_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// The most members one member may block.
+    #[arg(long, env = "MAX_BLOCKS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_blocks: u32,
+
     /// A response within this long after sending refunds the InMail's credit.
     #[arg(long, env = "REFUND_WINDOW", default_value = "90days", value_parser = humantime::parse_duration)]
     pub refund_window: Duration,
@@ -307,6 +311,7 @@ pub async fn serve_with_faults(
             open_profile_monthly: args.open_profile_monthly_limit,
             open_profile_counter_ttl_ms: (32 * DAY).as_millis() as i64,
             request_retention_ms: REQUEST_RETENTION.as_millis() as i64,
+            quota: args.common.mutation_quota(),
         },
         invitations: InvitationLimits {
             per_week: args.invitations_per_week,
@@ -314,6 +319,7 @@ pub async fn serve_with_faults(
             max_pending: args.max_pending_invitations,
             cooldown_ms: args.invitation_cooldown.as_millis() as i64,
             max_connections: args.max_connections,
+            max_blocks: args.max_blocks,
         },
         refund_window: args.refund_window,
         recovery_after: args.send_recovery_after,
@@ -335,7 +341,12 @@ pub async fn serve_with_faults(
         sweeper::spawn_outbox_sweeper(messaging.clone(), args.sweep_interval, stop.clone());
     let mut server = runtime.server(SERVICE, args.common.limits());
     server.add_service(
-        MessagingApi::new(messaging, args.common.request_timeout).into_server(),
+        MessagingApi::new(
+            messaging,
+            args.common.request_timeout,
+            args.common.mutation_quota(),
+        )
+        .into_server(),
         grpc::ACCESS,
     );
     let served = runtime.serve(server, listener, stop).await;

@@ -274,6 +274,14 @@ impl Messaging {
 
     /// `me` blocks `other` (which also disconnects them); answers since when.
     pub async fn block(&self, me: &str, other: &str) -> Result<i64, ApiError> {
+        let max = self.config.invitations.max_blocks;
+        if !self
+            .store()
+            .may_list(&keys::blocked(me), other, max)
+            .await?
+        {
+            return Err(error::block_limit_reached(max));
+        }
         let conv = domain::conversation_id(me, other);
         let (a, b) = domain::sorted(me, other);
         let now = self.clock().now_ms().await?;

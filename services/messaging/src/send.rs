@@ -561,6 +561,9 @@ fn begin_refused(begun: Begun, now_ms: i64) -> ApiError {
             let wait = domain::next_month_start_ms(now_ms) - now_ms;
             open_profile_limited(Duration::from_millis(wait.max(0) as u64))
         }
+        Begun::MutationLimited { retry_ms } => {
+            inmail_shared::idempotency::mutation_rate_limited(Duration::from_millis(retry_ms))
+        }
         Begun::Mismatch => ApiError::request_id_reused(),
         Begun::New | Begun::Exists { .. } => {
             ApiError::internal("a claimed request is not a refusal")

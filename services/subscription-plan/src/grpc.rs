@@ -6,7 +6,7 @@ use inmail_shared::ApiError;
 use inmail_shared::auth::access::{Table, Who};
 use inmail_shared::clock::Clock;
 use inmail_shared::context::{CallContext, record_identity};
-use inmail_shared::idempotency::{Mutation, Outcome};
+use inmail_shared::idempotency::{Mutation, Outcome, mutation_rate_limited};
 use inmail_shared::paging::{self, PageTokens};
 use inmail_shared::proto::plans::v1 as pb;
 use inmail_shared::reasons;
@@ -183,6 +183,9 @@ impl PlansApi {
                 }
                 Committed::Done(outcome) => return outcome.into_result(),
                 Committed::Mismatch => return Err(ApiError::request_id_reused()),
+                Committed::Limited(retry_after) => {
+                    return Err(mutation_rate_limited(retry_after));
+                }
                 Committed::Conflict => continue,
             }
         }

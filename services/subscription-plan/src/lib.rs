@@ -82,7 +82,7 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| format!("LISTEN_ADDR: {e}"))?;
     let runtime = Runtime::open(&args.common, listen, &[])?;
-    let store = PlanStore::new(runtime.redis.clone());
+    let store = PlanStore::new(runtime.redis.clone(), args.common.mutation_quota());
     tokio::spawn(publish_all(store.clone(), stop.clone()));
     let api = PlansApi::new(catalog, store, runtime.clock.clone());
     let mut server = runtime.server(SERVICE, args.common.limits());

@@ -17,7 +17,7 @@
 //!   a member with neither never subscribed.
 
 use inmail_shared::ApiError;
-use inmail_shared::idempotency::{Outcome, REQUEST_RETENTION};
+use inmail_shared::idempotency::{Outcome, Quota, REQUEST_RETENTION};
 use inmail_shared::published::{self, OpenProfile};
 use inmail_shared::storage::Redis;
 use redis::Script;
@@ -25,7 +25,10 @@ use redis::Script;
 use crate::domain::SubscriptionState;
 
 /// Commits a change; see the script's header.
-const COMMIT: &str = include_str!("lua/commit.lua");
+const COMMIT: &str = concat!(
+    include_str!("../../../shared/src/lua/bucket.lua"),
+    include_str!("lua/commit.lua")
+);
 /// Publishes what the last write did not; see the script's header.
 const PUBLISH: &str = include_str!("lua/publish.lua");
 
@@ -40,6 +43,10 @@ fn subscription_key(member: &str) -> String {
 /// The published revision (see the module header).
 pub fn revision_key(member: &str) -> String {
     published::revision_key(member)
+}
+
+fn quota_key(member: &str) -> String {
+    format!("plans:{{{member}}}:quota")
 }
 
 fn request_key(member: &str, request_id: &str) -> String {
@@ -76,6 +83,8 @@ pub enum Committed {
     Conflict,
     Done(Outcome),
     Mismatch,
+    /// A new request id past the member's mutation quota: nothing written.
+    Limited(std::time::Duration),
 }
 
 #[derive(Clone)]
@@ -83,14 +92,18 @@ pub struct PlanStore {
     redis: Redis,
     commit: Script,
     publish: Script,
+    quota: Quota,
 }
 
 impl PlanStore {
-    pub fn new(redis: Redis) -> Self {
+    /// `quota`: each member's quota of changes, which every commit of a
+    /// new request id spends from.
+    pub fn new(redis: Redis, quota: Quota) -> Self {
         Self {
             redis,
             commit: Script::new(COMMIT),
             publish: Script::new(PUBLISH),
+            quota,
         }
     }
 
@@ -184,12 +197,15 @@ impl PlanStore {
             .key(request_key(member, request_id))
             .key(revision_key(member))
             .key(published::open_profile_key(member))
+            .key(quota_key(member))
             .arg(rev)
             .arg(state_json)
             .arg(fingerprint)
             .arg(outcome_json)
             .arg(REQUEST_RETENTION.as_millis() as u64)
             .arg(open)
+            .arg(self.quota.burst)
+            .arg(self.quota.rate_arg())
             .invoke_async(&mut self.redis.conn())
             .await?;
         self.redis.acknowledge(&[&subscription_key(member)]).await?;
@@ -197,6 +213,9 @@ impl PlanStore {
             Some("ok") => Ok(Committed::Ok),
             Some("conflict") => Ok(Committed::Conflict),
             Some("mismatch") => Ok(Committed::Mismatch),
+            Some("limited") => Ok(Committed::Limited(std::time::Duration::from_millis(
+                reply.get(1).and_then(|ms| ms.parse().ok()).unwrap_or(0),
+            ))),
             Some("done") => Ok(Committed::Done(decode_outcome(
                 reply.get(1).map(String::as_str).unwrap_or_default(),
             )?)),

@@ -73,6 +73,11 @@ impl Caller {
         }
     }
 
+    /// A member acting with a token (not a service or an operator).
+    pub fn is_member(&self) -> bool {
+        matches!(self, Self::Member(_))
+    }
+
     /// For logs and spans.
     pub fn describe(&self) -> String {
         match self {

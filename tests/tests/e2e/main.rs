@@ -1,6 +1,7 @@
 //! End-to-end tests: a real redis-server per test and the real services over
 //! real gRPC on 127.0.0.1.
 
+mod abuse;
 mod access;
 mod billing;
 mod common;

@@ -30,6 +30,8 @@ fn limits(burst: u32) -> SendLimits {
         open_profile_monthly: 800,
         open_profile_counter_ttl_ms: 3_600_000,
         request_retention_ms: 3_600_000,
+        // Large enough not to be what a store test meets.
+        quota: inmail_shared::idempotency::Quota::per_day(10_000, 10_000),
     }
 }
 

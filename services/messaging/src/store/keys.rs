@@ -26,6 +26,8 @@
 //!   sent (the pair's hash decides; stale entries are dropped when listed).
 //! - `messaging:{M}:inviterate` hash — the weekly invitation token bucket.
 //! - `messaging:{M}:request:<request_id>` hash — request records.
+//! - `messaging:{M}:quota` hash — the member's mutation quota (a token
+//!   bucket every new request id spends from).
 //! - `messaging:{M}:ratelimit` hash — the InMail token bucket.
 //! - `messaging:{M}:sendrate` hash — the free-send token bucket.
 //! - `messaging:{M}:openprofile:<YYYYMM>` string — Open Profile messages sent
@@ -82,6 +84,10 @@ pub fn request(member: &str, request_id: &str) -> String {
     format!("messaging:{{{member}}}:request:{request_id}")
 }
 
+pub fn quota(member: &str) -> String {
+    format!("messaging:{{{member}}}:quota")
+}
+
 pub fn ratelimit(member: &str) -> String {
     format!("messaging:{{{member}}}:ratelimit")
 }
@@ -120,6 +126,7 @@ mod tests {
             invitations_sent("m"),
             invitations_received("m"),
             invite_rate("m"),
+            quota("m"),
         ] {
             assert!(key.contains("{m}"), "{key}");
         }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use inmail_shared::ApiError;
+use inmail_shared::idempotency::Quota;
 use inmail_shared::published::{self, OpenProfile};
 use inmail_shared::storage::{Batch, Redis, args};
 use redis::Script;
@@ -36,7 +37,7 @@ pub use self::reply::{
 };
 
 const BEGIN_SEND: &str = concat!(
-    include_str!("lua/bucket.lua"),
+    include_str!("../../../../shared/src/lua/bucket.lua"),
     include_str!("lua/begin_send.lua")
 );
 const STAGE_INMAIL: &str = include_str!("lua/stage_inmail.lua");
@@ -50,7 +51,7 @@ const BLOCK: &str = include_str!("lua/block.lua");
 const INVITE: &str = include_str!("lua/invite.lua");
 const ANSWER_INVITATION: &str = include_str!("lua/answer_invitation.lua");
 const RESERVE_INVITATION: &str = concat!(
-    include_str!("lua/bucket.lua"),
+    include_str!("../../../../shared/src/lua/bucket.lua"),
     include_str!("lua/reserve_invitation.lua")
 );
 
@@ -82,6 +83,8 @@ pub struct SendLimits {
     pub open_profile_monthly: u32,
     pub open_profile_counter_ttl_ms: i64,
     pub request_retention_ms: i64,
+    /// Every member's quota of changes (a send is one).
+    pub quota: Quota,
 }
 
 /// A message on its way, built once per send: who, where, what.
@@ -293,6 +296,7 @@ impl MessagingStore {
             keys::ratelimit(envelope.sender),
             keys::open_profile(envelope.sender, begin.month),
             keys::send_rate(envelope.sender),
+            keys::quota(envelope.sender),
         ];
         let mut a = args();
         a.arg(envelope.fingerprint)
@@ -306,7 +310,9 @@ impl MessagingStore {
             .arg(limits.open_profile_counter_ttl_ms)
             .arg(limits.request_retention_ms)
             .arg(limits.free_burst)
-            .arg(format!("{:.12e}", limits.free_tokens_per_ms));
+            .arg(format!("{:.12e}", limits.free_tokens_per_ms))
+            .arg(limits.quota.burst)
+            .arg(limits.quota.rate_arg());
         batch.script(script, &keys, a);
     }
 

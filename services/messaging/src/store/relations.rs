@@ -18,6 +18,8 @@ pub struct InvitationLimits {
     pub cooldown_ms: i64,
     /// The most connections one member may have.
     pub max_connections: u32,
+    /// The most members one member may block.
+    pub max_blocks: u32,
 }
 
 /// What an invitation answer does (ANSWER_INVITATION).
@@ -248,6 +250,17 @@ impl MessagingStore {
                 })
             })
             .collect())
+    }
+
+    /// Whether `other` is on the list at `key` or the list has room for it
+    /// (fewer than `max`).
+    pub async fn may_list(&self, key: &str, other: &str, max: u32) -> Result<bool, ApiError> {
+        let mut batch = Batch::new();
+        batch
+            .add(redis::cmd("ZSCORE").arg(key).arg(other).clone())
+            .add(redis::cmd("ZCARD").arg(key).clone());
+        let (listed, count): (Option<f64>, u64) = self.redis.run(&batch).await?;
+        Ok(listed.is_some() || count < u64::from(max))
     }
 
     /// Drops `others` from a member's sorted-set list (entries found stale).

@@ -72,6 +72,7 @@ pub enum Begun {
     RateLimited { retry_ms: u64 },
     SendRateLimited { retry_ms: u64 },
     OpenProfileLimited,
+    MutationLimited { retry_ms: u64 },
 }
 
 /// STAGE_INMAIL's answer.

@@ -1,6 +1,7 @@
--- A token bucket, put before the scripts that spend one (BEGIN_SEND,
--- RESERVE_INVITATION): answers the ms until a token when there is none,
--- else nil and a function that spends one.
+-- A token bucket, put before the scripts that spend one (the request claim
+-- and the plans' commit for the member's mutation quota; messaging's
+-- BEGIN_SEND and RESERVE_INVITATION): answers the ms until a token when
+-- there is none, else nil and a function that spends one.
 --
 -- key: a hash (tokens, ts)   burst: most tokens   rate: tokens per ms
 -- now: ms. Writes nothing until the returned function is called.
