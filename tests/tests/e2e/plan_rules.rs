@@ -119,10 +119,12 @@ async fn cancel(
 }
 
 async fn run(catalog: Option<&str>, rollover: bool, seed: u64, steps: u64) {
-    let mut options = StackOptions::default();
-    // Thousands of steps by one member: far past a member's daily quota of
-    // changes, which is not what this test is about.
-    options.plans_args = vec!["--mutation-burst".into(), "100000".into()];
+    let mut options = StackOptions {
+        // Thousands of steps by one member: far past a member's daily quota
+        // of changes, which is not what this test is about.
+        plans_args: vec!["--mutation-burst".into(), "100000".into()],
+        ..Default::default()
+    };
     let dir = tempdir();
     if let Some(toml) = catalog {
         let path = dir.join("plans.toml");
