@@ -7,6 +7,12 @@
 //! Both dial lazily and use short timeouts, so a service starts while Redis
 //! is down and calls fail fast with UNAVAILABLE until it is back.
 //!
+//! A service holds two such connections: one for commands (writes, reads,
+//! sweeps, page tokens, WAIT, health) and one for list pages
+//! ([`Redis::bulk`]). A connection only notices that Redis went away when it
+//! is used, so after a failure health checks every connection
+//! ([`Redis::check`]).
+//!
 //! Every script touches the keys of one hash tag (one slot). Commands that
 //! touch several slots go in a [`Batch`]: one pipeline on a single Redis
 //! (Redis runs it in order), one command after the other on a cluster (a
@@ -75,9 +81,19 @@ enum Link {
 }
 
 /// When Redis last answered a command of this service (ms since the
-/// process's first look at the clock, 0: never). Shared by every clone.
+/// process's first look at the clock, 0: never), and how many commands
+/// failed without an answer (I/O, timeouts). Shared by every connection of
+/// a [`Redis`] and every clone.
 #[derive(Clone, Default)]
-struct Answered(Arc<AtomicU64>);
+struct Answered(Arc<Replies>);
+
+#[derive(Default)]
+struct Replies {
+    last: AtomicU64,
+    failures: AtomicU64,
+    /// `failures` when every connection last answered a check.
+    checked: AtomicU64,
+}
 
 fn process_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -87,28 +103,49 @@ fn process_ms() -> u64 {
 
 impl Answered {
     fn note(&self) {
-        self.0.fetch_max(process_ms(), Ordering::Relaxed);
+        self.0.last.fetch_max(process_ms(), Ordering::Relaxed);
     }
 
     fn within(&self, window: Duration) -> bool {
-        let last = self.0.load(Ordering::Relaxed);
+        let last = self.0.last.load(Ordering::Relaxed);
         last != 0 && process_ms().saturating_sub(last) <= window.as_millis() as u64
+    }
+
+    fn note_failure(&self) {
+        self.0.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failures(&self) -> u64 {
+        self.0.failures.load(Ordering::Relaxed)
+    }
+
+    /// Every connection answered a check that began after `failures`
+    /// failures.
+    fn note_checked(&self, failures: u64) {
+        self.0.checked.fetch_max(failures, Ordering::Relaxed);
+    }
+
+    fn failed_since_check(&self) -> bool {
+        self.failures() > self.0.checked.load(Ordering::Relaxed)
     }
 
     /// Notes a reply. An error reply (`-LOADING` from a Redis still
     /// loading its data, `-BUSY`, NOSCRIPT) comes as a value here, not an
     /// error: it is not Redis serving, so it is not noted.
     fn noted(&self, result: redis::RedisResult<Value>) -> redis::RedisResult<Value> {
-        if matches!(&result, Ok(value) if !matches!(value, Value::ServerError(_))) {
-            self.note();
+        match &result {
+            Ok(value) if !matches!(value, Value::ServerError(_)) => self.note(),
+            Ok(_) => {}
+            Err(_) => self.note_failure(),
         }
         result
     }
 
     fn noted_all(&self, result: redis::RedisResult<Vec<Value>>) -> redis::RedisResult<Vec<Value>> {
-        if matches!(&result, Ok(values) if !values.iter().any(|v| matches!(v, Value::ServerError(_))))
-        {
-            self.note();
+        match &result {
+            Ok(values) if !values.iter().any(|v| matches!(v, Value::ServerError(_))) => self.note(),
+            Ok(_) => {}
+            Err(_) => self.note_failure(),
         }
         result
     }
@@ -421,13 +458,50 @@ impl Redis {
     }
 
     pub async fn ping(&self) -> Result<(), ApiError> {
-        let mut conn = self.conn();
-        redis::cmd("PING")
-            .query_async::<Value>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(ApiError::from)
+        ping(self.conn()).await.map_err(ApiError::from)
     }
+
+    /// Whether a command failed without an answer, on any connection, since
+    /// every connection last answered [`Redis::check`]: a connection only
+    /// learns that Redis went away when it is used, and one that failed
+    /// answers its next command with that failure while it dials again.
+    pub fn needs_check(&self) -> bool {
+        self.conn.answered.failed_since_check()
+    }
+
+    /// Pings every connection (on a cluster, every primary of each), so each
+    /// one is dialed again before health says Redis is back; a connection
+    /// that answers with the failure of its last use is pinged once more,
+    /// once it dialed again.
+    pub async fn check(&self) -> Result<(), ApiError> {
+        let failures = self.conn.answered.failures();
+        let (conn, bulk) = tokio::join!(ping_again(self.conn()), ping_again(self.bulk()));
+        conn.and(bulk).map_err(ApiError::from)?;
+        self.conn.answered.note_checked(failures);
+        Ok(())
+    }
+}
+
+async fn ping(mut conn: RedisConn) -> redis::RedisResult<()> {
+    redis::cmd("PING")
+        .query_async::<Value>(&mut conn)
+        .await
+        .map(|_| ())
+}
+
+/// [`ping`], and once more when the connection had failed (the second
+/// waits for the connection the first one's failure started).
+async fn ping_again(conn: RedisConn) -> redis::RedisResult<()> {
+    match ping(conn.clone()).await {
+        Err(err) if is_connection_error(&err) => ping(conn).await,
+        other => other,
+    }
+}
+
+/// The connection failed (or could not be made): nothing was answered, and
+/// the connection dials again.
+fn is_connection_error(err: &redis::RedisError) -> bool {
+    err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal()
 }
 
 /// The primaries of a cluster, as (host, port), in address order.

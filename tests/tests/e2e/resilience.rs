@@ -391,3 +391,146 @@ async fn streams_that_never_send_a_body_do_not_lock_callers_out() {
     let answered = tokio::time::timeout(Duration::from_secs(5), response).await;
     assert!(answered.is_ok(), "a stalled stream was never answered");
 }
+
+/// Every kind of call once, on the messaging replica at `messaging` (and
+/// billing and subscription-plan), list reads first; answers the calls that
+/// failed. Each run sends one InMail (to a new member, `tag`) and one free
+/// message.
+async fn one_call_of_every_kind(
+    stack: &Stack,
+    messaging: std::net::SocketAddr,
+    tag: &str,
+) -> Vec<String> {
+    use inmail_shared::proto::billing::v1 as billing;
+    use inmail_shared::proto::plans::v1 as plans;
+    let mut client = inmail_tests::messaging_at(messaging, &inmail_tests::As::member("ada"));
+    let mut failures = Vec::new();
+    let mut note = |call: &str, answer: Result<(), tonic::Status>| {
+        if let Err(status) = answer {
+            failures.push(format!("{call}: {:?} {}", status.code(), status.message()));
+        }
+    };
+    let answer = client
+        .list_conversations(pb::ListConversationsRequest {
+            member_id: "ada".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    note("ListConversations", answer.map(|_| ()));
+    let answer = client
+        .get_conversation(pb::GetConversationRequest {
+            member_id: "ada".into(),
+            conversation_id: "ada~cy".into(),
+        })
+        .await;
+    note("GetConversation", answer.map(|_| ()));
+    let answer = client
+        .list_messages(pb::ListMessagesRequest {
+            member_id: "ada".into(),
+            conversation_id: "ada~cy".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    note("ListMessages", answer.map(|_| ()));
+    let answer = client
+        .list_connections(pb::ListConnectionsRequest {
+            member_id: "ada".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    note("ListConnections", answer.map(|_| ()));
+    let answer = client
+        .get_inmail_preference(pb::GetInmailPreferenceRequest {
+            member_id: "ada".into(),
+        })
+        .await;
+    note("GetInmailPreference", answer.map(|_| ()));
+    let answer = client
+        .send_message(send_request("ada", "bo", "", &format!("free {tag}")))
+        .await;
+    note("SendMessage (free)", answer.map(|_| ()));
+    let answer = client
+        .send_message(send_request("ada", tag, "Hi", "An InMail"))
+        .await;
+    note("SendMessage (InMail)", answer.map(|_| ()));
+    let answer = stack
+        .billing_as("ada")
+        .get_balance(billing::GetBalanceRequest {
+            member_id: "ada".into(),
+        })
+        .await;
+    note("GetBalance", answer.map(|_| ()));
+    let answer = stack
+        .billing_as("ada")
+        .list_ledger_entries(billing::ListLedgerEntriesRequest {
+            member_id: "ada".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    note("ListLedgerEntries", answer.map(|_| ()));
+    let answer = stack
+        .plans_as("ada")
+        .get_subscription(plans::GetSubscriptionRequest {
+            member_id: "ada".into(),
+        })
+        .await;
+    note("GetSubscription", answer.map(|_| ()));
+    failures
+}
+
+/// Waits until every server at `addrs` reports `status`.
+async fn wait_health(addrs: &[std::net::SocketAddr], status: i32, within: Duration) {
+    for addr in addrs {
+        assert!(
+            eventually(within, || async {
+                inmail_tests::health(*addr).await.ok() == Some(status)
+            })
+            .await,
+            "{addr} did not report {status} within {within:?}"
+        );
+    }
+}
+
+/// After a Redis outage, once every service reports SERVING again, the
+/// first call of every kind succeeds, on each of two messaging replicas: a
+/// service reports SERVING only once every Redis connection it holds (the
+/// one list pages are read on too) answers again (issue 19.7). Before, each
+/// messaging replica's first ListConversations failed with a stale
+/// "Connection refused".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn once_serving_again_after_a_redis_outage_the_first_call_of_every_kind_succeeds() {
+    use inmail_tests::{NOT_SERVING, SERVING};
+    let mut stack = Stack::start().await;
+    let second = stack.messaging_replica().await;
+    subscribe(&stack, "ada", "premium-career").await;
+    grant(&stack, "ada", 10).await;
+    connect(&stack, "ada", "bo").await;
+    send(&stack, "ada", "cy").await.unwrap();
+    let replicas = [stack.messaging.addr, second.addr];
+    // Every connection in use before the outage.
+    for (i, addr) in replicas.into_iter().enumerate() {
+        let failures = one_call_of_every_kind(&stack, addr, &format!("dee{i}")).await;
+        assert!(failures.is_empty(), "before the outage: {failures:#?}");
+    }
+    let services = [
+        stack.plans.addr,
+        stack.billing.addr,
+        stack.messaging.addr,
+        second.addr,
+    ];
+    stack.redis.kill();
+    wait_health(&services, NOT_SERVING, Duration::from_secs(5)).await;
+    stack.redis.restart().await;
+    wait_health(&services, SERVING, Duration::from_secs(10)).await;
+    for (i, addr) in replicas.into_iter().enumerate() {
+        let failures = one_call_of_every_kind(&stack, addr, &format!("eli{i}")).await;
+        assert!(
+            failures.is_empty(),
+            "first calls on messaging replica {i} once SERVING again: {failures:#?}"
+        );
+    }
+}
