@@ -181,7 +181,10 @@ const MISSES_TO_NOT_SERVING: u32 = 2;
 /// ping; not an error reply) is not pinged: that answer says as much, and
 /// an idle replica's sweeps then keep its health without adding load to
 /// Redis. A cluster is always pinged: the ping goes to every primary, and
-/// an answer from one says nothing of the others.
+/// an answer from one says nothing of the others. Once a command failed
+/// without an answer (Redis went away), every connection of the service is
+/// pinged until all of them answer in one check ([`Redis::check`]), so
+/// health turns SERVING only when none of them still holds the failure.
 pub fn spawn_redis_watch(
     redis: Redis,
     gate: HealthGate,
@@ -192,6 +195,9 @@ pub fn spawn_redis_watch(
         let mut misses = 0u32;
         loop {
             let ping = tokio::time::timeout(interval.max(Duration::from_millis(200)), async {
+                if redis.needs_check() {
+                    return redis.check().await;
+                }
                 if !redis.is_cluster() && redis.answered_within(interval * 2) {
                     return Ok(());
                 }

@@ -7,20 +7,29 @@
 //! Both dial lazily and use short timeouts, so a service starts while Redis
 //! is down and calls fail fast with UNAVAILABLE until it is back.
 //!
+//! A service holds three such connections: one for commands (writes,
+//! reads, sweeps, page tokens, health), one for list pages ([`Redis::bulk`])
+//! and, with replicas configured, one for `WAIT` ([`Replication`]). A
+//! connection only notices that Redis went away when it is used, so after
+//! a failure health checks every connection ([`Redis::check`]), and the
+//! `WAIT` connection, which writes nothing lasting, sends its commands again
+//! once when its connection failed.
+//!
 //! Every script touches the keys of one hash tag (one slot). Commands that
 //! touch several slots go in a [`Batch`]: one pipeline on a single Redis
 //! (Redis runs it in order), one command after the other on a cluster (a
 //! cluster pipeline must stay in one slot). Either way they run in order.
 
-use std::sync::Arc;
-use std::sync::OnceLock;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Script, Value};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::ApiError;
 
@@ -75,9 +84,19 @@ enum Link {
 }
 
 /// When Redis last answered a command of this service (ms since the
-/// process's first look at the clock, 0: never). Shared by every clone.
+/// process's first look at the clock, 0: never), and how many commands
+/// failed without an answer (I/O, timeouts). Shared by every connection of
+/// a [`Redis`] and every clone.
 #[derive(Clone, Default)]
-struct Answered(Arc<AtomicU64>);
+struct Answered(Arc<Replies>);
+
+#[derive(Default)]
+struct Replies {
+    last: AtomicU64,
+    failures: AtomicU64,
+    /// `failures` when every connection last answered a check.
+    checked: AtomicU64,
+}
 
 fn process_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
@@ -87,28 +106,49 @@ fn process_ms() -> u64 {
 
 impl Answered {
     fn note(&self) {
-        self.0.fetch_max(process_ms(), Ordering::Relaxed);
+        self.0.last.fetch_max(process_ms(), Ordering::Relaxed);
     }
 
     fn within(&self, window: Duration) -> bool {
-        let last = self.0.load(Ordering::Relaxed);
+        let last = self.0.last.load(Ordering::Relaxed);
         last != 0 && process_ms().saturating_sub(last) <= window.as_millis() as u64
+    }
+
+    fn note_failure(&self) {
+        self.0.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failures(&self) -> u64 {
+        self.0.failures.load(Ordering::Relaxed)
+    }
+
+    /// Every connection answered a check that began after `failures`
+    /// failures.
+    fn note_checked(&self, failures: u64) {
+        self.0.checked.fetch_max(failures, Ordering::Relaxed);
+    }
+
+    fn failed_since_check(&self) -> bool {
+        self.failures() > self.0.checked.load(Ordering::Relaxed)
     }
 
     /// Notes a reply. An error reply (`-LOADING` from a Redis still
     /// loading its data, `-BUSY`, NOSCRIPT) comes as a value here, not an
     /// error: it is not Redis serving, so it is not noted.
     fn noted(&self, result: redis::RedisResult<Value>) -> redis::RedisResult<Value> {
-        if matches!(&result, Ok(value) if !matches!(value, Value::ServerError(_))) {
-            self.note();
+        match &result {
+            Ok(value) if !matches!(value, Value::ServerError(_)) => self.note(),
+            Ok(_) => {}
+            Err(_) => self.note_failure(),
         }
         result
     }
 
     fn noted_all(&self, result: redis::RedisResult<Vec<Value>>) -> redis::RedisResult<Vec<Value>> {
-        if matches!(&result, Ok(values) if !values.iter().any(|v| matches!(v, Value::ServerError(_))))
-        {
-            self.note();
+        match &result {
+            Ok(values) if !values.iter().any(|v| matches!(v, Value::ServerError(_))) => self.note(),
+            Ok(_) => {}
+            Err(_) => self.note_failure(),
         }
         result
     }
@@ -149,8 +189,8 @@ pub struct Redis {
     conn: RedisConn,
     bulk: RedisConn,
     url: String,
-    /// Replicas a write waits for, and for how long.
-    replicas: Option<(u32, Duration)>,
+    /// Replicas a write waits for, on connections of their own.
+    replication: Option<Arc<Replication>>,
 }
 
 /// Validates the URL(s) and prepares one connection without dialing.
@@ -230,6 +270,23 @@ impl Redis {
     /// Needs a Tokio runtime.
     pub fn open(settings: &RedisSettings) -> Result<Self, String> {
         let answered = Answered::default();
+        let replication = if settings.min_replicas > 0 {
+            // WAIT holds its connection up to the replica timeout: a reply
+            // within it is not late.
+            let wait_link = RedisSettings {
+                response_timeout: settings.response_timeout + settings.replica_timeout,
+                ..settings.clone()
+            };
+            Some(Arc::new(Replication {
+                replicas: settings.min_replicas,
+                timeout: settings.replica_timeout,
+                link: connect(&wait_link, &answered)?,
+                lanes: Mutex::default(),
+                slots: tokio::sync::Mutex::default(),
+            }))
+        } else {
+            None
+        };
         Ok(Self {
             conn: connect(settings, &answered)?,
             bulk: connect(settings, &answered)?,
@@ -239,54 +296,21 @@ impl Redis {
                 .map(redacted)
                 .collect::<Vec<_>>()
                 .join(","),
-            replicas: (settings.min_replicas > 0)
-                .then_some((settings.min_replicas, settings.replica_timeout)),
+            replication,
         })
     }
 
     /// With replicas configured, waits until enough of them have every write
-    /// made so far on the connection(s) serving `keys` (WAIT, sent to each
-    /// key's primary); answers UNAVAILABLE `NOT_REPLICATED` when they do not
-    /// within the timeout. The write stays on the primary: a retry of the
-    /// same request answers its outcome once the replicas caught up. Without
-    /// replicas configured, does nothing.
+    /// made so far on the primary of each of `keys` (`WAIT`, on a connection
+    /// of its own: see [`Replication`]); answers UNAVAILABLE `NOT_REPLICATED`
+    /// when they do not within the timeout. The write stays on the primary:
+    /// a retry of the same request answers its outcome once the replicas
+    /// caught up. Without replicas configured, does nothing.
     pub async fn acknowledge(&self, keys: &[&str]) -> Result<(), ApiError> {
-        let Some((replicas, timeout)) = self.replicas else {
+        let Some(replication) = &self.replication else {
             return Ok(());
         };
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(replicas).arg(timeout.as_millis() as u64);
-        let mut conn = self.conn();
-        let mut acked = i64::MAX;
-        match &mut conn.link {
-            Link::Single(single) => {
-                acked = wait.query_async(single).await?;
-            }
-            Link::Cluster(cluster) => {
-                use redis::cluster_routing::{Route, Slot, SlotAddr};
-                let mut slots: Vec<Slot> = keys.iter().map(Slot::for_key).collect();
-                slots.sort_by_key(|s| format!("{s:?}"));
-                slots.dedup_by_key(|s| format!("{s:?}"));
-                for slot in slots {
-                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                        Route::with_slot(slot, SlotAddr::Master),
-                    ));
-                    let value = cluster.route_command(wait.clone(), route).await?;
-                    let n: i64 =
-                        FromRedisValue::from_redis_value(value).map_err(redis::RedisError::from)?;
-                    acked = acked.min(n);
-                }
-            }
-        }
-        if acked < i64::from(replicas) {
-            return Err(ApiError::unavailable(
-                crate::reasons::NOT_REPLICATED,
-                format!(
-                    "the write reached {acked} of the {replicas} replica(s) it needs within {timeout:?}; retry the same request"
-                ),
-            ));
-        }
-        Ok(())
+        replication.acknowledge(keys).await
     }
 
     /// A handle to run commands on; clones share the connection(s).
@@ -421,19 +445,314 @@ impl Redis {
     }
 
     pub async fn ping(&self) -> Result<(), ApiError> {
-        let mut conn = self.conn();
-        redis::cmd("PING")
-            .query_async::<Value>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(ApiError::from)
+        ping(self.conn()).await.map_err(ApiError::from)
+    }
+
+    /// Whether a command failed without an answer, on any connection, since
+    /// every connection last answered [`Redis::check`]: a connection only
+    /// learns that Redis went away when it is used, and one that failed
+    /// answers its next command with that failure while it dials again.
+    pub fn needs_check(&self) -> bool {
+        self.conn.answered.failed_since_check()
+    }
+
+    /// Pings every connection that commands and list pages go on (on a
+    /// cluster, every primary of each), so each one is dialed again before
+    /// health says Redis is back; a connection that answers with the failure
+    /// of its last use is pinged once more, once it dialed again. The `WAIT`
+    /// connection sends its own commands again instead ([`Replication`]):
+    /// a ping there would queue behind a `WAIT`.
+    pub async fn check(&self) -> Result<(), ApiError> {
+        let failures = self.conn.answered.failures();
+        let (conn, bulk) = tokio::join!(ping_again(self.conn()), ping_again(self.bulk()));
+        conn.and(bulk).map_err(ApiError::from)?;
+        self.conn.answered.note_checked(failures);
+        Ok(())
     }
 }
 
-/// The primaries of a cluster, as (host, port), in address order.
-async fn cluster_primaries(
-    cluster: &mut ClusterConnection,
-) -> Result<Vec<(String, u16)>, ApiError> {
+async fn ping(mut conn: RedisConn) -> redis::RedisResult<()> {
+    redis::cmd("PING")
+        .query_async::<Value>(&mut conn)
+        .await
+        .map(|_| ())
+}
+
+/// [`ping`], and once more when the connection had failed (the second
+/// waits for the connection the first one's failure started).
+async fn ping_again(conn: RedisConn) -> redis::RedisResult<()> {
+    match ping(conn.clone()).await {
+        Err(err) if is_connection_error(&err) => ping(conn).await,
+        other => other,
+    }
+}
+
+/// The connection failed (or could not be made): nothing was answered, and
+/// the connection dials again.
+fn is_connection_error(err: &redis::RedisError) -> bool {
+    err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal()
+}
+
+/// Waits for replicas on connection(s) of its own: Redis blocks the
+/// connection a `WAIT` is sent on until the replicas answer or the timeout
+/// passes, so on the shared connection a lagging replica would hold every
+/// command queued behind it (health pings, reads, other members' writes).
+///
+/// `WAIT` counts the replicas that have the last write *of its own
+/// connection*, so the `WAIT` connection first makes a write of its own on
+/// the primary (a key set and deleted: [`REPLICATION_MARKER`]), after every
+/// write the caller made there. One lane per primary sends the marker and
+/// `WAIT` for every caller that arrived since its last `WAIT` (a group
+/// commit): callers never queue one `WAIT` behind another's timeout, and a
+/// caller waits at most the replica timeout.
+struct Replication {
+    replicas: u32,
+    timeout: Duration,
+    /// The connection(s) `WAIT` goes on; on a cluster one per primary.
+    link: RedisConn,
+    /// The lane of each primary ("host:port"; "" on a single Redis).
+    lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Waiter>>>,
+    /// Cluster: which primary serves which slots, learnt with CLUSTER SLOTS
+    /// on first use and again after a failure.
+    slots: tokio::sync::Mutex<Option<Vec<SlotRange>>>,
+}
+
+/// A caller waiting for the replicas to have its writes to `key`'s primary.
+struct Waiter {
+    key: String,
+    reply: oneshot::Sender<Result<i64, redis::RedisError>>,
+}
+
+/// Slots `first..=last` and their primary.
+#[derive(Clone, Debug)]
+struct SlotRange {
+    first: u16,
+    last: u16,
+    host: String,
+    port: u16,
+}
+
+/// KEYS[1]: a key nothing else uses, in the slot of the writes to confirm.
+/// Sets and deletes it, so nothing stays; both are replicated, which makes
+/// this connection's last write (what `WAIT` waits for) come after every
+/// write made on the primary before.
+const REPLICATION_MARKER: &str =
+    "redis.call('SET', KEYS[1], '1') redis.call('DEL', KEYS[1]) return 1";
+
+/// A caller waits this much past the replica timeout for its lane's
+/// answer (the `WAIT` itself returns at the timeout).
+const LANE_GRACE: Duration = Duration::from_millis(200);
+
+impl Replication {
+    async fn acknowledge(&self, keys: &[&str]) -> Result<(), ApiError> {
+        let mut waits = Vec::new();
+        for (lane, key) in self.lanes_of(keys).await? {
+            let (reply, answer) = oneshot::channel();
+            self.lane(&lane).send(Waiter { key, reply }).map_err(|_| {
+                ApiError::unavailable(
+                    crate::reasons::STORAGE_UNAVAILABLE,
+                    "the replica wait stopped",
+                )
+            })?;
+            waits.push(answer);
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout + LANE_GRACE;
+        let mut acked = i64::MAX;
+        for answer in waits {
+            acked = acked.min(match tokio::time::timeout_at(deadline, answer).await {
+                Ok(Ok(Ok(n))) => n,
+                Ok(Ok(Err(err))) => {
+                    // A primary moved or went away (a failover).
+                    self.forget_slots().await;
+                    return Err(err.into());
+                }
+                // The lane's WAIT began after the caller's, or it stopped.
+                Ok(Err(_)) | Err(_) => 0,
+            });
+        }
+        if acked < i64::from(self.replicas) {
+            let (replicas, timeout) = (self.replicas, self.timeout);
+            return Err(ApiError::unavailable(
+                crate::reasons::NOT_REPLICATED,
+                format!(
+                    "the write reached {acked} of the {replicas} replica(s) it needs within {timeout:?}; retry the same request"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The lane of each primary serving `keys`, with a key of that primary.
+    async fn lanes_of(&self, keys: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
+        let Some(key) = keys.first() else {
+            return Ok(Vec::new());
+        };
+        let mut link = self.link.clone();
+        let Link::Cluster(cluster) = &mut link.link else {
+            return Ok(vec![(String::new(), (*key).to_string())]);
+        };
+        let mut slots = self.slots.lock().await;
+        if slots.is_none() {
+            *slots = Some(cluster_slots(cluster).await?);
+        }
+        let ranges = slots.as_ref().expect("learnt above");
+        let mut lanes: Vec<(String, String)> = Vec::new();
+        for key in keys {
+            let slot = hash_slot(key);
+            let Some(range) = ranges.iter().find(|r| r.first <= slot && slot <= r.last) else {
+                *slots = None;
+                return Err(ApiError::unavailable(
+                    crate::reasons::STORAGE_UNAVAILABLE,
+                    format!("no primary serves slot {slot}"),
+                ));
+            };
+            let lane = format!("{}:{}", range.host, range.port);
+            if !lanes.iter().any(|(l, _)| *l == lane) {
+                lanes.push((lane, (*key).to_string()));
+            }
+        }
+        Ok(lanes)
+    }
+
+    /// The lane of `primary`, started on first use.
+    fn lane(&self, primary: &str) -> mpsc::UnboundedSender<Waiter> {
+        let mut lanes = self.lanes.lock().unwrap();
+        if let Some(lane) = lanes.get(primary)
+            && !lane.is_closed()
+        {
+            return lane.clone();
+        }
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let address = primary.rsplit_once(':').and_then(|(host, port)| {
+            Some(SingleNodeRoutingInfo::ByAddress {
+                host: host.to_string(),
+                port: port.parse().ok()?,
+            })
+        });
+        tokio::spawn(run_lane(
+            self.link.clone(),
+            address,
+            self.replicas,
+            self.timeout,
+            receiver,
+        ));
+        lanes.insert(primary.to_string(), sender.clone());
+        sender
+    }
+
+    /// Forgets the slot map after a failure (a failover moves primaries).
+    async fn forget_slots(&self) {
+        if matches!(self.link.link, Link::Cluster(_)) {
+            *self.slots.lock().await = None;
+        }
+    }
+}
+
+/// One primary's lane: the marker and `WAIT` for every waiter queued since
+/// the last round, until every sender is gone.
+async fn run_lane(
+    mut link: RedisConn,
+    address: Option<SingleNodeRoutingInfo>,
+    replicas: u32,
+    timeout: Duration,
+    mut waiters: mpsc::UnboundedReceiver<Waiter>,
+) {
+    while let Some(first) = waiters.recv().await {
+        let mut round = vec![first];
+        while let Ok(next) = waiters.try_recv() {
+            round.push(next);
+        }
+        round.retain(|w| !w.reply.is_closed());
+        let Some(first) = round.first() else {
+            continue;
+        };
+        let mut result =
+            wait_for_replicas(&mut link, &address, &first.key, replicas, timeout).await;
+        // The marker and WAIT leave nothing behind, so they may go again
+        // once the connection that failed is dialed again.
+        if let Err(err) = &result
+            && is_connection_error(err)
+            && !err.is_timeout()
+        {
+            result = wait_for_replicas(&mut link, &address, &first.key, replicas, timeout).await;
+        }
+        for waiter in round {
+            let _ = waiter.reply.send(result.clone());
+        }
+    }
+}
+
+/// The marker on `key`'s primary, then `WAIT`: answers how many replicas
+/// have every write made on that primary before.
+async fn wait_for_replicas(
+    link: &mut RedisConn,
+    address: &Option<SingleNodeRoutingInfo>,
+    key: &str,
+    replicas: u32,
+    timeout: Duration,
+) -> redis::RedisResult<i64> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("EVAL")
+        .arg(REPLICATION_MARKER)
+        .arg(1)
+        .arg(marker_key(key))
+        .cmd("WAIT")
+        .arg(replicas)
+        .arg(timeout.as_millis() as u64);
+    let values = match (&mut link.link, address) {
+        (Link::Cluster(cluster), Some(address)) => {
+            let values = cluster.route_pipeline(pipe, 0, 2, address.clone()).await;
+            link.answered.noted_all(values)?
+        }
+        _ => pipe.query_async::<Vec<Value>>(link).await?,
+    };
+    let mut values = values.into_iter();
+    match (values.next(), values.next()) {
+        (Some(marker), Some(acked)) => {
+            i64::from_redis_value(marker).map_err(redis::RedisError::from)?;
+            i64::from_redis_value(acked).map_err(redis::RedisError::from)
+        }
+        _ => Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "WAIT: missing reply",
+        ))),
+    }
+}
+
+/// The marker key for writes to `key`: its service's prefix (the only keys
+/// its Redis user may write) and the hash tag that puts it in `key`'s slot
+/// (every key has a hash tag on a cluster, or no braces at all).
+fn marker_key(key: &str) -> String {
+    let prefix = key.split_once(':').map_or(key, |(prefix, _)| prefix);
+    let tag = hash_tag(key).unwrap_or(key);
+    format!("{prefix}:replication-marker{{{tag}}}")
+}
+
+/// The part of `key` Redis Cluster hashes: the first non-empty `{...}`.
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = key[open + 1..].find('}')?;
+    (close > 0).then(|| &key[open + 1..open + 1 + close])
+}
+
+/// The Redis Cluster slot of `key` (CRC16/XMODEM of its hash tag, mod 16384).
+fn hash_slot(key: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in hash_tag(key).unwrap_or(key).bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// Every slot range of a cluster and its primary (CLUSTER SLOTS).
+async fn cluster_slots(cluster: &mut ClusterConnection) -> Result<Vec<SlotRange>, ApiError> {
     let value = cluster
         .route_command(
             redis::cmd("CLUSTER").arg("SLOTS").clone(),
@@ -443,19 +762,38 @@ async fn cluster_primaries(
     let Value::Array(ranges) = value else {
         return Err(ApiError::internal("unexpected CLUSTER SLOTS answer"));
     };
-    let mut primaries = Vec::new();
+    let mut slots = Vec::new();
     for range in ranges {
         if let Value::Array(fields) = range
-            && let Some(Value::Array(node)) = fields.get(2)
+            && let (Some(first), Some(last), Some(Value::Array(node))) =
+                (fields.first(), fields.get(1), fields.get(2))
             && let (Some(host), Some(port)) = (node.first(), node.get(1))
         {
+            let number = |v: &Value| -> Result<u16, ApiError> {
+                Ok(FromRedisValue::from_redis_value(v.clone()).map_err(redis::RedisError::from)?)
+            };
             let host: String =
                 FromRedisValue::from_redis_value(host.clone()).map_err(redis::RedisError::from)?;
-            let port: u16 =
-                FromRedisValue::from_redis_value(port.clone()).map_err(redis::RedisError::from)?;
-            primaries.push((host, port));
+            slots.push(SlotRange {
+                first: number(first)?,
+                last: number(last)?,
+                host,
+                port: number(port)?,
+            });
         }
     }
+    Ok(slots)
+}
+
+/// The primaries of a cluster, as (host, port), in address order.
+async fn cluster_primaries(
+    cluster: &mut ClusterConnection,
+) -> Result<Vec<(String, u16)>, ApiError> {
+    let mut primaries: Vec<(String, u16)> = cluster_slots(cluster)
+        .await?
+        .into_iter()
+        .map(|range| (range.host, range.port))
+        .collect();
     primaries.sort();
     primaries.dedup();
     Ok(primaries)
@@ -547,6 +885,27 @@ mod tests {
             ..RedisSettings::new("redis://127.0.0.1:7000,nonsense")
         };
         assert!(Redis::open(&cluster).unwrap_err().contains("REDIS_URL"));
+    }
+
+    #[test]
+    fn hash_slots_are_those_of_redis_cluster() {
+        // CLUSTER KEYSLOT answers these.
+        assert_eq!(hash_slot("foo"), 12182);
+        assert_eq!(hash_slot("bar"), 5061);
+        assert_eq!(hash_slot("123456789"), 12739);
+        assert_eq!(hash_slot("{user1000}.following"), hash_slot("user1000"));
+        assert_eq!(hash_slot("a{}b"), hash_slot("a{}b"));
+        assert_ne!(hash_slot("a{}b"), hash_slot(""));
+    }
+
+    #[test]
+    fn the_replication_marker_shares_the_prefix_and_slot_of_the_write() {
+        for key in ["billing:{yan}:account", "plans:published", "messaging:{o3}"] {
+            let marker = marker_key(key);
+            assert_eq!(marker.split(':').next(), key.split(':').next(), "{marker}");
+            assert_eq!(hash_slot(&marker), hash_slot(key), "{marker} for {key}");
+            assert_ne!(marker, key);
+        }
     }
 
     #[test]

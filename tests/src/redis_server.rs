@@ -177,7 +177,9 @@ impl RedisServer {
         );
     }
 
-    async fn wait_replication_link(&self) {
+    /// Waits until this replica's link to its primary is up (after a start,
+    /// or after its primary restarted).
+    pub async fn wait_replication_link(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let client = redis::Client::open(self.nodes[0].url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -201,6 +203,28 @@ impl RedisServer {
     /// The pid of the (first) node's process.
     pub fn pid(&self) -> u32 {
         self.nodes[0].child.as_ref().expect("running").id()
+    }
+
+    /// SIGSTOP every node: the processes stay, their sockets stay open, and
+    /// nothing is answered (a stalled machine) until [`RedisServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT every node paused by [`RedisServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        for node in &self.nodes {
+            let pid = node.child.as_ref().expect("running").id();
+            let status = Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {signal} {pid}");
+        }
     }
 
     pub async fn start_cluster(primaries: usize) -> Self {

@@ -456,3 +456,485 @@ async fn callers_spent_deadlines_do_not_open_the_breaker() {
         "spent caller deadlines opened the breaker in front of a healthy billing"
     );
 }
+
+/// Every kind of call once, on the messaging replica at `messaging` (and
+/// billing and subscription-plan), list reads first; answers the calls that
+/// failed. Each run sends one InMail (to a new member, `tag`) and one free
+/// message.
+async fn one_call_of_every_kind(
+    stack: &Stack,
+    messaging: std::net::SocketAddr,
+    tag: &str,
+) -> Vec<String> {
+    use inmail_shared::proto::billing::v1 as billing;
+    use inmail_shared::proto::plans::v1 as plans;
+    let mut client = inmail_tests::messaging_at(messaging, &inmail_tests::As::member("ada"));
+    let mut failures = Vec::new();
+    let mut note = |call: &str, answer: Result<(), tonic::Status>| {
+        if let Err(status) = answer {
+            failures.push(format!("{call}: {:?} {}", status.code(), status.message()));
+        }
+    };
+    let answer = client
+        .list_conversations(pb::ListConversationsRequest {
+            member_id: "ada".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    note("ListConversations", answer.map(|_| ()));
+    let answer = client
+        .get_conversation(pb::GetConversationRequest {
+            member_id: "ada".into(),
+            conversation_id: "ada~cy".into(),
+        })
+        .await;
+    note("GetConversation", answer.map(|_| ()));
+    let answer = client
+        .list_messages(pb::ListMessagesRequest {
+            member_id: "ada".into(),
+            conversation_id: "ada~cy".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    note("ListMessages", answer.map(|_| ()));
+    let answer = client
+        .list_connections(pb::ListConnectionsRequest {
+            member_id: "ada".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    note("ListConnections", answer.map(|_| ()));
+    let answer = client
+        .get_inmail_preference(pb::GetInmailPreferenceRequest {
+            member_id: "ada".into(),
+        })
+        .await;
+    note("GetInmailPreference", answer.map(|_| ()));
+    let answer = client
+        .send_message(send_request("ada", "bo", "", &format!("free {tag}")))
+        .await;
+    note("SendMessage (free)", answer.map(|_| ()));
+    let answer = client
+        .send_message(send_request("ada", tag, "Hi", "An InMail"))
+        .await;
+    note("SendMessage (InMail)", answer.map(|_| ()));
+    let answer = stack
+        .billing_as("ada")
+        .get_balance(billing::GetBalanceRequest {
+            member_id: "ada".into(),
+        })
+        .await;
+    note("GetBalance", answer.map(|_| ()));
+    let answer = stack
+        .billing_as("ada")
+        .list_ledger_entries(billing::ListLedgerEntriesRequest {
+            member_id: "ada".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    note("ListLedgerEntries", answer.map(|_| ()));
+    let answer = stack
+        .plans_as("ada")
+        .get_subscription(plans::GetSubscriptionRequest {
+            member_id: "ada".into(),
+        })
+        .await;
+    note("GetSubscription", answer.map(|_| ()));
+    failures
+}
+
+/// Waits until every server at `addrs` reports `status`.
+async fn wait_health(addrs: &[std::net::SocketAddr], status: i32, within: Duration) {
+    for addr in addrs {
+        assert!(
+            eventually(within, || async {
+                inmail_tests::health(*addr).await.ok() == Some(status)
+            })
+            .await,
+            "{addr} did not report {status} within {within:?}"
+        );
+    }
+}
+
+/// After a Redis outage, once every service reports SERVING again, the
+/// first call of every kind succeeds, on each of two messaging replicas: a
+/// service reports SERVING only once every Redis connection it holds (the
+/// one list pages are read on too) answers again (issue 19.7). Before, each
+/// messaging replica's first ListConversations failed with a stale
+/// "Connection refused".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn once_serving_again_after_a_redis_outage_the_first_call_of_every_kind_succeeds() {
+    use inmail_tests::{NOT_SERVING, SERVING};
+    let mut stack = Stack::start().await;
+    let second = stack.messaging_replica().await;
+    subscribe(&stack, "ada", "premium-career").await;
+    grant(&stack, "ada", 10).await;
+    connect(&stack, "ada", "bo").await;
+    send(&stack, "ada", "cy").await.unwrap();
+    let replicas = [stack.messaging.addr, second.addr];
+    // Every connection in use before the outage.
+    for (i, addr) in replicas.into_iter().enumerate() {
+        let failures = one_call_of_every_kind(&stack, addr, &format!("dee{i}")).await;
+        assert!(failures.is_empty(), "before the outage: {failures:#?}");
+    }
+    let services = [
+        stack.plans.addr,
+        stack.billing.addr,
+        stack.messaging.addr,
+        second.addr,
+    ];
+    stack.redis.kill();
+    wait_health(&services, NOT_SERVING, Duration::from_secs(5)).await;
+    stack.redis.restart().await;
+    wait_health(&services, SERVING, Duration::from_secs(10)).await;
+    for (i, addr) in replicas.into_iter().enumerate() {
+        let failures = one_call_of_every_kind(&stack, addr, &format!("eli{i}")).await;
+        assert!(
+            failures.is_empty(),
+            "first calls on messaging replica {i} once SERVING again: {failures:#?}"
+        );
+    }
+}
+
+/// The arguments that make every service wait for one replica.
+fn wait_for_one_replica(timeout: &str) -> StackOptions {
+    let wait = vec![
+        "--redis-min-replicas".to_string(),
+        "1".into(),
+        "--redis-replica-timeout".into(),
+        timeout.into(),
+    ];
+    StackOptions {
+        plans_args: wait.clone(),
+        billing_args: wait.clone(),
+        messaging_args: wait,
+        ..Default::default()
+    }
+}
+
+/// The same with REDIS_MIN_REPLICAS=1: once the restarted primary has its
+/// replica again and every service reports SERVING, the first write of
+/// each service, each waiting for the replica (`WAIT`), succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn once_serving_again_after_a_redis_outage_the_first_replicated_writes_succeed() {
+    use inmail_shared::proto::plans::v1 as plans;
+    use inmail_tests::{NOT_SERVING, RedisServer, SERVING};
+    if inmail_tests::redis_server::cluster_mode() {
+        // A single primary with a replica; the cluster run has no replicas.
+        return;
+    }
+    let primary = RedisServer::start_single().await;
+    let replica = primary.start_replica().await;
+    let mut stack = Stack::start_on(primary, wait_for_one_replica("2s")).await;
+    subscribe(&stack, "fay", "premium-career").await;
+    let services = [stack.plans.addr, stack.billing.addr, stack.messaging.addr];
+    stack.redis.kill();
+    wait_health(&services, NOT_SERVING, Duration::from_secs(5)).await;
+    stack.redis.restart().await;
+    replica.wait_replication_link().await;
+    wait_health(&services, SERVING, Duration::from_secs(10)).await;
+
+    let mut failures = Vec::new();
+    let subscribed = stack
+        .plans_as("gil")
+        .subscribe(plans::SubscribeRequest {
+            request_id: rid(),
+            member_id: "gil".into(),
+            plan_id: "premium-career".into(),
+        })
+        .await;
+    if let Err(status) = subscribed {
+        failures.push(format!("Subscribe: {status:?}"));
+    }
+    if let Err(status) = stack
+        .billing_operator()
+        .grant_credits(inmail_shared::proto::billing::v1::GrantCreditsRequest {
+            request_id: rid(),
+            member_id: "fay".into(),
+            amount: 1,
+            reason: "after the outage".into(),
+        })
+        .await
+    {
+        failures.push(format!("GrantCredits: {status:?}"));
+    }
+    if let Err(status) = send(&stack, "fay", "hal").await {
+        failures.push(format!("SendMessage (InMail): {status:?}"));
+    }
+    assert!(
+        failures.is_empty(),
+        "first replicated writes: {failures:#?}"
+    );
+}
+
+/// How many clients of the Redis at `url` are blocked in WAIT.
+async fn blocked_waits(url: &str) -> usize {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    clients
+        .lines()
+        .filter(|line| {
+            line.split(' ').any(|field| field == "cmd=wait")
+                && line
+                    .split(' ')
+                    .any(|field| field.starts_with("flags=") && field.contains('b'))
+        })
+        .count()
+}
+
+/// SetInmailPreference as `member`.
+async fn set_preference(
+    stack: &Stack,
+    member: &str,
+    request_id: &str,
+    accept_inmail: bool,
+) -> Result<(), tonic::Status> {
+    stack
+        .messaging_as(member)
+        .set_inmail_preference(pb::SetInmailPreferenceRequest {
+            request_id: request_id.into(),
+            member_id: member.into(),
+            accept_inmail,
+        })
+        .await
+        .map(|_| ())
+}
+
+/// A replica that stalls (SIGSTOP) holds only the writes that wait for it
+/// (issue 19.8): while a debit in billing and a preference change in
+/// messaging each wait up to REDIS_REPLICA_TIMEOUT (3 s) for it, every
+/// service stays SERVING, reads answer at once, and another member's
+/// change reaches the primary at once (its answer then waits for the
+/// replica too). Before, WAIT went on the connection all of a service's
+/// commands share, and Redis blocks the connection it is sent on: health
+/// pings, reads and other members' writes queued behind it, and the
+/// services turned NOT_SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_replica_holds_only_the_writes_that_wait_for_it() {
+    use inmail_shared::proto::billing::v1 as billing;
+    use inmail_shared::proto::plans::v1 as plans;
+    use inmail_tests::{RedisServer, SERVING, health};
+    if inmail_tests::redis_server::cluster_mode() {
+        // A single primary with a replica; the cluster run has no replicas.
+        return;
+    }
+    let primary = RedisServer::start_single().await;
+    let replica = primary.start_replica().await;
+    let stack = Stack::start_on(primary, wait_for_one_replica("3s")).await;
+    subscribe(&stack, "ida", "premium-career").await;
+    let before = available(&stack, "ida").await;
+    let debit = billing::DebitForMessageRequest {
+        request_id: "req-i1".into(),
+        member_id: "ida".into(),
+        message_id: "i1".into(),
+        amount: 1,
+    };
+
+    replica.pause();
+    let started = Instant::now();
+    let stalled_debit = tokio::spawn({
+        let mut billing = stack.billing_as_messaging();
+        let request = debit.clone();
+        async move { billing.debit_for_message(request).await }
+    });
+    let stalled_preference = tokio::spawn({
+        let mut messaging = stack.messaging_as("ida");
+        async move {
+            messaging
+                .set_inmail_preference(pb::SetInmailPreferenceRequest {
+                    request_id: "req-ida-off".into(),
+                    member_id: "ida".into(),
+                    accept_inmail: false,
+                })
+                .await
+        }
+    });
+    let primary_url = stack.redis.url();
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            blocked_waits(&primary_url).await >= 2
+        })
+        .await,
+        "billing and messaging never both waited for the replica"
+    );
+
+    // Well under the replica timeout: nothing else queues behind a WAIT.
+    let quick = Duration::from_millis(1000);
+    let timed = |call: &'static str, answer: Result<(), tonic::Status>, from: Instant| {
+        let took = from.elapsed();
+        assert!(
+            answer.is_ok(),
+            "{call} failed while the replica stalled: {answer:?}"
+        );
+        assert!(
+            took < quick,
+            "{call} took {took:?} while the replica stalled"
+        );
+    };
+    // Another member's change is on the primary at once (messaging reads
+    // it back), while its answer waits for the replica.
+    let other = tokio::spawn({
+        let mut messaging = stack.messaging_as("jo");
+        async move {
+            messaging
+                .set_inmail_preference(pb::SetInmailPreferenceRequest {
+                    request_id: "req-jo-off".into(),
+                    member_id: "jo".into(),
+                    accept_inmail: false,
+                })
+                .await
+        }
+    });
+    let from = Instant::now();
+    let changed = eventually(quick, || async {
+        stack
+            .messaging_as("jo")
+            .get_inmail_preference(pb::GetInmailPreferenceRequest {
+                member_id: "jo".into(),
+            })
+            .await
+            .is_ok_and(|r| !r.into_inner().accept_inmail)
+    })
+    .await;
+    assert!(
+        changed,
+        "jo's change did not reach the primary within {quick:?} ({:?})",
+        from.elapsed()
+    );
+    let from = Instant::now();
+    let answer = stack
+        .billing_as_messaging()
+        .get_debit(billing::GetDebitRequest {
+            member_id: "ida".into(),
+            message_id: "i1".into(),
+        })
+        .await;
+    // NOT_FOUND: the debit itself comes after its message id's WAIT.
+    let answer = match answer {
+        Err(status) if status.code() == Code::NotFound => Ok(()),
+        other => other.map(|_| ()),
+    };
+    timed("GetDebit", answer, from);
+    let from = Instant::now();
+    let answer = stack
+        .billing_as("ida")
+        .list_ledger_entries(billing::ListLedgerEntriesRequest {
+            member_id: "ida".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    timed("ListLedgerEntries", answer.map(|_| ()), from);
+    let from = Instant::now();
+    let answer = stack
+        .plans_as("ida")
+        .get_subscription(plans::GetSubscriptionRequest {
+            member_id: "ida".into(),
+        })
+        .await;
+    timed("GetSubscription", answer.map(|_| ()), from);
+    let from = Instant::now();
+    let answer = stack
+        .messaging_as("ida")
+        .list_conversations(pb::ListConversationsRequest {
+            member_id: "ida".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await;
+    timed("ListConversations", answer.map(|_| ()), from);
+    // Health, all along the stalled writes' wait.
+    let services = [stack.plans.addr, stack.billing.addr, stack.messaging.addr];
+    while !(stalled_debit.is_finished() && stalled_preference.is_finished()) {
+        for addr in services {
+            assert_eq!(
+                health(addr).await.ok(),
+                Some(SERVING),
+                "{addr} stopped serving {:?} into the replica's stall",
+                started.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = started.elapsed();
+    for stalled in [
+        stalled_debit.await.unwrap().map(|_| ()),
+        stalled_preference.await.unwrap().map(|_| ()),
+    ] {
+        let stalled = stalled.unwrap_err();
+        assert_eq!(stalled.code(), Code::Unavailable, "{stalled:?}");
+        assert_eq!(reason(&stalled), "NOT_REPLICATED");
+    }
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "the stalled writes were answered after {waited:?}, before the replica timeout"
+    );
+
+    replica.resume();
+    let other = other.await.unwrap();
+    assert!(
+        other.is_ok() || reason(other.as_ref().unwrap_err()) == "NOT_REPLICATED",
+        "{other:?}"
+    );
+    let retried = stack
+        .billing_as_messaging()
+        .debit_for_message(debit)
+        .await
+        .expect("the retry gets the first outcome")
+        .into_inner();
+    assert_eq!(retried.balance_after, before - 1);
+    set_preference(&stack, "ida", "req-ida-off", false)
+        .await
+        .expect("the retry gets the first outcome");
+}
+
+/// With a replica required and none there, every write is answered
+/// `NOT_REPLICATED` (0 of 1), on a single Redis and on each primary of a
+/// cluster: the `WAIT` connection's marker write reaches the primary of the
+/// write's key (a wrong node would answer MOVED, an error), and it leaves
+/// no key behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_replicas_required_each_write_is_not_replicated_on_its_own_primary() {
+    use inmail_shared::proto::plans::v1 as plans;
+    let stack = Stack::start_with(wait_for_one_replica("100ms")).await;
+    // Members on every primary of a cluster.
+    for i in 0..12 {
+        let member = format!("kim{i}");
+        let subscribed = stack
+            .plans_as(&member)
+            .subscribe(plans::SubscribeRequest {
+                request_id: rid(),
+                member_id: member.clone(),
+                plan_id: "premium-career".into(),
+            })
+            .await
+            .map(|_| ());
+        let preference = set_preference(&stack, &member, &rid(), false).await;
+        for (call, answer) in [
+            ("Subscribe", subscribed),
+            ("SetInmailPreference", preference),
+        ] {
+            let status = answer.unwrap_err();
+            assert_eq!(status.code(), Code::Unavailable, "{call}: {status:?}");
+            assert_eq!(reason(&status), "NOT_REPLICATED", "{call}: {status:?}");
+            assert!(
+                status.message().contains("0 of the 1"),
+                "{call}: {status:?}"
+            );
+        }
+    }
+    let digest = stack.redis.digest().await;
+    assert!(
+        !digest.contains("replication-marker"),
+        "a marker key stayed: {digest}"
+    );
+}
