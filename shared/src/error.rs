@@ -384,11 +384,71 @@ fn intern_reason(reason: &str) -> &'static str {
     leaked
 }
 
+/// When Redis last refused a write for want of memory (ms since the epoch,
+/// this machine's clock; 0: never).
+static STORAGE_FULL_AT_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// How long after Redis's last out-of-memory refusal writes count as
+/// refused (health's `writes` status; README.md, "Abuse bounds").
+pub const STORAGE_FULL_HOLD: Duration = Duration::from_secs(5);
+
+/// The RetryInfo of a STORAGE_FULL refusal.
+const STORAGE_FULL_RETRY: Duration = Duration::from_secs(5);
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether Redis refused a write for want of memory within
+/// [`STORAGE_FULL_HOLD`].
+pub fn storage_full() -> bool {
+    let at = STORAGE_FULL_AT_MS.load(std::sync::atomic::Ordering::Relaxed);
+    at > 0 && epoch_ms() - at < STORAGE_FULL_HOLD.as_millis() as i64
+}
+
+/// Notes an out-of-memory refusal: counted, and logged when it starts.
+fn note_storage_full(err: &redis::RedisError) {
+    let was_full = storage_full();
+    STORAGE_FULL_AT_MS.store(epoch_ms(), std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!("inmail_storage_full_refusals_total").increment(1);
+    if !was_full {
+        tracing::error!(
+            error = %err,
+            "redis is full (maxmemory): writes are refused with STORAGE_FULL, reads go on"
+        );
+    }
+}
+
+/// Redis answered OOM: it is at its maxmemory (with noeviction, as shipped).
+/// Every script checks before its first write, and Redis refuses that write
+/// (or the whole script), so nothing is half-written.
+/// (A pipeline's error carries the OOM of one of its commands only in its
+/// text.)
+fn is_out_of_memory(err: &redis::RedisError) -> bool {
+    err.code() == Some("OOM")
+        || err
+            .to_string()
+            .contains("command not allowed when used memory > 'maxmemory'")
+}
+
 /// Redis trouble: unreachable, timing out, loading or failing over is
-/// `UNAVAILABLE` (retry later); anything else is a bug in our scripts.
+/// `UNAVAILABLE` (retry later); full is `RESOURCE_EXHAUSTED` `STORAGE_FULL`
+/// (retry later, or an operator adds memory); anything else is a bug in our
+/// scripts.
 impl From<redis::RedisError> for ApiError {
     fn from(err: redis::RedisError) -> Self {
         use redis::{ErrorKind, ServerErrorKind};
+        if is_out_of_memory(&err) {
+            note_storage_full(&err);
+            return Self::resource_exhausted(
+                reasons::STORAGE_FULL,
+                "storage is full: the change was not made; retry later",
+                STORAGE_FULL_RETRY,
+            );
+        }
         let transient = err.is_io_error()
             || err.is_timeout()
             || err.is_connection_dropped()

@@ -9,6 +9,8 @@ pub const INVALID_FIELD: &str = "INVALID_FIELD";
 pub const REQUEST_ID_REUSED: &str = "REQUEST_ID_REUSED";
 /// Redis cannot be reached or timed out.
 pub const STORAGE_UNAVAILABLE: &str = "STORAGE_UNAVAILABLE";
+/// Redis is at its maxmemory and refuses writes (reads go on).
+pub const STORAGE_FULL: &str = "STORAGE_FULL";
 /// The server is serving its maximum of concurrent calls.
 pub const SERVER_OVERLOADED: &str = "SERVER_OVERLOADED";
 /// A bug or broken invariant; details stay in the logs.

@@ -92,8 +92,15 @@ pub struct HealthGate {
     state: Arc<Mutex<GateState>>,
 }
 
+/// The health service name that reports whether Redis takes writes: NOT_SERVING
+/// while it is full (at maxmemory) though reads go on and the service as a
+/// whole stays SERVING (README.md, "Abuse bounds").
+pub const WRITES_HEALTH: &str = "writes";
+
 #[derive(Debug, Clone, Copy)]
 struct GateState {
+    /// Redis refuses writes for want of memory.
+    storage_full: bool,
     redis_ok: bool,
     /// Whether Redis was asked yet (so the first answer is logged, down
     /// as well as up).
@@ -107,6 +114,7 @@ impl HealthGate {
             reporter,
             names: Arc::new(Mutex::new(vec![String::new()])),
             state: Arc::new(Mutex::new(GateState {
+                storage_full: false,
                 redis_ok: false,
                 redis_known: false,
                 draining: false,
@@ -151,6 +159,23 @@ impl HealthGate {
         self.publish().await;
     }
 
+    /// Follows [`crate::error::storage_full`]: logs and publishes a change.
+    pub async fn set_storage_full(&self, full: bool) {
+        let changed = {
+            let mut state = self.state.lock().unwrap();
+            let changed = state.storage_full != full;
+            state.storage_full = full;
+            changed
+        };
+        metrics::gauge!("inmail_storage_full").set(if full { 1.0 } else { 0.0 });
+        if changed {
+            if !full {
+                tracing::info!("redis takes writes again");
+            }
+            self.publish().await;
+        }
+    }
+
     pub async fn begin_drain(&self) {
         self.state.lock().unwrap().draining = true;
         self.publish().await;
@@ -166,6 +191,15 @@ impl HealthGate {
         for name in names {
             self.reporter.set_service_status(name, status).await;
         }
+        let writes = if status == ServingStatus::Serving && !self.state.lock().unwrap().storage_full
+        {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter
+            .set_service_status(WRITES_HEALTH, writes)
+            .await;
     }
 }
 
@@ -214,6 +248,7 @@ pub fn spawn_redis_watch(
             if gate.state.lock().unwrap().draining {
                 return;
             }
+            gate.set_storage_full(crate::error::storage_full()).await;
             match &error {
                 None => {
                     misses = 0;

@@ -170,3 +170,127 @@ async fn blocks_are_capped_per_member() {
     block("b2").await.unwrap();
     assert_eq!(keys(&stack, "messaging:{bea}:blocked").await, 1);
 }
+
+async fn health_of(addr: std::net::SocketAddr, service: &str) -> i32 {
+    tonic_health::pb::health_client::HealthClient::new(inmail_tests::channel(addr))
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+fn assert_storage_full(call: &str, status: &tonic::Status) {
+    assert_eq!(
+        (status.code(), reason(status).as_str()),
+        (Code::ResourceExhausted, "STORAGE_FULL"),
+        "{call}: {status:?}"
+    );
+    assert!(
+        tonic_types::StatusExt::get_details_retry_info(status).is_some(),
+        "{call}: no RetryInfo"
+    );
+}
+
+/// Redis at its maxmemory (noeviction, as shipped) used to turn every write
+/// of every member and operator into INTERNAL "internal error". Now a write
+/// is RESOURCE_EXHAUSTED STORAGE_FULL and changes nothing, reads go on, the
+/// service stays SERVING while its `writes` health turns NOT_SERVING, and
+/// everything works again once Redis has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_refuses_writes_with_storage_full_and_reads_go_on() {
+    let stack = Stack::start().await;
+    subscribe(&stack, "ana", "premium-career").await;
+    connect(&stack, "ana", "ben").await;
+    send(&stack, "ana", "ben").await.unwrap();
+    assert_eq!(available(&stack, "ana").await, 5);
+    let maxmemory = |bytes: &str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(bytes)
+            .arg("maxmemory-policy")
+            .arg("noeviction")
+            .clone()
+    };
+    // Whatever Redis holds now is more than it may hold.
+    stack.redis.on_every_node(&maxmemory("1")).await;
+    let before = stack.redis.digest().await;
+
+    let refused = set_preference(&stack, "ana", "full-1").await.unwrap_err();
+    assert_storage_full("SetInmailPreference", &refused);
+    let refused = send(&stack, "ana", "ben").await.unwrap_err();
+    assert_storage_full("SendMessage", &refused);
+    let refused = invite(&stack, "ana", "cy").await.unwrap_err();
+    assert_storage_full("SendInvitation", &refused);
+    let refused = stack
+        .plans_as("dov")
+        .subscribe(plans::SubscribeRequest {
+            request_id: rid(),
+            member_id: "dov".into(),
+            plan_id: "premium-career".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_storage_full("Subscribe", &refused);
+    let refused = stack
+        .billing_operator()
+        .grant_credits(inmail_shared::proto::billing::v1::GrantCreditsRequest {
+            request_id: rid(),
+            member_id: "ana".into(),
+            amount: 1,
+            reason: "support".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_storage_full("GrantCredits", &refused);
+    assert_eq!(
+        stack.redis.digest().await,
+        before,
+        "a refused write changed Redis"
+    );
+
+    // Reads go on.
+    assert_eq!(available(&stack, "ana").await, 5);
+    let inbox = stack
+        .messaging_as("ana")
+        .list_conversations(pb::ListConversationsRequest {
+            member_id: "ana".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(inbox.conversations.len(), 1);
+    assert_eq!(subscription(&stack, "ana").await.plan_id, "premium-career");
+    // Health: the services serve (reads work); their writes do not.
+    for addr in [stack.plans.addr, stack.billing.addr, stack.messaging.addr] {
+        assert_eq!(health_of(addr, "").await, SERVING, "{addr}");
+    }
+    for addr in [stack.plans.addr, stack.billing.addr, stack.messaging.addr] {
+        let reported = eventually(Duration::from_secs(5), || async {
+            health_of(addr, "writes").await == NOT_SERVING
+        })
+        .await;
+        assert!(
+            reported,
+            "{addr}: writes health did not report the full Redis"
+        );
+    }
+
+    // Room again: the refused request goes through as if never tried.
+    stack.redis.on_every_node(&maxmemory("0")).await;
+    set_preference(&stack, "ana", "full-1").await.unwrap();
+    send(&stack, "ana", "ben").await.unwrap();
+    let back = eventually(Duration::from_secs(10), || async {
+        health_of(stack.messaging.addr, "writes").await == SERVING
+    })
+    .await;
+    assert!(back, "writes health did not recover");
+    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
+}
