@@ -52,9 +52,11 @@ impl Pki {
         self.dir.join(name).to_string_lossy().into_owned()
     }
 
-    /// The security flags of a service (`name`: its certificate).
+    /// The security flags of a service (`name`: its certificate, and its
+    /// Redis user: every test Redis has the services' users, so the suite
+    /// runs under the shipped ACL rules).
     pub fn service_args(&self, name: &str) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "--tls-cert-file".into(),
             self.file(&format!("{name}.crt")),
             "--tls-key-file".into(),
@@ -63,17 +65,68 @@ impl Pki {
             self.file("ca.crt"),
             "--jwt-public-keys-file".into(),
             self.file("jwks.json"),
-        ]
+        ];
+        for (flag, value) in self.redis_user(name) {
+            args.push(format!("--{}", flag.to_lowercase().replace('_', "-")));
+            args.push(value);
+        }
+        args
     }
 
     /// The same as environment variables (for the binaries).
     pub fn service_env(&self, name: &str) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("TLS_CERT_FILE".into(), self.file(&format!("{name}.crt"))),
             ("TLS_KEY_FILE".into(), self.file(&format!("{name}.key"))),
             ("TLS_CA_FILE".into(), self.file("ca.crt")),
             ("JWT_PUBLIC_KEYS_FILE".into(), self.file("jwks.json")),
+        ];
+        env.extend(
+            self.redis_user(name)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
+        env
+    }
+
+    /// REDIS_USERNAME and REDIS_PASSWORD_FILE of a service's Redis user.
+    fn redis_user(&self, name: &str) -> Vec<(&'static str, String)> {
+        if !inmail_shared::auth::redis_acl::USERS
+            .iter()
+            .any(|(service, _)| *service == name)
+        {
+            return Vec::new();
+        }
+        vec![
+            ("REDIS_USERNAME", name.to_string()),
+            (
+                "REDIS_PASSWORD_FILE",
+                self.file(&format!("redis-{name}.password")),
+            ),
         ]
+    }
+
+    /// The `user` directives of the services' Redis users (and the probe's)
+    /// as redis-server arguments, with the shipped rules.
+    pub fn redis_user_args(&self) -> Vec<String> {
+        use inmail_shared::auth::redis_acl::{PROBE_USER, USERS, rules};
+        let mut args: Vec<String> =
+            format!("--user {PROBE_USER} on nopass resetchannels -@all +ping")
+                .split(' ')
+                .map(String::from)
+                .collect();
+        for (service, prefix) in USERS {
+            let (_, password) = self
+                .pki
+                .redis_passwords
+                .iter()
+                .find(|(s, _)| s == service)
+                .expect("a password per service");
+            args.extend(["--user".to_string(), service.to_string(), "on".into()]);
+            args.push(format!(">{password}"));
+            args.extend(rules(prefix, true).split_whitespace().map(String::from));
+        }
+        args
     }
 
     /// A valid token of `member`.

@@ -465,6 +465,7 @@ impl Node {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(crate::pki().redis_user_args())
             .args([
                 "--save",
                 "",

@@ -38,6 +38,57 @@ pub const SHARED: &[(&str, &str)] = &[
     ("messaging", "%R~plans:published"),
 ];
 
+/// The commands the services send, directly or from their scripts (a
+/// script's commands are checked against its caller's rules): nothing else
+/// is allowed — no FUNCTION, SELECT, MOVE, SWAPDB, CLIENT TRACKING, KEYS,
+/// CONFIG, FLUSH… The whole test suite runs under these rules (every test
+/// Redis has the services' users), so a command the code starts to send
+/// must be added here or the tests fail.
+pub const ALLOWED_COMMANDS: &[&str] = &[
+    // Connecting, health, time, replication acknowledgement, routing.
+    // (CLIENT SETINFO, which redis-rs sends to Redis 7.2+ and whose refusal
+    // it ignores, does not exist in 7.0 and cannot be named.)
+    "hello",
+    "auth",
+    "client|setname",
+    "ping",
+    "time",
+    "wait",
+    "cluster|slots",
+    "cluster|shards",
+    // Scripts (redis-rs loads a script on NOSCRIPT).
+    "evalsha",
+    "eval",
+    "script|load",
+    // Reconciliation and the archive walk every account.
+    "scan",
+    // Data.
+    "get",
+    "set",
+    "mget",
+    "exists",
+    "del",
+    "incr",
+    "pexpire",
+    "hget",
+    "hset",
+    "hsetnx",
+    "hmget",
+    "hgetall",
+    "hdel",
+    "hincrby",
+    "zadd",
+    "zrem",
+    "zscore",
+    "zcard",
+    "zrange",
+    "zremrangebyscore",
+    "xadd",
+    "xrange",
+    "xrevrange",
+    "xtrim",
+];
+
 /// The ACL rule list (after the user name and password) of `service`.
 pub fn rules(prefix: &str, test_clock: bool) -> String {
     let mut keys = format!("~{prefix}:*");
@@ -50,10 +101,8 @@ pub fn rules(prefix: &str, test_clock: bool) -> String {
     if test_clock {
         keys.push_str(" ~testclock:*");
     }
-    format!(
-        "{keys} resetchannels -@all +@read +@write +@connection +@transaction -@dangerous \
-         +evalsha +eval +script|load +scan +wait +time +cluster|slots +cluster|shards"
-    )
+    let commands: Vec<String> = ALLOWED_COMMANDS.iter().map(|c| format!("+{c}")).collect();
+    format!("{keys} resetchannels -@all {}", commands.join(" "))
 }
 
 /// A whole `users.acl` file: the default user as the administrator (its
