@@ -15,8 +15,13 @@
 # dev-pki`): a CA, a certificate per service and an operator's, the member
 # token signing key, a Redis password per service and the Redis ACL file.
 # Unless REDIS_URL is given it starts its own redis-server on 127.0.0.1:6390
-# (installing Debian's package when missing and running as root) with that
+# (6391 with TEST_CLOCK=true, whose data is kept apart in .local/redis-test-clock;
+# installing Debian's package when missing and running as root) with that
 # ACL file, AOF fsynced on every write and no eviction.
+#
+# One dev-up at a time: a second run while one is up says so and exits 1
+# without touching the first one's files. A service that dies ends dev-up
+# with exit 1 and the end of its log; Ctrl-C stops everything (exit 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,16 +30,41 @@ STATE_DIR="${STATE_DIR:-$PWD/.local}"
 PKI="$STATE_DIR/pki"
 TEST_CLOCK="${TEST_CLOCK:-false}"
 plaintext="${INSECURE_PLAINTEXT:-false}"
-DEV_REDIS_PORT="${DEV_REDIS_PORT:-6390}"
-mkdir -p "$STATE_DIR/logs" "$STATE_DIR/redis"
+if [ "$TEST_CLOCK" = true ]; then
+  # Moved clocks leave data no real-clock run should see.
+  DEV_REDIS_PORT="${DEV_REDIS_PORT:-6391}"
+  REDIS_DIR="$STATE_DIR/redis-test-clock"
+else
+  DEV_REDIS_PORT="${DEV_REDIS_PORT:-6390}"
+  REDIS_DIR="$STATE_DIR/redis"
+fi
+mkdir -p "$STATE_DIR/logs" "$REDIS_DIR"
+
+# One at a time: the lock is held for as long as this script runs.
+exec 9>"$STATE_DIR/dev-up.lock"
+if ! flock -n 9; then
+  echo "error: a dev-up is already running from $STATE_DIR (pid $(cat "$STATE_DIR/dev-up.pid" 2>/dev/null || echo '?'))." >&2
+  echo "       Stop it (Ctrl-C in its terminal) first; its files were left as they are." >&2
+  exit 1
+fi
+echo $$ >"$STATE_DIR/dev-up.pid"
+for port in 50051 50052 50053; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "error: something already listens on 127.0.0.1:$port; stop it first." >&2
+    exit 1
+  fi
+done
 
 pids=()
+names=()
+stopping=false
 cleanup() {
-  echo; echo "==> stopping"
+  trap - EXIT INT TERM
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'stopping=true; echo; echo "==> stopping"; cleanup; exit 0' INT TERM
 
 echo "==> building (cargo profile: $PROFILE)"
 cargo build --locked --profile "$PROFILE" --bins
@@ -75,12 +105,13 @@ if $own_redis; then
         exit 1
       fi
     fi
-    echo "==> starting redis-server on 127.0.0.1:$DEV_REDIS_PORT (ACL users, AOF fsync always) in $STATE_DIR/redis"
-    redis-server --port "$DEV_REDIS_PORT" --bind 127.0.0.1 --dir "$STATE_DIR/redis" \
+    echo "==> starting redis-server on 127.0.0.1:$DEV_REDIS_PORT (ACL users, AOF fsync always) in $REDIS_DIR"
+    redis-server --port "$DEV_REDIS_PORT" --bind 127.0.0.1 --dir "$REDIS_DIR" \
       --aclfile "$acl" --appendonly yes --appendfsync always --save "" \
       --maxmemory "${DEV_REDIS_MAXMEMORY:-1gb}" --maxmemory-policy noeviction \
       --logfile "$STATE_DIR/logs/redis.log" &
     pids+=($!)
+    names+=(redis-server)
     for _ in $(seq 50); do redis_answers && break; sleep 0.1; done
     redis_answers || { echo "error: redis-server did not start; see $STATE_DIR/logs/redis.log" >&2; exit 1; }
   fi
@@ -124,6 +155,24 @@ start() { # name listen metrics
   # shellcheck disable=SC2046
   env $(service_env "$1") LISTEN_ADDR="$2" METRICS_ADDR="$3" "$bin/$1" >"$STATE_DIR/logs/$1.log" 2>&1 &
   pids+=($!)
+  names+=("$1")
+}
+
+# A process of ours that exited: its name, status and the end of its log;
+# dev-up then ends with exit 1.
+died() {
+  local i status
+  for i in "${!pids[@]}"; do
+    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      status=0; wait "${pids[$i]}" 2>/dev/null || status=$?
+      local log="$STATE_DIR/logs/${names[$i]}.log"
+      [ "${names[$i]}" = redis-server ] && log="$STATE_DIR/logs/redis.log"
+      echo "error: ${names[$i]} exited (status $status); the end of $log:" >&2
+      tail -n 20 "$log" >&2 2>/dev/null || true
+      return 0
+    fi
+  done
+  return 1
 }
 start subscription-plan 127.0.0.1:50051 127.0.0.1:9101
 start billing-credits   127.0.0.1:50052 127.0.0.1:9102
@@ -135,7 +184,11 @@ for svc in subscription-plan:50051 billing-credits:50052 messaging:50053; do
     # shellcheck disable=SC2046
     env $(service_env "$name") LISTEN_ADDR="127.0.0.1:$port" "$bin/$name" healthcheck >/dev/null 2>&1
   }
-  for _ in $(seq 100); do healthy && break; sleep 0.1; done
+  for _ in $(seq 100); do
+    healthy && break
+    if died; then exit 1; fi
+    sleep 0.1
+  done
   healthy || { echo "error: $name did not become SERVING; see $STATE_DIR/logs/$name.log" >&2; exit 1; }
 done
 
@@ -158,4 +211,6 @@ fi
 echo
 echo "Ctrl-C stops the stack."
 wait -n "${pids[@]}" || true
-echo "==> a process exited; see $STATE_DIR/logs/" >&2
+$stopping && exit 0
+died || echo "error: a process of the stack exited; see $STATE_DIR/logs/" >&2
+exit 1

@@ -551,7 +551,14 @@ where
             .and_then(|caller| match shared.access.decide(&method, &caller) {
                 Decision::Allowed => Ok(caller),
                 Decision::Unimplemented => Err(ApiError::Unimplemented {
-                    message: format!("{method} is not served here"),
+                    message: if method.starts_with("/inmail.testclock.v1.TestClockService/") {
+                        format!(
+                            "{method} is not served here: the test clock is off; start the \
+                             stack with TEST_CLOCK=true (tests and local experiments only)"
+                        )
+                    } else {
+                        format!("{method} is not served here")
+                    },
                 }),
                 Decision::Unauthenticated => Err(ApiError::unauthenticated(
                     crate::reasons::UNAUTHENTICATED,

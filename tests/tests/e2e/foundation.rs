@@ -265,6 +265,8 @@ async fn the_test_clock_is_refused_when_off() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    // It says how to turn it on (issue 18: it answered "not served here").
+    assert!(refused.message().contains("TEST_CLOCK=true"), "{refused:?}");
     let refused = clock.get_time(clock::GetTimeRequest {}).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
     stop.cancel();
