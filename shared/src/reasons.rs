@@ -93,3 +93,91 @@ pub const TOO_MANY_PENDING_INVITATIONS: &str = "TOO_MANY_PENDING_INVITATIONS";
 pub const BLOCK_LIMIT_REACHED: &str = "BLOCK_LIMIT_REACHED";
 /// One of the two members has as many connections as allowed.
 pub const CONNECTION_LIMIT_REACHED: &str = "CONNECTION_LIMIT_REACHED";
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    const PROTOS: [&str; 4] = [
+        include_str!("../../proto/inmail/plans/v1/plans.proto"),
+        include_str!("../../proto/inmail/billing/v1/billing.proto"),
+        include_str!("../../proto/inmail/messaging/v1/messaging.proto"),
+        include_str!("../../proto/inmail/testclock/v1/test_clock.proto"),
+    ];
+
+    const CODES: [&str; 12] = [
+        "INVALID_ARGUMENT",
+        "FAILED_PRECONDITION",
+        "NOT_FOUND",
+        "RESOURCE_EXHAUSTED",
+        "UNAVAILABLE",
+        "ABORTED",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "INTERNAL",
+        "ALREADY_EXISTS",
+        "UNIMPLEMENTED",
+        "DEADLINE_EXCEEDED",
+    ];
+
+    /// The reasons the protos' comments name: the UPPER_SNAKE words in the
+    /// parentheses after a gRPC code ("FAILED_PRECONDITION (BLOCKED, ...)").
+    fn named_in_protos() -> BTreeSet<String> {
+        let mut named = BTreeSet::new();
+        for proto in PROTOS {
+            let comments: Vec<&str> = proto
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("//"))
+                .collect();
+            let text = comments.join(" ");
+            for code in CODES {
+                let mut rest = text.as_str();
+                while let Some(at) = rest.find(code) {
+                    rest = &rest[at + code.len()..];
+                    let Some(group) = rest.trim_start().strip_prefix('(') else {
+                        continue;
+                    };
+                    let Some(end) = group.find(')') else { break };
+                    for word in
+                        group[..end].split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    {
+                        let reason = word.len() > 2
+                            && word
+                                .chars()
+                                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                            && word.chars().next().is_some_and(|c| c.is_ascii_uppercase());
+                        if reason {
+                            named.insert(word.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        named
+    }
+
+    /// Every `pub const X: &str = "X";` of this file.
+    fn defined() -> BTreeSet<String> {
+        include_str!("reasons.rs")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub const "))
+            .filter_map(|l| l.split('"').nth(1))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn every_reason_the_protos_name_exists_and_every_reason_is_documented() {
+        let (named, defined) = (named_in_protos(), defined());
+        let undefined: Vec<&String> = named.difference(&defined).collect();
+        assert!(
+            undefined.is_empty(),
+            "reasons named in the protos but not in reasons.rs: {undefined:?}"
+        );
+        let undocumented: Vec<&String> = defined.difference(&named).collect();
+        assert!(
+            undocumented.is_empty(),
+            "reasons never named in a proto comment: {undocumented:?}"
+        );
+    }
+}

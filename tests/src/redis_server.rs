@@ -100,6 +100,17 @@ pub fn cluster_mode() -> bool {
     std::env::var("INMAIL_TEST_REDIS").is_ok_and(|v| v == "cluster")
 }
 
+/// For a test that needs a single Redis (a replica, INFO commandstats of one
+/// node, a script blocking the one Redis): `scripts/test.sh` skips it on the
+/// cluster run and names it in its summary; run there anyway, it fails
+/// instead of passing without testing anything.
+pub fn single_redis_only() {
+    assert!(
+        !cluster_mode(),
+        "this test needs a single Redis; scripts/test.sh skips it on the cluster run"
+    );
+}
+
 struct Node {
     port: u16,
     dir: PathBuf,

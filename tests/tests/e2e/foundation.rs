@@ -17,10 +17,8 @@ use crate::common::*;
 /// count as Redis answering, which lets a health check skip its ping.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_turns_not_serving_while_redis_answers_only_errors() {
-    if inmail_tests::redis_server::cluster_mode() {
-        // Blocks one Redis with a script.
-        return;
-    }
+    // Blocks one Redis with a script.
+    inmail_tests::redis_server::single_redis_only();
     let stack = Stack::start().await;
     let addrs = [stack.plans.addr, stack.billing.addr, stack.messaging.addr];
     for addr in addrs {

@@ -83,11 +83,12 @@ async fn a_huge_ledger_reconciles_in_bounded_steps_and_then_incrementally() {
             let until = Instant::now() + Duration::from_secs(4);
             while Instant::now() < until {
                 for addr in addrs {
-                    assert_ne!(
-                        health(addr).await.ok(),
-                        Some(NOT_SERVING),
-                        "{addr} went NOT_SERVING"
-                    );
+                    // An unanswered health check fails too (it used to pass
+                    // as "not NOT_SERVING").
+                    let status = health(addr)
+                        .await
+                        .unwrap_or_else(|e| panic!("{addr} did not answer health: {e:?}"));
+                    assert_ne!(status, NOT_SERVING, "{addr} went NOT_SERVING");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

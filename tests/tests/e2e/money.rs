@@ -388,10 +388,8 @@ async fn a_send_slower_than_hold_ttl_is_delivered_and_charged_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn money_writes_wait_for_a_replica_when_one_is_configured() {
     use inmail_tests::RedisServer;
-    if inmail_tests::redis_server::cluster_mode() {
-        // A single primary with a replica; the cluster run has no replicas.
-        return;
-    }
+    // A single primary with a replica; the cluster run has no replicas.
+    inmail_tests::redis_server::single_redis_only();
     let primary = RedisServer::start_single().await;
     let replica = primary.start_replica().await;
     let wait = vec![

@@ -623,10 +623,8 @@ fn wait_for_one_replica(timeout: &str) -> StackOptions {
 async fn once_serving_again_after_a_redis_outage_the_first_replicated_writes_succeed() {
     use inmail_shared::proto::plans::v1 as plans;
     use inmail_tests::{NOT_SERVING, RedisServer, SERVING};
-    if inmail_tests::redis_server::cluster_mode() {
-        // A single primary with a replica; the cluster run has no replicas.
-        return;
-    }
+    // A single primary with a replica; the cluster run has no replicas.
+    inmail_tests::redis_server::single_redis_only();
     let primary = RedisServer::start_single().await;
     let replica = primary.start_replica().await;
     let mut stack = Stack::start_on(primary, wait_for_one_replica("2s")).await;
@@ -723,10 +721,8 @@ async fn a_stalled_replica_holds_only_the_writes_that_wait_for_it() {
     use inmail_shared::proto::billing::v1 as billing;
     use inmail_shared::proto::plans::v1 as plans;
     use inmail_tests::{RedisServer, SERVING, health};
-    if inmail_tests::redis_server::cluster_mode() {
-        // A single primary with a replica; the cluster run has no replicas.
-        return;
-    }
+    // A single primary with a replica; the cluster run has no replicas.
+    inmail_tests::redis_server::single_redis_only();
     let primary = RedisServer::start_single().await;
     let replica = primary.start_replica().await;
     let stack = Stack::start_on(primary, wait_for_one_replica("3s")).await;
