@@ -17,7 +17,7 @@ use crate::storage::Redis;
 use crate::telemetry::{init_tracing, install_metrics};
 
 /// How often health re-checks Redis.
-const REDIS_WATCH_INTERVAL: Duration = Duration::from_millis(500);
+pub const REDIS_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A service's connection to Redis, its clock and its security.
 #[derive(Clone, Debug)]
