@@ -547,3 +547,52 @@ pub async fn outbox_len(redis: &RedisServer) -> u64 {
     }
     total
 }
+
+/// Runs `calls` at once: each waits at one barrier, then calls. Answers
+/// their results in order, and fails unless at least `min_in_flight` of them
+/// were in flight at the same moment (from send to answer, client side), so
+/// a race test is shown to race rather than to run one call after another.
+pub async fn race<T, Fut>(calls: Vec<Fut>, min_in_flight: usize) -> Vec<T>
+where
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(calls.len()));
+    let tasks: Vec<_> = calls
+        .into_iter()
+        .map(|call| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let started = std::time::Instant::now();
+                let answer = call.await;
+                (answer, started, std::time::Instant::now())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    let mut spans = Vec::new();
+    for task in tasks {
+        let (answer, started, ended) = task.await.expect("a racing call panicked");
+        answers.push(answer);
+        spans.push((started, ended));
+    }
+    // The most calls in flight at once: at each start, those begun and not
+    // yet answered.
+    let most = spans
+        .iter()
+        .map(|(at, _)| {
+            spans
+                .iter()
+                .filter(|(started, ended)| started <= at && ended > at)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most >= min_in_flight,
+        "only {most} of {} calls were ever in flight at once",
+        spans.len()
+    );
+    answers
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use inmail_shared::proto::billing::v1 as pb;
 use inmail_shared::proto::billing::v1::LedgerEntryKind as Kind;
 use inmail_shared::proto::plans::v1 as plans;
-use inmail_tests::{NOT_SERVING, SERVING, Stack, health, rid};
+use inmail_tests::{NOT_SERVING, SERVING, Stack, health, race, rid};
 use tonic::Code;
 
 use crate::common::*;
@@ -70,18 +70,19 @@ async fn two_hundred_debits_race_for_five_credits_exactly_five_win() {
     let stack = Stack::start().await;
     subscribe(&stack, "ann", "premium-career").await;
     assert_eq!(available(&stack, "ann").await, 5);
-    let mut calls = Vec::new();
-    for i in 0..200 {
-        let mut billing = stack.billing_as_messaging();
-        calls.push(tokio::spawn(async move {
-            billing
-                .debit_for_message(debit_request("ann", &format!("msg-{i}")))
-                .await
-        }));
-    }
+    let calls = (0..200)
+        .map(|i| {
+            let mut billing = stack.billing_as_messaging();
+            async move {
+                billing
+                    .debit_for_message(debit_request("ann", &format!("msg-{i}")))
+                    .await
+            }
+        })
+        .collect();
     let mut won = 0;
-    for call in calls {
-        match call.await.unwrap() {
+    for answer in race(calls, 10).await {
+        match answer {
             Ok(_) => won += 1,
             Err(status) => {
                 assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -101,18 +102,18 @@ async fn fifty_concurrent_debits_of_one_message_debit_once_with_identical_answer
     let stack = Stack::start().await;
     subscribe(&stack, "bo", "premium-business").await;
     let request = debit_request("bo", "the-one");
-    let mut calls = Vec::new();
-    for _ in 0..50 {
-        let mut billing = stack.billing_as_messaging();
-        let request = request.clone();
-        calls.push(tokio::spawn(async move {
-            billing.debit_for_message(request).await
-        }));
-    }
-    let mut answers = Vec::new();
-    for call in calls {
-        answers.push(call.await.unwrap().expect("debit").into_inner());
-    }
+    let calls = (0..50)
+        .map(|_| {
+            let mut billing = stack.billing_as_messaging();
+            let request = request.clone();
+            async move { billing.debit_for_message(request).await }
+        })
+        .collect();
+    let answers: Vec<_> = race(calls, 5)
+        .await
+        .into_iter()
+        .map(|answer| answer.expect("debit").into_inner())
+        .collect();
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "answers differ");
     assert_eq!(answers[0].balance_after, 14);
     assert_eq!(available(&stack, "bo").await, 14);
@@ -133,29 +134,24 @@ async fn fifty_concurrent_refunds_give_the_credit_back_exactly_once() {
     debit(&stack, "cy", "m1").await.unwrap();
     confirm(&stack, "cy", "m1").await.unwrap();
     assert_eq!(available(&stack, "cy").await, 4);
-    let mut calls = Vec::new();
-    for _ in 0..50 {
-        let mut billing = stack.billing_as_messaging();
-        calls.push(tokio::spawn(async move {
-            billing
-                .refund_message(pb::RefundMessageRequest {
-                    request_id: rid(),
-                    member_id: "cy".into(),
-                    message_id: "m1".into(),
-                    responded_at: None,
-                })
-                .await
-        }));
-    }
+    let calls = (0..50)
+        .map(|_| {
+            let mut billing = stack.billing_as_messaging();
+            async move {
+                billing
+                    .refund_message(pb::RefundMessageRequest {
+                        request_id: rid(),
+                        member_id: "cy".into(),
+                        message_id: "m1".into(),
+                        responded_at: None,
+                    })
+                    .await
+            }
+        })
+        .collect();
     let mut refunded_now = 0;
-    for call in calls {
-        if call
-            .await
-            .unwrap()
-            .expect("refund")
-            .into_inner()
-            .refunded_now
-        {
+    for answer in race(calls, 5).await {
+        if answer.expect("refund").into_inner().refunded_now {
             refunded_now += 1;
         }
     }

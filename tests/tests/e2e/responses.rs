@@ -62,21 +62,20 @@ async fn race(
     clients: Vec<MessagingClient>,
     requests: Vec<pb::RespondToInmailRequest>,
 ) -> Vec<Result<pb::RespondToInmailResponse, tonic::Status>> {
-    let mut calls = Vec::new();
-    for (i, request) in requests.into_iter().enumerate() {
-        let mut client = clients[i % clients.len()].clone();
-        calls.push(tokio::spawn(async move {
-            client
-                .respond_to_inmail(request)
-                .await
-                .map(tonic::Response::into_inner)
-        }));
-    }
-    let mut answers = Vec::new();
-    for call in calls {
-        answers.push(call.await.unwrap());
-    }
-    answers
+    let calls = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, request)| {
+            let mut client = clients[i % clients.len()].clone();
+            async move {
+                client
+                    .respond_to_inmail(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
+        .collect();
+    inmail_tests::race(calls, 3).await
 }
 
 /// 30 concurrent REPLY responses to one InMail, each with its own body: one
