@@ -56,9 +56,15 @@ impl Runtime {
         })
     }
 
-    /// A channel to another service (mutual TLS unless in plaintext mode).
-    pub fn channel(&self, var: &str, url: &str) -> Result<tonic::transport::Channel, String> {
-        self.security.channel(var, url)
+    /// A channel to `service` (mutual TLS unless in plaintext mode; the
+    /// server must present `spiffe://inmail/<service>`).
+    pub fn channel(
+        &self,
+        var: &str,
+        url: &str,
+        service: &str,
+    ) -> Result<tonic::transport::Channel, String> {
+        self.security.channel(var, url, service)
     }
 
     /// The gRPC server of `service`: health, reflection (unless turned off),

@@ -60,6 +60,28 @@ impl Authority {
     /// "messaging" or "operator/ana"), valid as server and client, for the
     /// host names and addresses in `hosts`.
     pub fn issue(&self, identity: &str, hosts: &[&str]) -> Result<Pem, String> {
+        self.issue_for(
+            identity,
+            hosts,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// A certificate for `identity` that can only call (clientAuth), never
+    /// serve: an operator's, which must not pass for a service.
+    pub fn issue_client(&self, identity: &str) -> Result<Pem, String> {
+        self.issue_for(identity, &[], vec![ExtendedKeyUsagePurpose::ClientAuth])
+    }
+
+    fn issue_for(
+        &self,
+        identity: &str,
+        hosts: &[&str],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Pem, String> {
         let mut params =
             CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
                 .map_err(err)?;
@@ -70,10 +92,7 @@ impl Authority {
         params.distinguished_name.push(DnType::CommonName, identity);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().map_err(err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
@@ -136,7 +155,7 @@ impl DevPki {
             names.push(service);
             certs.push((service.to_string(), ca.issue(service, &names)?));
         }
-        certs.push(("operator".to_string(), ca.issue("operator/dev", hosts)?));
+        certs.push(("operator".to_string(), ca.issue_client("operator/dev")?));
         let signing = SigningKey::generate("dev-1")?;
         let password = || {
             format!(

@@ -16,3 +16,4 @@ mod plans;
 mod processes;
 mod resilience;
 mod responses;
+mod trust;
