@@ -100,6 +100,11 @@ pub struct CommonArgs {
     #[arg(long, env = "JWT_AUDIENCE", default_value = "inmail")]
     pub jwt_audience: String,
 
+    /// The longest a member token may be valid (`exp - iat`, or `exp - now`
+    /// without `iat`); longer ones are refused.
+    #[arg(long, env = "JWT_MAX_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub jwt_max_lifetime: Duration,
+
     /// Plaintext, no authentication: for local experiments only, and only
     /// on loopback addresses (refused otherwise).
     #[arg(long, env = "INSECURE_PLAINTEXT", default_value = "false", num_args = 0..=1,

@@ -45,6 +45,17 @@ pub fn pki() -> &'static Pki {
             std::fs::write(dir.join(format!("{service}-uri-only.crt")), pem.cert).unwrap();
             std::fs::write(dir.join(format!("{service}-uri-only.key")), pem.key).unwrap();
         }
+        // A billing-credits certificate from a CA the services do not trust.
+        let foreign = foreign_certificate("billing-credits");
+        std::fs::write(dir.join("foreign-billing-credits.crt"), foreign.cert).unwrap();
+        std::fs::write(dir.join("foreign-billing-credits.key"), foreign.key).unwrap();
+        // The development key and a second one: a rotation in progress.
+        let second = inmail_shared::auth::devpki::SigningKey::generate("dev-2").expect("a key");
+        let keys = |jwks: &str| {
+            serde_json::from_str::<serde_json::Value>(jwks).unwrap()["keys"][0].clone()
+        };
+        let both = serde_json::json!({ "keys": [keys(&pki.signing.jwks), keys(&second.jwks)] });
+        std::fs::write(dir.join("jwks-two-keys.json"), both.to_string()).unwrap();
         let signer = TokenSigner::new(
             pki.signing.private_pem.as_bytes(),
             &pki.signing.kid,

@@ -98,6 +98,9 @@ pub struct StackOptions {
     /// The certificate (a file stem of the test PKI) each service serves and
     /// calls with, by service name; by default its own.
     pub certificate_of: Option<CertificateOf>,
+    /// The JWK set (a file name of the test PKI) the services verify member
+    /// tokens with; by default `jwks.json`.
+    pub jwks_file: Option<&'static str>,
 }
 
 /// Redis and the three services, each on a free port, test clock on.
@@ -127,7 +130,11 @@ fn args_for(
         .certificate_of
         .as_ref()
         .map_or_else(|| binary.to_string(), |of| of(binary));
-    args.extend(pki().service_args(&certificate));
+    let mut security = pki().service_args(&certificate);
+    if let Some(jwks) = options.jwks_file {
+        *security.last_mut().expect("the JWK set") = pki().file(jwks);
+    }
+    args.extend(security);
     args.extend([
         "--test-clock".into(),
         "--shutdown-grace".into(),

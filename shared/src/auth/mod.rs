@@ -254,8 +254,11 @@ impl Security {
         let tokens = TokenVerifier::load(
             &keys,
             "JWT_PUBLIC_KEYS_FILE",
-            &common.jwt_issuer,
-            &common.jwt_audience,
+            &token::TokenRules {
+                issuer: common.jwt_issuer.clone(),
+                audience: common.jwt_audience.clone(),
+                max_lifetime: common.jwt_max_lifetime,
+            },
         )?;
         Ok(Self::Tls {
             material: Arc::new(material),

@@ -66,3 +66,295 @@ async fn a_stack_whose_certificates_name_only_spiffe_ids_works_end_to_end() {
     assert_eq!(available(&stack, "sam").await, before - 1);
     stack.stop().await;
 }
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A token with exactly these claims, signed with the development key
+/// (`kid` in the header when given).
+fn signed(claims: serde_json::Value, kid: Option<&str>) -> String {
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(
+        inmail_tests::pki().pki.signing.private_pem.as_bytes(),
+    )
+    .unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = kid.map(str::to_string);
+    jsonwebtoken::encode(&header, &claims, &key).unwrap()
+}
+
+/// sam's claims, issued now and valid for `ttl_s`, with `extra` merged in.
+fn claims(ttl_s: u64, extra: serde_json::Value) -> serde_json::Value {
+    let now = now_s();
+    let mut claims = serde_json::json!({
+        "sub": "sam", "iss": "inmail", "aud": "inmail", "iat": now, "exp": now + ttl_s,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        if v.is_null() {
+            claims.as_object_mut().unwrap().remove(k);
+        } else {
+            claims[k] = v.clone();
+        }
+    }
+    claims
+}
+
+/// sam reads their balance on `addr`'s billing-credits with `token`.
+async fn balance_with(addr: std::net::SocketAddr, token: &str) -> Result<(), tonic::Status> {
+    inmail_tests::billing_at(addr, &As::Header(format!("Bearer {token}")))
+        .get_balance(inmail_shared::proto::billing::v1::GetBalanceRequest {
+            member_id: "sam".into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+fn assert_refused(answer: Result<(), tonic::Status>, says: &str) {
+    let refused = answer.expect_err("the token was accepted");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains(says), "{says:?}: {refused:?}");
+}
+
+/// `nbf` is honoured: a token not valid yet is UNAUTHENTICATED (the 30 s
+/// leeway aside), one whose `nbf` has passed is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_not_valid_yet_is_unauthenticated() {
+    let stack = Stack::start().await;
+    let later = signed(
+        claims(7200, serde_json::json!({ "nbf": now_s() + 3600 })),
+        Some("dev-1"),
+    );
+    assert_refused(
+        balance_with(stack.billing.addr, &later).await,
+        "not valid yet",
+    );
+    let passed = signed(
+        claims(7200, serde_json::json!({ "nbf": now_s() - 10 })),
+        Some("dev-1"),
+    );
+    balance_with(stack.billing.addr, &passed).await.unwrap();
+    stack.stop().await;
+}
+
+/// A token valid for longer than JWT_MAX_LIFETIME (24 h unless set) is
+/// refused, measured from `iat`, or from now without `iat`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_valid_longer_than_the_maximum_lifetime_is_refused() {
+    let stack = Stack::start_with(StackOptions {
+        plans_args: vec!["--jwt-max-lifetime".into(), "2h".into()],
+        ..Default::default()
+    })
+    .await;
+    let hour = 3600;
+    let two_days = signed(claims(48 * hour, serde_json::json!({})), Some("dev-1"));
+    assert_refused(
+        balance_with(stack.billing.addr, &two_days).await,
+        "longer than",
+    );
+    let no_iat = signed(
+        claims(25 * hour, serde_json::json!({ "iat": null })),
+        Some("dev-1"),
+    );
+    assert_refused(
+        balance_with(stack.billing.addr, &no_iat).await,
+        "longer than",
+    );
+    let day = signed(claims(23 * hour, serde_json::json!({})), Some("dev-1"));
+    balance_with(stack.billing.addr, &day).await.unwrap();
+
+    // subscription-plan runs with JWT_MAX_LIFETIME=2h.
+    let plans = |token: &str| {
+        let mut client =
+            inmail_tests::plans_at(stack.plans.addr, &As::Header(format!("Bearer {token}")));
+        async move {
+            client
+                .get_subscription(inmail_shared::proto::plans::v1::GetSubscriptionRequest {
+                    member_id: "sam".into(),
+                })
+                .await
+        }
+    };
+    let refused = plans(&day)
+        .await
+        .expect_err("a 23 h token under a 2 h maximum");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let hour_token = signed(claims(hour, serde_json::json!({})), Some("dev-1"));
+    let answer = plans(&hour_token).await;
+    assert_ne!(
+        answer.as_ref().map_err(tonic::Status::code).err(),
+        Some(Code::Unauthenticated),
+        "{answer:?}"
+    );
+    stack.stop().await;
+}
+
+/// With several keys in the JWK set a token must name its key: without a
+/// `kid` it is refused (not tried against every key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_without_kid_is_refused_when_the_key_set_holds_several_keys() {
+    let stack = Stack::start_with(StackOptions {
+        jwks_file: Some("jwks-two-keys.json"),
+        ..Default::default()
+    })
+    .await;
+    let unnamed = signed(claims(3600, serde_json::json!({})), None);
+    assert_refused(balance_with(stack.billing.addr, &unnamed).await, "kid");
+    let named = signed(claims(3600, serde_json::json!({})), Some("dev-1"));
+    balance_with(stack.billing.addr, &named).await.unwrap();
+    stack.stop().await;
+}
+
+/// A refused token is explained in plain words, never with the JWT or JSON
+/// library's error text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_errors_say_what_is_wrong_in_plain_words() {
+    use base64::Engine;
+    let stack = Stack::start().await;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let header = b64(r#"{"alg":"EdDSA","typ":"JWT","kid":"dev-1"}"#);
+    let key = jsonwebtoken::EncodingKey::from_ed_pem(
+        inmail_tests::pki().pki.signing.private_pem.as_bytes(),
+    )
+    .unwrap();
+    // Signed, but its claims are not JSON.
+    let payload = format!("{header}.{}", b64("not json"));
+    let signature =
+        jsonwebtoken::crypto::sign(payload.as_bytes(), &key, jsonwebtoken::Algorithm::EdDSA)
+            .unwrap();
+    let good = signed(claims(3600, serde_json::json!({})), Some("dev-1"));
+    let (good_payload, _) = good.rsplit_once('.').unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        ("abc".into(), "not a JWT"),
+        ("a.b.c".into(), "not a JWT"),
+        (format!("{payload}.{signature}"), "malformed"),
+        (format!("{good_payload}.{}", b64("forged")), "signature"),
+        (
+            signed(
+                claims(3600, serde_json::json!({ "exp": "tomorrow" })),
+                Some("dev-1"),
+            ),
+            "exp claim is missing or malformed",
+        ),
+        (
+            signed(
+                claims(3600, serde_json::json!({ "sub": null })),
+                Some("dev-1"),
+            ),
+            "sub claim is missing or malformed",
+        ),
+        (
+            signed(
+                claims(3600, serde_json::json!({ "aud": "elsewhere" })),
+                Some("dev-1"),
+            ),
+            "audience",
+        ),
+        (
+            signed(
+                claims(3600, serde_json::json!({ "exp": now_s() - 3600 })),
+                Some("dev-1"),
+            ),
+            "expired",
+        ),
+        (
+            signed(claims(3600, serde_json::json!({ "sub": 7 })), Some("dev-1")),
+            "sub",
+        ),
+        (
+            signed(claims(3600, serde_json::json!({})), Some("nobody")),
+            "kid",
+        ),
+    ];
+    for (token, says) in cases {
+        let refused = balance_with(stack.billing.addr, &token)
+            .await
+            .expect_err("a bad token was accepted");
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        let message = refused.message();
+        assert!(message.contains(says), "{says:?}: {message}");
+        for internal in [
+            "InvalidToken",
+            "Base64",
+            "Json",
+            "JSON",
+            "serde",
+            "line ",
+            "column",
+            "ErrorKind",
+            "invalid type",
+            "expected value",
+        ] {
+            assert!(!message.contains(internal), "{internal:?} leaks: {message}");
+        }
+    }
+    stack.stop().await;
+}
+
+/// A downstream that cannot be reached (here: it serves a certificate of
+/// another CA) is UNAVAILABLE with a reason; the TLS error, which names
+/// certificates, stays in messaging's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_learn_billing_is_unreachable_not_the_tls_error() {
+    let stack = Stack::start().await;
+    subscribe(&stack, "sam", "premium-career").await;
+    let before = available(&stack, "sam").await;
+    let mut foreign = stack
+        .billing_with_certificate("foreign-billing-credits")
+        .await;
+    let mut messaging = stack.messaging_calling_billing_at(foreign.addr).await;
+    let refused = messaging_at(messaging.addr, &As::member("sam"))
+        .send_message(send_request("sam", "stranger1", "Hello", "Hi"))
+        .await
+        .expect_err("sent through a billing of another CA");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason(&refused), "BILLING_UNAVAILABLE", "{refused:?}");
+    for internal in [
+        "certificate",
+        "UnknownIssuer",
+        "tls",
+        "TLS",
+        "transport",
+        "spiffe",
+    ] {
+        assert!(
+            !refused.message().contains(internal),
+            "{internal:?} leaks: {}",
+            refused.message()
+        );
+    }
+    assert_eq!(available(&stack, "sam").await, before);
+    messaging.stop().await;
+    foreign.stop().await;
+    stack.stop().await;
+}
+
+/// A request body that is not the method's message is the caller's
+/// mistake: INVALID_ARGUMENT, not INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_is_invalid_argument() {
+    let stack = Stack::start().await;
+    // Field 1, length-delimited, claims 5 bytes and carries one.
+    let truncated = [0x0a, 0x05, 0x01];
+    for (addr, who, path) in [
+        (
+            stack.plans.addr,
+            As::Anonymous,
+            "/inmail.plans.v1.SubscriptionPlanService/ListPlans",
+        ),
+        (
+            stack.billing.addr,
+            As::member("sam"),
+            "/inmail.billing.v1.BillingCreditsService/GetBalance",
+        ),
+    ] {
+        let refused = crate::access::call(addr, &who, path, &truncated)
+            .await
+            .expect_err("a malformed request was served");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{path}: {refused:?}");
+        assert!(!refused.message().contains("Protobuf"), "{refused:?}");
+    }
+    stack.stop().await;
+}
