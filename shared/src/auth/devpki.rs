@@ -122,11 +122,38 @@ impl SigningKey {
         })
         .to_string();
         Ok(Self {
-            private_pem: key.serialize_pem(),
+            private_pem: ed25519_pkcs8_v1_pem(&key.serialize_der())?,
             kid: kid.to_string(),
             jwks,
         })
     }
+}
+
+/// The Ed25519 key as PKCS#8 v1 (RFC 8410: the seed only), which OpenSSL
+/// (`openssl pkey`), Python's `cryptography` and PyJWT read; `der` is what
+/// rcgen writes, PKCS#8 v2 with the public key appended, which they refuse.
+fn ed25519_pkcs8_v1_pem(der: &[u8]) -> Result<String, String> {
+    // SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING (32 bytes:
+    // the seed) }: the same in both versions.
+    const HEADER: [u8; 11] = [
+        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    let at = der
+        .windows(HEADER.len())
+        .position(|w| w == HEADER)
+        .ok_or("the Ed25519 key is not PKCS#8")?;
+    let seed = der
+        .get(at + HEADER.len()..at + HEADER.len() + 32)
+        .ok_or("the Ed25519 key is truncated")?;
+    // SEQUENCE (46 bytes) { INTEGER 0 (v1), ... }
+    let mut v1 = vec![0x30, 0x2e, 0x02, 0x01, 0x00];
+    v1.extend_from_slice(&HEADER);
+    v1.extend_from_slice(seed);
+    // 48 bytes: one 64-character PEM line.
+    let body = base64::engine::general_purpose::STANDARD.encode(&v1);
+    Ok(format!(
+        "-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n"
+    ))
 }
 
 /// The services of the stack.

@@ -358,3 +358,126 @@ async fn a_malformed_request_is_invalid_argument() {
     }
     stack.stop().await;
 }
+
+/// The `sh` block of README.md that follows the line containing `marker`.
+fn readme_block(marker: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let after = &readme[readme.find(marker).expect("the README marker")..];
+    let start = after.find("```sh\n").expect("a sh block") + "```sh\n".len();
+    let end = start + after[start..].find("```").expect("the end of the block");
+    after[start..end].to_string()
+}
+
+/// The development token key is one standard tools read (PKCS#8 v1:
+/// `openssl pkey`, Python's `cryptography`), and a token minted with
+/// openssl alone, as README shows, is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_development_token_key_works_with_standard_tools() {
+    let pki = inmail_tests::pki();
+    let key = pki.file("jwt-signing.pem");
+    let read = std::process::Command::new("openssl")
+        .args(["pkey", "-in", &key, "-noout"])
+        .output()
+        .expect("run openssl");
+    assert!(
+        read.status.success(),
+        "openssl pkey cannot read the key: {}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let python = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys\n\
+             try:\n    from cryptography.hazmat.primitives.serialization import load_pem_private_key\n\
+             except ImportError:\n    sys.exit(3)\n\
+             load_pem_private_key(open(sys.argv[1], 'rb').read(), None)",
+            &key,
+        ])
+        .output()
+        .expect("run python3");
+    match python.status.code() {
+        Some(0) => {}
+        Some(3) => eprintln!("python3 has no `cryptography`: not checked with it"),
+        _ => panic!(
+            "Python's cryptography cannot read the key: {}",
+            String::from_utf8_lossy(&python.stderr)
+        ),
+    }
+
+    let script = readme_block("or with openssl alone")
+        .replace(".local/pki/", &format!("{}/", pki.dir.to_string_lossy()));
+    let minted = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("set -e\n{script}\nprintf '%s' \"$SAM\""))
+        .output()
+        .expect("run sh");
+    assert!(
+        minted.status.success(),
+        "README's openssl recipe failed: {}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    let token = String::from_utf8(minted.stdout).unwrap();
+    let stack = Stack::start().await;
+    balance_with(stack.billing.addr, &token)
+        .await
+        .unwrap_or_else(|s| panic!("README's token {token:?} was refused: {s:?}"));
+    stack.stop().await;
+}
+
+/// A certificate from another CA never identifies anyone (README, "Who may
+/// call what"): a client that presents it anyway (rustls) has the handshake
+/// refused; grpcurl (Go) presents only a certificate of the CAs the server
+/// names, so it sends none and calls anonymously: open methods answer,
+/// the rest are UNAUTHENTICATED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_identifies_nobody() {
+    use inmail_tests::grpcurl::run;
+    let stack = Stack::start().await;
+    let pki = inmail_tests::pki();
+    let foreign = |method: &str, data: &str| {
+        run(&[
+            "-cacert".to_string(),
+            pki.file("ca.crt"),
+            "-cert".into(),
+            pki.file("foreign-billing-credits.crt"),
+            "-key".into(),
+            pki.file("foreign-billing-credits.key"),
+            "-d".into(),
+            data.into(),
+            stack.billing.addr.to_string(),
+            method.into(),
+        ])
+    };
+    let refused = foreign(
+        "inmail.billing.v1.BillingCreditsService/GetBalance",
+        r#"{"member_id":"sam"}"#,
+    );
+    assert!(!refused.ok, "{refused:?}");
+    assert!(
+        refused.stderr.contains("Unauthenticated") && refused.stderr.contains("needs credentials"),
+        "{refused:?}"
+    );
+    let open = foreign("grpc.health.v1.Health/Check", "{}");
+    assert!(open.ok, "{open:?}");
+
+    let presented = inmail_tests::billing_at(
+        stack.billing.addr,
+        &As::Certificate(inmail_tests::identity::foreign_certificate(
+            "billing-credits",
+        )),
+    )
+    .get_balance(inmail_shared::proto::billing::v1::GetBalanceRequest {
+        member_id: "sam".into(),
+    })
+    .await
+    .expect_err("a certificate of another CA was accepted");
+    assert!(
+        matches!(
+            presented.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
+        "the handshake was not refused: {presented:?}"
+    );
+    stack.stop().await;
+}
