@@ -130,7 +130,14 @@ where
     };
     let result = runtime.block_on(async {
         if let Some(addr) = common.metrics_addr {
-            install_metrics(addr, service)?;
+            if !addr.ip().is_loopback() && !common.metrics_allow_remote {
+                return Err(format!(
+                    "METRICS_ADDR {addr} is beyond loopback: metrics are plain HTTP without \
+                     authentication. Serve them on loopback (e.g. 127.0.0.1:9101), or set \
+                     METRICS_ALLOW_REMOTE=true where only your scraper can reach the port"
+                ));
+            }
+            install_metrics(addr, service).await?;
             tracing::info!(%addr, "serving Prometheus metrics on /metrics");
         }
         let listener = TcpListener::bind(listen)

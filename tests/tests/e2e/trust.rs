@@ -481,3 +481,78 @@ async fn a_certificate_from_another_ca_identifies_nobody() {
     );
     stack.stop().await;
 }
+
+/// One HTTP GET; the whole answer (status line, headers, body).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// Metrics are plain HTTP without authentication: METRICS_ADDR beyond
+/// loopback is refused at start unless METRICS_ALLOW_REMOTE=true, and only
+/// `GET /metrics` answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_stay_on_loopback_and_answer_only_on_metrics() {
+    use inmail_tests::processes::{ProcessStack, binary};
+    use inmail_tests::redis_server::free_port;
+
+    let mut started = std::process::Command::new(binary("subscription-plan"))
+        .env_clear()
+        .env("LISTEN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("METRICS_ADDR", format!("0.0.0.0:{}", free_port()))
+        .envs(inmail_tests::pki().service_env("subscription-plan"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run subscription-plan");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while started.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let exited = started.try_wait().unwrap().is_some();
+    if !exited {
+        let _ = started.kill();
+    }
+    let refused = started.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(exited, "it started with METRICS_ADDR beyond loopback");
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("METRICS_ADDR") && stderr.contains("METRICS_ALLOW_REMOTE"),
+        "{stderr}"
+    );
+
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let (plans_port, billing_port) = (ports[0], ports[1]);
+    let stack = ProcessStack::start(move |name| match name {
+        // Beyond loopback, allowed by name; scraped through loopback.
+        "subscription-plan" => vec![
+            ("METRICS_ADDR".into(), format!("0.0.0.0:{plans_port}")),
+            ("METRICS_ALLOW_REMOTE".into(), "true".into()),
+        ],
+        "billing-credits" => vec![("METRICS_ADDR".into(), format!("127.0.0.1:{billing_port}"))],
+        _ => vec![],
+    })
+    .await;
+    for port in [plans_port, billing_port] {
+        let addr = format!("127.0.0.1:{port}");
+        let metrics = http_get(&addr, "/metrics");
+        assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+        for path in ["/", "/favicon.ico", "/metrics/../debug", "/metricsx"] {
+            let other = http_get(&addr, path);
+            assert!(other.starts_with("HTTP/1.1 404"), "{path}: {other}");
+        }
+    }
+    drop(stack);
+}
