@@ -204,7 +204,7 @@ else
   echo
   # The README's commands, so the two never disagree (a test runs them).
   sed -n '/^## Calling it with grpcurl/,/^## Configuration/p' README.md \
-    | awk '/^```/ { code = !code; next } code' | grep -E '^(SAM=|RITA=|grpcurl )' \
+    | awk '/^```/ { code = !code; next } code' | grep -E '^((SAM|RITA)=\$\(target|grpcurl )' \
     | { if [ "$TEST_CLOCK" = true ]; then cat; else grep -v TestClockService; fi; } \
     | sed "s#\.local/pki#$PKI#g; s#target/debug#$bin#g; s/^/  /"
 fi

@@ -56,9 +56,15 @@ impl Runtime {
         })
     }
 
-    /// A channel to another service (mutual TLS unless in plaintext mode).
-    pub fn channel(&self, var: &str, url: &str) -> Result<tonic::transport::Channel, String> {
-        self.security.channel(var, url)
+    /// A channel to `service` (mutual TLS unless in plaintext mode; the
+    /// server must present `spiffe://inmail/<service>`).
+    pub fn channel(
+        &self,
+        var: &str,
+        url: &str,
+        service: &str,
+    ) -> Result<tonic::transport::Channel, String> {
+        self.security.channel(var, url, service)
     }
 
     /// The gRPC server of `service`: health, reflection (unless turned off),
@@ -124,7 +130,14 @@ where
     };
     let result = runtime.block_on(async {
         if let Some(addr) = common.metrics_addr {
-            install_metrics(addr, service)?;
+            if !addr.ip().is_loopback() && !common.metrics_allow_remote {
+                return Err(format!(
+                    "METRICS_ADDR {addr} is beyond loopback: metrics are plain HTTP without \
+                     authentication. Serve them on loopback (e.g. 127.0.0.1:9101), or set \
+                     METRICS_ALLOW_REMOTE=true where only your scraper can reach the port"
+                ));
+            }
+            install_metrics(addr, service).await?;
             tracing::info!(%addr, "serving Prometheus metrics on /metrics");
         }
         let listener = TcpListener::bind(listen)

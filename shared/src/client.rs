@@ -5,6 +5,9 @@
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use rustls::client::danger::ServerCertVerifier;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
@@ -13,7 +16,12 @@ use crate::context::CallContext;
 /// A channel that dials on first use and redials by itself, so a service
 /// starts even while the services it calls are down. With `tls`, the URL
 /// must be `https://` (mutual TLS with the service's own certificate).
-pub fn lazy_channel(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+/// `tls`: the client's settings and the verifier of the server's
+/// certificate (e.g. [`crate::auth::tls::SpiffeServerVerifier`]).
+pub fn lazy_channel(
+    url: &str,
+    tls: Option<(ClientTlsConfig, Arc<dyn ServerCertVerifier>)>,
+) -> Result<Channel, String> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
     if endpoint.uri().scheme_str().is_none() || endpoint.uri().host().is_none() {
@@ -22,8 +30,8 @@ pub fn lazy_channel(url: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, 
         ));
     }
     let endpoint = match tls {
-        Some(tls) => endpoint
-            .tls_config(tls)
+        Some((tls, verifier)) => endpoint
+            .tls_config_with_verifier(tls, verifier)
             .map_err(|e| format!("{url:?}: cannot use TLS: {e}"))?,
         None => endpoint,
     };
@@ -147,7 +155,19 @@ impl Downstream {
             Verdict::Failed => self.breaker.on_error(),
             Verdict::CallersOwn => {}
         }
-        result
+        result.map_err(|status| self.unreached(status))
+    }
+
+    /// A call that never reached the service fails with the transport's
+    /// words (TLS errors naming the peer's certificate, socket errors): they
+    /// go to the log, the caller learns only that the service could not be
+    /// reached. The service's own answers pass unchanged.
+    fn unreached(&self, status: Status) -> Status {
+        if !not_answered(&status) {
+            return status;
+        }
+        tracing::warn!(downstream = self.name, error = %status.message(), "downstream not reached");
+        Status::unavailable(format!("{} could not be reached", self.name))
     }
 }
 

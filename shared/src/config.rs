@@ -43,9 +43,17 @@ pub struct CommonArgs {
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
-    /// Where to serve Prometheus metrics (e.g. 0.0.0.0:9101); off when unset.
+    /// Where to serve Prometheus metrics (e.g. 127.0.0.1:9101); off when
+    /// unset. Plain HTTP without authentication, so loopback only unless
+    /// METRICS_ALLOW_REMOTE.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// Allow METRICS_ADDR beyond loopback (e.g. a container's port that
+    /// Prometheus scrapes on a private network).
+    #[arg(long, env = "METRICS_ALLOW_REMOTE", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub metrics_allow_remote: bool,
 
     /// Upper bound on any call; a shorter client deadline wins.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -110,6 +118,11 @@ pub struct CommonArgs {
     /// The audience (`aud`) member tokens must name.
     #[arg(long, env = "JWT_AUDIENCE", default_value = "inmail")]
     pub jwt_audience: String,
+
+    /// The longest a member token may be valid (`exp - iat`, or `exp - now`
+    /// without `iat`); longer ones are refused.
+    #[arg(long, env = "JWT_MAX_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub jwt_max_lifetime: Duration,
 
     /// Plaintext, no authentication: for local experiments only, and only
     /// on loopback addresses (refused otherwise).

@@ -669,6 +669,7 @@ where
                         .into_http()
                     }
                 };
+                let response = malformed_request_is_invalid_argument(response);
                 let code = response
                     .headers()
                     .get("grpc-status")
@@ -688,6 +689,28 @@ where
             .instrument(span),
         )
     }
+}
+
+/// tonic answers a request body that does not decode as the method's
+/// message INTERNAL (tonic-prost's choice); it is the caller's mistake, so
+/// INVALID_ARGUMENT, without the decoder's words.
+fn malformed_request_is_invalid_argument<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let internal = headers.get("grpc-status").is_some_and(|v| v == "13");
+    let undecodable = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.starts_with("failed%20to%20decode%20Protobuf"));
+    if internal && undecodable {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static(
+                "the%20request%20is%20not%20a%20valid%20protobuf%20message%20of%20this%20method",
+            ),
+        );
+    }
+    response
 }
 
 /// Records one call; every label is a `&'static str` (no allocation per

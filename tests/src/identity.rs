@@ -5,15 +5,17 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use inmail_shared::auth::TRUST_DOMAIN;
 use inmail_shared::auth::devpki::{Authority, DevPki, Pem};
+use inmail_shared::auth::tls::SpiffeServerVerifier;
 use inmail_shared::auth::token::TokenSigner;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::{Channel, ClientTlsConfig, Identity};
 
 pub use inmail_shared::auth::devpki::SERVICES;
 
@@ -36,6 +38,24 @@ pub fn pki() -> &'static Pki {
         let dir =
             std::env::temp_dir().join(format!("inmail-pki-{}", uuid::Uuid::new_v4().simple()));
         pki.write(&dir).expect("write the PKI");
+        // What README advises for production: a service certificate naming
+        // only its SPIFFE id, no DNS name or address.
+        for service in SERVICES {
+            let pem = pki.ca.issue(service, &[]).expect("a URI-only certificate");
+            std::fs::write(dir.join(format!("{service}-uri-only.crt")), pem.cert).unwrap();
+            std::fs::write(dir.join(format!("{service}-uri-only.key")), pem.key).unwrap();
+        }
+        // A billing-credits certificate from a CA the services do not trust.
+        let foreign = foreign_certificate("billing-credits");
+        std::fs::write(dir.join("foreign-billing-credits.crt"), foreign.cert).unwrap();
+        std::fs::write(dir.join("foreign-billing-credits.key"), foreign.key).unwrap();
+        // The development key and a second one: a rotation in progress.
+        let second = inmail_shared::auth::devpki::SigningKey::generate("dev-2").expect("a key");
+        let keys = |jwks: &str| {
+            serde_json::from_str::<serde_json::Value>(jwks).unwrap()["keys"][0].clone()
+        };
+        let both = serde_json::json!({ "keys": [keys(&pki.signing.jwks), keys(&second.jwks)] });
+        std::fs::write(dir.join("jwks-two-keys.json"), both.to_string()).unwrap();
         let signer = TokenSigner::new(
             pki.signing.private_pem.as_bytes(),
             &pki.signing.kid,
@@ -195,7 +215,7 @@ pub type Authed = InterceptedService<Channel, Bearer>;
 
 fn tls_for(who: &As) -> ClientTlsConfig {
     let pki = pki();
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.pki.ca.cert_pem));
+    let tls = ClientTlsConfig::new();
     let identity = match who {
         As::Service(name) => Some(pki.cert(name).clone()),
         As::Operator => Some(pki.cert("operator").clone()),
@@ -208,12 +228,22 @@ fn tls_for(who: &As) -> ClientTlsConfig {
     }
 }
 
+/// Verifies that a server has a certificate of the test CA for one of the
+/// services (by SPIFFE id, as the services verify each other).
+pub fn any_service_verifier() -> Arc<SpiffeServerVerifier> {
+    let ids = SERVICES
+        .iter()
+        .map(|s| format!("spiffe://{TRUST_DOMAIN}/{s}"))
+        .collect();
+    Arc::new(SpiffeServerVerifier::new(pki().pki.ca.cert_pem.as_bytes(), ids).expect("the test CA"))
+}
+
 /// A lazily connected TLS channel to `addr` with `who`'s client
 /// certificate (if any), as a service's own clients take it.
 pub fn tls_channel(addr: SocketAddr, who: &As) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
-        .tls_config(tls_for(who))
+        .tls_config_with_verifier(tls_for(who), any_service_verifier())
         .unwrap()
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(20))

@@ -85,6 +85,9 @@ impl Drop for Service {
     }
 }
 
+/// Which certificate (a file stem of the test PKI) a service uses.
+pub type CertificateOf = std::sync::Arc<dyn Fn(&str) -> String + Send + Sync>;
+
 /// Extra flags and faults for the services of a stack.
 #[derive(Default, Clone)]
 pub struct StackOptions {
@@ -92,6 +95,12 @@ pub struct StackOptions {
     pub billing_args: Vec<String>,
     pub messaging_args: Vec<String>,
     pub faults: ::messaging::send::Faults,
+    /// The certificate (a file stem of the test PKI) each service serves and
+    /// calls with, by service name; by default its own.
+    pub certificate_of: Option<CertificateOf>,
+    /// The JWK set (a file name of the test PKI) the services verify member
+    /// tokens with; by default `jwks.json`.
+    pub jwks_file: Option<&'static str>,
 }
 
 /// Redis and the three services, each on a free port, test clock on.
@@ -107,6 +116,7 @@ fn args_for(
     binary: &str,
     listen: SocketAddr,
     redis: &[String],
+    options: &StackOptions,
     extra: &[String],
     urls: &[(&str, String)],
 ) -> Vec<String> {
@@ -116,7 +126,15 @@ fn args_for(
         listen.to_string(),
     ];
     args.extend(redis.iter().cloned());
-    args.extend(pki().service_args(binary));
+    let certificate = options
+        .certificate_of
+        .as_ref()
+        .map_or_else(|| binary.to_string(), |of| of(binary));
+    let mut security = pki().service_args(&certificate);
+    if let Some(jwks) = options.jwks_file {
+        *security.last_mut().expect("the JWK set") = pki().file(jwks);
+    }
+    args.extend(security);
     args.extend([
         "--test-clock".into(),
         "--shutdown-grace".into(),
@@ -179,6 +197,7 @@ impl Stack {
             "subscription-plan",
             addr,
             redis,
+            options,
             &options.plans_args,
             &[],
         ));
@@ -202,6 +221,7 @@ impl Stack {
             "billing-credits",
             addr,
             redis,
+            options,
             &options.billing_args,
             &[("--subscription-plan-url", format!("https://{plans}"))],
         ));
@@ -226,6 +246,7 @@ impl Stack {
             "messaging",
             addr,
             redis,
+            options,
             &options.messaging_args,
             &[
                 ("--subscription-plan-url", format!("https://{plans}")),
@@ -271,6 +292,37 @@ impl Stack {
         );
         wait_serving(replica.addr).await;
         replica
+    }
+
+    /// Another billing-credits on the same Redis and subscription-plan,
+    /// serving with the test PKI's certificate `certificate` (e.g. another
+    /// identity's, to impersonate billing). Not waited for: a client that
+    /// checks who it reached may never see it serving.
+    pub async fn billing_with_certificate(&self, certificate: &'static str) -> Service {
+        let options = StackOptions {
+            certificate_of: Some(std::sync::Arc::new(move |_| certificate.to_string())),
+            ..self.options.clone()
+        };
+        Self::spawn_billing(
+            listen().await,
+            &self.redis.service_args(),
+            self.plans.addr,
+            &options,
+        )
+    }
+
+    /// Another messaging on the same Redis, calling the billing-credits at
+    /// `billing`.
+    pub async fn messaging_calling_billing_at(&self, billing: SocketAddr) -> Service {
+        let messaging = Self::spawn_messaging(
+            listen().await,
+            &self.redis.service_args(),
+            self.plans.addr,
+            billing,
+            &self.options,
+        );
+        wait_serving(messaging.addr).await;
+        messaging
     }
 
     pub async fn stop_plans(&mut self) {

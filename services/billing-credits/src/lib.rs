@@ -159,7 +159,11 @@ pub async fn serve(
         listen,
         &[("SUBSCRIPTION_PLAN_URL", &args.subscription_plan_url)],
     )?;
-    let plans = runtime.channel("SUBSCRIPTION_PLAN_URL", &args.subscription_plan_url)?;
+    let plans = runtime.channel(
+        "SUBSCRIPTION_PLAN_URL",
+        &args.subscription_plan_url,
+        "subscription-plan",
+    )?;
     let policy = Policy {
         hold: args.hold_ttl,
         refund_window: args.refund_window,

@@ -299,8 +299,16 @@ pub async fn serve_with_faults(
             ("SUBSCRIPTION_PLAN_URL", &args.subscription_plan_url),
         ],
     )?;
-    let billing = runtime.channel("BILLING_CREDITS_URL", &args.billing_credits_url)?;
-    let plans = runtime.channel("SUBSCRIPTION_PLAN_URL", &args.subscription_plan_url)?;
+    let billing = runtime.channel(
+        "BILLING_CREDITS_URL",
+        &args.billing_credits_url,
+        "billing-credits",
+    )?;
+    let plans = runtime.channel(
+        "SUBSCRIPTION_PLAN_URL",
+        &args.subscription_plan_url,
+        "subscription-plan",
+    )?;
     let config = Config {
         policy: args.pending_inmail_policy,
         limits: SendLimits {

@@ -60,6 +60,28 @@ impl Authority {
     /// "messaging" or "operator/ana"), valid as server and client, for the
     /// host names and addresses in `hosts`.
     pub fn issue(&self, identity: &str, hosts: &[&str]) -> Result<Pem, String> {
+        self.issue_for(
+            identity,
+            hosts,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// A certificate for `identity` that can only call (clientAuth), never
+    /// serve: an operator's, which must not pass for a service.
+    pub fn issue_client(&self, identity: &str) -> Result<Pem, String> {
+        self.issue_for(identity, &[], vec![ExtendedKeyUsagePurpose::ClientAuth])
+    }
+
+    fn issue_for(
+        &self,
+        identity: &str,
+        hosts: &[&str],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Pem, String> {
         let mut params =
             CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
                 .map_err(err)?;
@@ -70,10 +92,7 @@ impl Authority {
         params.distinguished_name.push(DnType::CommonName, identity);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().map_err(err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(err)?;
@@ -103,11 +122,38 @@ impl SigningKey {
         })
         .to_string();
         Ok(Self {
-            private_pem: key.serialize_pem(),
+            private_pem: ed25519_pkcs8_v1_pem(&key.serialize_der())?,
             kid: kid.to_string(),
             jwks,
         })
     }
+}
+
+/// The Ed25519 key as PKCS#8 v1 (RFC 8410: the seed only), which OpenSSL
+/// (`openssl pkey`), Python's `cryptography` and PyJWT read; `der` is what
+/// rcgen writes, PKCS#8 v2 with the public key appended, which they refuse.
+fn ed25519_pkcs8_v1_pem(der: &[u8]) -> Result<String, String> {
+    // SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING (32 bytes:
+    // the seed) }: the same in both versions.
+    const HEADER: [u8; 11] = [
+        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    let at = der
+        .windows(HEADER.len())
+        .position(|w| w == HEADER)
+        .ok_or("the Ed25519 key is not PKCS#8")?;
+    let seed = der
+        .get(at + HEADER.len()..at + HEADER.len() + 32)
+        .ok_or("the Ed25519 key is truncated")?;
+    // SEQUENCE (46 bytes) { INTEGER 0 (v1), ... }
+    let mut v1 = vec![0x30, 0x2e, 0x02, 0x01, 0x00];
+    v1.extend_from_slice(&HEADER);
+    v1.extend_from_slice(seed);
+    // 48 bytes: one 64-character PEM line.
+    let body = base64::engine::general_purpose::STANDARD.encode(&v1);
+    Ok(format!(
+        "-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n"
+    ))
 }
 
 /// The services of the stack.
@@ -136,7 +182,7 @@ impl DevPki {
             names.push(service);
             certs.push((service.to_string(), ca.issue(service, &names)?));
         }
-        certs.push(("operator".to_string(), ca.issue("operator/dev", hosts)?));
+        certs.push(("operator".to_string(), ca.issue_client("operator/dev")?));
         let signing = SigningKey::generate("dev-1")?;
         let password = || {
             format!(

@@ -259,8 +259,11 @@ impl Security {
         let tokens = TokenVerifier::load(
             &keys,
             "JWT_PUBLIC_KEYS_FILE",
-            &common.jwt_issuer,
-            &common.jwt_audience,
+            &token::TokenRules {
+                issuer: common.jwt_issuer.clone(),
+                audience: common.jwt_audience.clone(),
+                max_lifetime: common.jwt_max_lifetime,
+            },
         )?;
         Ok(Self::Tls {
             material: Arc::new(material),
@@ -269,11 +272,20 @@ impl Security {
         })
     }
 
-    /// A lazily connected channel to another service (mutual TLS unless in
-    /// plaintext mode).
-    pub fn channel(&self, var: &str, url: &str) -> Result<Channel, String> {
+    /// A lazily connected channel to `service` (mutual TLS unless in
+    /// plaintext mode; the server must prove it is
+    /// `spiffe://inmail/<service>`).
+    pub fn channel(&self, var: &str, url: &str, service: &str) -> Result<Channel, String> {
         let tls = match self {
-            Self::Tls { material, .. } => Some(material.client_config()),
+            Self::Tls { material, .. } => {
+                let (tls, verifier) = material
+                    .client_config_for(service)
+                    .map_err(|e| format!("{var}: {e}"))?;
+                Some((
+                    tls,
+                    verifier as Arc<dyn rustls::client::danger::ServerCertVerifier>,
+                ))
+            }
             Self::Plaintext => None,
         };
         crate::client::lazy_channel(url, tls).map_err(|e| format!("{var}: {e}"))

@@ -144,11 +144,29 @@ impl TlsMaterial {
     }
 
     /// The client side: the CA to verify servers, and this certificate as
-    /// the client identity (mutual TLS).
+    /// the client identity (mutual TLS). Verifies the DNS name or address
+    /// only (the operator's tool, which may reach any service).
     pub fn client_config(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+    }
+
+    /// The client side towards `service` (mutual TLS): the server's chain is
+    /// verified against the CA and it must be `spiffe://inmail/<service>`
+    /// (its DNS names are not needed). Pass both to
+    /// `Endpoint::tls_config_with_verifier`.
+    pub fn client_config_for(
+        &self,
+        service: &str,
+    ) -> Result<(ClientTlsConfig, Arc<SpiffeServerVerifier>), String> {
+        let verifier = SpiffeServerVerifier::new(
+            &self.ca_pem,
+            vec![format!("spiffe://{}/{service}", super::TRUST_DOMAIN)],
+        )?;
+        let tls =
+            ClientTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        Ok((tls, Arc::new(verifier)))
     }
 
     /// Only the CA (a client with no identity of its own, e.g. the
@@ -157,6 +175,125 @@ impl TlsMaterial {
         ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem))
     }
 }
+
+/// Verifies a server's certificate chain against our CA (rustls's
+/// [`WebPkiServerVerifier`]: signatures, validity, the serverAuth usage)
+/// and then its identity by its SPIFFE id, not its DNS name: a peer is who
+/// its URI SAN says, so a certificate of our CA for another identity (the
+/// operator's, another service's) is refused even at the right address, and
+/// a certificate with only a URI SAN is enough.
+///
+/// [`WebPkiServerVerifier`]: rustls::client::WebPkiServerVerifier
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    accepted: Vec<String>,
+}
+
+impl SpiffeServerVerifier {
+    /// `ca_pem`: the CA certificates; `accepted`: the SPIFFE ids a server
+    /// may present (one, for a service calling another).
+    pub fn new(ca_pem: &[u8], accepted: Vec<String>) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certs(ca_pem, "TLS_CA_FILE", Path::new("(the CA)"))? {
+            roots
+                .add(ca)
+                .map_err(|e| format!("TLS_CA_FILE: not a CA certificate: {e}"))?;
+        }
+        let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| format!("TLS_CA_FILE: {e}"))?;
+        Ok(Self { chain, accepted })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::{CertificateError, Error};
+        // WebPkiServerVerifier checks the chain (and usage) first, the name
+        // last: a name mismatch means the chain held, and the name is what
+        // the SPIFFE id replaces.
+        match self.chain.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Ok(_)
+            | Err(Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(other) => return Err(other),
+        }
+        let presented = uri_sans(end_entity);
+        if presented.iter().any(|uri| self.accepted.contains(uri)) {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        Err(Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(WrongPeer {
+                expected: self.accepted.join(" or "),
+                presented: presented.join(", "),
+            })),
+        )))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
+/// A server of our CA that is not the service we meant to call.
+#[derive(Debug)]
+struct WrongPeer {
+    expected: String,
+    presented: String,
+}
+
+impl std::fmt::Display for WrongPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the server is not {} (its certificate names: {})",
+            self.expected,
+            if self.presented.is_empty() {
+                "no SPIFFE id"
+            } else {
+                &self.presented
+            }
+        )
+    }
+}
+
+impl std::error::Error for WrongPeer {}
 
 /// Makes rustls use ring for everything (the only provider compiled in).
 pub fn install_crypto_provider() {

@@ -61,7 +61,7 @@ impl Decoder for RawDecoder {
     }
 }
 
-async fn call(
+pub(crate) async fn call(
     addr: SocketAddr,
     who: &As,
     path: &'static str,

@@ -17,3 +17,4 @@ mod plans;
 mod processes;
 mod resilience;
 mod responses;
+mod trust;
