@@ -76,7 +76,14 @@ impl Pki {
     /// Redis user: every test Redis has the services' users, so the suite
     /// runs under the shipped ACL rules).
     pub fn service_args(&self, name: &str) -> Vec<String> {
-        let mut args = vec![
+        let mut args = self.tls_args(name);
+        args.extend(self.redis_args(name));
+        args
+    }
+
+    /// The certificate, key, CA and JWK set flags of `name`'s identity.
+    pub fn tls_args(&self, name: &str) -> Vec<String> {
+        vec![
             "--tls-cert-file".into(),
             self.file(&format!("{name}.crt")),
             "--tls-key-file".into(),
@@ -85,12 +92,20 @@ impl Pki {
             self.file("ca.crt"),
             "--jwt-public-keys-file".into(),
             self.file("jwks.json"),
-        ];
-        for (flag, value) in self.redis_user(name) {
-            args.push(format!("--{}", flag.to_lowercase().replace('_', "-")));
-            args.push(value);
-        }
-        args
+        ]
+    }
+
+    /// The Redis user flags of the service `name` (none for other names).
+    pub fn redis_args(&self, name: &str) -> Vec<String> {
+        self.redis_user(name)
+            .into_iter()
+            .flat_map(|(flag, value)| {
+                [
+                    format!("--{}", flag.to_lowercase().replace('_', "-")),
+                    value,
+                ]
+            })
+            .collect()
     }
 
     /// The same as environment variables (for the binaries).

@@ -130,11 +130,14 @@ fn args_for(
         .certificate_of
         .as_ref()
         .map_or_else(|| binary.to_string(), |of| of(binary));
-    let mut security = pki().service_args(&certificate);
+    // The identity may be another's (a test of impostors); the Redis user is
+    // always the binary's own.
+    let mut security = pki().tls_args(&certificate);
     if let Some(jwks) = options.jwks_file {
         *security.last_mut().expect("the JWK set") = pki().file(jwks);
     }
     args.extend(security);
+    args.extend(pki().redis_args(binary));
     args.extend([
         "--test-clock".into(),
         "--shutdown-grace".into(),
