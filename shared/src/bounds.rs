@@ -485,7 +485,9 @@ impl HttpBody for ResponseDeadline {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.state != ResponseState::Streaming
+        // An empty inner body (a trailers-only error) must say so: its
+        // status is in the headers, and a client expects END_STREAM there.
+        self.state != ResponseState::Streaming || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

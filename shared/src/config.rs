@@ -82,7 +82,7 @@ pub struct CommonArgs {
     pub max_inbound_connections: u32,
 
     /// Client connections open at once from one IP address.
-    #[arg(long, env = "MAX_INBOUND_CONNECTIONS_PER_ADDRESS", default_value_t = 64,
+    #[arg(long, env = "MAX_INBOUND_CONNECTIONS_PER_ADDRESS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_inbound_connections_per_address: u32,
 

@@ -107,7 +107,7 @@ impl Default for ServerLimits {
             shutdown_delay: Duration::ZERO,
             body_read_timeout: Duration::from_secs(5),
             max_connections: 2048,
-            max_connections_per_address: 64,
+            max_connections_per_address: 256,
             max_calls_per_address: 1024,
             max_public_calls: 1024,
             max_public_calls_per_address: 64,

@@ -312,13 +312,14 @@ async fn held_reflection_streams_are_capped_per_address_and_end_at_their_lifetim
 }
 
 /// Header-only streams over many connections from one address: beyond
-/// MAX_INBOUND_CONNECTIONS_PER_ADDRESS connections are closed as accepted,
+/// MAX_INBOUND_CONNECTIONS_PER_ADDRESS (64 here) connections are reset as
+/// accepted,
 /// beyond MAX_PUBLIC_CALLS_PER_ADDRESS streams are refused at once; the service
 /// stays under the RSS bound and a victim's p99 does not move. Before the
 /// bounds: every connection and stream was taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn header_only_streams_over_many_connections_are_capped() {
-    let (_redis, plans) = plans_process(&[]).await;
+    let (_redis, plans) = plans_process(&[("MAX_INBOUND_CONNECTIONS_PER_ADDRESS", "64")]).await;
     let addr = plans.addr;
     let attacker: IpAddr = "127.0.0.3".parse().unwrap();
     let baseline = health_p99(addr, 200).await;
