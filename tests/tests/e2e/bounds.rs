@@ -17,8 +17,11 @@ use rustls::pki_types::pem::PemObject;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-/// The RSS the service must stay under during a flood.
-const RSS_BOUND_KIB: u64 = 64 * 1024;
+/// The RSS the service must stay under during a flood. The debug build
+/// the tests run starts at about 40 MiB; a bounded flood adds 12-23 MiB
+/// (mostly the short-lived state of the streams refused), an unbounded one
+/// took it past 100 MiB.
+const RSS_BOUND_KIB: u64 = 80 * 1024;
 /// How much slower the victim's p99 may be during a flood than before it
 /// (generous: the machine is shared with other test runs).
 const P99_RATIO: f64 = 10.0;
