@@ -71,9 +71,10 @@ pub struct ServerLimits {
     /// The longest any stream stays open (server reflection, health
     /// watches): it then ends with DEADLINE_EXCEEDED.
     pub stream_lifetime: Duration,
-    /// Request bytes buffered at once across all calls (bodies read ahead,
-    /// health and reflection messages); a call that would go beyond it is
-    /// answered RESOURCE_EXHAUSTED.
+    /// Request bytes buffered at once by pending calls (bodies read ahead
+    /// until the call has its concurrency slot, health and reflection
+    /// messages); a call that would go beyond it is answered
+    /// RESOURCE_EXHAUSTED. One remote address holds at most a quarter.
     pub request_buffer_bytes: usize,
 }
 
@@ -669,20 +670,21 @@ where
             async move {
                 let started = Instant::now();
                 let mut permit = None;
-                // The request bytes read ahead stay charged until the call
-                // is served.
-                let mut buffered = None;
                 if !exempt {
                     // The whole (unary) request is read before a permit is
                     // taken: a client that sends headers and no body holds
                     // nothing, and is answered after the body read timeout.
                     let (parts, body) = request.into_parts();
+                    let buffered;
                     let read = tokio::time::timeout(
                         shared.body_read_timeout.min(budget),
                         buffer_body(body, MAX_REQUEST_BYTES, &shared.buffer, address),
                     )
                     .await;
                     let bytes = match read {
+                        // The bytes stay charged while the call is pending:
+                        // until it has its concurrency slot (served calls
+                        // are bounded by MAX_CONCURRENT_REQUESTS).
                         Ok(Ok((bytes, charged))) => {
                             buffered = charged;
                             bytes
@@ -718,7 +720,9 @@ where
                         }
                     };
                     request = http::Request::from_parts(parts, Body::new(Full::new(bytes)));
-                    match shared.permits.clone().try_acquire_owned() {
+                    let taken = shared.permits.clone().try_acquire_owned();
+                    drop(buffered);
+                    match taken {
                         Ok(taken) => permit = Some(taken),
                         Err(_) => {
                             let status = ApiError::resource_exhausted(
@@ -738,7 +742,6 @@ where
                 let remaining = budget.saturating_sub(started.elapsed());
                 let outcome = tokio::time::timeout(remaining, inner.call(request)).await;
                 drop(permit);
-                drop(buffered);
                 let response = match outcome {
                     Ok(Ok(response)) => response.map(|body| {
                         Body::new(ResponseDeadline::new(body, stream_deadline, lifetime, slot))
