@@ -84,6 +84,40 @@ pub struct CommonArgs {
     #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub body_read_timeout: Duration,
 
+    /// Client connections open at once; more are closed as accepted.
+    #[arg(long, env = "MAX_INBOUND_CONNECTIONS", default_value_t = 2048,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inbound_connections: u32,
+
+    /// Client connections open at once from one IP address.
+    #[arg(long, env = "MAX_INBOUND_CONNECTIONS_PER_ADDRESS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inbound_connections_per_address: u32,
+
+    /// Calls (HTTP/2 streams) open at once from one IP address.
+    #[arg(long, env = "MAX_CALLS_PER_ADDRESS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_calls_per_address: u32,
+
+    /// Health and reflection calls (no credentials needed) open at once.
+    #[arg(long, env = "MAX_PUBLIC_CALLS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_public_calls: u32,
+
+    /// Health and reflection calls open at once from one IP address.
+    #[arg(long, env = "MAX_PUBLIC_CALLS_PER_ADDRESS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_public_calls_per_address: u32,
+
+    /// The longest any stream (server reflection, health watch) stays open.
+    #[arg(long, env = "STREAM_LIFETIME", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub stream_lifetime: Duration,
+
+    /// Request bytes buffered at once across all calls.
+    #[arg(long, env = "REQUEST_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(65536..))]
+    pub request_buffer_bytes: u64,
+
     /// How long shutdown waits for in-flight calls.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -171,6 +205,13 @@ impl CommonArgs {
             shutdown_grace: self.shutdown_grace,
             shutdown_delay: self.shutdown_delay,
             body_read_timeout: self.body_read_timeout,
+            max_connections: self.max_inbound_connections as usize,
+            max_connections_per_address: self.max_inbound_connections_per_address as usize,
+            max_calls_per_address: self.max_calls_per_address as usize,
+            max_public_calls: self.max_public_calls as usize,
+            max_public_calls_per_address: self.max_public_calls_per_address as usize,
+            stream_lifetime: self.stream_lifetime,
+            request_buffer_bytes: usize::try_from(self.request_buffer_bytes).unwrap_or(usize::MAX),
         }
     }
 

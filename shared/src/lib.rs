@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod bootstrap;
+pub mod bounds;
 pub mod cli;
 pub mod client;
 pub mod clock;

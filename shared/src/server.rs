@@ -5,12 +5,13 @@
 //! first, then drain in-flight calls, within a bound.
 
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -27,6 +28,10 @@ use tracing::Instrument;
 
 use crate::auth::Security;
 use crate::auth::access::{Access, Decision, Table};
+use crate::bounds::{
+    BufferRefusal, LimitedIncoming, ResponseDeadline, Slots, StreamRequest, buffer_body,
+    remote_addr,
+};
 use crate::context::{CallContext, TRACEPARENT, TraceContext};
 use crate::error::ApiError;
 use crate::storage::Redis;
@@ -51,6 +56,26 @@ pub struct ServerLimits {
     /// How long a call's request body may take to arrive after its headers;
     /// a call holds no concurrency permit before its body is in.
     pub body_read_timeout: Duration,
+    /// Connections open at once; more are closed as soon as accepted.
+    pub max_connections: usize,
+    /// Connections open at once from one remote (IP) address.
+    pub max_connections_per_address: usize,
+    /// Calls (streams) open at once from one remote address, whatever
+    /// their state (waiting for a body, served, streaming); more are
+    /// answered RESOURCE_EXHAUSTED at once.
+    pub max_calls_per_address: usize,
+    /// Health and reflection calls (served without credentials) open at
+    /// once in all, and from one remote address.
+    pub max_public_calls: usize,
+    pub max_public_calls_per_address: usize,
+    /// The longest any stream stays open (server reflection, health
+    /// watches): it then ends with DEADLINE_EXCEEDED.
+    pub stream_lifetime: Duration,
+    /// Request bytes buffered at once by pending calls (bodies read ahead
+    /// until the call has its concurrency slot, health and reflection
+    /// messages); a call that would go beyond it is answered
+    /// RESOURCE_EXHAUSTED. One remote address holds at most a quarter.
+    pub request_buffer_bytes: usize,
 }
 
 /// The largest request a service reads (every request of ours is far
@@ -58,6 +83,9 @@ pub struct ServerLimits {
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// The largest response a service sends (pages stay within their budget).
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// One remote address may hold at most this fraction (1/n) of the request
+/// buffer budget, so one client cannot spend it for everyone.
+const BUFFER_SHARES_PER_ADDRESS: usize = 4;
 /// Concurrent HTTP/2 streams one connection may open.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Streams a client may reset before the server stops accepting them.
@@ -79,6 +107,13 @@ impl Default for ServerLimits {
             shutdown_grace: Duration::from_secs(10),
             shutdown_delay: Duration::ZERO,
             body_read_timeout: Duration::from_secs(5),
+            max_connections: 2048,
+            max_connections_per_address: 256,
+            max_calls_per_address: 1024,
+            max_public_calls: 1024,
+            max_public_calls_per_address: 64,
+            stream_lifetime: Duration::from_secs(300),
+            request_buffer_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -375,7 +410,14 @@ impl GrpcServer {
             self.security.clone(),
             self.access.clone(),
         );
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = LimitedIncoming::new(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            Slots::new(
+                self.limits.max_connections,
+                self.limits.max_connections_per_address,
+            ),
+            self.service,
+        );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let mut builder = tonic::transport::Server::builder();
         if let Security::Tls { material, .. } = &self.security {
@@ -466,6 +508,14 @@ struct LayerShared {
     permits: Arc<Semaphore>,
     request_timeout: Duration,
     body_read_timeout: Duration,
+    stream_lifetime: Duration,
+    /// Calls open per remote address.
+    calls: Arc<Slots>,
+    /// Health and reflection calls open, in all and per remote address.
+    public_calls: Arc<Slots>,
+    /// Request bytes buffered at once, in all and per remote address (a
+    /// quarter of the budget).
+    buffer: Arc<Slots>,
     security: Security,
     access: Access,
 }
@@ -483,6 +533,16 @@ impl RpcLayer {
                 permits: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
                 request_timeout: limits.request_timeout,
                 body_read_timeout: limits.body_read_timeout,
+                stream_lifetime: limits.stream_lifetime.max(Duration::from_millis(1)),
+                calls: Slots::new(usize::MAX, limits.max_calls_per_address),
+                public_calls: Slots::new(
+                    limits.max_public_calls,
+                    limits.max_public_calls_per_address,
+                ),
+                buffer: Slots::new(
+                    limits.request_buffer_bytes,
+                    limits.request_buffer_bytes / BUFFER_SHARES_PER_ADDRESS,
+                ),
                 security,
                 access,
             }),
@@ -509,14 +569,13 @@ pub struct RpcService<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-impl<S, ResBody> Service<http::Request<Body>> for RpcService<S>
+impl<S> Service<http::Request<Body>> for RpcService<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ResBody: Default + Send + 'static,
 {
-    type Response = http::Response<ResBody>;
+    type Response = http::Response<Body>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, Self::Error>>;
 
@@ -578,6 +637,40 @@ where
                 return Box::pin(async move { Ok(status.into_http()) });
             }
         };
+        // Health and reflection (streams) answer even when the server is
+        // saturated, and are not read ahead.
+        let exempt = method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
+        // Calls open at once from one address are capped (health and
+        // reflection, served without credentials, more tightly and in all
+        // too): a refused call holds nothing once answered.
+        let slots = if exempt {
+            &shared.public_calls
+        } else {
+            &shared.calls
+        };
+        let peer = remote_addr(request.extensions());
+        let address = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+        let slot = match peer {
+            Some(peer) => match slots.try_take(peer.ip()) {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    let status = ApiError::resource_exhausted(
+                        crate::reasons::SERVER_OVERLOADED,
+                        format!(
+                            "{} already serves its maximum of such calls open at once (from {} or in all); retry shortly",
+                            shared.service,
+                            peer.ip()
+                        ),
+                        Duration::from_millis(100),
+                    )
+                    .into_status("server.inmail");
+                    record_call(shared.service, method_label, status.code(), Duration::ZERO);
+                    tracing::debug!(method = %method, peer = %peer, "refused: too many calls open from one address");
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
+            },
+            None => None,
+        };
         let ctx = CallContext {
             deadline: Instant::now() + budget,
             trace,
@@ -595,9 +688,25 @@ where
         );
         request.extensions_mut().insert(ctx);
 
-        // Health and reflection (streams) answer even when the server is
-        // saturated, and are not read ahead.
-        let exempt = method.starts_with("/grpc.health.") || method.starts_with("/grpc.reflection.");
+        // Every stream ends: health and reflection streams at the caller's
+        // deadline or the stream lifetime, whichever is first; the response
+        // of any other call within the stream lifetime.
+        let lifetime = if exempt {
+            request
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_grpc_timeout)
+                .map_or(shared.stream_lifetime, |t| t.min(shared.stream_lifetime))
+        } else {
+            shared.stream_lifetime
+        };
+        let stream_deadline = Instant::now() + lifetime;
+        if exempt {
+            let (parts, body) = request.into_parts();
+            let body = StreamRequest::new(body, stream_deadline, shared.buffer.clone(), address);
+            request = http::Request::from_parts(parts, Body::new(body));
+        }
 
         Box::pin(
             async move {
@@ -608,22 +717,37 @@ where
                     // taken: a client that sends headers and no body holds
                     // nothing, and is answered after the body read timeout.
                     let (parts, body) = request.into_parts();
+                    let buffered;
                     let read = tokio::time::timeout(
                         shared.body_read_timeout.min(budget),
-                        http_body_util::Limited::new(body, MAX_REQUEST_BYTES).collect(),
+                        buffer_body(body, MAX_REQUEST_BYTES, &shared.buffer, address),
                     )
                     .await;
                     let bytes = match read {
-                        Ok(Ok(collected)) => collected.to_bytes(),
-                        Ok(Err(err)) => {
-                            let status = if err.is::<http_body_util::LengthLimitError>() {
-                                tonic::Status::resource_exhausted(format!(
+                        // The bytes stay charged while the call is pending:
+                        // until it has its concurrency slot (served calls
+                        // are bounded by MAX_CONCURRENT_REQUESTS).
+                        Ok(Ok((bytes, charged))) => {
+                            buffered = charged;
+                            bytes
+                        }
+                        Ok(Err(refusal)) => {
+                            let status = match refusal {
+                                BufferRefusal::TooLarge => tonic::Status::resource_exhausted(format!(
                                     "the request is larger than {MAX_REQUEST_BYTES} bytes"
-                                ))
-                            } else {
-                                tonic::Status::cancelled(format!(
+                                )),
+                                BufferRefusal::BudgetSpent => ApiError::resource_exhausted(
+                                    crate::reasons::SERVER_OVERLOADED,
+                                    format!(
+                                        "{} is buffering its maximum of request bytes; retry shortly",
+                                        shared.service
+                                    ),
+                                    Duration::from_millis(100),
+                                )
+                                .into_status("server.inmail"),
+                                BufferRefusal::Failed(err) => tonic::Status::cancelled(format!(
                                     "the request body could not be read: {err}"
-                                ))
+                                )),
                             };
                             record_call(shared.service, method_label, status.code(), started.elapsed());
                             return Ok(status.into_http());
@@ -638,7 +762,9 @@ where
                         }
                     };
                     request = http::Request::from_parts(parts, Body::new(Full::new(bytes)));
-                    match shared.permits.clone().try_acquire_owned() {
+                    let taken = shared.permits.clone().try_acquire_owned();
+                    drop(buffered);
+                    match taken {
                         Ok(taken) => permit = Some(taken),
                         Err(_) => {
                             let status = ApiError::resource_exhausted(
@@ -659,7 +785,9 @@ where
                 let outcome = tokio::time::timeout(remaining, inner.call(request)).await;
                 drop(permit);
                 let response = match outcome {
-                    Ok(Ok(response)) => response,
+                    Ok(Ok(response)) => response.map(|body| {
+                        Body::new(ResponseDeadline::new(body, stream_deadline, lifetime, slot))
+                    }),
                     Ok(Err(err)) => return Err(err),
                     Err(_) => {
                         tracing::warn!(budget = ?budget, "deadline exceeded");

@@ -4,6 +4,7 @@
 mod abuse;
 mod access;
 mod billing;
+mod bounds;
 mod common;
 mod deploy;
 mod foundation;
