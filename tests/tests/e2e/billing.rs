@@ -168,33 +168,34 @@ async fn fifty_first_touches_of_a_new_cycle_renew_once() {
     subscribe(&stack, "di", "premium-career").await;
     assert_eq!(available(&stack, "di").await, 5);
     stack.set_time(utc(2027, 2, 10, 10)).await;
-    let mut calls = Vec::new();
-    for i in 0..50 {
-        let mut billing = stack.billing_as_messaging();
-        let mut operator = stack.billing_operator();
-        calls.push(tokio::spawn(async move {
-            if i % 2 == 0 {
-                billing
-                    .get_balance(pb::GetBalanceRequest {
-                        member_id: "di".into(),
-                    })
-                    .await
-                    .map(|r| r.into_inner().balance.unwrap().available)
-            } else {
-                operator
-                    .grant_credits(pb::GrantCreditsRequest {
-                        request_id: rid(),
-                        member_id: "di".into(),
-                        amount: 1,
-                        reason: "race".into(),
-                    })
-                    .await
-                    .map(|r| r.into_inner().balance_after)
+    let calls = (0..50)
+        .map(|i| {
+            let mut billing = stack.billing_as_messaging();
+            let mut operator = stack.billing_operator();
+            async move {
+                if i % 2 == 0 {
+                    billing
+                        .get_balance(pb::GetBalanceRequest {
+                            member_id: "di".into(),
+                        })
+                        .await
+                        .map(|r| r.into_inner().balance.unwrap().available)
+                } else {
+                    operator
+                        .grant_credits(pb::GrantCreditsRequest {
+                            request_id: rid(),
+                            member_id: "di".into(),
+                            amount: 1,
+                            reason: "race".into(),
+                        })
+                        .await
+                        .map(|r| r.into_inner().balance_after)
+                }
             }
-        }));
-    }
-    for call in calls {
-        call.await.unwrap().expect("touch");
+        })
+        .collect();
+    for answer in race(calls, 5).await {
+        answer.expect("touch");
     }
     let entries = ledger(&stack, "di").await;
     assert_eq!(

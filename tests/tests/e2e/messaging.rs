@@ -153,23 +153,24 @@ async fn hundred_concurrent_inmails_on_five_credits_deliver_and_charge_exactly_f
     })
     .await;
     subscribe(&stack, "zed", "premium-career").await;
-    let mut calls = Vec::new();
-    for i in 0..100 {
-        let mut client = stack.messaging_as("zed");
-        calls.push(tokio::spawn(async move {
-            client
-                .send_message(send_request(
-                    "zed",
-                    &format!("target{i}"),
-                    "Hi",
-                    "Let's talk",
-                ))
-                .await
-        }));
-    }
+    let calls = (0..100)
+        .map(|i| {
+            let mut client = stack.messaging_as("zed");
+            async move {
+                client
+                    .send_message(send_request(
+                        "zed",
+                        &format!("target{i}"),
+                        "Hi",
+                        "Let's talk",
+                    ))
+                    .await
+            }
+        })
+        .collect();
     let mut delivered = 0;
-    for call in calls {
-        match call.await.unwrap() {
+    for answer in inmail_tests::race(calls, 5).await {
+        match answer {
             Ok(_) => delivered += 1,
             Err(status) => assert_eq!(reason(&status), "INSUFFICIENT_CREDITS", "{status:?}"),
         }
