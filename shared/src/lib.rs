@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod idempotency;
 pub mod paging;
 pub mod proto;

@@ -30,6 +30,16 @@ pub const MUTATION_RATE_LIMITED: &str = "MUTATION_RATE_LIMITED";
 /// No such method is served here (e.g. the test clock when it is off).
 pub const UNIMPLEMENTED: &str = "UNIMPLEMENTED";
 
+// Events (WatchInbox, WatchBalance, WatchLedger).
+/// A resume token older than the events kept: list again, watch from now.
+pub const RESUME_TOKEN_EXPIRED: &str = "RESUME_TOKEN_EXPIRED";
+/// The member has the most watches open on this server.
+pub const TOO_MANY_WATCHES: &str = "TOO_MANY_WATCHES";
+/// The watcher read too slowly: its buffer filled up and the watch ended.
+pub const WATCH_BUFFER_FULL: &str = "WATCH_BUFFER_FULL";
+/// The server is stopping; watch again elsewhere with the resume token.
+pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+
 // The test clock.
 pub const TEST_CLOCK_DISABLED: &str = "TEST_CLOCK_DISABLED";
 pub const CLOCK_WOULD_GO_BACK: &str = "CLOCK_WOULD_GO_BACK";

@@ -279,6 +279,27 @@ pub fn channel_as(addr: SocketAddr, who: &As) -> Authed {
     )
 }
 
+/// [`channel_as`], with the smallest HTTP/2 windows (64 KiB): a client
+/// that stops reading a stream holds back the server after that much.
+pub fn small_window_channel_as(addr: SocketAddr, who: &As) -> Authed {
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config_with_verifier(tls_for(who), any_service_verifier())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect_lazy();
+    let header = match who {
+        As::Member(member) => Some(format!("Bearer {}", pki().token(member))),
+        _ => None,
+    };
+    InterceptedService::new(
+        channel,
+        Bearer(header.map(|h| h.parse().expect("ascii header"))),
+    )
+}
+
 /// A lazily connected plaintext channel to a stack run with
 /// INSECURE_PLAINTEXT, typed like every other test channel.
 pub fn plaintext_authed(addr: SocketAddr) -> Authed {

@@ -21,7 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::redis_server::{RedisServer, free_port, redis_server_binary};
 
-pub use crate::identity::{As, Authed, channel_as, pki, plaintext_authed, tls_channel};
+pub use crate::identity::{
+    As, Authed, channel_as, pki, plaintext_authed, small_window_channel_as, tls_channel,
+};
 
 pub type PlansClient =
     plans::subscription_plan_service_client::SubscriptionPlanServiceClient<Authed>;

@@ -7,6 +7,7 @@
 use inmail_shared::ApiError;
 use inmail_shared::auth::access::{Table, Who};
 use inmail_shared::context::{CallContext, record_identity};
+use inmail_shared::events::EventHub;
 use inmail_shared::idempotency::{Mutation, Quota, RequestLog};
 use inmail_shared::paging::{self, PageTokens};
 use inmail_shared::proto::messaging::v1 as pb;
@@ -101,11 +102,17 @@ pub const ACCESS: Table = &[
         "/inmail.messaging.v1.MessagingService/ListMessages",
         &[Who::Member, Who::Operator],
     ),
+    // Members watch only themselves (the handler checks); operators anyone.
+    (
+        "/inmail.messaging.v1.MessagingService/WatchInbox",
+        &[Who::Member, Who::Operator],
+    ),
 ];
 
 #[derive(Clone)]
 pub struct MessagingApi {
     messaging: Messaging,
+    events: EventHub,
     requests: RequestLog,
     tokens: PageTokens,
     quota: Quota,
@@ -118,11 +125,17 @@ impl MessagingApi {
     /// of a request waits that long at most for the first one's outcome.
     /// `quota`: each member's mutation quota, which every new request id
     /// of a member's own call spends from.
-    pub fn new(messaging: Messaging, lease: std::time::Duration, quota: Quota) -> Self {
+    pub fn new(
+        messaging: Messaging,
+        events: EventHub,
+        lease: std::time::Duration,
+        quota: Quota,
+    ) -> Self {
         let requests = RequestLog::new(messaging.store().redis().clone(), lease);
         let tokens = PageTokens::new(messaging.store().redis().clone(), "messaging");
         Self {
             messaging,
+            events,
             requests,
             tokens,
             quota,
@@ -824,6 +837,56 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
             })
         })
         .await
+    }
+
+    type WatchInboxStream = tonic::codegen::tokio_stream::wrappers::ReceiverStream<
+        Result<pb::WatchInboxResponse, Status>,
+    >;
+
+    /// Checks the request and where it starts, then serves the frames from
+    /// a task of its own; the call itself (and its concurrency permit) ends
+    /// when the stream is answered.
+    async fn watch_inbox(
+        &self,
+        request: Request<pb::WatchInboxRequest>,
+    ) -> Answer<Self::WatchInboxStream> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, "");
+        let member = request.member_id.clone();
+        let after = handle(DOMAIN, async {
+            let mut checks = Checks::new();
+            checks.member_id("member_id", &request.member_id);
+            let token = crate::events::decode_token(
+                &self.tokens,
+                &mut checks,
+                &request.member_id,
+                &request.resume_token,
+            )
+            .await?;
+            checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
+            self.events
+                .start_after(&keys::events(&request.member_id), token)
+                .await
+        })
+        .await?
+        .into_inner();
+        let watch = self
+            .events
+            .watch(&keys::events(&member), after)
+            .map_err(|e| e.into_status(DOMAIN))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(crate::events::serve_watch(
+            watch,
+            self.tokens.clone(),
+            member,
+            after,
+            tx,
+        ));
+        Ok(Response::new(
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
     }
 
     async fn list_messages(

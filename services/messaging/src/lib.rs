@@ -6,6 +6,7 @@ pub mod conversations;
 pub mod domain;
 pub mod downstream;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod relations;
 pub mod respond;
@@ -247,12 +248,26 @@ pub struct Args {
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
 
+    /// How long inbox events are kept for WatchInbox to resume from.
+    #[arg(long, env = "EVENTS_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub events_retention: Duration,
+
+    /// The most inbox events kept per member.
+    #[arg(long, env = "EVENTS_MAX_PER_MEMBER", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub events_max_per_member: u32,
+
+    #[command(flatten)]
+    pub watch: inmail_shared::events::WatchArgs,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
 
 /// Refuses timing settings that contradict each other, naming them.
 fn check_timing(args: &Args) -> Result<(), String> {
+    if args.events_retention < Duration::from_secs(1) {
+        return Err("EVENTS_RETENTION must be at least 1s".into());
+    }
     if args.sweep_interval.is_zero() {
         return Err("SWEEP_INTERVAL must be positive".into());
     }
@@ -336,6 +351,10 @@ pub async fn serve_with_faults(
         // answers the same refusal.
         failed_keep: REQUEST_RETENTION,
         page_bytes: args.page_bytes as usize,
+        events: crate::events::EventRetention {
+            keep: args.events_max_per_member as usize,
+            retention: args.events_retention,
+        },
         faults,
     };
     let messaging = Messaging::new(
@@ -347,10 +366,18 @@ pub async fn serve_with_faults(
     );
     let sweeper =
         sweeper::spawn_outbox_sweeper(messaging.clone(), args.sweep_interval, stop.clone());
+    let events = inmail_shared::events::EventHub::spawn(
+        runtime.redis.clone(),
+        "messaging",
+        args.watch
+            .limits(args.events_retention, args.events_max_per_member as usize),
+        stop.clone(),
+    );
     let mut server = runtime.server(SERVICE, args.common.limits());
     server.add_service(
         MessagingApi::new(
             messaging,
+            events,
             args.common.request_timeout,
             args.common.mutation_quota(),
         )

@@ -104,9 +104,24 @@ impl Messaging {
             // no refund is due.
             Response::Refused { reason } => return Err(SendFailure::from(reason).error()),
         };
-        Ok(self
+        let refund = self
             .settle_response(ctx, conv, Some(&responded), Some(item))
-            .await)
+            .await;
+        let state = if accept {
+            inmail_shared::proto::messaging::v1::InmailState::Accepted
+        } else {
+            inmail_shared::proto::messaging::v1::InmailState::Declined
+        };
+        self.publish_response(
+            conv,
+            [&responded.inmail_sender, responder],
+            &responded.inmail_id,
+            state,
+            refund,
+            responded.responded_at,
+        )
+        .await;
+        Ok(refund)
     }
 
     /// The refund status of a response recorded before; a refund still due
@@ -174,8 +189,12 @@ impl Messaging {
                 .settle_refund(conv, inmail_id, RefundState::Refunded)
                 .await
             {
-                Ok(_) => {
+                Ok(settled) => {
                     metrics::counter!("inmail_refunds_total").increment(1);
+                    if settled {
+                        self.publish_refund(conv, inmail_sender, inmail_id, Refund::Refunded)
+                            .await;
+                    }
                     Refund::Refunded
                 }
                 Err(_) => Refund::Pending,
@@ -188,7 +207,13 @@ impl Messaging {
                 .settle_refund(conv, inmail_id, RefundState::Closed)
                 .await
             {
-                Ok(_) => Refund::WindowClosed,
+                Ok(settled) => {
+                    if settled {
+                        self.publish_refund(conv, inmail_sender, inmail_id, Refund::WindowClosed)
+                            .await;
+                    }
+                    Refund::WindowClosed
+                }
                 Err(_) => Refund::Pending,
             },
             Err(err) => {

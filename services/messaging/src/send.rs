@@ -271,6 +271,18 @@ impl Messaging {
             balance_after,
             fingerprint: envelope.fingerprint.to_string(),
         };
+        self.publish_message(envelope.conv, &message).await;
+        if let Some(response) = &delivered.response {
+            self.publish_response(
+                envelope.conv,
+                [&response.inmail_sender, envelope.sender],
+                &response.inmail_id,
+                inmail_shared::proto::messaging::v1::InmailState::Replied,
+                refund,
+                response.responded_at,
+            )
+            .await;
+        }
         Ok(Some(Sent {
             conv: envelope.conv.to_string(),
             message,
@@ -488,11 +500,13 @@ impl Messaging {
             Delivery::Ok(_) => {
                 metrics::counter!("inmail_credits_charged_total")
                     .increment(message.credits.max(0) as u64);
-                StoredMessage {
+                let message = StoredMessage {
                     state: MessageState::Delivered,
                     balance_after,
                     ..message.clone()
-                }
+                };
+                self.publish_message(conv, &message).await;
+                message
             }
             Delivery::Exists(existing) if existing.state == Some(MessageState::Delivered) => self
                 .store

@@ -48,6 +48,8 @@ pub struct Config {
     pub failed_keep: Duration,
     /// The most bytes one page of a list answers (at least one item).
     pub page_bytes: usize,
+    /// How much of each member's inbox events is kept.
+    pub events: crate::events::EventRetention,
     pub faults: Faults,
 }
 

@@ -87,6 +87,11 @@ pub const ALLOWED_COMMANDS: &[&str] = &[
     "xrange",
     "xrevrange",
     "xtrim",
+    // Events: where a resume token stands against the trimmed events
+    // (trimming records the newest trimmed id with XSETID).
+    "xinfo|stream",
+    "xsetid",
+    "xlen",
 ];
 
 /// The ACL rule list (after the user name and password) of `service`.

@@ -73,6 +73,22 @@ pub(crate) async fn call(
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut request = tonic::Request::new(body.to_vec());
     request.set_timeout(Duration::from_secs(10));
+    if path
+        .rsplit('/')
+        .next()
+        .is_some_and(|m| m.starts_with("Watch"))
+    {
+        // A watch is admitted when its stream is answered (a refusal is a
+        // status instead); its frames are not waited for.
+        return grpc
+            .server_streaming(
+                request,
+                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                Raw,
+            )
+            .await
+            .map(|_| ());
+    }
     grpc.unary(
         request,
         tonic::codegen::http::uri::PathAndQuery::from_static(path),
@@ -507,6 +523,16 @@ fn cases() -> Vec<Case> {
                 member_id: "sam".into(),
                 conversation_id: "rita~sam".into(),
                 ..Default::default()
+            },
+        ),
+        case(
+            "/inmail.messaging.v1.MessagingService/WatchInbox",
+            Messaging,
+            M,
+            sam(),
+            msg::WatchInboxRequest {
+                member_id: "sam".into(),
+                resume_token: String::new(),
             },
         ),
         case(

@@ -7,6 +7,7 @@ mod billing;
 mod bounds;
 mod common;
 mod deploy;
+mod events;
 mod foundation;
 mod grpcurl;
 mod invitations;

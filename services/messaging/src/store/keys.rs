@@ -32,6 +32,11 @@
 //! - `messaging:{M}:sendrate` hash — the free-send token bucket.
 //! - `messaging:{M}:openprofile:<YYYYMM>` string — Open Profile messages sent
 //!   this calendar month.
+//! - `messaging:{M}:events` stream — the member's inbox events (WatchInbox):
+//!   field `e`, an encoded `InboxEvent`; trimmed to EVENTS_MAX_PER_MEMBER
+//!   and EVENTS_RETENTION.
+//! - `messaging:eventnotify:{n<N>}` streams — which event streams were
+//!   appended to, for the watchers' dispatcher (`inmail_shared::events`).
 //! - `messaging:outbox:{o<N>}` sorted sets ([`OUTBOX_SHARDS`] shards) —
 //!   sends and refunds to finish if their process died, by when to look at
 //!   them.
@@ -100,6 +105,10 @@ pub fn open_profile(member: &str, month: &str) -> String {
     format!("messaging:{{{member}}}:openprofile:{month}")
 }
 
+pub fn events(member: &str) -> String {
+    format!("messaging:{{{member}}}:events")
+}
+
 pub fn outbox(shard: u32) -> String {
     format!("messaging:outbox:{{o{shard}}}")
 }
@@ -127,6 +136,7 @@ mod tests {
             invitations_received("m"),
             invite_rate("m"),
             quota("m"),
+            events("m"),
         ] {
             assert!(key.contains("{m}"), "{key}");
         }

@@ -50,6 +50,7 @@ const DISCONNECT: &str = include_str!("lua/disconnect.lua");
 const BLOCK: &str = include_str!("lua/block.lua");
 const INVITE: &str = include_str!("lua/invite.lua");
 const ANSWER_INVITATION: &str = include_str!("lua/answer_invitation.lua");
+const APPEND_EVENT: &str = include_str!("lua/append_event.lua");
 const RESERVE_INVITATION: &str = concat!(
     include_str!("../../../../shared/src/lua/bucket.lua"),
     include_str!("lua/reserve_invitation.lua")
@@ -57,7 +58,7 @@ const RESERVE_INVITATION: &str = concat!(
 
 /// Every script by name, as sent to Redis: what a profile labels a script
 /// hash (EVALSHA) with (inmail-bench's per-script Redis time).
-pub const SCRIPTS: [(&str, &str); 12] = [
+pub const SCRIPTS: [(&str, &str); 13] = [
     ("begin_send", BEGIN_SEND),
     ("stage_inmail", STAGE_INMAIL),
     ("deliver", DELIVER),
@@ -70,6 +71,7 @@ pub const SCRIPTS: [(&str, &str); 12] = [
     ("invite", INVITE),
     ("answer_invitation", ANSWER_INVITATION),
     ("reserve_invitation", RESERVE_INVITATION),
+    ("append_event", APPEND_EVENT),
 ];
 
 /// The sender allowances BEGIN_SEND enforces.
@@ -178,6 +180,7 @@ pub struct MessagingStore {
     invite: Script,
     answer_invitation: Script,
     reserve_invitation: Script,
+    append_event: Script,
     /// Whether subscription-plan has published every subscription (then
     /// never unset, so no longer read).
     all_published: Arc<AtomicBool>,
@@ -199,6 +202,7 @@ impl MessagingStore {
             invite: Script::new(INVITE),
             answer_invitation: Script::new(ANSWER_INVITATION),
             reserve_invitation: Script::new(RESERVE_INVITATION),
+            append_event: Script::new(APPEND_EVENT),
             all_published: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -575,5 +579,31 @@ impl MessagingStore {
             .await?;
         self.redis.acknowledge(&[&keys::conv(conv)]).await?;
         Ok(settled == 1)
+    }
+
+    /// Appends `event` to each member's event stream, then announces the
+    /// appends to the watchers' dispatcher (one round trip). `keep`: the
+    /// most events kept per member; `retention_ms`: how long.
+    pub async fn append_event(
+        &self,
+        members: &[&str],
+        event: &[u8],
+        keep: usize,
+        retention_ms: i64,
+    ) -> Result<(), ApiError> {
+        let mut batch = Batch::new();
+        for member in members {
+            let mut a = args();
+            a.arg(event).arg(keep).arg(retention_ms);
+            batch.script(&self.append_event, &[keys::events(member)], a);
+        }
+        for member in members {
+            batch.add_ignored(inmail_shared::events::notify_cmd(
+                "messaging",
+                &keys::events(member),
+            ));
+        }
+        let _: Vec<String> = self.redis.run(&batch).await?;
+        Ok(())
     }
 }

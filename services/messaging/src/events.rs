@@ -1,0 +1,209 @@
+//! Inbox events (WatchInbox, README.md "Events"): what is appended to the
+//! members' event streams when a message is delivered, an InMail answered
+//! or its refund settled, and the frames a watch sends.
+//!
+//! A conversation's writes live in the conversation's slot and a member's
+//! event stream in the member's, so on Redis Cluster one script cannot do
+//! both: the events are appended right after the conversation's script
+//! answered that it made the change (never for a change it refused, never
+//! twice for one change). A process that dies between the two steps loses
+//! those events (README.md says so); a client resuming after a gap relists.
+
+use std::time::Duration;
+
+use inmail_shared::ApiError;
+use inmail_shared::events::{EndReason, Frame, StreamId, Watch};
+use inmail_shared::paging::PageTokens;
+use inmail_shared::proto::messaging::v1 as pb;
+use inmail_shared::time::ms_to_timestamp;
+use inmail_shared::validate::Checks;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::error::DOMAIN;
+use crate::send::{Messaging, Refund};
+use crate::store::StoredMessage;
+use crate::views;
+
+/// How much of each member's events is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct EventRetention {
+    /// The most events kept per member.
+    pub keep: usize,
+    /// How long an event is kept.
+    pub retention: Duration,
+}
+
+/// The resume tokens' list name (tokens are bound to it and the member).
+const TOKEN_LIST: &str = "inbox-events";
+
+impl Messaging {
+    async fn publish(&self, members: &[&str], event: pb::InboxEvent) {
+        let retention = self.config.events;
+        let bytes = event.encode_to_vec();
+        if let Err(err) = self
+            .store
+            .append_event(
+                members,
+                &bytes,
+                retention.keep,
+                retention.retention.as_millis() as i64,
+            )
+            .await
+        {
+            metrics::counter!("inmail_events_lost_total").increment(1);
+            tracing::warn!(event_id = %event.event_id, error = %err, "an inbox event could not be appended");
+        }
+    }
+
+    /// A message was delivered: both members hear of it.
+    pub(crate) async fn publish_message(&self, conv: &str, message: &StoredMessage) {
+        let event = pb::InboxEvent {
+            event_id: format!("message:{}", message.id),
+            kind: pb::InboxEventKind::Message as i32,
+            conversation_id: conv.to_string(),
+            occurred_at: ms_to_timestamp(message.at_ms),
+            message: Some(views::message(conv, message)),
+            ..Default::default()
+        };
+        self.publish(&[&message.from, &message.to], event).await;
+    }
+
+    /// An InMail was answered: both members hear of it.
+    pub(crate) async fn publish_response(
+        &self,
+        conv: &str,
+        members: [&str; 2],
+        inmail_id: &str,
+        state: pb::InmailState,
+        refund: Refund,
+        at_ms: i64,
+    ) {
+        let event = pb::InboxEvent {
+            event_id: format!("response:{inmail_id}"),
+            kind: pb::InboxEventKind::InmailResponse as i32,
+            conversation_id: conv.to_string(),
+            occurred_at: ms_to_timestamp(at_ms),
+            inmail_id: inmail_id.to_string(),
+            inmail_state: state as i32,
+            refund_status: views::refund_status(refund) as i32,
+            ..Default::default()
+        };
+        self.publish(&members, event).await;
+    }
+
+    /// An InMail's refund was settled: its sender hears of it.
+    pub(crate) async fn publish_refund(
+        &self,
+        conv: &str,
+        sender: &str,
+        inmail_id: &str,
+        refund: Refund,
+    ) {
+        let at_ms = self.clock.now_ms().await.unwrap_or_default();
+        let event = pb::InboxEvent {
+            event_id: format!("refund:{inmail_id}"),
+            kind: pb::InboxEventKind::RefundStatus as i32,
+            conversation_id: conv.to_string(),
+            occurred_at: ms_to_timestamp(at_ms),
+            inmail_id: inmail_id.to_string(),
+            refund_status: views::refund_status(refund) as i32,
+            ..Default::default()
+        };
+        self.publish(&[sender], event).await;
+    }
+}
+
+/// Reads `resume_token` of `member` (None: from now); a token that does
+/// not verify is added to `checks`.
+pub async fn decode_token(
+    tokens: &PageTokens,
+    checks: &mut Checks,
+    member: &str,
+    token: &str,
+) -> Result<Option<StreamId>, ApiError> {
+    let mut own = Checks::new();
+    let cursor = tokens
+        .decode(&mut own, TOKEN_LIST, &[member], token)
+        .await?;
+    let id = cursor.as_deref().and_then(StreamId::parse);
+    if !own.is_empty() || (cursor.is_some() && id.is_none()) {
+        checks.add(
+            "resume_token",
+            "is not a resume_token of this member's inbox events (use a frame's resume_token as-is)",
+        );
+    }
+    Ok(id)
+}
+
+/// Serves one watch: frames go to `out` until the client leaves or the
+/// watch ends (its status is the last item).
+pub async fn serve_watch(
+    mut watch: Watch,
+    tokens: PageTokens,
+    member: String,
+    after: StreamId,
+    out: mpsc::Sender<Result<pb::WatchInboxResponse, Status>>,
+) {
+    let mut last = after;
+    let token_of = |id: StreamId| {
+        let tokens = tokens.clone();
+        let member = member.clone();
+        async move { tokens.encode(TOKEN_LIST, &[&member], &id.to_string()).await }
+    };
+    loop {
+        let frame = tokio::select! {
+            frame = watch.next() => frame,
+            () = out.closed() => return,
+        };
+        let response = match frame {
+            Frame::Event(entry) => {
+                let event = entry
+                    .fields
+                    .get("e")
+                    .and_then(|bytes| pb::InboxEvent::decode(bytes.as_slice()).ok());
+                let Some(event) = event else {
+                    tracing::warn!(id = %entry.id, "an unreadable inbox event was skipped");
+                    last = entry.id;
+                    continue;
+                };
+                last = entry.id;
+                token_of(last)
+                    .await
+                    .map(|resume_token| pb::WatchInboxResponse {
+                        resume_token,
+                        event: Some(event),
+                        heartbeat_at: None,
+                    })
+            }
+            Frame::Heartbeat => token_of(last)
+                .await
+                .map(|resume_token| pb::WatchInboxResponse {
+                    resume_token,
+                    event: None,
+                    heartbeat_at: ms_to_timestamp(now_ms()),
+                }),
+            Frame::End(reason) => {
+                let token = token_of(last).await.unwrap_or_default();
+                let _ = out.send(Err(end_status(reason, &token))).await;
+                return;
+            }
+        };
+        let item = response.map_err(|e| e.into_status(DOMAIN));
+        let failed = item.is_err();
+        if out.send(item).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn end_status(reason: EndReason, token: &str) -> Status {
+    reason.status(DOMAIN, token)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,402 @@
+//! Events (issue 21): WatchInbox over real streams, across two messaging
+//! replicas, resumed with tokens, refused past retention, bounded.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use inmail_shared::proto::messaging::v1 as pb;
+use inmail_shared::reasons;
+use inmail_tests::{As, MessagingClient, Stack, StackOptions, messaging_at};
+use tonic::Streaming;
+
+use crate::common::{connect, reason, send_request};
+
+/// Flags that let one sender send a few hundred free messages at once.
+fn many_sends() -> Vec<String> {
+    [
+        "--free-send-burst",
+        "2000",
+        "--mutation-burst",
+        "5000",
+        "--watch-heartbeat",
+        "200ms",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn with_args(extra: &[&str]) -> StackOptions {
+    let mut messaging_args = many_sends();
+    messaging_args.extend(extra.iter().map(|s| s.to_string()));
+    StackOptions {
+        messaging_args,
+        ..Default::default()
+    }
+}
+
+async fn watch(
+    client: &mut MessagingClient,
+    member: &str,
+    token: &str,
+) -> Result<Streaming<pb::WatchInboxResponse>, tonic::Status> {
+    client
+        .watch_inbox(pb::WatchInboxRequest {
+            member_id: member.into(),
+            resume_token: token.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The first heartbeat of a fresh watch: the watch is registered and its
+/// token stands for "now".
+async fn first_heartbeat(stream: &mut Streaming<pb::WatchInboxResponse>) -> String {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("a frame within 10 s")
+            .expect("the stream goes on")
+            .expect("not ended");
+        assert!(!frame.resume_token.is_empty(), "every frame has a token");
+        if frame.event.is_none() {
+            return frame.resume_token;
+        }
+    }
+}
+
+/// Reads events until `want` distinct message events arrived (or the stream
+/// ends, or 20 s pass). Answers the message bodies in arrival order (each
+/// once), the last token seen, and how the stream ended, if it did.
+async fn collect_messages(
+    stream: &mut Streaming<pb::WatchInboxResponse>,
+    want: usize,
+    seen: &mut HashSet<String>,
+) -> (Vec<String>, String, Option<tonic::Status>) {
+    let mut bodies = Vec::new();
+    let mut token = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while bodies.len() < want {
+        let Ok(next) = tokio::time::timeout_at(deadline, stream.message()).await else {
+            break;
+        };
+        match next {
+            Ok(Some(frame)) => {
+                assert!(!frame.resume_token.is_empty(), "every frame has a token");
+                token = frame.resume_token;
+                let Some(event) = frame.event else { continue };
+                assert!(!event.event_id.is_empty(), "every event has an id");
+                if event.kind() != pb::InboxEventKind::Message {
+                    continue;
+                }
+                if seen.insert(event.event_id.clone()) {
+                    bodies.push(event.message.expect("a message event has its message").body);
+                }
+            }
+            Ok(None) => break,
+            Err(status) => return (bodies, token, Some(status)),
+        }
+    }
+    (bodies, token, None)
+}
+
+async fn send_body(client: &mut MessagingClient, from: &str, to: &str, body: &str) {
+    client
+        .send_message(send_request(from, to, "", body))
+        .await
+        .unwrap_or_else(|s| panic!("send {body}: {s:?}"));
+}
+
+fn bodies(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|n| format!("message {n:03}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_inbox_gets_all_100_messages_sent_through_two_replicas_once_and_in_order() {
+    let stack = Stack::start_with(with_args(&[])).await;
+    let replica = stack.messaging_replica().await;
+    connect(&stack, "sam", "rae").await;
+    let mut watcher = stack.messaging_as("rae");
+    let mut stream = watch(&mut watcher, "rae", "").await.unwrap();
+    first_heartbeat(&mut stream).await;
+
+    let mut one = stack.messaging_as("sam");
+    let mut two = messaging_at(replica.addr, &As::Member("sam".into()));
+    let sent = bodies(0..100);
+    for (n, body) in sent.iter().enumerate() {
+        let client = if n % 2 == 0 { &mut one } else { &mut two };
+        send_body(client, "sam", "rae", body).await;
+    }
+    let mut seen = HashSet::new();
+    let (got, _, ended) = collect_messages(&mut stream, 100, &mut seen).await;
+    assert!(ended.is_none(), "the watch ended: {ended:?}");
+    assert_eq!(got, sent, "every message once, in the order sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumed_with_its_last_token_on_the_other_replica_misses_nothing() {
+    let stack = Stack::start_with(with_args(&[])).await;
+    let replica = stack.messaging_replica().await;
+    connect(&stack, "sam", "rae").await;
+    let mut sender = stack.messaging_as("sam");
+    let mut watcher = stack.messaging_as("rae");
+    let mut stream = watch(&mut watcher, "rae", "").await.unwrap();
+    first_heartbeat(&mut stream).await;
+
+    let sent = bodies(0..60);
+    for body in &sent[..30] {
+        send_body(&mut sender, "sam", "rae", body).await;
+    }
+    let mut seen = HashSet::new();
+    let (first, token, _) = collect_messages(&mut stream, 20, &mut seen).await;
+    assert_eq!(first, sent[..20]);
+    // The client goes away midway; more is sent meanwhile.
+    drop(stream);
+    for body in &sent[30..] {
+        send_body(&mut sender, "sam", "rae", body).await;
+    }
+    let mut other = messaging_at(replica.addr, &As::Member("rae".into()));
+    let mut resumed = watch(&mut other, "rae", &token).await.unwrap();
+    let (rest, _, ended) = collect_messages(&mut resumed, 40, &mut HashSet::new()).await;
+    assert!(ended.is_none(), "{ended:?}");
+    assert_eq!(
+        rest,
+        sent[20..],
+        "exactly what followed the token, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_token_past_retention_is_refused_and_bad_watches_are_refused() {
+    let stack = Stack::start_with(with_args(&["--events-max-per-member", "5"])).await;
+    connect(&stack, "sam", "rae").await;
+    let mut sender = stack.messaging_as("sam");
+    let mut watcher = stack.messaging_as("rae");
+    let mut stream = watch(&mut watcher, "rae", "").await.unwrap();
+    first_heartbeat(&mut stream).await;
+    send_body(&mut sender, "sam", "rae", "first").await;
+    let (got, token, _) = collect_messages(&mut stream, 1, &mut HashSet::new()).await;
+    assert_eq!(got, ["first"]);
+    drop(stream);
+
+    // Within retention: resumes.
+    send_body(&mut sender, "sam", "rae", "second").await;
+    let mut resumed = watch(&mut watcher, "rae", &token).await.unwrap();
+    let (got, _, _) = collect_messages(&mut resumed, 1, &mut HashSet::new()).await;
+    assert_eq!(got, ["second"]);
+    drop(resumed);
+
+    // Five more events push both "second" and the one after the token out.
+    for n in 0..6 {
+        send_body(&mut sender, "sam", "rae", &format!("more {n}")).await;
+    }
+    let refused = watch(&mut watcher, "rae", &token)
+        .await
+        .expect_err("a token past retention");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert_eq!(reason(&refused), reasons::RESUME_TOKEN_EXPIRED);
+
+    // A malformed token names the field; another member's inbox is refused.
+    let bad = watch(&mut watcher, "rae", "not-a-token")
+        .await
+        .expect_err("a token the service never made");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert_eq!(crate::common::bad_fields(&bad), ["resume_token"]);
+    let bad = watch(&mut watcher, "{rae}", "")
+        .await
+        .expect_err("a malformed member id");
+    assert_eq!(crate::common::bad_fields(&bad), ["member_id"]);
+    let other = watch(&mut watcher, "sam", "")
+        .await
+        .expect_err("rae watches only rae");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    // A token of rae's inbox does not open sam's (operators may watch anyone).
+    let mut operator = stack.messaging_with(&As::Operator);
+    let bound = watch(&mut operator, "sam", &token)
+        .await
+        .expect_err("a token of another member");
+    assert_eq!(crate::common::bad_fields(&bound), ["resume_token"]);
+    let mut ops = watch(&mut operator, "rae", "").await.unwrap();
+    first_heartbeat(&mut ops).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_serving_replica_ends_the_watch_unavailable_and_the_other_resumes_it() {
+    let stack = Stack::start_with(with_args(&[])).await;
+    let mut replica = stack.messaging_replica().await;
+    connect(&stack, "sam", "rae").await;
+    let mut sender = stack.messaging_as("sam");
+    let mut on_replica = messaging_at(replica.addr, &As::Member("rae".into()));
+    let mut stream = watch(&mut on_replica, "rae", "").await.unwrap();
+    let mut token = first_heartbeat(&mut stream).await;
+    let sent = bodies(0..20);
+    for body in &sent[..10] {
+        send_body(&mut sender, "sam", "rae", body).await;
+    }
+    let mut seen = HashSet::new();
+    let (got, last, _) = collect_messages(&mut stream, 10, &mut seen).await;
+    assert_eq!(got, sent[..10]);
+    token = if last.is_empty() { token } else { last };
+
+    // SIGTERM's path: the server stops; the watch ends UNAVAILABLE with
+    // RetryInfo, and a token.
+    let stopping = tokio::spawn(async move { replica.stop().await });
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the watch ends within 10 s")
+        {
+            Ok(Some(frame)) => token = frame.resume_token,
+            Ok(None) => panic!("the watch ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert_eq!(reason(&ended), reasons::SHUTTING_DOWN);
+    assert!(tonic_types::StatusExt::get_details_retry_info(&ended).is_some());
+    let info = tonic_types::StatusExt::get_details_error_info(&ended).expect("ErrorInfo");
+    assert_eq!(info.metadata.get("resume_token"), Some(&token));
+    stopping.await.unwrap();
+
+    for body in &sent[10..] {
+        send_body(&mut sender, "sam", "rae", body).await;
+    }
+    let mut elsewhere = stack.messaging_as("rae");
+    let mut resumed = watch(&mut elsewhere, "rae", &token).await.unwrap();
+    let (rest, _, ended) = collect_messages(&mut resumed, 10, &mut seen).await;
+    assert!(ended.is_none(), "{ended:?}");
+    assert_eq!(rest, sent[10..], "nothing lost across the replica's end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_are_bounded_per_member_and_per_process() {
+    let stack = Stack::start_with(with_args(&[
+        "--max-watches-per-member",
+        "2",
+        "--max-watches",
+        "3",
+    ]))
+    .await;
+    let mut rae = stack.messaging_as("rae");
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = watch(&mut rae, "rae", "").await.unwrap();
+        first_heartbeat(&mut stream).await;
+        open.push(stream);
+    }
+    let third = watch(&mut rae, "rae", "").await;
+    let refused = match third {
+        Err(status) => status,
+        Ok(mut stream) => stream.message().await.expect_err("a third watch of rae"),
+    };
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(reason(&refused), reasons::TOO_MANY_WATCHES);
+
+    let mut sam = stack.messaging_as("sam");
+    let mut stream = watch(&mut sam, "sam", "").await.unwrap();
+    first_heartbeat(&mut stream).await;
+    open.push(stream);
+    let mut ann = stack.messaging_as("ann");
+    let fourth = match watch(&mut ann, "ann", "").await {
+        Err(status) => status,
+        Ok(mut stream) => stream.message().await.expect_err("a fourth watch here"),
+    };
+    assert_eq!(fourth.code(), tonic::Code::ResourceExhausted, "{fourth:?}");
+    assert_eq!(reason(&fourth), reasons::SERVER_OVERLOADED);
+
+    // A closed watch frees its place.
+    open.pop();
+    let mut freed = false;
+    for _ in 0..50 {
+        if let Ok(mut stream) = watch(&mut ann, "ann", "").await
+            && stream.message().await.is_ok()
+        {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "a closed watch gives its place back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_does_not_read_is_ended_resource_exhausted_and_others_go_on() {
+    let stack = Stack::start_with(with_args(&[
+        "--watch-buffer",
+        "4",
+        "--watch-slow-grace",
+        "1s",
+        "--watch-poll",
+        "5ms",
+        "--stream-lifetime",
+        "40s",
+    ]))
+    .await;
+    connect(&stack, "sam", "rae").await;
+    let mut sender = stack.messaging_as("sam");
+    let mut slow_client = MessagingClient::new(inmail_tests::small_window_channel_as(
+        stack.messaging.addr,
+        &As::Member("rae".into()),
+    ));
+    let mut slow = watch(&mut slow_client, "rae", "").await.unwrap();
+    let slow_start = first_heartbeat(&mut slow).await;
+    let mut fast_client = stack.messaging_as("rae");
+    let mut fast = watch(&mut fast_client, "rae", "").await.unwrap();
+    first_heartbeat(&mut fast).await;
+
+    // Large messages fill the HTTP/2 windows of the watch that is not
+    // read, then its buffer; the other watch reads along.
+    let big = "x".repeat(7_900);
+    let total = 200;
+    let mut seen = HashSet::new();
+    let mut fast_got = 0;
+    for n in 0..total {
+        send_body(&mut sender, "sam", "rae", &format!("{n:03} {big}")).await;
+        let (got, _, ended) = collect_messages(&mut fast, 1, &mut seen).await;
+        assert!(ended.is_none(), "the reading watch goes on: {ended:?}");
+        fast_got += got.len();
+    }
+    assert_eq!(fast_got, total, "the reading watch got everything");
+
+    // The slow one now reads: what was buffered, then the end with a token.
+    let mut read = 0;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), slow.message())
+            .await
+            .expect("the slow watch has ended")
+        {
+            Ok(Some(frame)) => read += usize::from(frame.event.is_some()),
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert!(
+        read < total,
+        "the slow watch was ended before getting it all"
+    );
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), reasons::WATCH_BUFFER_FULL);
+    let info = tonic_types::StatusExt::get_details_error_info(&status).expect("ErrorInfo");
+    let token = info.metadata.get("resume_token").expect("a resume token");
+    assert_ne!(token, &slow_start);
+    // Its token resumes exactly after what it read.
+    let mut again = watch(&mut slow_client, "rae", token).await.unwrap();
+    let (rest, _, _) = collect_messages(&mut again, total - read, &mut HashSet::new()).await;
+    assert_eq!(
+        rest.len(),
+        total - read,
+        "the rest after the slow watch's token"
+    );
+    assert!(
+        rest[0].starts_with(&format!("{read:03} ")),
+        "{}",
+        &rest[0][..8]
+    );
+}
