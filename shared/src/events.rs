@@ -754,6 +754,77 @@ impl Watch {
     }
 }
 
+/// Serves one watch: each frame `frame_of` makes of an event (`None`:
+/// skipped) or of a heartbeat (`frame_of(None, token)`), with the resume
+/// token `token_of` makes of its stream id, goes to `out` until the client
+/// leaves or the watch ends (its status is the last item, with the token of
+/// the last frame sent).
+pub async fn serve_watch<T, Tok, TokFut, Make>(
+    mut watch: Watch,
+    after: StreamId,
+    domain: &'static str,
+    token_of: Tok,
+    frame_of: Make,
+    out: mpsc::Sender<Result<T, Status>>,
+) where
+    Tok: Fn(StreamId) -> TokFut,
+    TokFut: std::future::Future<Output = Result<String, ApiError>>,
+    Make: Fn(Option<&Entry>, String) -> Option<T>,
+{
+    let mut last = after;
+    loop {
+        let frame = tokio::select! {
+            frame = watch.next() => frame,
+            () = out.closed() => return,
+        };
+        let item = match frame {
+            Frame::Event(entry) => {
+                last = entry.id;
+                let token = match token_of(last).await {
+                    Ok(token) => token,
+                    Err(err) => {
+                        let _ = out.send(Err(err.into_status(domain))).await;
+                        return;
+                    }
+                };
+                match frame_of(Some(&entry), token) {
+                    Some(item) => item,
+                    None => {
+                        tracing::warn!(id = %entry.id, "an unreadable event was skipped");
+                        continue;
+                    }
+                }
+            }
+            Frame::Heartbeat => match token_of(last).await {
+                Ok(token) => match frame_of(None, token) {
+                    Some(item) => item,
+                    None => continue,
+                },
+                Err(err) => {
+                    let _ = out.send(Err(err.into_status(domain))).await;
+                    return;
+                }
+            },
+            Frame::End(reason) => {
+                let token = token_of(last).await.unwrap_or_default();
+                let _ = out.send(Err(reason.status(domain, &token))).await;
+                return;
+            }
+        };
+        if out.send(Ok(item)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The current time for heartbeat frames (the server's clock, not the
+/// test clock: a heartbeat says the stream is alive).
+pub fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

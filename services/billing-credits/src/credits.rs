@@ -55,6 +55,10 @@ pub enum Op<'a> {
         amount: i32,
         reason: &'a str,
     },
+    /// The low-balance threshold (0: off).
+    SetAlert {
+        threshold: i64,
+    },
 }
 
 impl Op<'_> {
@@ -64,7 +68,7 @@ impl Op<'_> {
             | Op::Confirm { message_id }
             | Op::Release { message_id, .. }
             | Op::Refund { message_id, .. } => message_id,
-            Op::Balance | Op::Grant { .. } => "",
+            Op::Balance | Op::Grant { .. } | Op::SetAlert { .. } => "",
         }
     }
 }
@@ -137,6 +141,7 @@ impl Credits {
                 hold_expires_ms,
             };
             let reply = self.invoke(&call, op).await?;
+            self.announce_events(member, op, &reply).await;
             match reply.s {
                 Outcome::Need | Outcome::Stale => match self
                     .entitlements
@@ -201,6 +206,29 @@ impl Credits {
             reasons::ENTITLEMENT_CHANGING,
             "the member's plan kept changing while the balance was settled; retry",
         ))
+    }
+
+    /// Tells the watchers a script wrote balance events (skipped for calls
+    /// that moved nothing: the dispatcher's rescan catches the rest).
+    async fn announce_events(&self, member: &str, op: Op<'_>, reply: &Reply) {
+        if reply.replayed || !matches!(reply.s, Outcome::Ok | Outcome::Refused) {
+            return;
+        }
+        let moved = [
+            reply.renewed,
+            reply.written_off,
+            reply.debited,
+            reply.released,
+            reply.refunded,
+            reply.granted,
+        ]
+        .iter()
+        .any(|n| *n != 0);
+        if (moved || matches!(op, Op::SetAlert { .. }))
+            && let Err(err) = self.store.notify_events(member).await
+        {
+            tracing::debug!(error = %err, "balance events not announced; the rescan finds them");
+        }
     }
 
     /// How long a hold made now lives: HOLD_TTL, or longer while the caller
@@ -279,6 +307,11 @@ impl Credits {
             Op::Grant { amount, reason } => {
                 self.store
                     .grant(call, retention.request, amount, reason)
+                    .await
+            }
+            Op::SetAlert { threshold } => {
+                self.store
+                    .set_alert(call, retention.request, threshold)
                     .await
             }
         }

@@ -4,7 +4,8 @@
 use inmail_shared::ApiError;
 use inmail_shared::auth::access::{Table, Who};
 use inmail_shared::context::{CallContext, record_identity};
-use inmail_shared::idempotency::Mutation;
+use inmail_shared::events::EventHub;
+use inmail_shared::idempotency::{Mutation, Quota, RequestLog};
 use inmail_shared::paging::{self, PageTokens};
 use inmail_shared::proto::billing::v1 as pb;
 use inmail_shared::reasons;
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::credits::{Credits, MAX_CLOCK_SKEW_MS, Op};
 use crate::error::DOMAIN;
 use crate::reconcile::reconcile_page;
-use crate::store::ReleaseCause;
+use crate::store::{ReleaseCause, keys};
 use crate::views;
 
 /// Who may call each method (README.md, "Who may call what"): only messaging moves credits for
@@ -58,7 +59,19 @@ pub const ACCESS: Table = &[
         "/inmail.billing.v1.BillingCreditsService/ReconcileLedgers",
         &[Who::Operator],
     ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/SetLowBalanceAlert",
+        &[Who::Member],
+    ),
+    // Members watch only themselves (the handler checks); operators anyone.
+    (
+        "/inmail.billing.v1.BillingCreditsService/WatchBalance",
+        &[Who::Member, Who::Operator],
+    ),
 ];
+
+/// The highest low-balance threshold.
+pub const MAX_ALERT_THRESHOLD: i64 = 100_000;
 
 /// Most credits one message may cost.
 pub const MAX_DEBIT: i32 = 100;
@@ -73,14 +86,31 @@ pub const MAX_MESSAGE_ID_LEN: usize = 128;
 pub struct BillingApi {
     credits: Credits,
     tokens: PageTokens,
+    events: EventHub,
+    requests: RequestLog,
+    quota: Quota,
 }
 
 type Answer<T> = Result<Response<T>, Status>;
 
 impl BillingApi {
-    pub fn new(credits: Credits) -> Self {
+    /// `lease`: the longest one call may take (REQUEST_TIMEOUT); `quota`:
+    /// each member's mutation quota (SetLowBalanceAlert spends from it).
+    pub fn new(
+        credits: Credits,
+        events: EventHub,
+        lease: std::time::Duration,
+        quota: Quota,
+    ) -> Self {
         let tokens = PageTokens::new(credits.store().redis().clone(), "billing");
-        Self { credits, tokens }
+        let requests = RequestLog::new(credits.store().redis().clone(), lease);
+        Self {
+            credits,
+            tokens,
+            events,
+            requests,
+            quota,
+        }
     }
 
     pub fn into_server(
@@ -129,6 +159,108 @@ fn is_stream_id(cursor: &str) -> bool {
 
 #[tonic::async_trait]
 impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
+    async fn set_low_balance_alert(
+        &self,
+        request: Request<pb::SetLowBalanceAlertRequest>,
+    ) -> Answer<pb::SetLowBalanceAlertResponse> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, &request.request_id);
+        handle(DOMAIN, async {
+            let mut checks = Checks::new();
+            checks
+                .request_id(&request.request_id)
+                .member_id("member_id", &request.member_id);
+            if !(0..=MAX_ALERT_THRESHOLD).contains(&request.threshold) {
+                checks.add(
+                    "threshold",
+                    format!(
+                        "must be between 0 (off) and {MAX_ALERT_THRESHOLD}, got {}",
+                        request.threshold
+                    ),
+                );
+            }
+            checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
+            // Members' mutations spend from their quota and are answered once
+            // per request id by the request log (the script itself runs with
+            // no request id: the log is the record).
+            let member = &request.member_id;
+            let mut without_id = request.clone();
+            without_id.request_id.clear();
+            let fp = inmail_shared::idempotency::fingerprint(&without_id);
+            self.requests
+                .run(
+                    &ctx,
+                    &keys::alert_request(member, &request.request_id),
+                    Some((&keys::quota(member), self.quota)),
+                    &fp,
+                    || async {
+                        let op = Op::SetAlert {
+                            threshold: request.threshold,
+                        };
+                        let out = self.credits.run(&ctx, member, "", "", op).await?;
+                        Ok(pb::SetLowBalanceAlertResponse {
+                            threshold: out.threshold,
+                            available: out.balance.map(|b| b.available).unwrap_or_default(),
+                            low: out.low,
+                        })
+                    },
+                )
+                .await
+        })
+        .await
+    }
+
+    type WatchBalanceStream = tonic::codegen::tokio_stream::wrappers::ReceiverStream<
+        Result<pb::WatchBalanceResponse, Status>,
+    >;
+
+    /// Checks the request and where it starts, then serves the frames from
+    /// a task of its own; the call (and its concurrency permit) ends when
+    /// the stream is answered.
+    async fn watch_balance(
+        &self,
+        request: Request<pb::WatchBalanceRequest>,
+    ) -> Answer<Self::WatchBalanceStream> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, "");
+        let member = request.member_id.clone();
+        let key = keys::events(&member);
+        let after = handle(DOMAIN, async {
+            let mut checks = Checks::new();
+            checks.member_id("member_id", &request.member_id);
+            let token = crate::events::decode_token(
+                &self.tokens,
+                &mut checks,
+                &request.member_id,
+                &request.resume_token,
+            )
+            .await?;
+            checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
+            self.events.start_after(&key, token).await
+        })
+        .await?
+        .into_inner();
+        let watch = self
+            .events
+            .watch(&key, after)
+            .map_err(|e| e.into_status(DOMAIN))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(crate::events::serve_watch(
+            watch,
+            self.tokens.clone(),
+            member,
+            after,
+            tx,
+        ));
+        Ok(Response::new(
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+
     async fn get_balance(
         &self,
         request: Request<pb::GetBalanceRequest>,

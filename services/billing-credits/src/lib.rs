@@ -6,6 +6,7 @@ pub mod archive;
 pub mod credits;
 pub mod entitlement;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod reconcile;
 pub mod store;
@@ -138,6 +139,17 @@ pub struct Args {
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
 
+    /// How long balance events are kept for WatchBalance to resume from.
+    #[arg(long, env = "EVENTS_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub events_retention: Duration,
+
+    /// The most balance events kept per member.
+    #[arg(long, env = "EVENTS_MAX_PER_MEMBER", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub events_max_per_member: u32,
+
+    #[command(flatten)]
+    pub watch: inmail_shared::events::WatchArgs,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -148,6 +160,9 @@ pub async fn serve(
     listener: TcpListener,
     stop: CancellationToken,
 ) -> Result<(), String> {
+    if args.events_retention < Duration::from_secs(1) {
+        return Err("EVENTS_RETENTION must be at least 1s".into());
+    }
     if args.hold_ttl.is_zero() || args.sweep_interval.is_zero() {
         return Err("HOLD_TTL and SWEEP_INTERVAL must be positive".into());
     }
@@ -175,7 +190,8 @@ pub async fn serve(
         },
     };
     let credits = Credits::new(
-        BillingStore::new(runtime.redis.clone()),
+        BillingStore::new(runtime.redis.clone())
+            .with_event_retention(args.events_max_per_member as usize, args.events_retention),
         Entitlements::new(
             plans,
             args.entitlement_cache_ttl,
@@ -201,7 +217,23 @@ pub async fn serve(
         );
     }
     let mut server = runtime.server(SERVICE, args.common.limits());
-    server.add_service(BillingApi::new(credits).into_server(), grpc::ACCESS);
+    let events = inmail_shared::events::EventHub::spawn(
+        runtime.redis.clone(),
+        "billing",
+        args.watch
+            .limits(args.events_retention, args.events_max_per_member as usize),
+        stop.clone(),
+    );
+    server.add_service(
+        BillingApi::new(
+            credits,
+            events,
+            args.common.request_timeout,
+            args.common.mutation_quota(),
+        )
+        .into_server(),
+        grpc::ACCESS,
+    );
     let served = runtime.serve(server, listener, stop).await;
     await_leave(sweeper, LEAVE_WAIT).await;
     served

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::events::{EndReason, Frame, StreamId, Watch};
+use inmail_shared::events::{self, Entry, StreamId, Watch};
 use inmail_shared::paging::PageTokens;
 use inmail_shared::proto::messaging::v1 as pb;
 use inmail_shared::time::ms_to_timestamp;
@@ -137,73 +137,33 @@ pub async fn decode_token(
     Ok(id)
 }
 
-/// Serves one watch: frames go to `out` until the client leaves or the
-/// watch ends (its status is the last item).
+/// Serves one watch (see [`inmail_shared::events::serve_watch`]).
 pub async fn serve_watch(
-    mut watch: Watch,
+    watch: Watch,
     tokens: PageTokens,
     member: String,
     after: StreamId,
     out: mpsc::Sender<Result<pb::WatchInboxResponse, Status>>,
 ) {
-    let mut last = after;
     let token_of = |id: StreamId| {
         let tokens = tokens.clone();
         let member = member.clone();
         async move { tokens.encode(TOKEN_LIST, &[&member], &id.to_string()).await }
     };
-    loop {
-        let frame = tokio::select! {
-            frame = watch.next() => frame,
-            () = out.closed() => return,
-        };
-        let response = match frame {
-            Frame::Event(entry) => {
-                let event = entry
-                    .fields
-                    .get("e")
-                    .and_then(|bytes| pb::InboxEvent::decode(bytes.as_slice()).ok());
-                let Some(event) = event else {
-                    tracing::warn!(id = %entry.id, "an unreadable inbox event was skipped");
-                    last = entry.id;
-                    continue;
-                };
-                last = entry.id;
-                token_of(last)
-                    .await
-                    .map(|resume_token| pb::WatchInboxResponse {
-                        resume_token,
-                        event: Some(event),
-                        heartbeat_at: None,
-                    })
-            }
-            Frame::Heartbeat => token_of(last)
-                .await
-                .map(|resume_token| pb::WatchInboxResponse {
-                    resume_token,
-                    event: None,
-                    heartbeat_at: ms_to_timestamp(now_ms()),
-                }),
-            Frame::End(reason) => {
-                let token = token_of(last).await.unwrap_or_default();
-                let _ = out.send(Err(end_status(reason, &token))).await;
-                return;
-            }
-        };
-        let item = response.map_err(|e| e.into_status(DOMAIN));
-        let failed = item.is_err();
-        if out.send(item).await.is_err() || failed {
-            return;
+    let frame_of = |entry: Option<&Entry>, resume_token: String| match entry {
+        Some(entry) => {
+            let event = pb::InboxEvent::decode(entry.fields.get("e")?.as_slice()).ok()?;
+            Some(pb::WatchInboxResponse {
+                resume_token,
+                event: Some(event),
+                heartbeat_at: None,
+            })
         }
-    }
-}
-
-fn end_status(reason: EndReason, token: &str) -> Status {
-    reason.status(DOMAIN, token)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        None => Some(pb::WatchInboxResponse {
+            resume_token,
+            event: None,
+            heartbeat_at: ms_to_timestamp(events::wall_clock_ms()),
+        }),
+    };
+    events::serve_watch(watch, after, DOMAIN, token_of, frame_of, out).await;
 }

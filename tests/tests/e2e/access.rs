@@ -310,6 +310,27 @@ fn cases() -> Vec<Case> {
             },
         ),
         case(
+            "/inmail.billing.v1.BillingCreditsService/SetLowBalanceAlert",
+            Billing,
+            B,
+            sam(),
+            billing::SetLowBalanceAlertRequest {
+                request_id: rid(),
+                member_id: "sam".into(),
+                threshold: 1,
+            },
+        ),
+        case(
+            "/inmail.billing.v1.BillingCreditsService/WatchBalance",
+            Billing,
+            B,
+            sam(),
+            billing::WatchBalanceRequest {
+                member_id: "sam".into(),
+                resume_token: String::new(),
+            },
+        ),
+        case(
             "/inmail.billing.v1.BillingCreditsService/ListLedgerEntries",
             Billing,
             B,

@@ -400,3 +400,236 @@ async fn a_watcher_that_does_not_read_is_ended_resource_exhausted_and_others_go_
         &rest[0][..8]
     );
 }
+
+// WatchBalance and SetLowBalanceAlert.
+
+use inmail_shared::proto::billing::v1 as bpb;
+use inmail_tests::BillingClient;
+
+async fn watch_balance(
+    client: &mut BillingClient,
+    member: &str,
+    token: &str,
+) -> Result<Streaming<bpb::WatchBalanceResponse>, tonic::Status> {
+    client
+        .watch_balance(bpb::WatchBalanceRequest {
+            member_id: member.into(),
+            resume_token: token.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn set_alert(
+    stack: &Stack,
+    member: &str,
+    threshold: i64,
+) -> Result<bpb::SetLowBalanceAlertResponse, tonic::Status> {
+    stack
+        .billing_as(member)
+        .set_low_balance_alert(bpb::SetLowBalanceAlertRequest {
+            request_id: inmail_tests::rid(),
+            member_id: member.into(),
+            threshold,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Reads balance events until `want` arrived or nothing comes for 3 s.
+async fn balance_events(
+    stream: &mut Streaming<bpb::WatchBalanceResponse>,
+    want: usize,
+) -> (Vec<bpb::BalanceEvent>, String) {
+    let mut events = Vec::new();
+    let mut token = String::new();
+    while events.len() < want {
+        let Ok(next) = tokio::time::timeout(Duration::from_secs(3), stream.message()).await else {
+            break;
+        };
+        let frame = next.expect("the watch goes on").expect("not ended");
+        assert!(!frame.resume_token.is_empty(), "every frame has a token");
+        token = frame.resume_token;
+        if let Some(event) = frame.event {
+            events.push(event);
+        }
+    }
+    (events, token)
+}
+
+/// An event as (kind, ledger kind, balance after), for comparing.
+fn shape(event: &bpb::BalanceEvent) -> (bpb::BalanceEventKind, bpb::LedgerEntryKind, i64) {
+    let ledger = event
+        .entry
+        .as_ref()
+        .map_or(bpb::LedgerEntryKind::Unspecified, |e| e.kind());
+    (event.kind(), ledger, event.balance_after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_balance_carries_every_ledger_entry_and_one_alert_per_crossing() {
+    use bpb::BalanceEventKind::{BalanceRecovered, LedgerEntry, LowBalance};
+    use bpb::LedgerEntryKind::{Debit, Grant, Release, Unspecified};
+    let stack = Stack::start_with(with_args(&[])).await;
+    crate::common::subscribe(&stack, "sam", "premium-career").await;
+    assert_eq!(crate::common::available(&stack, "sam").await, 5);
+    let mut client = stack.billing_as("sam");
+    let mut stream = watch_balance(&mut client, "sam", "").await.unwrap();
+    let set = set_alert(&stack, "sam", 2).await.unwrap();
+    assert_eq!((set.threshold, set.available, set.low), (2, 5, false));
+    for n in 0..4 {
+        crate::common::spend(&stack, "sam", &format!("m-{n}"))
+            .await
+            .unwrap();
+    }
+    // A hold released gives the credit back: still low (2 <= 2).
+    let mut billing = stack.billing_as_messaging();
+    billing
+        .debit_for_message(bpb::DebitForMessageRequest {
+            request_id: inmail_tests::rid(),
+            member_id: "sam".into(),
+            message_id: "m-held".into(),
+            amount: 1,
+        })
+        .await
+        .unwrap();
+    billing
+        .release_debit(bpb::ReleaseDebitRequest {
+            request_id: inmail_tests::rid(),
+            member_id: "sam".into(),
+            message_id: "m-held".into(),
+            reason: bpb::ReleaseReason::Abandoned as i32,
+        })
+        .await
+        .unwrap();
+    crate::common::grant(&stack, "sam", 5).await;
+    let (events, _) = balance_events(&mut stream, 9).await;
+    let shapes: Vec<_> = events.iter().map(shape).collect();
+    assert_eq!(
+        shapes,
+        [
+            (LedgerEntry, Debit, 4),
+            (LedgerEntry, Debit, 3),
+            (LedgerEntry, Debit, 2),
+            (LowBalance, Unspecified, 2),
+            (LedgerEntry, Debit, 1),
+            (LedgerEntry, Debit, 0),
+            (LedgerEntry, Release, 1),
+            (LedgerEntry, Grant, 6),
+            (BalanceRecovered, Unspecified, 6),
+        ],
+        "{events:#?}"
+    );
+    assert_eq!(events[3].threshold, 2);
+    // The ledger entries are the ledger's own, ids and all.
+    let ledger = crate::common::ledger(&stack, "sam").await;
+    for event in events.iter().filter(|e| e.kind() == LedgerEntry) {
+        let entry = event.entry.as_ref().unwrap();
+        assert!(
+            ledger.iter().any(|l| l == entry),
+            "{entry:?} is in the ledger"
+        );
+        assert_eq!(event.event_id, format!("ledger:{}", entry.entry_id));
+    }
+    let ids: HashSet<_> = events.iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(ids.len(), events.len(), "event ids are distinct");
+
+    // 0 turns the alert off; bad input names the field; members set only
+    // their own.
+    assert_eq!(set_alert(&stack, "sam", 0).await.unwrap().threshold, 0);
+    let bad = set_alert(&stack, "sam", -1).await.expect_err("negative");
+    assert_eq!(crate::common::bad_fields(&bad), ["threshold"]);
+    let other = stack
+        .billing_as("rae")
+        .set_low_balance_alert(bpb::SetLowBalanceAlertRequest {
+            request_id: inmail_tests::rid(),
+            member_id: "sam".into(),
+            threshold: 3,
+        })
+        .await
+        .expect_err("rae sets sam's alert");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied);
+    let other = watch_balance(&mut stack.billing_as("rae"), "sam", "")
+        .await
+        .expect_err("rae watches sam's balance");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_racing_debits_cross_the_threshold_with_exactly_one_alert() {
+    use bpb::BalanceEventKind::{LedgerEntry, LowBalance};
+    let stack = Stack::start_with(with_args(&[])).await;
+    crate::common::subscribe(&stack, "ann", "premium-career").await;
+    crate::common::grant(&stack, "ann", 45).await;
+    assert_eq!(crate::common::available(&stack, "ann").await, 50);
+    let mut client = stack.billing_as("ann");
+    let mut stream = watch_balance(&mut client, "ann", "").await.unwrap();
+    set_alert(&stack, "ann", 25).await.unwrap();
+    let calls = (0..50)
+        .map(|i| {
+            let mut billing = stack.billing_as_messaging();
+            async move {
+                billing
+                    .debit_for_message(bpb::DebitForMessageRequest {
+                        request_id: inmail_tests::rid(),
+                        member_id: "ann".into(),
+                        message_id: format!("race-{i}"),
+                        amount: 1,
+                    })
+                    .await
+            }
+        })
+        .collect();
+    for answer in inmail_tests::race(calls, 10).await {
+        answer.expect("50 credits for 50 debits");
+    }
+    let (events, _) = balance_events(&mut stream, 51).await;
+    let alerts: Vec<_> = events.iter().filter(|e| e.kind() == LowBalance).collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0].balance_after, 25);
+    let debits = events.iter().filter(|e| e.kind() == LedgerEntry).count();
+    assert_eq!(debits, 50);
+    // The alert follows the debit that reached the threshold.
+    let at = events.iter().position(|e| e.kind() == LowBalance).unwrap();
+    assert_eq!(events[at - 1].balance_after, 25);
+    assert_eq!(events.last().unwrap().balance_after, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_watch_resumes_after_its_token_and_refuses_one_past_retention() {
+    let stack = Stack::start_with(StackOptions {
+        billing_args: ["--events-max-per-member", "4", "--watch-heartbeat", "200ms"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    })
+    .await;
+    crate::common::subscribe(&stack, "ivy", "premium-career").await;
+    crate::common::available(&stack, "ivy").await;
+    let mut client = stack.billing_as("ivy");
+    let mut stream = watch_balance(&mut client, "ivy", "").await.unwrap();
+    crate::common::grant(&stack, "ivy", 1).await;
+    let (events, token) = balance_events(&mut stream, 1).await;
+    assert_eq!(events.len(), 1);
+    drop(stream);
+    for _ in 0..2 {
+        crate::common::grant(&stack, "ivy", 1).await;
+    }
+    let mut resumed = watch_balance(&mut client, "ivy", &token).await.unwrap();
+    let (events, _) = balance_events(&mut resumed, 2).await;
+    let after: Vec<i64> = events.iter().map(|e| e.balance_after).collect();
+    assert_eq!(after, [7, 8], "exactly the entries after the token");
+    drop(resumed);
+    for _ in 0..4 {
+        crate::common::grant(&stack, "ivy", 1).await;
+    }
+    let refused = watch_balance(&mut client, "ivy", &token)
+        .await
+        .expect_err("past retention");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(reason(&refused), reasons::RESUME_TOKEN_EXPIRED);
+    let bad = watch_balance(&mut client, "ivy", "x.y")
+        .await
+        .expect_err("not a token");
+    assert_eq!(crate::common::bad_fields(&bad), ["resume_token"]);
+}

@@ -10,6 +10,17 @@
 //!   from (`erev`), and the grant window (`wend`,
 //!   `wgrant`: see account.lua) that keeps plan changes from minting.
 //! - `billing:{M}:ledger` stream: one entry per balance change, never edited.
+//! - `billing:{M}:events` stream: the member's balance events (WatchBalance):
+//!   a copy of every ledger entry (field `l`: its ledger id) and the
+//!   low-balance alerts (`LOW_BALANCE`, `BALANCE_RECOVERED`, field `h`: the
+//!   threshold), written by the same script; trimmed to EVENTS_MAX_PER_MEMBER
+//!   and EVENTS_RETENTION. The account hash holds the alert: `alert` (the
+//!   threshold), `alow` ("1" while at or below it).
+//! - `billing:eventnotify:{n<N>}` streams: which event streams grew, for the
+//!   watchers' dispatcher.
+//! - `billing:{M}:alertreq:<request_id>` hash, `billing:{M}:quota` hash:
+//!   SetLowBalanceAlert's request records and the member's mutation quota
+//!   (`inmail_shared::idempotency`).
 //! - `billing:{M}:debit:<message_id>` hash: a message's debit (held,
 //!   confirmed, released or refunded). Held debits never expire; the others
 //!   expire after the refund window plus a margin (confirmed/refunded) or the
@@ -39,6 +50,22 @@ pub fn account(member: &str) -> String {
 
 pub fn ledger(member: &str) -> String {
     format!("billing:{{{member}}}:ledger")
+}
+
+/// SetLowBalanceAlert's request records (the request log's, apart from the
+/// balance scripts' own `request:` records).
+pub fn alert_request(member: &str, request_id: &str) -> String {
+    format!("billing:{{{member}}}:alertreq:{request_id}")
+}
+
+/// The member's mutation quota (a token bucket every new request id of the
+/// member's own calls spends from).
+pub fn quota(member: &str) -> String {
+    format!("billing:{{{member}}}:quota")
+}
+
+pub fn events(member: &str) -> String {
+    format!("billing:{{{member}}}:events")
 }
 
 pub fn debit(member: &str, message_id: &str) -> String {

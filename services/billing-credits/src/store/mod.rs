@@ -40,6 +40,7 @@ const DEBIT: &str = balance_script!("lua/debit.lua");
 const RELEASE: &str = balance_script!("lua/release.lua");
 const REFUND: &str = balance_script!("lua/refund.lua");
 const GRANT: &str = balance_script!("lua/grant.lua");
+const ALERT: &str = balance_script!("lua/alert.lua");
 const CONFIRM: &str = concat!(
     include_str!("lua/confirm_args.lua"),
     include_str!("lua/request.lua"),
@@ -50,7 +51,7 @@ const COMPACT: &str = include_str!("lua/compact.lua");
 
 /// Every script by name, as sent to Redis: what a profile labels a script
 /// hash (EVALSHA) with (inmail-bench's per-script Redis time).
-pub const SCRIPTS: [(&str, &str); 8] = [
+pub const SCRIPTS: [(&str, &str); 9] = [
     ("balance", BALANCE),
     ("debit", DEBIT),
     ("confirm", CONFIRM),
@@ -59,6 +60,7 @@ pub const SCRIPTS: [(&str, &str); 8] = [
     ("grant", GRANT),
     ("reconcile", RECONCILE),
     ("compact", COMPACT),
+    ("alert", ALERT),
 ];
 
 /// The arguments every balance script shares.
@@ -123,6 +125,10 @@ pub struct BillingStore {
     grant: Script,
     reconcile: Script,
     compact: Script,
+    alert: Script,
+    /// The most balance events kept per member, and how long (ms).
+    events_keep: usize,
+    events_retention_ms: u64,
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -140,12 +146,22 @@ impl BillingStore {
             refund: Script::new(REFUND),
             grant: Script::new(GRANT),
             reconcile: Script::new(RECONCILE),
+            alert: Script::new(ALERT),
+            events_keep: 1000,
+            events_retention_ms: 24 * 3600 * 1000,
             compact: Script::new(COMPACT),
         }
     }
 
     pub fn redis(&self) -> &Redis {
         &self.redis
+    }
+
+    /// Keeps at most `keep` balance events per member, for `retention`.
+    pub fn with_event_retention(mut self, keep: usize, retention: Duration) -> Self {
+        self.events_keep = keep.max(1);
+        self.events_retention_ms = millis(retention).max(1);
+        self
     }
 
     /// A balance script's keys (and the debit record's) and shared arguments.
@@ -162,7 +178,8 @@ impl BillingStore {
         if let Some(message_id) = debit_of {
             inv.key(keys::debit(call.member, message_id));
         }
-        // Always the last key (account_args.lua).
+        // Always the last two keys (account_args.lua).
+        inv.key(keys::events(call.member));
         inv.key(keys::plans_revision(call.member));
         inv.arg(call.now_ms)
             .arg(call.entitlement)
@@ -175,7 +192,13 @@ impl BillingStore {
 
     /// Runs a script of `member`'s and reads its reply; with replicas
     /// configured, answers only once they have its writes.
-    async fn run(&self, member: &str, inv: redis::ScriptInvocation<'_>) -> Result<Reply, ApiError> {
+    async fn run(
+        &self,
+        member: &str,
+        mut inv: redis::ScriptInvocation<'_>,
+    ) -> Result<Reply, ApiError> {
+        // Always the last two arguments (account_args.lua).
+        inv.arg(self.events_keep).arg(self.events_retention_ms);
         let json: String = inv.invoke_async(&mut self.redis.conn()).await?;
         self.redis.acknowledge(&[&keys::account(member)]).await?;
         serde_json::from_str(&json)
@@ -303,6 +326,27 @@ impl BillingStore {
         let mut inv = Self::invocation(&self.grant, call, retention, None);
         inv.arg(amount).arg(reason);
         self.run(call.member, inv).await
+    }
+
+    /// Sets the member's low-balance threshold (0: off).
+    pub async fn set_alert(
+        &self,
+        call: &Call<'_>,
+        retention: Duration,
+        threshold: i64,
+    ) -> Result<Reply, ApiError> {
+        let mut inv = Self::invocation(&self.alert, call, retention, None);
+        inv.arg(threshold);
+        self.run(call.member, inv).await
+    }
+
+    /// Tells the watchers' dispatcher that `member`'s balance events may
+    /// have grown (inmail_shared::events).
+    pub async fn notify_events(&self, member: &str) -> Result<(), ApiError> {
+        let _: String = inmail_shared::events::notify_cmd("billing", &keys::events(member))
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(())
     }
 
     /// Drops settled entries (member, message id, expiry as read) of one

@@ -133,6 +133,10 @@ pub struct Reply {
     pub released: i64,
     pub refunded: i64,
     pub granted: i64,
+    /// SetLowBalanceAlert: the threshold set, and whether the balance is at
+    /// or below it.
+    pub threshold: i64,
+    pub low: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

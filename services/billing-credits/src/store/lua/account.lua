@@ -12,7 +12,8 @@ end
 -- balance view reads it all, as before.
 local acct, dirty = {}, {}
 do
-  local HOT = { 'ver', 'balance', 'valid', 'erev', 'paid', 'debited', 'plan', 'idx' }
+  local HOT = { 'ver', 'balance', 'valid', 'erev', 'paid', 'debited', 'plan', 'idx', 'alert',
+    'alow' }
   local values = redis.call('HMGET', A, unpack(HOT))
   for i, field in ipairs(HOT) do acct[field] = values[i] or nil end
   local all = false
@@ -32,11 +33,23 @@ local bal_before = bal
 local function num(field) return tonumber(acct[field] or '0') end
 local function set(field, value) acct[field] = value; dirty[field] = true end
 
--- Appends a ledger entry carrying the balance after it.
+-- Balance events (WatchBalance): appended in the same script as the change
+-- they describe; trimmed once, by save().
+local evented = false
+local function event(kind, amount, msg, note, ledger_id, threshold)
+  redis.call('XADD', E, '*', 'k', kind, 'a', int(amount), 'b', int(bal), 't', NOW,
+    'm', msg or '', 'r', REQ, 'p', acct.plan or '', 'v', acct.ver or '0',
+    'c', acct.idx or '0', 'n', note or '', 'l', ledger_id or '', 'h', int(threshold or 0))
+  evented = true
+end
+
+-- Appends a ledger entry carrying the balance after it (and its event).
 local function entry(kind, amount, msg, note)
-  return redis.call('XADD', L, '*', 'k', kind, 'a', int(amount), 'b', int(bal), 't', NOW,
+  local id = redis.call('XADD', L, '*', 'k', kind, 'a', int(amount), 'b', int(bal), 't', NOW,
     'm', msg or '', 'r', REQ, 'p', acct.plan or '', 'v', acct.ver or '0',
     'c', acct.idx or '0', 'n', note or '')
+  event(kind, amount, msg, note, id)
+  return id
 end
 
 local function reset_cycle_counters()
@@ -165,8 +178,53 @@ local function settle()
   return 'ok'
 end
 
+-- The low-balance alert (`alert`: the threshold, 0 or unset: off; `alow`:
+-- "1" while the balance is at or below it): one event per crossing, decided
+-- here, at the one write of the account, so retries and races (scripts run
+-- one at a time) cannot make two.
+local function check_alert()
+  local threshold = num('alert')
+  local was = acct.alow == '1'
+  local low = threshold > 0 and bal <= threshold
+  if low and not was then
+    set('alow', '1')
+    event('LOW_BALANCE', 0, '', '', '', threshold)
+  elseif was and not low then
+    set('alow', '0')
+    if threshold > 0 then event('BALANCE_RECOVERED', 0, '', '', '', threshold) end
+  end
+end
+
+-- Trims the events past retention (count, then time by Redis' clock, which
+-- made their ids) and records the newest trimmed id as the stream's
+-- max-deleted-entry-id, which tells an expired resume token.
+local function trim_events()
+  local cut
+  local len = redis.call('XLEN', E)
+  if len > EV_KEEP then
+    local old = redis.call('XRANGE', E, '-', '+', 'COUNT', len - EV_KEEP)
+    cut = old[#old][1]
+    redis.call('XTRIM', E, 'MAXLEN', '=', EV_KEEP)
+  end
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local minid = string.format('%d-0', ms - EV_RETAIN)
+  local older = redis.call('XREVRANGE', E, '(' .. minid, '-', 'COUNT', 1)
+  if #older > 0 then
+    cut = older[1][1]
+    redis.call('XTRIM', E, 'MINID', '=', minid)
+  end
+  if cut then
+    local last = redis.call('XREVRANGE', E, '+', '-', 'COUNT', 1)
+    redis.call('XSETID', E, last[1][1], 'MAXDELETEDID', cut)
+  end
+  redis.call('PEXPIRE', E, EV_RETAIN)
+end
+
 -- Writes the balance and every changed account field, once.
 local function save()
+  check_alert()
+  if evented then trim_events() end
   if bal ~= bal_before then set('balance', bal) end
   local args = {}
   for field in pairs(dirty) do
