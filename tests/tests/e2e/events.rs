@@ -633,3 +633,83 @@ async fn a_balance_watch_resumes_after_its_token_and_refuses_one_past_retention(
         .expect_err("not a token");
     assert_eq!(crate::common::bad_fields(&bad), ["resume_token"]);
 }
+
+/// The real binaries: SIGKILL the replica serving a watch; the client
+/// resumes on the other replica with its last token and misses nothing.
+/// SIGTERM ends a watch UNAVAILABLE (SHUTTING_DOWN) with RetryInfo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_replica_serving_a_watch_loses_nothing_when_the_client_resumes_elsewhere() {
+    use inmail_tests::processes::ProcessStack;
+    let stack = ProcessStack::start(|name| match name {
+        "messaging" => vec![("WATCH_HEARTBEAT".into(), "200ms".into())],
+        _ => vec![],
+    })
+    .await;
+    let mut replica = stack.messaging.replica().await;
+    let main = stack.messaging.addr;
+    let mut sam = messaging_at(main, &As::Member("sam".into()));
+    let mut rae = messaging_at(main, &As::Member("rae".into()));
+    sam.send_invitation(pb::SendInvitationRequest {
+        request_id: inmail_tests::rid(),
+        member_id: "sam".into(),
+        invitee_id: "rae".into(),
+        note: String::new(),
+    })
+    .await
+    .unwrap();
+    rae.accept_invitation(pb::AcceptInvitationRequest {
+        request_id: inmail_tests::rid(),
+        member_id: "rae".into(),
+        inviter_id: "sam".into(),
+    })
+    .await
+    .unwrap();
+
+    let mut on_replica = messaging_at(replica.addr, &As::Member("rae".into()));
+    let mut stream = watch(&mut on_replica, "rae", "").await.unwrap();
+    let start = first_heartbeat(&mut stream).await;
+    let sent = bodies(0..20);
+    for body in &sent[..10] {
+        send_body(&mut sam, "sam", "rae", body).await;
+    }
+    let mut seen = HashSet::new();
+    let (got, token, _) = collect_messages(&mut stream, 10, &mut seen).await;
+    assert_eq!(got, sent[..10]);
+    assert_ne!(token, start);
+
+    replica.kill();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("the killed replica's watch ends");
+    assert!(!matches!(ended, Ok(Some(_))));
+    for body in &sent[10..] {
+        send_body(&mut sam, "sam", "rae", body).await;
+    }
+    let mut resumed = watch(&mut rae, "rae", &token).await.unwrap();
+    let (rest, _, ended) = collect_messages(&mut resumed, 10, &mut seen).await;
+    assert!(ended.is_none(), "{ended:?}");
+    assert_eq!(rest, sent[10..], "every event after the token, once");
+
+    // SIGTERM: the watch ends UNAVAILABLE with RetryInfo and its token.
+    stack.messaging.terminate();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), resumed.message())
+            .await
+            .expect("the watch ends on SIGTERM")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), reasons::SHUTTING_DOWN);
+    assert!(tonic_types::StatusExt::get_details_retry_info(&status).is_some());
+}
