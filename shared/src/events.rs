@@ -281,21 +281,32 @@ impl EventHub {
     /// stream id), or after the stream's last event when `None` (from now).
     /// A token older than what the stream keeps is refused with
     /// FAILED_PRECONDITION RESUME_TOKEN_EXPIRED.
+    ///
+    /// A missing stream expired (nothing was appended for the retention) or
+    /// never was: a token within the retention lost nothing, and a watch
+    /// from now starts just before Redis' current time (the writers' ids
+    /// come from it). A stream made anew counts everything before the
+    /// retention as trimmed (see the writers' scripts).
     pub async fn start_after(
         &self,
         key: &str,
         token_id: Option<StreamId>,
     ) -> Result<StreamId, ApiError> {
-        let info = stream_info(&self.inner.redis, key).await?;
+        let (now_ms, info) = stream_info(&self.inner.redis, key).await?;
+        let retention = self.inner.limits.retention.as_millis() as u64;
         match (token_id, info) {
-            (None, None) => Ok(StreamId::default()),
+            (None, None) => Ok(StreamId(now_ms.saturating_sub(1), u64::MAX)),
             (None, Some(info)) => Ok(info.last_generated),
-            // The stream is gone (every event aged out): nothing was lost
-            // only when the token was taken before any event.
-            (Some(token), None) if token == StreamId::default() => Ok(token),
-            (Some(_), None) => Err(expired()),
+            (Some(token), None) => {
+                if token < StreamId(now_ms.saturating_sub(retention), 0) {
+                    Err(expired())
+                } else {
+                    Ok(token)
+                }
+            }
             (Some(token), Some(info)) => {
-                if token < info.max_deleted || token > info.last_generated {
+                if token < info.max_deleted || token > info.last_generated.max(StreamId(now_ms, 0))
+                {
                     Err(expired())
                 } else {
                     Ok(token)
@@ -567,15 +578,18 @@ struct StreamInfo {
     max_deleted: StreamId,
 }
 
-/// XINFO STREAM's ids (`None`: no such stream).
-async fn stream_info(redis: &Redis, key: &str) -> Result<Option<StreamInfo>, ApiError> {
+/// Redis' time (ms, read first) and XINFO STREAM's ids (`None`: no such
+/// stream).
+async fn stream_info(redis: &Redis, key: &str) -> Result<(u64, Option<StreamInfo>), ApiError> {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut redis.conn()).await?;
+    let now_ms = secs * 1000 + micros / 1000;
     // XINFO of a missing key is an error: ask only when it exists.
     let exists: i64 = redis::cmd("EXISTS")
         .arg(key)
         .query_async(&mut redis.conn())
         .await?;
     if exists == 0 {
-        return Ok(None);
+        return Ok((now_ms, None));
     }
     let info: Value = redis::cmd("XINFO")
         .arg("STREAM")
@@ -591,10 +605,13 @@ async fn stream_info(redis: &Redis, key: &str) -> Result<Option<StreamInfo>, Api
             .and_then(|s| StreamId::parse(&s))
             .unwrap_or_default()
     };
-    Ok(Some(StreamInfo {
-        last_generated: id_of("last-generated-id"),
-        max_deleted: id_of("max-deleted-entry-id"),
-    }))
+    Ok((
+        now_ms,
+        Some(StreamInfo {
+            last_generated: id_of("last-generated-id"),
+            max_deleted: id_of("max-deleted-entry-id"),
+        }),
+    ))
 }
 
 fn map_pairs(value: Value) -> Vec<(String, Value)> {

@@ -713,3 +713,40 @@ async fn killing_the_replica_serving_a_watch_loses_nothing_when_the_client_resum
     assert_eq!(reason(&status), reasons::SHUTTING_DOWN);
     assert!(tonic_types::StatusExt::get_details_retry_info(&status).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_events_older_than_the_retention_time_are_dropped_and_their_tokens_refused() {
+    let stack = Stack::start_with(with_args(&["--events-retention", "1s"])).await;
+    connect(&stack, "sam", "rae").await;
+    let mut sender = stack.messaging_as("sam");
+    let mut watcher = stack.messaging_as("rae");
+    let mut stream = watch(&mut watcher, "rae", "").await.unwrap();
+    first_heartbeat(&mut stream).await;
+    send_body(&mut sender, "sam", "rae", "a").await;
+    let (_, after_a, _) = collect_messages(&mut stream, 1, &mut HashSet::new()).await;
+    send_body(&mut sender, "sam", "rae", "b").await;
+    let (got, _, _) = collect_messages(&mut stream, 1, &mut HashSet::new()).await;
+    assert_eq!(got, ["b"]);
+    drop(stream);
+    // Within the retention the token resumes.
+    let mut resumed = watch(&mut watcher, "rae", &after_a).await.unwrap();
+    let (got, _, _) = collect_messages(&mut resumed, 1, &mut HashSet::new()).await;
+    assert_eq!(got, ["b"]);
+    drop(resumed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    send_body(&mut sender, "sam", "rae", "c").await;
+    let refused = watch(&mut watcher, "rae", &after_a)
+        .await
+        .expect_err("b aged out");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(reason(&refused), reasons::RESUME_TOKEN_EXPIRED);
+    // Nothing at all for the retention: the stream is gone, and so is the
+    // token's place.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let keys: i64 = redis::cmd("EXISTS")
+        .arg("messaging:{rae}:events")
+        .query_async(&mut stack.redis.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(keys, 0, "an idle member's events expire");
+}

@@ -35,8 +35,9 @@ local function set(field, value) acct[field] = value; dirty[field] = true end
 
 -- Balance events (WatchBalance): appended in the same script as the change
 -- they describe; trimmed once, by save().
-local evented = false
+local evented, fresh = false, nil
 local function event(kind, amount, msg, note, ledger_id, threshold)
+  if fresh == nil then fresh = redis.call('EXISTS', E) == 0 end
   redis.call('XADD', E, '*', 'k', kind, 'a', int(amount), 'b', int(bal), 't', NOW,
     'm', msg or '', 'r', REQ, 'p', acct.plan or '', 'v', acct.ver or '0',
     'c', acct.idx or '0', 'n', note or '', 'l', ledger_id or '', 'h', int(threshold or 0))
@@ -199,15 +200,18 @@ end
 -- made their ids) and records the newest trimmed id as the stream's
 -- max-deleted-entry-id, which tells an expired resume token.
 local function trim_events()
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local cut
+  -- A stream made anew may follow one that expired: whatever it held is
+  -- older than the retention, so that much counts as trimmed.
+  if fresh and ms > EV_RETAIN then cut = string.format('%d-0', ms - EV_RETAIN) end
   local len = redis.call('XLEN', E)
   if len > EV_KEEP then
     local old = redis.call('XRANGE', E, '-', '+', 'COUNT', len - EV_KEEP)
     cut = old[#old][1]
     redis.call('XTRIM', E, 'MAXLEN', '=', EV_KEEP)
   end
-  local t = redis.call('TIME')
-  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local minid = string.format('%d-0', ms - EV_RETAIN)
   local older = redis.call('XREVRANGE', E, '(' .. minid, '-', 'COUNT', 1)
   if #older > 0 then
