@@ -118,6 +118,13 @@ impl Credits {
         fingerprint: &str,
         op: Op<'_>,
     ) -> Result<Reply, ApiError> {
+        // Every script that may write a ledger entry (all but the lean
+        // confirmation) is noted in the ledger feed's index first.
+        if !matches!(op, Op::Confirm { .. }) {
+            self.store
+                .index_for_feed(member, inmail_shared::events::wall_clock_ms())
+                .await?;
+        }
         let mut entitlement = String::new();
         let mut valid_until_ms = 0;
         let mut hold_expires_ms = 0;

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::credits::{Credits, MAX_CLOCK_SKEW_MS, Op};
 use crate::error::DOMAIN;
+use crate::feed::FeedSettings;
 use crate::reconcile::reconcile_page;
 use crate::store::{ReleaseCause, keys};
 use crate::views;
@@ -68,7 +69,14 @@ pub const ACCESS: Table = &[
         "/inmail.billing.v1.BillingCreditsService/WatchBalance",
         &[Who::Member, Who::Operator],
     ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/WatchLedger",
+        &[Who::Operator],
+    ),
 ];
+
+/// Ledger feeds one process serves at once (each polls Redis itself).
+pub const MAX_LEDGER_FEEDS: usize = 16;
 
 /// The highest low-balance threshold.
 pub const MAX_ALERT_THRESHOLD: i64 = 100_000;
@@ -89,6 +97,9 @@ pub struct BillingApi {
     events: EventHub,
     requests: RequestLog,
     quota: Quota,
+    feed: FeedSettings,
+    feeds: std::sync::Arc<tokio::sync::Semaphore>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 type Answer<T> = Result<Response<T>, Status>;
@@ -101,6 +112,8 @@ impl BillingApi {
         events: EventHub,
         lease: std::time::Duration,
         quota: Quota,
+        feed: FeedSettings,
+        stop: tokio_util::sync::CancellationToken,
     ) -> Self {
         let tokens = PageTokens::new(credits.store().redis().clone(), "billing");
         let requests = RequestLog::new(credits.store().redis().clone(), lease);
@@ -110,6 +123,9 @@ impl BillingApi {
             events,
             requests,
             quota,
+            feed,
+            feeds: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LEDGER_FEEDS)),
+            stop,
         }
     }
 
@@ -256,6 +272,46 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             after,
             tx,
         ));
+        Ok(Response::new(
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+
+    type WatchLedgerStream = tonic::codegen::tokio_stream::wrappers::ReceiverStream<
+        Result<pb::WatchLedgerResponse, Status>,
+    >;
+
+    async fn watch_ledger(
+        &self,
+        request: Request<pb::WatchLedgerRequest>,
+    ) -> Answer<Self::WatchLedgerStream> {
+        let request = request.into_inner();
+        let start = handle(DOMAIN, async {
+            let mut checks = Checks::new();
+            let token =
+                crate::feed::decode_token(&self.tokens, &mut checks, &request.resume_token).await?;
+            checks.finish()?;
+            crate::feed::start(self.credits.store(), &self.feed, token).await
+        })
+        .await?
+        .into_inner();
+        let permit = self.feeds.clone().try_acquire_owned().map_err(|_| {
+            ApiError::resource_exhausted(
+                reasons::SERVER_OVERLOADED,
+                format!("this server serves its maximum of {MAX_LEDGER_FEEDS} ledger feeds"),
+                std::time::Duration::from_secs(1),
+            )
+            .into_status(DOMAIN)
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let store = self.credits.store().clone();
+        let tokens = self.tokens.clone();
+        let settings = self.feed;
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            crate::feed::serve(store, tokens, settings, start, stop, tx).await;
+            drop(permit);
+        });
         Ok(Response::new(
             tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
         ))

@@ -7,6 +7,7 @@ pub mod credits;
 pub mod entitlement;
 pub mod error;
 pub mod events;
+pub mod feed;
 pub mod grpc;
 pub mod reconcile;
 pub mod store;
@@ -147,6 +148,11 @@ pub struct Args {
     #[arg(long, env = "EVENTS_MAX_PER_MEMBER", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     pub events_max_per_member: u32,
 
+    /// How far behind Redis' clock the operators' ledger feed stays, so no
+    /// earlier entry can still appear.
+    #[arg(long, env = "CDC_LAG", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub cdc_lag: Duration,
+
     #[command(flatten)]
     pub watch: inmail_shared::events::WatchArgs,
 
@@ -230,6 +236,14 @@ pub async fn serve(
             events,
             args.common.request_timeout,
             args.common.mutation_quota(),
+            feed::FeedSettings {
+                lag: args.cdc_lag,
+                poll: args.watch.watch_poll.max(Duration::from_millis(20)),
+                heartbeat: args.watch.watch_heartbeat,
+                retention: args.events_retention,
+                index_margin: args.common.request_timeout + Duration::from_secs(5),
+            },
+            stop.clone(),
         )
         .into_server(),
         grpc::ACCESS,

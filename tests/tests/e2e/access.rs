@@ -321,6 +321,13 @@ fn cases() -> Vec<Case> {
             },
         ),
         case(
+            "/inmail.billing.v1.BillingCreditsService/WatchLedger",
+            Billing,
+            B,
+            As::Operator,
+            billing::WatchLedgerRequest::default(),
+        ),
+        case(
             "/inmail.billing.v1.BillingCreditsService/WatchBalance",
             Billing,
             B,

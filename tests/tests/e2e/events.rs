@@ -750,3 +750,140 @@ async fn inbox_events_older_than_the_retention_time_are_dropped_and_their_tokens
         .unwrap();
     assert_eq!(keys, 0, "an idle member's events expire");
 }
+
+async fn watch_ledger(
+    stack: &Stack,
+    token: &str,
+) -> Result<Streaming<bpb::WatchLedgerResponse>, tonic::Status> {
+    stack
+        .billing_operator()
+        .watch_ledger(bpb::WatchLedgerRequest {
+            resume_token: token.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Reads feed frames until `want` entries arrived or nothing comes for
+/// 5 s: (member, event) in arrival order, and the token after each.
+async fn feed_entries(
+    stream: &mut Streaming<bpb::WatchLedgerResponse>,
+    want: usize,
+) -> Vec<(String, bpb::BalanceEvent, String)> {
+    let mut got = Vec::new();
+    let mut quiet_since = tokio::time::Instant::now();
+    while got.len() < want && quiet_since.elapsed() < Duration::from_secs(5) {
+        let Ok(next) = tokio::time::timeout(Duration::from_secs(5), stream.message()).await else {
+            break;
+        };
+        let frame = next.expect("the feed goes on").expect("not ended");
+        assert!(!frame.resume_token.is_empty());
+        if let Some(event) = frame.event {
+            got.push((frame.member_id, event, frame.resume_token));
+            quiet_since = tokio::time::Instant::now();
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_ledger_feed_carries_every_members_entries_once_in_order_and_resumes() {
+    let stack = Stack::start_with(StackOptions {
+        billing_args: [
+            "--cdc-lag",
+            "300ms",
+            "--watch-poll",
+            "20ms",
+            "--watch-heartbeat",
+            "200ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    })
+    .await;
+    let members: Vec<String> = (0..6).map(|n| format!("feed{n}")).collect();
+    for member in &members {
+        crate::common::subscribe(&stack, member, "premium-career").await;
+        assert_eq!(crate::common::available(&stack, member).await, 5);
+    }
+    let mut feed = watch_ledger(&stack, "").await.unwrap();
+    // Wait for the feed's first heartbeat: it stands at "now".
+    let first = tokio::time::timeout(Duration::from_secs(5), feed.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.event.is_none());
+    for round in 0..3 {
+        for member in &members {
+            if round < 2 {
+                crate::common::grant(&stack, member, 1).await;
+            } else {
+                crate::common::spend(&stack, member, &format!("{member}-m"))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let got = feed_entries(&mut feed, 18).await;
+    assert_eq!(got.len(), 18, "{got:#?}");
+    let ids: HashSet<_> = got
+        .iter()
+        .map(|(m, e, _)| (m.clone(), e.event_id.clone()))
+        .collect();
+    assert_eq!(ids.len(), 18, "each entry once");
+    for member in &members {
+        let theirs: Vec<(bpb::LedgerEntryKind, i64)> = got
+            .iter()
+            .filter(|(m, _, _)| m == member)
+            .map(|(_, e, _)| (e.entry.as_ref().unwrap().kind(), e.balance_after))
+            .collect();
+        assert_eq!(
+            theirs,
+            [
+                (bpb::LedgerEntryKind::Grant, 6),
+                (bpb::LedgerEntryKind::Grant, 7),
+                (bpb::LedgerEntryKind::Debit, 6)
+            ],
+            "{member}'s entries in ledger order"
+        );
+    }
+    drop(feed);
+    // Resume after the 9th entry: exactly the other nine.
+    let token = got[8].2.clone();
+    let mut resumed = watch_ledger(&stack, &token).await.unwrap();
+    let rest = feed_entries(&mut resumed, 9).await;
+    // The same entries (partitions interleave as they pass the watermark:
+    // order is per partition, so per member).
+    let mut rest_ids: Vec<_> = rest
+        .iter()
+        .map(|(m, e, _)| (m.clone(), e.event_id.clone()))
+        .collect();
+    let mut expected: Vec<_> = got[9..]
+        .iter()
+        .map(|(m, e, _)| (m.clone(), e.event_id.clone()))
+        .collect();
+    for member in &members {
+        let order = |list: &[(String, String)]| -> Vec<String> {
+            list.iter()
+                .filter(|(m, _)| m == member)
+                .map(|(_, id)| id.clone())
+                .collect()
+        };
+        assert_eq!(order(&rest_ids), order(&expected), "{member} in order");
+    }
+    rest_ids.sort();
+    expected.sort();
+    assert_eq!(rest_ids, expected, "exactly what followed the token");
+    let bad = watch_ledger(&stack, "forged")
+        .await
+        .expect_err("not a token");
+    assert_eq!(crate::common::bad_fields(&bad), ["resume_token"]);
+    let member = stack
+        .billing_as("feed0")
+        .watch_ledger(bpb::WatchLedgerRequest::default())
+        .await
+        .expect_err("members may not read the feed");
+    assert_eq!(member.code(), tonic::Code::PermissionDenied);
+}

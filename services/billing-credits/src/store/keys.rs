@@ -16,6 +16,10 @@
 //!   threshold), written by the same script; trimmed to EVENTS_MAX_PER_MEMBER
 //!   and EVENTS_RETENTION. The account hash holds the alert: `alert` (the
 //!   threshold), `alow` ("1" while at or below it).
+//! - `billing:cdc:{p<N>}` sorted sets ([`CDC_PARTITIONS`]): the operators'
+//!   ledger feed's member index, each member by when a balance script last
+//!   started for it; written before the script, so the feed never misses a
+//!   member whose events changed.
 //! - `billing:eventnotify:{n<N>}` streams: which event streams grew, for the
 //!   watchers' dispatcher.
 //! - `billing:{M}:alertreq:<request_id>` hash, `billing:{M}:quota` hash:
@@ -41,6 +45,9 @@
 
 use inmail_shared::sweep::shard_of;
 
+/// Partitions of the operators' ledger feed (WatchLedger).
+pub const CDC_PARTITIONS: u32 = 8;
+
 /// Shards of the hold-expiry index (spread over cluster nodes).
 pub const HOLD_SHARDS: u32 = 16;
 
@@ -62,6 +69,16 @@ pub fn alert_request(member: &str, request_id: &str) -> String {
 /// member's own calls spends from).
 pub fn quota(member: &str) -> String {
     format!("billing:{{{member}}}:quota")
+}
+
+/// The members of one partition of the ledger feed by when a balance
+/// script last started for them (wall clock ms); written before the script.
+pub fn cdc_index(partition: u32) -> String {
+    format!("billing:cdc:{{p{partition}}}")
+}
+
+pub fn cdc_partition_of(member: &str) -> u32 {
+    shard_of(member, CDC_PARTITIONS)
 }
 
 pub fn events(member: &str) -> String {

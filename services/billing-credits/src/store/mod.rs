@@ -340,6 +340,90 @@ impl BillingStore {
         self.run(call.member, inv).await
     }
 
+    /// Notes in the ledger feed's index that a balance script is about to
+    /// run for `member` (before it runs: the feed never misses its events).
+    pub async fn index_for_feed(&self, member: &str, at_ms: i64) -> Result<(), ApiError> {
+        let _: i64 = redis::cmd("ZADD")
+            .arg(keys::cdc_index(keys::cdc_partition_of(member)))
+            .arg("GT")
+            .arg(at_ms)
+            .arg(member)
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The members of a feed partition touched at or after `since_ms`, and
+    /// drops those untouched since before `forget_before_ms`.
+    pub async fn feed_members(
+        &self,
+        partition: u32,
+        since_ms: i64,
+        forget_before_ms: i64,
+    ) -> Result<Vec<String>, ApiError> {
+        let key = keys::cdc_index(partition);
+        let mut batch = Batch::new();
+        batch
+            .add_ignored(
+                redis::cmd("ZREMRANGEBYSCORE")
+                    .arg(&key)
+                    .arg("-inf")
+                    .arg(format!("({forget_before_ms}"))
+                    .clone(),
+            )
+            .add(
+                redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(since_ms)
+                    .arg("+inf")
+                    .arg("BYSCORE")
+                    .clone(),
+            );
+        let (members,): (Vec<String>,) = self.redis.run_bulk(&batch).await?;
+        Ok(members)
+    }
+
+    /// The balance events of each of `members` from `from` (inclusive) to
+    /// `to` (inclusive), as (member, event).
+    pub async fn events_between(
+        &self,
+        members: &[String],
+        from: inmail_shared::events::StreamId,
+        to: inmail_shared::events::StreamId,
+    ) -> Result<Vec<(String, inmail_shared::events::Entry)>, ApiError> {
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = Batch::new();
+        for member in members {
+            batch.add(
+                redis::cmd("XRANGE")
+                    .arg(keys::events(member))
+                    .arg(from.to_string())
+                    .arg(to.to_string())
+                    .clone(),
+            );
+        }
+        let replies: Vec<redis::Value> = self.redis.run_bulk(&batch).await?;
+        Ok(members
+            .iter()
+            .zip(replies)
+            .flat_map(|(member, reply)| {
+                inmail_shared::events::parse_entries(reply)
+                    .into_iter()
+                    .map(move |entry| (member.clone(), entry))
+            })
+            .collect())
+    }
+
+    /// Redis' clock (ms): the balance events' ids come from it.
+    pub async fn redis_time_ms(&self) -> Result<u64, ApiError> {
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
     /// Tells the watchers' dispatcher that `member`'s balance events may
     /// have grown (inmail_shared::events).
     pub async fn notify_events(&self, member: &str) -> Result<(), ApiError> {
