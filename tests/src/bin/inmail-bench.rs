@@ -21,6 +21,11 @@
 //! hash from every service's `store::SCRIPTS`) and command, with the
 //! commands each script ran counted under it, from Redis's SLOWLOG.
 //!
+//! `--scenarios watch --watchers 10000 --watch-rate 500` opens that many
+//! WatchInbox streams on one messaging process and prints send → event
+//! latency, CPU and RSS per 1,000 idle watchers and Redis connections,
+//! beside the same run's SendMessage figures without watchers.
+//!
 //! `--scenarios idle --idle-replicas 1,2,4` measures Redis's load with the
 //! services idle at each replica count (every service replicated), on a
 //! fresh stack: commands and Redis time per second, Redis's CPU, and the
@@ -112,6 +117,12 @@ struct Args {
     /// How long the `idle` scenario measures each replica count.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     idle_window: Duration,
+    /// Watchers the `watch` scenario opens on one messaging process.
+    #[arg(long, default_value_t = 10_000)]
+    watchers: usize,
+    /// Sends per second of the `watch` scenario (with and without watchers).
+    #[arg(long, default_value_t = 500)]
+    watch_rate: u64,
     /// Redis AOF fsync policy for the run (the shipped configuration: always).
     #[arg(long, default_value = "always")]
     appendfsync: String,
@@ -148,6 +159,10 @@ impl Bench {
             if name == "messaging" {
                 env.push(("INMAIL_BURST".into(), "1000000000".into()));
                 env.push(("INMAIL_PER_DAY".into(), "1000000000".into()));
+                // The `watch` scenario's watchers all come from here.
+                env.push(("MAX_CALLS_PER_ADDRESS".into(), "1000000".into()));
+                env.push(("MAX_INBOUND_CONNECTIONS_PER_ADDRESS".into(), "2048".into()));
+                env.push(("MAX_INBOUND_CONNECTIONS".into(), "4096".into()));
             }
             env
         })
@@ -631,6 +646,12 @@ async fn run(args: Args) {
             return;
         }
     }
+    if args.scenarios.iter().any(|s| s == "watch") {
+        watch(&args).await;
+        if args.scenarios.iter().all(|s| s == "watch" || s == "idle") {
+            return;
+        }
+    }
     let mut secured = Bench::start(&args, false).await;
     let mut plain = if args.scenarios.iter().any(|s| s.ends_with("-plain")) {
         Some(Bench::start(&args, true).await)
@@ -687,7 +708,7 @@ async fn run(args: Args) {
                 bench.log_every_command(true).await;
             }
             let mut outcome = match scenario.as_str() {
-                "idle" => continue,
+                "idle" | "watch" => continue,
                 "thin" => match &args.thin_ideal_dir {
                     Some(dir) => thin(&args, bench, dir, members).await,
                     None => {
@@ -1265,6 +1286,195 @@ async fn send(args: &Args, bench: &Bench, prefix: &str, members: usize) -> Outco
         }
     })
     .await
+}
+
+/// Sends at `rate` per second for `duration`, InMails from the loaded
+/// senders to `recipient(i)`, each body carrying when it was sent (µs since
+/// `base`); answers the send latencies and how many failed.
+async fn paced_sends(
+    bench: &Bench,
+    rate: u64,
+    duration: Duration,
+    base: Instant,
+    recipient: impl Fn(u64) -> String,
+) -> (Histogram<u64>, u64) {
+    let client = MessagingClient::new(bench.channel(bench.stack.messaging.addr, As::Anonymous));
+    let senders = bench.loaded.get("watch").copied().unwrap_or(1) as u64;
+    let histogram = Arc::new(std::sync::Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+    ));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+    let stop_at = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    let mut i = 0u64;
+    while Instant::now() < stop_at {
+        tick.tick().await;
+        let sender = format!("watch-{}", i % senders);
+        let token = bench.token(&sender);
+        let sent_us = base.elapsed().as_micros() as u64;
+        let request = as_member(
+            messaging::SendMessageRequest {
+                request_id: format!("watch-send-{}-{i}", base.elapsed().as_nanos()),
+                sender_id: sender,
+                recipient_id: recipient(i),
+                subject: "A role for you".into(),
+                body: format!("t={sent_us}"),
+            },
+            &token,
+        );
+        let (mut client, histogram, errors) = (client.clone(), histogram.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            match client.send_message(request).await {
+                Ok(_) => {
+                    let micros = started.elapsed().as_micros() as u64;
+                    histogram.lock().unwrap().record(micros.max(1)).unwrap();
+                }
+                Err(_) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+        i += 1;
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let histogram = histogram.lock().unwrap().clone();
+    (histogram, errors.load(Ordering::Relaxed))
+}
+
+/// Redis's `connected_clients`.
+async fn redis_clients(bench: &Bench) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut bench.redis.clone())
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `--scenarios watch`: SendMessage at `--watch-rate` without watchers,
+/// then `--watchers` WatchInbox streams on the one messaging process and
+/// the same sends to the watched members: send → event latency, CPU and RSS
+/// per 1,000 idle watchers, Redis connections, and the sends' latency
+/// beside the run without watchers.
+async fn watch(args: &Args) {
+    let mut bench = Bench::start(args, false).await;
+    let senders = args.members[0].clamp(1, THROUGH_SERVICES);
+    load_members(&mut bench, "watch", senders, &args.appendfsync).await;
+    let base = Instant::now();
+    let messaging_pid = bench.stack.messaging.pid();
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+
+    let (alone, alone_errors) = paced_sends(&bench, args.watch_rate, args.duration, base, |i| {
+        format!("unwatched-{i}")
+    })
+    .await;
+    let clients_before = redis_clients(&bench).await;
+    let idle_window = Duration::from_secs(5);
+    let (rss_before, cpu_before) = (rss_kib(messaging_pid), {
+        let start = cpu_of(messaging_pid);
+        tokio::time::sleep(idle_window).await;
+        cpu_of(messaging_pid).saturating_sub(start)
+    });
+
+    // The watchers, 200 to a connection (HTTP/2 streams per connection).
+    let latencies = Arc::new(std::sync::Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+    ));
+    let events = Arc::new(AtomicU64::new(0));
+    let mut channel = bench.channel(bench.stack.messaging.addr, As::Anonymous);
+    let mut opened = 0;
+    for k in 0..args.watchers {
+        if k % 200 == 0 {
+            channel = bench.channel(bench.stack.messaging.addr, As::Anonymous);
+        }
+        let member = format!("watched-{k}");
+        let mut client = MessagingClient::new(channel.clone());
+        let request = as_member(
+            messaging::WatchInboxRequest {
+                member_id: member.clone(),
+                resume_token: String::new(),
+            },
+            &bench.token(&member),
+        );
+        let Ok(stream) = client.watch_inbox(request).await else {
+            continue;
+        };
+        opened += 1;
+        let (latencies, events) = (latencies.clone(), events.clone());
+        tokio::spawn(async move {
+            let mut stream = stream.into_inner();
+            while let Ok(Some(frame)) = stream.message().await {
+                let Some(message) = frame.event.and_then(|e| e.message) else {
+                    continue;
+                };
+                if let Some(sent_us) = message
+                    .body
+                    .strip_prefix("t=")
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    let now_us = base.elapsed().as_micros() as u64;
+                    let _ = latencies
+                        .lock()
+                        .unwrap()
+                        .record(now_us.saturating_sub(sent_us).max(1));
+                    events.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let clients_after = redis_clients(&bench).await;
+    let (rss_after, cpu_after) = (rss_kib(messaging_pid), {
+        let start = cpu_of(messaging_pid);
+        tokio::time::sleep(idle_window).await;
+        cpu_of(messaging_pid).saturating_sub(start)
+    });
+    let watched = opened.max(1) as u64;
+    let (with, with_errors) = paced_sends(&bench, args.watch_rate, args.duration, base, |i| {
+        format!("watched-{}", member_index(i, watched))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let latencies = latencies.lock().unwrap().clone();
+
+    let per_thousand = 1000.0 / opened.max(1) as f64;
+    println!(
+        "watch: {opened} watchers on one messaging process, {} sends/s for {:?}",
+        args.watch_rate, args.duration
+    );
+    println!(
+        "  send, no watchers:   {:>6} ok  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {alone_errors}",
+        alone.len(),
+        ms(&alone, 0.5),
+        ms(&alone, 0.99)
+    );
+    println!(
+        "  send, with watchers: {:>6} ok  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {with_errors}  ({:+.1} % p50)",
+        with.len(),
+        ms(&with, 0.5),
+        ms(&with, 0.99),
+        (ms(&with, 0.5) / ms(&alone, 0.5).max(1e-9) - 1.0) * 100.0
+    );
+    println!(
+        "  send -> event:       {:>6} events  p50 {:>7.2} ms  p99 {:>7.2} ms",
+        events.load(Ordering::Relaxed),
+        ms(&latencies, 0.5),
+        ms(&latencies, 0.99)
+    );
+    println!(
+        "  per 1,000 idle watchers: RSS {:+.0} KiB, CPU {:.1} ms/s",
+        (rss_after as f64 - rss_before as f64) * per_thousand,
+        (cpu_after.as_secs_f64() - cpu_before.as_secs_f64()) * 1e3 / idle_window.as_secs_f64()
+            * per_thousand
+    );
+    println!("  Redis connections: {clients_before} without watchers, {clients_after} with them");
 }
 
 /// Redis's load with the services idle, at each replica count of every
