@@ -550,6 +550,10 @@ impl Messaging {
                     }
                     _ => Refund::None,
                 };
+                // A retry may follow a process that died between storing
+                // the message and appending its events: append them again
+                // (watchers dedupe by event_id).
+                self.publish_message(conv, &message).await;
                 Ok(Sent {
                     conv: conv.to_string(),
                     balance_after: message.balance_after,

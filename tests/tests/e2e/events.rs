@@ -887,3 +887,40 @@ async fn the_operators_ledger_feed_carries_every_members_entries_once_in_order_a
         .expect_err("members may not read the feed");
     assert_eq!(member.code(), tonic::Code::PermissionDenied);
 }
+
+/// A retried send appends its message event again (the process that stored
+/// it may have died before appending): the watcher sees the same event_id
+/// twice, and once after dedupe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_send_appends_its_event_again_with_the_same_event_id() {
+    let stack = Stack::start_with(with_args(&[])).await;
+    connect(&stack, "sam", "rae").await;
+    let mut watcher = stack.messaging_as("rae");
+    let mut stream = watch(&mut watcher, "rae", "").await.unwrap();
+    first_heartbeat(&mut stream).await;
+    let mut sender = stack.messaging_as("sam");
+    let request = send_request("sam", "rae", "", "once");
+    let first = sender
+        .send_message(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let again = sender.send_message(request).await.unwrap().into_inner();
+    assert_eq!(
+        first.message, again.message,
+        "the retry answers the same message"
+    );
+    let mut ids = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ids.len() < 2 {
+        let frame = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("two message events")
+            .unwrap()
+            .unwrap();
+        if let Some(event) = frame.event {
+            ids.push(event.event_id);
+        }
+    }
+    assert_eq!(ids[0], ids[1], "the same event, to dedupe by its id");
+}
