@@ -924,3 +924,54 @@ async fn a_retried_send_appends_its_event_again_with_the_same_event_id() {
     }
     assert_eq!(ids[0], ids[1], "the same event, to dedupe by its id");
 }
+
+/// Redis clients connected, over every node.
+async fn redis_clients(stack: &Stack) -> u64 {
+    let mut total = 0;
+    for url in stack.redis.url().split(',') {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("clients")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+/// Watches hold no concurrency slot (one slot serves unary calls beside
+/// forty open watches), and forty watchers add no Redis connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_hold_no_concurrency_slot_and_no_redis_connection() {
+    let stack = Stack::start_with(with_args(&["--max-concurrent-requests", "1"])).await;
+    connect(&stack, "sam", "rae").await;
+    // Let the services' connections settle (lazy dials, the bulk one).
+    let mut watcher = stack.messaging_as("rae");
+    let mut warm = watch(&mut watcher, "rae", "").await.unwrap();
+    first_heartbeat(&mut warm).await;
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = redis_clients(&stack).await;
+    let mut open = Vec::new();
+    for n in 0..40 {
+        let member = format!("w{n}");
+        let mut client = stack.messaging_as(&member);
+        let mut stream = watch(&mut client, &member, "").await.unwrap();
+        first_heartbeat(&mut stream).await;
+        open.push(stream);
+    }
+    // rae's own watch, then a unary call on the one slot.
+    let mut stream = watch(&mut watcher, "rae", "").await.unwrap();
+    first_heartbeat(&mut stream).await;
+    send_body(&mut stack.messaging_as("sam"), "sam", "rae", "through").await;
+    let (got, _, _) = collect_messages(&mut stream, 1, &mut HashSet::new()).await;
+    assert_eq!(got, ["through"]);
+    let after = redis_clients(&stack).await;
+    assert_eq!(after, before, "watchers opened no Redis connection");
+}
