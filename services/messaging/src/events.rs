@@ -5,9 +5,11 @@
 //! A conversation's writes live in the conversation's slot and a member's
 //! event stream in the member's, so on Redis Cluster one script cannot do
 //! both: the events are appended right after the conversation's script
-//! answered that it made the change (never for a change it refused, never
-//! twice for one change). A process that dies between the two steps loses
-//! those events (README.md says so); a client resuming after a gap relists.
+//! answered that it made the change (never for a change it refused). A
+//! message's events are owed in the outbox from before it is delivered
+//! (OutboxItem::Events) until appended, so if the process dies between the
+//! two steps the sweeper appends them (late, at least once). Responses'
+//! and refunds' events have no such entry (README.md says so).
 
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ use tonic::Status;
 
 use crate::error::DOMAIN;
 use crate::send::{Messaging, Refund};
-use crate::store::StoredMessage;
+use crate::store::{OutboxItem, StoredMessage};
 use crate::views;
 
 /// How much of each member's events is kept.
@@ -39,7 +41,7 @@ pub struct EventRetention {
 const TOKEN_LIST: &str = "inbox-events";
 
 impl Messaging {
-    async fn publish(&self, members: &[&str], event: pb::InboxEvent) {
+    async fn publish(&self, members: &[&str], event: pb::InboxEvent, owed: Option<&OutboxItem>) {
         let retention = self.config.events;
         let bytes = event.encode_to_vec();
         if let Err(err) = self
@@ -49,6 +51,7 @@ impl Messaging {
                 &bytes,
                 retention.keep,
                 retention.retention.as_millis() as i64,
+                owed,
             )
             .await
         {
@@ -57,7 +60,8 @@ impl Messaging {
         }
     }
 
-    /// A message was delivered: both members hear of it.
+    /// A message was delivered: both members hear of it (and the outbox
+    /// entry that owed its events is dropped).
     pub(crate) async fn publish_message(&self, conv: &str, message: &StoredMessage) {
         let event = pb::InboxEvent {
             event_id: format!("message:{}", message.id),
@@ -67,7 +71,13 @@ impl Messaging {
             message: Some(views::message(conv, message)),
             ..Default::default()
         };
-        self.publish(&[&message.from, &message.to], event).await;
+        let owed = OutboxItem::Events {
+            conv: conv.to_string(),
+            message_id: message.id.clone(),
+            sender: message.from.clone(),
+        };
+        self.publish(&[&message.from, &message.to], event, Some(&owed))
+            .await;
     }
 
     /// An InMail was answered: both members hear of it.
@@ -90,7 +100,7 @@ impl Messaging {
             refund_status: views::refund_status(refund) as i32,
             ..Default::default()
         };
-        self.publish(&members, event).await;
+        self.publish(&members, event, None).await;
     }
 
     /// An InMail's refund was settled: its sender hears of it.
@@ -111,7 +121,7 @@ impl Messaging {
             refund_status: views::refund_status(refund) as i32,
             ..Default::default()
         };
-        self.publish(&[sender], event).await;
+        self.publish(&[sender], event, None).await;
     }
 }
 

@@ -216,6 +216,7 @@ impl Messaging {
             refund_window_ms: self.window_ms(),
             balance_after,
             answering,
+            events_due_ms: now + self.recovery_after_ms(),
         };
         let delivered = match self.store.deliver(envelope, &how).await? {
             Delivery::Ok(delivered) => delivered,
@@ -254,6 +255,12 @@ impl Messaging {
                 return Err(failure.error());
             }
         };
+        if let Some(hook) = &self.config.faults.after_deliver
+            && let Some(injected) = hook().await
+        {
+            // As if the process died here: the events stay owed.
+            return Err(injected);
+        }
         let refund = self
             .settle_response(ctx, envelope.conv, delivered.response.as_ref(), refund_item)
             .await;
@@ -491,6 +498,7 @@ impl Messaging {
             refund_window_ms: self.window_ms(),
             balance_after,
             answering: false,
+            events_due_ms: now + self.recovery_after_ms(),
         };
         let delivered = match self
             .store

@@ -23,12 +23,16 @@ pub type AfterDebitHook = Arc<
 #[derive(Clone, Default)]
 pub struct Faults {
     pub after_debit: Option<AfterDebitHook>,
+    /// Breaks a free send right after its message was delivered, before its
+    /// events are appended (as if the process died there).
+    pub after_deliver: Option<AfterDebitHook>,
 }
 
 impl std::fmt::Debug for Faults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Faults")
             .field("after_debit", &self.after_debit.is_some())
+            .field("after_deliver", &self.after_deliver.is_some())
             .finish()
     }
 }

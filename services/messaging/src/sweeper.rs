@@ -80,6 +80,19 @@ async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, Ap
                                 }
                             }
                     }
+                    // Owed events of a message its process delivered
+                    // and died: appended (at least once); of one not
+                    // delivered: nothing to append.
+                    OutboxItem::Events {
+                        conv, message_id, ..
+                    } => {
+                        if state == Some(MessageState::Delivered)
+                            && let Some(message) = store.message(conv, message_id).await?
+                        {
+                            messaging.publish_message(conv, &message).await;
+                        }
+                        true
+                    }
                     OutboxItem::Refund {
                         conv,
                         inmail_id,

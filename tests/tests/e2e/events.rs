@@ -975,3 +975,60 @@ async fn watches_hold_no_concurrency_slot_and_no_redis_connection() {
     let after = redis_clients(&stack).await;
     assert_eq!(after, before, "watchers opened no Redis connection");
 }
+
+/// A messaging process that dies right after delivering a message, before
+/// appending its inbox events: the events were owed in the outbox from
+/// before the delivery, and the sweeper appends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_process_died_before_its_events_gets_them_from_the_sweeper() {
+    let hook: messaging::send::AfterDebitHook = std::sync::Arc::new(|| {
+        Box::pin(async {
+            Some(inmail_shared::ApiError::unavailable(
+                inmail_shared::reasons::STORAGE_UNAVAILABLE,
+                "the process died",
+            ))
+        })
+    });
+    let mut options = with_args(&[
+        "--request-timeout",
+        "2s",
+        "--send-recovery-after",
+        "3s",
+        "--sweep-interval",
+        "200ms",
+    ]);
+    options.faults = messaging::send::Faults {
+        after_deliver: Some(hook),
+        ..Default::default()
+    };
+    let stack = Stack::start_with(options).await;
+    connect(&stack, "sam", "rae").await;
+    let mut watcher = stack.messaging_as("rae");
+    let mut stream = watch(&mut watcher, "rae", "").await.unwrap();
+    first_heartbeat(&mut stream).await;
+    let broken = stack
+        .messaging_as("sam")
+        .send_message(send_request("sam", "rae", "", "late"))
+        .await
+        .expect_err("the send broke after delivering");
+    assert_eq!(broken.code(), tonic::Code::Unavailable);
+    // Stored, not announced: nothing arrives before the sweeper's turn.
+    let early = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let frame = stream.message().await.unwrap().unwrap();
+            if frame.event.is_some() {
+                return frame;
+            }
+        }
+    })
+    .await;
+    assert!(early.is_err(), "no event before the sweeper: {early:?}");
+    let (got, _, ended) = collect_messages(&mut stream, 1, &mut HashSet::new()).await;
+    assert!(ended.is_none());
+    assert_eq!(got, ["late"], "the sweeper appended the owed event");
+    assert_eq!(
+        inmail_tests::outbox_len(&stack.redis).await,
+        0,
+        "nothing left owed"
+    );
+}

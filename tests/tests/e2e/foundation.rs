@@ -156,6 +156,7 @@ async fn overload_is_shed_with_retry_info() {
         messaging_args: vec!["--max-concurrent-requests".into(), "1".into()],
         faults: messaging::send::Faults {
             after_debit: Some(hook),
+            ..Default::default()
         },
         ..Default::default()
     })

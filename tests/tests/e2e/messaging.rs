@@ -205,6 +205,7 @@ async fn store_failure_after_the_debit_returns_the_credit() {
     let stack = Stack::start_with(StackOptions {
         faults: Faults {
             after_debit: Some(hook),
+            ..Default::default()
         },
         ..Default::default()
     })
@@ -344,6 +345,7 @@ async fn billing_down_between_debit_and_confirm_returns_the_credit_within_the_bo
     let mut stack = Stack::start_with(StackOptions {
         faults: Faults {
             after_debit: Some(hook),
+            ..Default::default()
         },
         ..Default::default()
     })

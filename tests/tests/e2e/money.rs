@@ -359,6 +359,7 @@ async fn a_send_slower_than_hold_ttl_is_delivered_and_charged_once() {
         ],
         faults: Faults {
             after_debit: Some(hook),
+            ..Default::default()
         },
         ..Default::default()
     })

@@ -138,6 +138,7 @@ fn delivering(staged: bool, answering: bool, now: i64) -> Delivering {
         refund_window_ms: WINDOW,
         balance_after: None,
         answering,
+        events_due_ms: now + 60_000,
     }
 }
 

@@ -38,8 +38,8 @@
 //! - `messaging:eventnotify:{n<N>}` streams — which event streams were
 //!   appended to, for the watchers' dispatcher (`inmail_shared::events`).
 //! - `messaging:outbox:{o<N>}` sorted sets ([`OUTBOX_SHARDS`] shards) —
-//!   sends and refunds to finish if their process died, by when to look at
-//!   them.
+//!   sends, refunds and messages' owed inbox events to finish if their
+//!   process died, by when to look at them.
 
 use inmail_shared::sweep::shard_of;
 

@@ -122,6 +122,15 @@ impl<'a> Envelope<'a> {
         }
     }
 
+    /// The outbox entry that owes this message's inbox events.
+    pub fn events_item(&self) -> OutboxItem {
+        OutboxItem::Events {
+            conv: self.conv.to_string(),
+            message_id: self.message_id.to_string(),
+            sender: self.sender.to_string(),
+        }
+    }
+
     fn outbox_item(&self) -> OutboxItem {
         OutboxItem::Send {
             conv: self.conv.to_string(),
@@ -154,6 +163,9 @@ pub struct Delivering {
     /// REPLY): refused or answered by the recorded response unless the
     /// InMail awaits it.
     pub answering: bool,
+    /// When the sweeper appends the message's inbox events if this call
+    /// does not (its process died after delivering).
+    pub events_due_ms: i64,
 }
 
 /// A sender's request record as read before a send.
@@ -412,6 +424,16 @@ impl MessagingStore {
         how: &Delivering,
     ) -> Result<Delivery, ApiError> {
         let mut batch = Batch::new();
+        // Before the message: its events are owed until appended (see
+        // OutboxItem::Events).
+        let events_item = envelope.events_item();
+        batch.add_ignored(
+            redis::cmd("ZADD")
+                .arg(keys::outbox(keys::outbox_shard_of(envelope.conv)))
+                .arg(how.events_due_ms)
+                .arg(events_item.encode())
+                .clone(),
+        );
         for member in [envelope.a, envelope.b] {
             batch.add_ignored(
                 redis::cmd("ZADD")
@@ -451,7 +473,12 @@ impl MessagingStore {
         self.redis
             .acknowledge(&[&keys::conv(envelope.conv)])
             .await?;
-        parse("deliver", &reply)
+        let delivery = parse("deliver", &reply)?;
+        if !matches!(delivery, Delivery::Ok(_)) {
+            // Nothing new was delivered by this call: no events owed.
+            self.outbox_remove(&events_item).await?;
+        }
+        Ok(delivery)
     }
 
     /// Both inboxes show the conversation's activity at `at_ms` (GT: only
@@ -584,12 +611,15 @@ impl MessagingStore {
     /// Appends `event` to each member's event stream, then announces the
     /// appends to the watchers' dispatcher (one round trip). `keep`: the
     /// most events kept per member; `retention_ms`: how long.
+    /// `owed`: the outbox entry that owed the event, dropped once it is
+    /// appended (same round trip).
     pub async fn append_event(
         &self,
         members: &[&str],
         event: &[u8],
         keep: usize,
         retention_ms: i64,
+        owed: Option<&OutboxItem>,
     ) -> Result<(), ApiError> {
         let mut batch = Batch::new();
         for member in members {
@@ -602,6 +632,14 @@ impl MessagingStore {
                 "messaging",
                 &keys::events(member),
             ));
+        }
+        if let Some(item) = owed {
+            batch.add_ignored(
+                redis::cmd("ZREM")
+                    .arg(keys::outbox(keys::outbox_shard_of(item.conv())))
+                    .arg(item.encode())
+                    .clone(),
+            );
         }
         let _: Vec<String> = self.redis.run(&batch).await?;
         Ok(())

@@ -23,11 +23,19 @@ pub enum OutboxItem {
         inmail_id: String,
         sender: String,
     },
+    /// A message being delivered whose inbox events are not appended yet:
+    /// appended by the sweeper if the message was delivered (the process
+    /// died between the two steps), dropped otherwise.
+    Events {
+        conv: String,
+        message_id: String,
+        sender: String,
+    },
 }
 
 impl OutboxItem {
-    /// As stored: `send|conv|id|sender` or `refund|conv|id|sender` (ids and
-    /// member ids contain no '|').
+    /// As stored: `send|conv|id|sender`, `refund|conv|id|sender` or
+    /// `events|conv|id|sender` (ids and member ids contain no '|').
     pub fn encode(&self) -> String {
         match self {
             Self::Send {
@@ -40,6 +48,11 @@ impl OutboxItem {
                 inmail_id,
                 sender,
             } => format!("refund|{conv}|{inmail_id}|{sender}"),
+            Self::Events {
+                conv,
+                message_id,
+                sender,
+            } => format!("events|{conv}|{message_id}|{sender}"),
         }
     }
 
@@ -58,13 +71,18 @@ impl OutboxItem {
                 inmail_id: id,
                 sender,
             }),
+            "events" => Some(Self::Events {
+                conv,
+                message_id: id,
+                sender,
+            }),
             _ => None,
         }
     }
 
     pub fn conv(&self) -> &str {
         match self {
-            Self::Send { conv, .. } | Self::Refund { conv, .. } => conv,
+            Self::Send { conv, .. } | Self::Refund { conv, .. } | Self::Events { conv, .. } => conv,
         }
     }
 }
@@ -116,6 +134,9 @@ impl MessagingStore {
         for item in items {
             let cmd = match item {
                 OutboxItem::Send {
+                    conv, message_id, ..
+                }
+                | OutboxItem::Events {
                     conv, message_id, ..
                 } => redis::cmd("HGET")
                     .arg(keys::msg(conv, message_id))
@@ -175,6 +196,11 @@ mod tests {
                 conv: "a~b".into(),
                 inmail_id: "m-2".into(),
                 sender: "b".into(),
+            },
+            OutboxItem::Events {
+                conv: "a~b".into(),
+                message_id: "m-3".into(),
+                sender: "a".into(),
             },
         ] {
             assert_eq!(OutboxItem::decode(&item.encode()), Some(item));
