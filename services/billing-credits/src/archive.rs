@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::sweep::spawn_periodic;
+use inmail_shared::state::sweep::spawn_periodic;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 

@@ -2,15 +2,15 @@
 //! the reply.
 
 use inmail_shared::ApiError;
-use inmail_shared::auth::access::{Table, Who};
-use inmail_shared::context::{CallContext, record_identity};
-use inmail_shared::idempotency::Mutation;
-use inmail_shared::paging::{self, PageTokens};
-use inmail_shared::proto::billing::v1 as pb;
-use inmail_shared::reasons;
-use inmail_shared::rpc::handle;
-use inmail_shared::time::from_timestamp;
-use inmail_shared::validate::Checks;
+use inmail_shared::contract::proto::billing::v1 as pb;
+use inmail_shared::contract::reasons;
+use inmail_shared::contract::rpc::handle;
+use inmail_shared::contract::time::from_timestamp;
+use inmail_shared::contract::validate::Checks;
+use inmail_shared::runtime::auth::access::{Table, Who};
+use inmail_shared::runtime::context::{CallContext, record_identity};
+use inmail_shared::state::idempotency::Mutation;
+use inmail_shared::state::paging::{self, PageTokens};
 use tonic::{Request, Response, Status};
 
 use crate::credits::{Credits, MAX_CLOCK_SKEW_MS, Op};
@@ -87,8 +87,8 @@ impl BillingApi {
         self,
     ) -> pb::billing_credits_service_server::BillingCreditsServiceServer<Self> {
         pb::billing_credits_service_server::BillingCreditsServiceServer::new(self)
-            .max_decoding_message_size(inmail_shared::server::MAX_REQUEST_BYTES)
-            .max_encoding_message_size(inmail_shared::server::MAX_RESPONSE_BYTES)
+            .max_decoding_message_size(inmail_shared::runtime::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(inmail_shared::runtime::server::MAX_RESPONSE_BYTES)
     }
 }
 
@@ -486,7 +486,7 @@ mod tests {
     #[test]
     fn the_access_table_lists_every_method() {
         assert_eq!(
-            inmail_shared::auth::access::unlisted(
+            inmail_shared::runtime::auth::access::unlisted(
                 ACCESS,
                 "inmail.billing.v1.BillingCreditsService"
             ),

@@ -17,11 +17,11 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use inmail_shared::bootstrap::Runtime;
-use inmail_shared::cli::ServiceBinary;
-use inmail_shared::config::CommonArgs;
-use inmail_shared::idempotency::REQUEST_RETENTION;
-use inmail_shared::sweep::{LEAVE_WAIT, await_leave};
+use inmail_shared::runtime::bootstrap::Runtime;
+use inmail_shared::runtime::cli::ServiceBinary;
+use inmail_shared::runtime::config::CommonArgs;
+use inmail_shared::state::idempotency::REQUEST_RETENTION;
+use inmail_shared::state::sweep::{LEAVE_WAIT, await_leave};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +52,7 @@ pub enum Commands {
         #[arg(long)]
         full: bool,
         #[command(flatten)]
-        operator: inmail_shared::auth::tls::OperatorArgs,
+        operator: inmail_shared::runtime::auth::tls::OperatorArgs,
     },
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::clock::Clock;
+use inmail_shared::state::clock::Clock;
 
 use crate::domain::{self, PendingInmailPolicy};
 use crate::downstream::{Billing, Plans};

@@ -48,10 +48,10 @@ use std::time::{Duration, Instant};
 use billing_credits::store::{BillingStore, Call};
 use clap::Parser;
 use hdrhistogram::Histogram;
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::messaging::v1 as messaging;
-use inmail_shared::proto::plans::v1 as plans;
-use inmail_shared::storage::{Redis, RedisSettings};
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::messaging::v1 as messaging;
+use inmail_shared::contract::proto::plans::v1 as plans;
+use inmail_shared::state::storage::{Redis, RedisSettings};
 use inmail_tests::processes::ProcessStack;
 use inmail_tests::{
     As, Authed, BillingClient, MessagingClient, PlansClient, channel_as, pki, plaintext_authed,
@@ -521,8 +521,8 @@ fn script_names() -> std::collections::HashMap<String, &'static str> {
         .iter()
         .chain(&::messaging::store::SCRIPTS)
         .chain(&subscription_plan::store::SCRIPTS)
-        .chain(&inmail_shared::idempotency::SCRIPTS)
-        .chain(&inmail_shared::sweep::SCRIPTS)
+        .chain(&inmail_shared::state::idempotency::SCRIPTS)
+        .chain(&inmail_shared::state::sweep::SCRIPTS)
         .map(|(name, source)| (redis::Script::new(source).get_hash().to_string(), *name))
         .collect()
 }
@@ -1009,7 +1009,7 @@ fn redis_pid(stack: &ProcessStack) -> u32 {
 }
 
 fn now_ms() -> i64 {
-    inmail_shared::clock::system_ms()
+    inmail_shared::state::clock::system_ms()
 }
 
 /// The thin ideal: its server on this stack's Redis, driven by its own load
@@ -1404,8 +1404,8 @@ mod tests {
         let scripts = billing_credits::store::SCRIPTS.len()
             + ::messaging::store::SCRIPTS.len()
             + subscription_plan::store::SCRIPTS.len()
-            + inmail_shared::idempotency::SCRIPTS.len()
-            + inmail_shared::sweep::SCRIPTS.len();
+            + inmail_shared::state::idempotency::SCRIPTS.len()
+            + inmail_shared::state::sweep::SCRIPTS.len();
         assert_eq!(names.len(), scripts, "two scripts share a hash");
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use compose_spec::Compose;
 use compose_spec::service::{Command as ComposeCommand, Healthcheck};
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::plans::v1 as plans;
 use inmail_tests::processes::ProcessStack;
 use inmail_tests::redis_server::free_port;
 use inmail_tests::{As, messaging_at, plans_at, rid};
@@ -29,9 +29,9 @@ fn accepted_variables(command: &clap::Command) -> HashMap<String, String> {
 
 fn cli_of(binary: &str) -> clap::Command {
     match binary {
-        "subscription-plan" => inmail_shared::cli::command::<subscription_plan::Service>(),
-        "billing-credits" => inmail_shared::cli::command::<billing_credits::Service>(),
-        "messaging" => inmail_shared::cli::command::<messaging::Service>(),
+        "subscription-plan" => inmail_shared::runtime::cli::command::<subscription_plan::Service>(),
+        "billing-credits" => inmail_shared::runtime::cli::command::<billing_credits::Service>(),
+        "messaging" => inmail_shared::runtime::cli::command::<messaging::Service>(),
         other => panic!("docker-compose.yml runs an unknown binary {other:?}"),
     }
 }
@@ -274,7 +274,10 @@ async fn metrics_endpoints_answer_with_the_named_series_after_messages() {
 async fn one_trace_id_spans_messaging_billing_and_plans() {
     let (stack, _) = process_stack_with(vec![
         ("LOG_FORMAT", "json".into()),
-        ("LOG_LEVEL", "info,inmail_shared::server=debug".into()),
+        (
+            "LOG_LEVEL",
+            "info,inmail_shared::runtime::server=debug".into(),
+        ),
     ])
     .await;
     subscribe_process(&stack, "tess").await;

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use inmail_shared::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::billing::v1 as billing;
 use inmail_tests::{NOT_SERVING, Stack, StackOptions, health, rid};
 
 use crate::common::*;

@@ -28,7 +28,7 @@
 //! entitlement came from (README.md, "How it behaves"); of
 //! subscription-plan's keys, billing's Redis user may reach these only.
 
-use inmail_shared::sweep::shard_of;
+use inmail_shared::state::sweep::shard_of;
 
 /// Shards of the hold-expiry index (spread over cluster nodes).
 pub const HOLD_SHARDS: u32 = 16;

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::storage::{Batch, Redis};
-use inmail_shared::sweep::forget_unchanged;
+use inmail_shared::state::storage::{Batch, Redis};
+use inmail_shared::state::sweep::forget_unchanged;
 use redis::Script;
 
 pub use self::keys::HOLD_SHARDS;

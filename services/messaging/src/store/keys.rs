@@ -36,7 +36,7 @@
 //!   sends and refunds to finish if their process died, by when to look at
 //!   them.
 
-use inmail_shared::sweep::shard_of;
+use inmail_shared::state::sweep::shard_of;
 
 pub const OUTBOX_SHARDS: u32 = 16;
 

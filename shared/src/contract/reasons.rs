@@ -99,10 +99,10 @@ mod tests {
     use std::collections::BTreeSet;
 
     const PROTOS: [&str; 4] = [
-        include_str!("../../proto/inmail/plans/v1/plans.proto"),
-        include_str!("../../proto/inmail/billing/v1/billing.proto"),
-        include_str!("../../proto/inmail/messaging/v1/messaging.proto"),
-        include_str!("../../proto/inmail/testclock/v1/test_clock.proto"),
+        include_str!("../../../proto/inmail/plans/v1/plans.proto"),
+        include_str!("../../../proto/inmail/billing/v1/billing.proto"),
+        include_str!("../../../proto/inmail/messaging/v1/messaging.proto"),
+        include_str!("../../../proto/inmail/testclock/v1/test_clock.proto"),
     ];
 
     const CODES: [&str; 12] = [

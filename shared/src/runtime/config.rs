@@ -5,9 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::server::ServerLimits;
-use crate::storage::RedisSettings;
-use crate::telemetry::LogFormat;
+use std::sync::Arc;
+
+use crate::runtime::auth::tls::{TlsFiles, TlsMaterial};
+use crate::runtime::auth::token::TokenVerifier;
+use crate::runtime::auth::{self, Security, Seen};
+use crate::runtime::server::ServerLimits;
+use crate::runtime::telemetry::LogFormat;
+use crate::state::storage::RedisSettings;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
@@ -194,8 +199,8 @@ pub struct CommonArgs {
 
 impl CommonArgs {
     /// Each member's quota of changes.
-    pub fn mutation_quota(&self) -> crate::idempotency::Quota {
-        crate::idempotency::Quota::per_day(self.mutation_burst, self.mutations_per_day)
+    pub fn mutation_quota(&self) -> crate::state::idempotency::Quota {
+        crate::state::idempotency::Quota::per_day(self.mutation_burst, self.mutations_per_day)
     }
 
     pub fn limits(&self) -> ServerLimits {
@@ -239,6 +244,88 @@ impl CommonArgs {
             min_replicas: self.redis_min_replicas,
             replica_timeout: self.redis_replica_timeout,
             ..RedisSettings::new(self.redis_url.clone())
+        })
+    }
+
+    /// Reads and checks the security settings of a service serving on
+    /// `listen` and calling `downstreams` (setting name, URL).
+    pub fn security(
+        &self,
+        listen: SocketAddr,
+        downstreams: &[(&str, &str)],
+    ) -> Result<Security, String> {
+        if self.test_clock && !listen.ip().is_loopback() && !self.test_clock_unsafe_allow_remote {
+            return Err(format!(
+                "TEST_CLOCK is on and LISTEN_ADDR {listen} is beyond loopback: anyone who reaches \
+                 it could move every service's time. Listen on loopback, turn TEST_CLOCK off, or \
+                 set TEST_CLOCK_UNSAFE_ALLOW_REMOTE=true (never in production)"
+            ));
+        }
+        if self.insecure_plaintext {
+            if !listen.ip().is_loopback() {
+                return Err(format!(
+                    "INSECURE_PLAINTEXT serves without TLS or authentication, so only on \
+                     loopback; LISTEN_ADDR {listen} is not"
+                ));
+            }
+            for (var, url) in downstreams {
+                if !url.starts_with("http://") || !auth::is_loopback_url(url) {
+                    return Err(format!(
+                        "INSECURE_PLAINTEXT calls other services in plaintext, so only on \
+                         loopback: {var} {url:?} must be an http:// loopback URL"
+                    ));
+                }
+            }
+            tracing::warn!(
+                "INSECURE PLAINTEXT: no TLS and no authentication; loopback only, for local experiments"
+            );
+            return Ok(Security::Plaintext);
+        }
+        for (var, url) in downstreams {
+            if !url.starts_with("https://") {
+                return Err(format!(
+                    "{var} {url:?} must be an https:// URL: calls between services use mutual TLS"
+                ));
+            }
+        }
+        let missing = |var: &str| {
+            format!(
+                "{var} is required: TLS and authentication are on (set INSECURE_PLAINTEXT=true \
+                 for plaintext on loopback only)"
+            )
+        };
+        let files = TlsFiles {
+            cert: self
+                .tls_cert_file
+                .clone()
+                .ok_or_else(|| missing("TLS_CERT_FILE"))?,
+            key: self
+                .tls_key_file
+                .clone()
+                .ok_or_else(|| missing("TLS_KEY_FILE"))?,
+            ca: self
+                .tls_ca_file
+                .clone()
+                .ok_or_else(|| missing("TLS_CA_FILE"))?,
+        };
+        let material = TlsMaterial::load(&files)?;
+        let keys = self
+            .jwt_public_keys_file
+            .clone()
+            .ok_or_else(|| missing("JWT_PUBLIC_KEYS_FILE"))?;
+        let tokens = TokenVerifier::load(
+            &keys,
+            "JWT_PUBLIC_KEYS_FILE",
+            &auth::token::TokenRules {
+                issuer: self.jwt_issuer.clone(),
+                audience: self.jwt_audience.clone(),
+                max_lifetime: self.jwt_max_lifetime,
+            },
+        )?;
+        Ok(Security::Tls {
+            material: Arc::new(material),
+            tokens: Arc::new(tokens),
+            seen: Arc::new(Seen::default()),
         })
     }
 }

@@ -1,7 +1,7 @@
 //! Field checks shared by every service. A handler collects every violation of
 //! a request, then refuses it as a whole, before touching any state.
 
-use crate::error::{ApiError, Violation};
+use crate::contract::error::{ApiError, Violation};
 
 /// Longest member id (README.md, "How it behaves").
 pub const MEMBER_ID_MAX_LEN: usize = 64;
