@@ -66,6 +66,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'stopping=true; echo; echo "==> stopping"; cleanup; exit 0' INT TERM
 
+# shellcheck source=scripts/prerequisites.sh
+. scripts/prerequisites.sh
+# The C compiler the build needs (and, below, redis-server unless REDIS_URL
+# names a Redis of your own).
+# shellcheck disable=SC2046 # one package name per word
+install_packages $(missing_packages build-essential)
 echo "==> building (cargo profile: $PROFILE)"
 cargo build --locked --profile "$PROFILE" --bins
 bin="target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
@@ -95,16 +101,11 @@ if $own_redis; then
   if redis_answers; then
     echo "==> a Redis already answers on 127.0.0.1:$DEV_REDIS_PORT (an earlier dev-up's?); using it"
   else
-    if ! command -v redis-server >/dev/null 2>&1; then
-      if [ "$(id -u)" -eq 0 ]; then
-        echo "==> installing redis-server (Debian package)"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-      else
-        echo "error: redis-server is not installed." >&2
-        echo "       Install it (sudo apt-get install redis-server), rerun as root, or set REDIS_URL." >&2
-        exit 1
-      fi
-    fi
+    # shellcheck disable=SC2046 # one package name per word
+    install_packages $(missing_packages redis-server) || {
+      echo "       or set REDIS_URL to a Redis of your own." >&2
+      exit 1
+    }
     echo "==> starting redis-server on 127.0.0.1:$DEV_REDIS_PORT (ACL users, AOF fsync always) in $REDIS_DIR"
     redis-server --port "$DEV_REDIS_PORT" --bind 127.0.0.1 --dir "$REDIS_DIR" \
       --aclfile "$acl" --appendonly yes --appendfsync always --save "" \
