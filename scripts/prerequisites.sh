@@ -6,11 +6,11 @@
 
 # What each script needs.
 # shellcheck disable=SC2034
-PREREQUISITES_DEV_UP=(build-essential redis-server)
+PREREQUISITES_DEV_UP=(build-essential redis-server postgresql)
 # shellcheck disable=SC2034
-PREREQUISITES_TEST=(build-essential redis-server python3-pip)
+PREREQUISITES_TEST=(build-essential redis-server postgresql python3-pip)
 # shellcheck disable=SC2034
-PREREQUISITES_CI=(build-essential redis-server python3-pip python3-venv)
+PREREQUISITES_CI=(build-essential redis-server postgresql python3-pip python3-venv)
 
 # Prints each of the given packages that is not installed yet, judged by
 # what it provides.
@@ -20,6 +20,7 @@ missing_packages() {
     case "$package" in
       build-essential) command -v cc >/dev/null 2>&1 ;;
       redis-server) command -v redis-server >/dev/null 2>&1 ;;
+      postgresql) compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null ;;
       python3-pip) python3 -m pip --version >/dev/null 2>&1 ;;
       python3-venv) python3 -c 'import ensurepip, venv' >/dev/null 2>&1 ;;
       *) echo "prerequisites.sh: no check for $package" >&2; false ;;

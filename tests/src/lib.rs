@@ -4,6 +4,7 @@
 
 pub mod grpcurl;
 pub mod identity;
+pub mod postgres;
 pub mod processes;
 pub mod redis_server;
 

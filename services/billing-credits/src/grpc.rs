@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::credits::{Credits, MAX_CLOCK_SKEW_MS, Op};
 use crate::error::DOMAIN;
+use crate::history::LedgerHistory;
 use crate::reconcile::reconcile_page;
 use crate::store::ReleaseCause;
 use crate::views;
@@ -73,14 +74,20 @@ pub const MAX_MESSAGE_ID_LEN: usize = 128;
 pub struct BillingApi {
     credits: Credits,
     tokens: PageTokens,
+    /// The archived ledger, when the history store is configured.
+    history: Option<LedgerHistory>,
 }
 
 type Answer<T> = Result<Response<T>, Status>;
 
 impl BillingApi {
-    pub fn new(credits: Credits) -> Self {
+    pub fn new(credits: Credits, history: Option<LedgerHistory>) -> Self {
         let tokens = PageTokens::new(credits.store().redis().clone(), "billing");
-        Self { credits, tokens }
+        Self {
+            credits,
+            tokens,
+            history,
+        }
     }
 
     pub fn into_server(
@@ -417,18 +424,40 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             }
             checks.finish()?;
             ctx.act_for("member_id", &request.member_id)?;
-            let mut entries = self
-                .credits
-                .store()
-                .ledger_page(&request.member_id, before.as_deref(), size)
-                .await?;
-            let next_page_token = match entries.get(size) {
-                Some(_) => {
-                    entries.truncate(size);
-                    let last = &entries[size - 1].id;
-                    self.tokens.encode("ledger", &scope, last).await?
+            let store = self.credits.store();
+            let member = request.member_id.as_str();
+            let mut entries = store.ledger_page(member, before.as_deref(), size).await?;
+            // Past the entries still in Redis, the page goes on in the
+            // history store, strictly before the oldest entry read here (or
+            // the token's): the archiver commits there before it trims here,
+            // so an entry trimmed meanwhile is found there, and one in both
+            // is read once.
+            // A page that Redis fills exactly answers without asking the
+            // history store, with a token when anything is archived (its
+            // next page may then be empty): recent pages never need
+            // PostgreSQL.
+            let mut more = entries.len() > size;
+            if !more
+                && let Some(history) = &self.history
+                && store.archived_through(member).await?.is_some()
+            {
+                if entries.len() == size {
+                    more = true;
+                } else {
+                    let from = entries.last().map(|e| e.id.clone()).or(before);
+                    let older = history
+                        .page(member, from.as_deref(), size + 1 - entries.len())
+                        .await?;
+                    entries.extend(older);
+                    more = entries.len() > size;
                 }
-                None => String::new(),
+            }
+            let next_page_token = if more {
+                entries.truncate(size);
+                let last = &entries[size - 1].id;
+                self.tokens.encode("ledger", &scope, last).await?
+            } else {
+                String::new()
             };
             Ok(pb::ListLedgerEntriesResponse {
                 entries: entries.iter().map(views::entry).collect(),

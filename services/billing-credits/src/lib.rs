@@ -7,6 +7,7 @@ pub mod credits;
 pub mod entitlement;
 pub mod error;
 pub mod grpc;
+pub mod history;
 pub mod reconcile;
 pub mod store;
 pub mod sweeper;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use inmail_shared::runtime::bootstrap::Runtime;
 use inmail_shared::runtime::cli::ServiceBinary;
 use inmail_shared::runtime::config::CommonArgs;
+use inmail_shared::state::history::{History, HistorySettings, MigrateError};
 use inmail_shared::state::idempotency::REQUEST_RETENTION;
 use inmail_shared::state::sweep::{LEAVE_WAIT, await_leave};
 use tokio::net::TcpListener;
@@ -120,19 +122,33 @@ pub struct Args {
     #[arg(long, env = "ENTITLEMENT_CACHE_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub entitlement_cache_ttl: Duration,
 
-    /// Where verified ledger entries older than LEDGER_HOT_RETENTION go
-    /// (append-only JSON Lines files); unset: every entry stays in Redis.
-    #[arg(long, env = "LEDGER_ARCHIVE_DIR")]
-    pub ledger_archive_dir: Option<std::path::PathBuf>,
+    /// The history store (PostgreSQL) where verified ledger entries older
+    /// than LEDGER_HOT_RETENTION go, e.g.
+    /// `postgres://inmail_billing@127.0.0.1:5432/billing`; unset: every
+    /// entry stays in Redis.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
 
-    /// How long ledger entries stay in Redis (and in ListLedgerEntries) once
-    /// verified, when LEDGER_ARCHIVE_DIR is set.
+    /// The database user's password (one line).
+    #[arg(long, env = "DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<std::path::PathBuf>,
+
+    /// Connections to the history store at most.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 4)]
+    pub database_pool_size: usize,
+
+    /// How long a history statement may run (and a connection be waited for).
+    #[arg(long, env = "DATABASE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub database_timeout: Duration,
+
+    /// How long ledger entries stay in Redis once verified, when
+    /// DATABASE_URL is set.
     #[arg(long, env = "LEDGER_HOT_RETENTION", default_value = "400days", value_parser = humantime::parse_duration)]
     pub ledger_hot_retention: Duration,
 
-    /// How often old verified entries are moved to the archive.
-    #[arg(long, env = "LEDGER_COMPACT_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
-    pub ledger_compact_interval: Duration,
+    /// How often old verified entries are moved to the history store.
+    #[arg(long, env = "ARCHIVE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub archive_interval: Duration,
 
     /// How often expired holds are looked for.
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -185,24 +201,78 @@ pub async fn serve(
         policy,
     );
     let sweeper = sweeper::spawn_hold_sweeper(credits.clone(), args.sweep_interval, stop.clone());
-    if let Some(dir) = &args.ledger_archive_dir {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            format!(
-                "LEDGER_ARCHIVE_DIR {}: cannot create it: {e}",
-                dir.display()
-            )
-        })?;
-        let archive = archive::Archive::new(dir.clone(), args.ledger_hot_retention);
-        archive::spawn_compactor(
-            archive,
-            credits.clone(),
-            args.ledger_compact_interval,
-            stop.clone(),
-        );
-    }
+    let history = match &args.database_url {
+        Some(url) => {
+            let db = History::open(&HistorySettings {
+                url: url.clone(),
+                password_file: args.database_password_file.clone(),
+                pool_size: args.database_pool_size,
+                timeout: args.database_timeout,
+            })?;
+            // Migrations run before serving. A schema this binary cannot move
+            // forward from refuses to start; PostgreSQL unreachable at start
+            // does not (the hot path needs Redis only): the migrations are
+            // retried in the background and archiving waits for them.
+            let migrated = match db.migrate(history::migrations()).await {
+                Ok(applied) => {
+                    tracing::info!(applied, "history store migrated");
+                    true
+                }
+                Err(e @ MigrateError::Refused(_)) => return Err(e.to_string()),
+                Err(e @ MigrateError::Unreachable(_)) => {
+                    tracing::warn!(error = %e, "history store not reachable at start; archiving waits for it");
+                    false
+                }
+            };
+            let history = history::LedgerHistory::new(db.clone());
+            spawn_history(
+                db,
+                migrated,
+                history.clone(),
+                &args,
+                credits.clone(),
+                stop.clone(),
+            );
+            Some(history)
+        }
+        None => None,
+    };
     let mut server = runtime.server(SERVICE, args.common.limits());
-    server.add_service(BillingApi::new(credits).into_server(), grpc::ACCESS);
+    server.add_service(
+        BillingApi::new(credits, history).into_server(),
+        grpc::ACCESS,
+    );
     let served = runtime.serve(server, listener, stop).await;
     await_leave(sweeper, LEAVE_WAIT).await;
     served
+}
+
+/// Runs the history store's migrations unless done (retrying while
+/// PostgreSQL cannot be reached), then archives every ARCHIVE_INTERVAL until
+/// `stop`.
+fn spawn_history(
+    db: History,
+    mut migrated: bool,
+    history: history::LedgerHistory,
+    args: &Args,
+    credits: Credits,
+    stop: CancellationToken,
+) {
+    let (hot, interval) = (args.ledger_hot_retention, args.archive_interval);
+    tokio::spawn(async move {
+        while !migrated {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval.max(Duration::from_secs(1))) => {}
+            }
+            match db.migrate(history::migrations()).await {
+                Ok(applied) => {
+                    tracing::info!(applied, "history store migrated");
+                    migrated = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "history store not ready; archiving waits"),
+            }
+        }
+        archive::spawn_compactor(archive::Archive::new(history, hot), credits, interval, stop);
+    });
 }

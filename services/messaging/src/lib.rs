@@ -105,7 +105,8 @@ fn run_dev_command(command: Commands, args: &Args) -> Result<String, String> {
                 inmail_shared::runtime::auth::devpki::DevPki::refresh_acl_files(&dir)?;
                 return Ok(format!(
                     "{} already holds a development PKI; left as it is, its Redis ACL files \
-                     rewritten to the current rules (--force replaces it all)",
+                     rewritten to the current rules and passwords it lacked added \
+                     (--force replaces it all)",
                     dir.display()
                 ));
             }

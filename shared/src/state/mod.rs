@@ -1,7 +1,8 @@
-//! The state: what lives in Redis and how it is read and written. Uses the
-//! contract only.
+//! The state: what lives in Redis (and, past its hot window, in the history
+//! store, PostgreSQL) and how it is read and written. Uses the contract only.
 
 pub mod clock;
+pub mod history;
 pub mod idempotency;
 pub mod paging;
 pub mod published;

@@ -9,6 +9,7 @@ mod common;
 mod deploy;
 mod foundation;
 mod grpcurl;
+mod history;
 mod invitations;
 mod ledger;
 mod messaging;

@@ -506,6 +506,16 @@ impl BillingStore {
 
     /// A member's archive position (`arch_id`) and up to `limit` verified
     /// entries after it (up to the reconciliation checkpoint), oldest first.
+    /// The id of the newest entry archived to the history store (and
+    /// trimmed from Redis), if any.
+    pub async fn archived_through(&self, member: &str) -> Result<Option<String>, ApiError> {
+        Ok(redis::cmd("HGET")
+            .arg(keys::account(member))
+            .arg("arch_id")
+            .query_async(&mut self.redis.conn())
+            .await?)
+    }
+
     pub async fn verified_entries(
         &self,
         member: &str,

@@ -1,0 +1,140 @@
+//! The history store: PostgreSQL, where what is older than Redis's hot
+//! window lives (billing's archived ledger, messaging's old messages). Each
+//! service has its own database and connects as its own user; its schema is
+//! versioned migrations embedded in its binary (refinery), run at start.
+//!
+//! The hot path never waits for it: only archivers and reads of old history
+//! call it, and while it is down they answer `UNAVAILABLE`
+//! (`HISTORY_UNAVAILABLE`) and the archive lag grows.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::contract::error::ApiError;
+use crate::contract::reasons;
+
+/// How to reach a service's history database.
+#[derive(Debug, Clone)]
+pub struct HistorySettings {
+    /// `postgres://user@host:port/database` (a password in the URL is
+    /// refused: it belongs in `password_file`).
+    pub url: String,
+    /// The database user's password, one line.
+    pub password_file: Option<PathBuf>,
+    /// Connections at most in the pool.
+    pub pool_size: usize,
+    /// How long one statement may run, and how long to wait for a
+    /// connection.
+    pub timeout: Duration,
+}
+
+/// A pool of connections to the history database.
+#[derive(Clone)]
+pub struct History {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+/// A pooled connection.
+pub type Connection = deadpool_postgres::Object;
+
+impl History {
+    /// A lazily connecting pool (nothing is dialled until first use, so a
+    /// service starts while PostgreSQL is down).
+    pub fn open(settings: &HistorySettings) -> Result<Self, String> {
+        let mut config: tokio_postgres::Config = settings
+            .url
+            .parse()
+            .map_err(|e| format!("DATABASE_URL: {e}"))?;
+        if config.get_password().is_some() {
+            return Err(
+                "DATABASE_URL carries a password: put it in DATABASE_PASSWORD_FILE instead".into(),
+            );
+        }
+        if let Some(path) = &settings.password_file {
+            let password = std::fs::read_to_string(path)
+                .map_err(|e| format!("DATABASE_PASSWORD_FILE {}: {e}", path.display()))?;
+            config.password(password.trim_end_matches(['\r', '\n']));
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(settings.timeout);
+        }
+        config.options(format!(
+            "-c statement_timeout={}",
+            settings.timeout.as_millis()
+        ));
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(settings.timeout))
+            .create_timeout(Some(settings.timeout))
+            .recycle_timeout(Some(settings.timeout))
+            .build()
+            .map_err(|e| format!("DATABASE_URL: {e}"))?;
+        Ok(Self { pool })
+    }
+
+    /// A connection, or `UNAVAILABLE` (`HISTORY_UNAVAILABLE`).
+    pub async fn connection(&self) -> Result<Connection, ApiError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    /// Runs the service's migrations, forward only: a database that holds a
+    /// migration this binary does not know (a newer release ran), or one
+    /// whose applied migration differs from this binary's, is refused.
+    pub async fn migrate(&self, runner: refinery::Runner) -> Result<usize, MigrateError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| MigrateError::Unreachable(e.to_string()))?;
+        let client: &mut tokio_postgres::Client = &mut client;
+        let report = runner
+            .set_abort_divergent(true)
+            .set_abort_missing(true)
+            .run_async(client)
+            .await
+            .map_err(|e| match e.kind() {
+                refinery::error::Kind::Connection(..) => MigrateError::Unreachable(e.to_string()),
+                _ => MigrateError::Refused(e.to_string()),
+            })?;
+        Ok(report.applied_migrations().len())
+    }
+}
+
+/// Why the migrations did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// PostgreSQL cannot be reached (or failed mid-way): try again later.
+    #[error("the history store cannot be reached: {0}")]
+    Unreachable(String),
+    /// The database's schema is not one this binary can move forward from
+    /// (it is newer, or it diverged): never retried.
+    #[error("the history store's schema is refused: {0}")]
+    Refused(String),
+}
+
+/// A PostgreSQL failure as the caller sees it.
+pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::unavailable(
+        reasons::HISTORY_UNAVAILABLE,
+        format!("the history store (PostgreSQL) cannot be reached: {e}"),
+    )
+}
