@@ -56,6 +56,10 @@ pub const ACCESS: Table = &[
         &[Who::Member, Who::Operator],
     ),
     (
+        "/inmail.billing.v1.BillingCreditsService/GetBalanceHistory",
+        &[Who::Member, Who::Operator],
+    ),
+    (
         "/inmail.billing.v1.BillingCreditsService/ReconcileLedgers",
         &[Who::Operator],
     ),
@@ -460,6 +464,115 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
                 String::new()
             };
             Ok(pb::ListLedgerEntriesResponse {
+                entries: entries.iter().map(views::entry).collect(),
+                next_page_token,
+            })
+        })
+        .await
+    }
+
+    async fn get_balance_history(
+        &self,
+        request: Request<pb::GetBalanceHistoryRequest>,
+    ) -> Answer<pb::GetBalanceHistoryResponse> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, "");
+        handle(DOMAIN, async {
+            let mut checks = Checks::new();
+            checks.member_id("member_id", &request.member_id);
+            let size = paging::page_size(
+                &mut checks,
+                request.page_size,
+                paging::DEFAULT_PAGE_SIZE,
+                paging::MAX_PAGE_SIZE,
+            );
+            let time =
+                |checks: &mut Checks, field: &str, ts: &Option<prost_types::Timestamp>| match ts
+                    .as_ref()
+                    .map(from_timestamp)
+                {
+                    Some(Some(t)) => Some(t.timestamp_millis()),
+                    Some(None) => {
+                        checks.add(field, "is not a valid timestamp");
+                        None
+                    }
+                    None => None,
+                };
+            let start = time(&mut checks, "start_time", &request.start_time);
+            if request.start_time.is_none() {
+                checks.add("start_time", "is required");
+            }
+            let end = time(&mut checks, "end_time", &request.end_time);
+            if let (Some(start), Some(end)) = (start, end)
+                && end <= start
+            {
+                checks.add("end_time", "must be after start_time");
+            }
+            // The token is bound to the member and the range as asked (an
+            // absent end stays "now" on every page).
+            let (start_text, end_text) = (
+                start.map(|t| t.to_string()).unwrap_or_default(),
+                end.map(|t| t.to_string()).unwrap_or_default(),
+            );
+            let scope = [request.member_id.as_str(), &start_text, &end_text];
+            let after = self
+                .tokens
+                .decode(&mut checks, "balance-history", &scope, &request.page_token)
+                .await?;
+            if after.as_deref().is_some_and(|c| !is_stream_id(c)) {
+                checks.add("page_token", "is not a token returned by this list");
+            }
+            checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
+            let start = start.expect("checked above");
+            let end = match end {
+                Some(end) => end,
+                None => self.credits.clock().now_ms().await? + 1,
+            };
+            let member = request.member_id.as_str();
+            let store = self.credits.store();
+            // Redis first, then the history store: the archiver commits
+            // there before it trims here, so whatever left Redis before the
+            // read below is found there, older than anything read here.
+            let hot = store
+                .ledger_range(member, after.as_deref(), start, end, size + 1)
+                .await?;
+            let opening_hot = store.ledger_last_before(member, start).await?;
+            let history = match &self.history {
+                Some(history) if store.archived_through(member).await?.is_some() => Some(history),
+                _ => None,
+            };
+            let mut entries = match history {
+                Some(history) => {
+                    history
+                        .range(
+                            member,
+                            after.as_deref(),
+                            hot.first().map(|e| e.id.as_str()),
+                            (start, end),
+                            size + 1,
+                        )
+                        .await?
+                }
+                None => Vec::new(),
+            };
+            entries.extend(hot);
+            entries.truncate(size + 1);
+            let opening = match (opening_hot, history) {
+                (Some(entry), _) => Some(entry),
+                (None, Some(history)) => history.last_before(member, start).await?,
+                (None, None) => None,
+            };
+            let next_page_token = if entries.len() > size {
+                entries.truncate(size);
+                let last = &entries[size - 1].id;
+                self.tokens.encode("balance-history", &scope, last).await?
+            } else {
+                String::new()
+            };
+            Ok(pb::GetBalanceHistoryResponse {
+                opening_balance: opening.map_or(0, |e| e.balance_after),
                 entries: entries.iter().map(views::entry).collect(),
                 next_page_token,
             })

@@ -191,6 +191,72 @@ impl LedgerHistory {
     }
 }
 
+impl LedgerHistory {
+    /// A member's archived entries whose time is in `[start_ms, end_ms)`,
+    /// oldest first, after the stream id `after` and before `before` when
+    /// given; at most `limit`.
+    pub async fn range(
+        &self,
+        member: &str,
+        after: Option<&str>,
+        before: Option<&str>,
+        (start_ms, end_ms): (i64, i64),
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, ApiError> {
+        let cursor = |id: Option<&str>, none: (i64, i64)| match id {
+            Some(id) => {
+                split_id(id).ok_or_else(|| ApiError::internal(format!("ledger cursor {id:?}")))
+            }
+            None => Ok(none),
+        };
+        let (after_ms, after_seq) = cursor(after, (-1, -1))?;
+        let (before_ms, before_seq) = cursor(before, (i64::MAX, i64::MAX))?;
+        let conn = self.db.connection().await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM ledger_entries \
+                     WHERE member_id = $1 AND at_ms >= $2 AND at_ms < $3 \
+                     AND (entry_ms, entry_seq) > ($4, $5) AND (entry_ms, entry_seq) < ($6, $7) \
+                     ORDER BY entry_ms, entry_seq LIMIT $8"
+                ),
+                &[
+                    &member,
+                    &start_ms,
+                    &end_ms,
+                    &after_ms,
+                    &after_seq,
+                    &before_ms,
+                    &before_seq,
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(entry_of).collect())
+    }
+
+    /// A member's newest archived entry whose time is before `before_ms`.
+    pub async fn last_before(
+        &self,
+        member: &str,
+        before_ms: i64,
+    ) -> Result<Option<StoredEntry>, ApiError> {
+        let conn = self.db.connection().await?;
+        let row = conn
+            .query_opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM ledger_entries WHERE member_id = $1 AND at_ms < $2 \
+                     ORDER BY at_ms DESC, entry_ms DESC, entry_seq DESC LIMIT 1"
+                ),
+                &[&member, &before_ms],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(entry_of))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

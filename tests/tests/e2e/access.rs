@@ -305,6 +305,20 @@ fn cases() -> Vec<Case> {
             },
         ),
         case(
+            "/inmail.billing.v1.BillingCreditsService/GetBalanceHistory",
+            Billing,
+            B,
+            sam(),
+            billing::GetBalanceHistoryRequest {
+                member_id: "sam".into(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+        ),
+        case(
             "/inmail.billing.v1.BillingCreditsService/ReconcileLedgers",
             Billing,
             B,

@@ -412,6 +412,87 @@ async fn billing_killed_while_archiving_loses_and_doubles_nothing() {
     inmail_tests::assert_ledgers_reconcile(&mut client).await;
 }
 
+/// The balance over a time range reads across both tiers: the opening
+/// balance from PostgreSQL or Redis, the entries oldest first on pages of
+/// any size; bad ranges are refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn balance_history_spans_redis_and_postgresql() {
+    let db = PgServer::shared().database("inmail_billing");
+    let stack = Stack::start_with(history_options(&db, "1day", "200ms")).await;
+    let members = ["bh".to_string()];
+    let t0 = stack.now().await;
+    subscribe(&stack, "bh", "premium-career").await; // +5
+    grant(&stack, "bh", 1).await; // 6
+    let t1 = stack.advance(DAY).await;
+    grant(&stack, "bh", 2).await; // 8
+    let t3 = stack.advance(2 * DAY).await;
+    grant(&stack, "bh", 3).await; // 11
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            hot_entries(&stack.redis, &members).await == 1
+        })
+        .await,
+        "the old entries did not leave Redis"
+    );
+    let ts = |t: chrono::DateTime<chrono::Utc>| {
+        Some(prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: t.timestamp_subsec_nanos() as i32,
+        })
+    };
+    let history = |start, end, page_size, page_token| {
+        let mut client = stack.billing_as("bh");
+        async move {
+            client
+                .get_balance_history(billing::GetBalanceHistoryRequest {
+                    member_id: "bh".into(),
+                    start_time: start,
+                    end_time: end,
+                    page_size,
+                    page_token,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let minute = chrono::Duration::minutes(1);
+    // From before the first entry: opening 0, all four, whatever the page.
+    for size in [1, 3, 10] {
+        let mut balances = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = history(ts(t0 - minute), None, size, token).await.unwrap();
+            assert_eq!(page.opening_balance, 0);
+            balances.extend(page.entries.iter().map(|e| e.balance_after));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(balances, [5, 6, 8, 11], "page size {size}");
+    }
+    // From between: the opening balance is an archived entry's.
+    let page = history(ts(t1 - minute), None, 10, String::new())
+        .await
+        .unwrap();
+    assert_eq!(page.opening_balance, 6);
+    let balances: Vec<i64> = page.entries.iter().map(|e| e.balance_after).collect();
+    assert_eq!(balances, [8, 11]);
+    // A closed range around the last grant.
+    let page = history(ts(t3 - minute), ts(t3 + minute), 10, String::new())
+        .await
+        .unwrap();
+    assert_eq!(page.opening_balance, 8);
+    assert_eq!(page.entries.len(), 1);
+    assert_eq!(page.entries[0].amount, 3);
+    // Bad ranges name their field.
+    for (start, end, field) in [(None, None, "start_time"), (ts(t3), ts(t1), "end_time")] {
+        let status = history(start, end, 10, String::new()).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains(field), "{field}: {status:?}");
+    }
+}
+
 /// Appends `count` grant entries of +1 straight to a member's ledger in
 /// Redis (each carrying the running balance, at `at_ms`), and sets the
 /// counter to match.

@@ -506,6 +506,81 @@ impl BillingStore {
 
     /// A member's archive position (`arch_id`) and up to `limit` verified
     /// entries after it (up to the reconciliation checkpoint), oldest first.
+    /// Entries after the stream id `after` (from the start when `None`)
+    /// whose time is in `[start_ms, end_ms)`, oldest first, at most `limit`:
+    /// a walk in batches that stops at the first entry at or past `end_ms`
+    /// (entry times follow the ledger's order).
+    pub async fn ledger_range(
+        &self,
+        member: &str,
+        after: Option<&str>,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, ApiError> {
+        const BATCH: usize = 500;
+        let mut from = after.map_or("-".to_string(), |id| format!("({id}"));
+        let mut found = Vec::new();
+        loop {
+            let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(keys::ledger(member))
+                .arg(&from)
+                .arg("+")
+                .arg("COUNT")
+                .arg(BATCH)
+                .query_async(&mut self.redis.conn())
+                .await?;
+            let full = raw.len() == BATCH;
+            for (id, fields) in raw {
+                from = format!("({id}");
+                let entry = StoredEntry::parse(id, fields);
+                if entry.at_ms >= end_ms {
+                    return Ok(found);
+                }
+                if entry.at_ms >= start_ms {
+                    found.push(entry);
+                    if found.len() == limit {
+                        return Ok(found);
+                    }
+                }
+            }
+            if !full {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// The newest entry still in Redis whose time is before `before_ms`.
+    pub async fn ledger_last_before(
+        &self,
+        member: &str,
+        before_ms: i64,
+    ) -> Result<Option<StoredEntry>, ApiError> {
+        const BATCH: usize = 500;
+        let mut to = "+".to_string();
+        loop {
+            let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+                .arg(keys::ledger(member))
+                .arg(&to)
+                .arg("-")
+                .arg("COUNT")
+                .arg(BATCH)
+                .query_async(&mut self.redis.conn())
+                .await?;
+            let full = raw.len() == BATCH;
+            for (id, fields) in raw {
+                to = format!("({id}");
+                let entry = StoredEntry::parse(id, fields);
+                if entry.at_ms < before_ms {
+                    return Ok(Some(entry));
+                }
+            }
+            if !full {
+                return Ok(None);
+            }
+        }
+    }
+
     /// The id of the newest entry archived to the history store (and
     /// trimmed from Redis), if any.
     pub async fn archived_through(&self, member: &str) -> Result<Option<String>, ApiError> {
