@@ -535,7 +535,7 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             // Redis first, then the history store: the archiver commits
             // there before it trims here, so whatever left Redis before the
             // read below is found there, older than anything read here.
-            let hot = store
+            let (_, hot) = store
                 .ledger_range(member, after.as_deref(), start, end, size + 1)
                 .await?;
             let opening_hot = store.ledger_last_before(member, start).await?;

@@ -236,6 +236,41 @@ impl LedgerHistory {
         Ok(rows.iter().map(entry_of).collect())
     }
 
+    /// Every archived entry whose time is in `[start_ms, end_ms)` (of
+    /// `member` only, when given), streamed to `each` as (member, entry) in
+    /// member and ledger order, without holding them in memory.
+    pub async fn export(
+        &self,
+        member: Option<&str>,
+        (start_ms, end_ms): (i64, i64),
+        mut each: impl FnMut(&str, StoredEntry) -> Result<(), ApiError>,
+    ) -> Result<u64, ApiError> {
+        use tonic::codegen::tokio_stream::StreamExt;
+        let conn = self.db.connection().await?;
+        let member = member.map(str::to_string);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&member, &start_ms, &end_ms];
+        let rows = conn
+            .query_raw(
+                &format!(
+                    "SELECT {COLUMNS}, member_id FROM ledger_entries \
+                     WHERE ($1::text IS NULL OR member_id = $1) AND at_ms >= $2 AND at_ms < $3 \
+                     ORDER BY member_id, entry_ms, entry_seq"
+                ),
+                params,
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut rows = std::pin::pin!(rows);
+        let mut count = 0;
+        while let Some(row) = rows.next().await {
+            let row = row.map_err(unavailable)?;
+            let member: String = row.get(12);
+            each(&member, entry_of(&row))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// A member's newest archived entry whose time is before `before_ms`.
     pub async fn last_before(
         &self,

@@ -6,6 +6,7 @@ pub mod archive;
 pub mod credits;
 pub mod entitlement;
 pub mod error;
+pub mod export;
 pub mod grpc;
 pub mod history;
 pub mod reconcile;
@@ -56,6 +57,22 @@ pub enum Commands {
         #[command(flatten)]
         operator: inmail_shared::runtime::auth::tls::OperatorArgs,
     },
+    /// Write every ledger entry of a time range (from Redis and the history
+    /// store) to stdout as JSON Lines or CSV: the audit export. Runs with
+    /// the service's own Redis and database settings.
+    ExportLedger {
+        /// Start of the range (inclusive), RFC 3339.
+        #[arg(long)]
+        since: chrono::DateTime<chrono::Utc>,
+        /// End of the range (exclusive), RFC 3339; default now.
+        #[arg(long)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only this member's entries.
+        #[arg(long)]
+        member: Option<String>,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: export::Format,
+    },
 }
 
 impl ServiceBinary for Service {
@@ -81,13 +98,27 @@ impl ServiceBinary for Service {
         serve(args, listener, stop)
     }
 
-    fn run_command(command: Commands, _args: Args) -> ExitCode {
+    fn run_command(command: Commands, args: Args) -> ExitCode {
         match command {
             Commands::Reconcile {
                 url,
                 full,
                 operator,
             } => reconcile::run_command(&url, full, &operator),
+            Commands::ExportLedger {
+                since,
+                until,
+                member,
+                format,
+            } => export::run_command(
+                &args,
+                export::Range {
+                    since,
+                    until,
+                    member,
+                    format,
+                },
+            ),
         }
     }
 }

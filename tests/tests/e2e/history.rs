@@ -493,6 +493,109 @@ async fn balance_history_spans_redis_and_postgresql() {
     }
 }
 
+/// Runs `billing-credits export-ledger` with billing's own settings;
+/// answers stdout.
+fn export_ledger(redis: &RedisServer, db: &Database, extra: &[&str]) -> String {
+    let mut command =
+        std::process::Command::new(inmail_tests::processes::binary("billing-credits"));
+    command
+        .envs(redis.service_env())
+        .envs(inmail_tests::pki().service_env("billing-credits"))
+        .env("DATABASE_URL", db.url())
+        .env("DATABASE_PASSWORD_FILE", &db.password_file)
+        .env("TEST_CLOCK", "true")
+        .arg("export-ledger")
+        .args(extra);
+    let output = command.output().expect("run billing-credits export-ledger");
+    assert!(
+        output.status.success(),
+        "export-ledger failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// The audit export writes every entry of the range once — those still in
+/// Redis and those archived — as JSON Lines or CSV, for everyone or one
+/// member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn export_ledger_writes_every_entry_of_both_tiers_once() {
+    let db = PgServer::shared().database("inmail_billing");
+    let stack = Stack::start_with(history_options(&db, "1day", "200ms")).await;
+    let members = ["ex1".to_string(), "ex2".to_string()];
+    subscribe(&stack, "ex1", "premium-career").await;
+    for _ in 0..3 {
+        grant(&stack, "ex1", 1).await;
+    }
+    grant(&stack, "ex2", 2).await;
+    grant(&stack, "ex2", 2).await;
+    let later = stack.advance(2 * DAY).await;
+    grant(&stack, "ex1", 1).await;
+    grant(&stack, "ex2", 1).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            hot_entries(&stack.redis, &members).await == 2
+        })
+        .await,
+        "the old entries did not leave Redis"
+    );
+    let mut expected: Vec<(String, String)> = Vec::new();
+    for member in &members {
+        for entry in ledger(&stack, member).await {
+            expected.push((member.clone(), entry.entry_id));
+        }
+    }
+    expected.sort();
+    assert_eq!(
+        expected.len(),
+        8,
+        "ex1: a renewal and four grants; ex2: three grants"
+    );
+
+    let jsonl = export_ledger(&stack.redis, &db, &["--since", "2000-01-01T00:00:00Z"]);
+    let mut exported: Vec<(String, String)> = jsonl
+        .lines()
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(
+                row["balance_after"].is_i64() && row["kind"].is_string(),
+                "{row}"
+            );
+            (
+                row["member_id"].as_str().unwrap().to_string(),
+                row["entry_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    exported.sort();
+    assert_eq!(exported, expected, "every entry once");
+
+    let csv = export_ledger(
+        &stack.redis,
+        &db,
+        &[
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--member",
+            "ex2",
+            "--format",
+            "csv",
+        ],
+    );
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(
+        lines[0].starts_with("member_id,entry_id,occurred_at,kind"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines.len(), 1 + 3, "{csv}");
+    assert!(lines[1..].iter().all(|l| l.starts_with("ex2,")), "{csv}");
+
+    let since = (later - chrono::Duration::minutes(1)).to_rfc3339();
+    let recent = export_ledger(&stack.redis, &db, &["--since", &since]);
+    assert_eq!(recent.lines().count(), 2, "{recent}");
+}
+
 /// Appends `count` grant entries of +1 straight to a member's ledger in
 /// Redis (each carrying the running balance, at `at_ms`), and sets the
 /// counter to match.

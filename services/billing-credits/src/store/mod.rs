@@ -509,7 +509,8 @@ impl BillingStore {
     /// Entries after the stream id `after` (from the start when `None`)
     /// whose time is in `[start_ms, end_ms)`, oldest first, at most `limit`:
     /// a walk in batches that stops at the first entry at or past `end_ms`
-    /// (entry times follow the ledger's order).
+    /// (entry times follow the ledger's order). Also answers the first id
+    /// the walk saw (with no `after`: the oldest entry in Redis then).
     pub async fn ledger_range(
         &self,
         member: &str,
@@ -517,10 +518,11 @@ impl BillingStore {
         start_ms: i64,
         end_ms: i64,
         limit: usize,
-    ) -> Result<Vec<StoredEntry>, ApiError> {
+    ) -> Result<(Option<String>, Vec<StoredEntry>), ApiError> {
         const BATCH: usize = 500;
         let mut from = after.map_or("-".to_string(), |id| format!("({id}"));
         let mut found = Vec::new();
+        let mut first = None;
         loop {
             let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
                 .arg(keys::ledger(member))
@@ -533,19 +535,20 @@ impl BillingStore {
             let full = raw.len() == BATCH;
             for (id, fields) in raw {
                 from = format!("({id}");
+                first.get_or_insert_with(|| id.clone());
                 let entry = StoredEntry::parse(id, fields);
                 if entry.at_ms >= end_ms {
-                    return Ok(found);
+                    return Ok((first, found));
                 }
                 if entry.at_ms >= start_ms {
                     found.push(entry);
                     if found.len() == limit {
-                        return Ok(found);
+                        return Ok((first, found));
                     }
                 }
             }
             if !full {
-                return Ok(found);
+                return Ok((first, found));
             }
         }
     }
