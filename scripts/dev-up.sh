@@ -66,7 +66,16 @@ names=()
 stopping=false
 cleanup() {
   trap - EXIT INT TERM
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  local i
+  for i in "${!pids[@]}"; do
+    # PostgreSQL's fast shutdown (SIGINT) ends its sessions; SIGTERM would
+    # wait for every client (a psql left open) to leave.
+    if [ "${names[$i]}" = postgres ]; then
+      kill -INT "${pids[$i]}" 2>/dev/null || true
+    else
+      kill -TERM "${pids[$i]}" 2>/dev/null || true
+    fi
+  done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -172,8 +181,10 @@ if [ -z "${DATABASE_URL:-}" ]; then
       rm -f "$PG_DIR/admin.password"
     fi
     echo "==> starting PostgreSQL on 127.0.0.1:$DEV_POSTGRES_PORT in $PG_DIR/data"
-    "${as_pg[@]}" "$pg_bin/postgres" -D "$PG_DIR/data" -p "$DEV_POSTGRES_PORT" -k "$PG_DIR" \
-      -c listen_addresses=127.0.0.1 >"$STATE_DIR/logs/postgres.log" 2>&1 &
+    # TCP on loopback only: no Unix socket (its path may be too long here).
+    "${as_pg[@]}" "$pg_bin/postgres" -D "$PG_DIR/data" -p "$DEV_POSTGRES_PORT" \
+      -c listen_addresses=127.0.0.1 -c unix_socket_directories= \
+      >"$STATE_DIR/logs/postgres.log" 2>&1 &
     pids+=($!)
     names+=(postgres)
     for _ in $(seq 100); do pg_ready && break; sleep 0.1; done

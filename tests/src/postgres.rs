@@ -60,17 +60,15 @@ fn is_root() -> bool {
 /// `program` as the `postgres` user when we are root, else as ourselves;
 /// `die_with_parent`: killed when the thread that started it ends.
 fn as_postgres(program: &Path, die_with_parent: bool) -> Command {
+    let mut command = Command::new("setpriv");
     if is_root() {
-        let mut command = Command::new("setpriv");
         command.args(["--reuid=postgres", "--regid=postgres", "--init-groups"]);
-        if die_with_parent {
-            command.arg("--pdeathsig=KILL");
-        }
-        command.arg(program);
-        command
-    } else {
-        Command::new(program)
     }
+    if die_with_parent {
+        command.arg("--pdeathsig=KILL");
+    }
+    command.arg(program);
+    command
 }
 
 impl PgServer {
@@ -100,6 +98,7 @@ impl PgServer {
     }
 
     fn start_blocking(die_with_parent: bool) -> PgServer {
+        remove_stale_directories();
         let bin = bin_dir();
         let dir =
             std::env::temp_dir().join(format!("inmail-postgres-{}", uuid::Uuid::new_v4().simple()));
@@ -267,6 +266,40 @@ impl PgServer {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the server is running");
         self.spawn(false);
+    }
+}
+
+/// Directories of servers whose test process is gone (the shared server
+/// dies with its process, and a static is never dropped to remove its
+/// directory): those with no live postmaster.
+fn remove_stale_directories() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("inmail-postgres-"));
+        if !is_ours {
+            continue;
+        }
+        let pid = std::fs::read_to_string(path.join("data/postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next().map(str::to_string));
+        let running = pid.is_some_and(|pid| Path::new("/proc").join(pid.trim()).exists());
+        // A directory without a pid file may be one being set up right now
+        // by another test process: only an old one is stale.
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(600));
+        if !running && old {
+            let _ = std::fs::remove_dir_all(&path);
+        }
     }
 }
 

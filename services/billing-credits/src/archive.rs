@@ -9,13 +9,15 @@
 //! point loses nothing and duplicates nothing. Only entries the
 //! reconciliation has verified move, and the account keeps their summary
 //! (`arch_id`, `arch_bal`, `arch_n`), so reconciliation never needs them
-//! again. Replicas share the work like the sweepers do: any may run a pass;
-//! the trim's check makes a second one a no-op.
+//! again. Replicas share the members like the sweepers share their shards
+//! ([`spawn_compactor`]); the trim's check makes a second pass a no-op.
 
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::state::sweep::spawn_periodic;
+use inmail_shared::state::history::History;
+use inmail_shared::state::sweep::{SweepGroup, shard_of, spawn_shared_sweep};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::credits::Credits;
@@ -84,14 +86,34 @@ impl Archive {
         }
     }
 
-    /// One pass over every member.
-    pub async fn compact_once(&self, credits: &Credits) -> Result<usize, ApiError> {
+    /// One pass over the members whose shard (of [`ARCHIVE_SHARDS`]) is in
+    /// `shards`.
+    pub async fn compact_once(&self, credits: &Credits, shards: &[u32]) -> Result<usize, ApiError> {
         let mut cursor = "0".to_string();
         let mut moved = 0;
         loop {
             let (next, members) = credits.store().scan_members(&cursor, 200).await?;
             for member in members {
-                moved += self.compact_member(credits, &member).await?;
+                if !shards.contains(&shard_of(&member, ARCHIVE_SHARDS)) {
+                    continue;
+                }
+                match self.compact_member(credits, &member).await {
+                    Ok(n) => moved += n,
+                    // The store cannot answer (or Redis): end the pass, the
+                    // next one resumes.
+                    Err(e)
+                        if History::is_unavailable(&e) || e.code() == tonic::Code::Unavailable =>
+                    {
+                        return Err(e);
+                    }
+                    // This member's entries were refused: the others go on;
+                    // the refusal is logged and counted.
+                    Err(e) => {
+                        tracing::error!(%member, error = %e, "cannot archive this member's ledger");
+                        metrics::counter!("inmail_archive_refused_total", "history" => "ledger")
+                            .increment(1);
+                    }
+                }
             }
             if next == "0" {
                 return Ok(moved);
@@ -101,33 +123,50 @@ impl Archive {
     }
 }
 
-/// Compacts every `interval` until `stop`.
+/// Members are archived in this many shards, shared among the replicas.
+pub const ARCHIVE_SHARDS: u32 = 16;
+
+/// The Redis key of the archivers' group.
+pub const GROUP_KEY: &str = "billing:archivers";
+
+/// Archives every `interval` until `stop`, the members' shards shared among
+/// the replicas the way the sweepers share theirs: each member is archived
+/// by one replica at a time (two, for a round, while a replica joins or
+/// leaves; harmless: the trim's check makes the second a no-op).
 pub fn spawn_compactor(
     archive: Archive,
     credits: Credits,
     interval: Duration,
     stop: CancellationToken,
-) {
-    spawn_periodic("ledger archive", interval, stop, move || {
-        let (archive, credits) = (archive.clone(), credits.clone());
-        async move {
-            // The lag is visible: a pass that fails (PostgreSQL down) leaves
-            // the last success behind and counts a failure; the next passes
-            // drain what piled up.
-            match archive.compact_once(&credits).await {
-                Ok(moved) => {
-                    metrics::counter!("inmail_archive_moved_total", "history" => "ledger")
-                        .increment(moved as u64);
-                    metrics::gauge!("inmail_archive_last_success_seconds", "history" => "ledger")
-                        .set(inmail_shared::state::clock::system_ms() as f64 / 1000.0);
-                    Ok(moved)
-                }
-                Err(e) => {
-                    metrics::counter!("inmail_archive_failures_total", "history" => "ledger")
-                        .increment(1);
-                    Err(e)
+) -> JoinHandle<()> {
+    let group = SweepGroup::new(credits.store().redis().clone(), GROUP_KEY, interval);
+    spawn_shared_sweep(
+        "ledger archive",
+        group,
+        ARCHIVE_SHARDS,
+        interval,
+        stop,
+        move |shards| {
+            let (archive, credits) = (archive.clone(), credits.clone());
+            async move {
+                // The lag is visible: a pass that fails (PostgreSQL down)
+                // leaves the last success behind and counts a failure; the
+                // next passes drain what piled up.
+                match archive.compact_once(&credits, &shards).await {
+                    Ok(moved) => {
+                        metrics::counter!("inmail_archive_moved_total", "history" => "ledger")
+                            .increment(moved as u64);
+                        metrics::gauge!("inmail_archive_last_success_seconds", "history" => "ledger")
+                            .set(inmail_shared::state::clock::system_ms() as f64 / 1000.0);
+                        Ok(moved)
+                    }
+                    Err(e) => {
+                        metrics::counter!("inmail_archive_failures_total", "history" => "ledger")
+                            .increment(1);
+                        Err(e)
+                    }
                 }
             }
-        }
-    });
+        },
+    )
 }

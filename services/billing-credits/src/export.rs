@@ -165,6 +165,7 @@ async fn export(args: &Args, range: Range) -> Result<(u64, u64), String> {
     let mut out = Writer::new(range.format);
     // Redis first, remembering per member the oldest entry it held.
     let mut floors: HashMap<String, (i64, i64)> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
     let mut hot = 0;
     match &range.member {
         Some(member) => {
@@ -173,10 +174,15 @@ async fn export(args: &Args, range: Range) -> Result<(u64, u64), String> {
                 .map_err(text)?
         }
         None => {
+            // SCAN may return a key twice (while Redis rehashes): each
+            // member is exported once, its floor recorded the first time.
             let mut cursor = "0".to_string();
             loop {
                 let (next, members) = store.scan_members(&cursor, 200).await.map_err(text)?;
                 for member in members {
+                    if floors.contains_key(&member) || !seen.insert(member.clone()) {
+                        continue;
+                    }
                     hot += export_member(&store, member, span, &mut out, &mut floors)
                         .await
                         .map_err(text)?;

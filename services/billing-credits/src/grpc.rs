@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::credits::{Credits, MAX_CLOCK_SKEW_MS, Op};
 use crate::error::DOMAIN;
-use crate::history::LedgerHistory;
+use crate::history::{LedgerHistory, split_id};
 use crate::reconcile::reconcile_page;
 use crate::store::ReleaseCause;
 use crate::views;
@@ -539,11 +539,24 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
                 .ledger_range(member, after.as_deref(), start, end, size + 1)
                 .await?;
             let opening_hot = store.ledger_last_before(member, start).await?;
-            let history = match &self.history {
-                Some(history) if store.archived_through(member).await?.is_some() => Some(history),
+            // PostgreSQL holds only entries older than every one in Redis:
+            // when Redis holds one from before the range, the archive has
+            // nothing in the range and no later opening balance, and the
+            // answer needs Redis only (PostgreSQL down does not matter).
+            let archived = match (&self.history, &opening_hot) {
+                (Some(_), None) => store.archived_through(member).await?,
                 _ => None,
             };
-            let mut entries = match history {
+            let history = self.history.as_ref().filter(|_| archived.is_some());
+            // Nor has it anything past a cursor at or beyond its newest.
+            let past_archive = match (
+                after.as_deref().and_then(split_id),
+                archived.as_deref().and_then(split_id),
+            ) {
+                (Some(after), Some(newest)) => after >= newest,
+                _ => false,
+            };
+            let mut entries = match history.filter(|_| !past_archive) {
                 Some(history) => {
                     history
                         .range(

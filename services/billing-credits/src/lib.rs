@@ -304,6 +304,8 @@ fn spawn_history(
                 Err(e) => tracing::warn!(error = %e, "history store not ready; archiving waits"),
             }
         }
-        archive::spawn_compactor(archive::Archive::new(history, hot), credits, interval, stop);
+        // It leaves the archivers' group itself when `stop` is cancelled.
+        let _archiver =
+            archive::spawn_compactor(archive::Archive::new(history, hot), credits, interval, stop);
     });
 }

@@ -96,6 +96,12 @@ impl History {
         self.pool.get().await.map_err(unavailable)
     }
 
+    /// Whether an error of [`unavailable`] says the store cannot answer now
+    /// (rather than that it refused what was asked).
+    pub fn is_unavailable(error: &ApiError) -> bool {
+        error.reason() == reasons::HISTORY_UNAVAILABLE
+    }
+
     /// Runs the service's migrations, forward only: a database that holds a
     /// migration this binary does not know (a newer release ran), or one
     /// whose applied migration differs from this binary's, is refused.
@@ -106,15 +112,36 @@ impl History {
             .await
             .map_err(|e| MigrateError::Unreachable(e.to_string()))?;
         let client: &mut tokio_postgres::Client = &mut client;
+        // Replicas starting together migrate one at a time.
+        let unreachable = |e: tokio_postgres::Error| MigrateError::Unreachable(e.to_string());
+        client
+            .batch_execute("SELECT pg_advisory_lock(hashtext('inmail migrations'))")
+            .await
+            .map_err(unreachable)?;
         let report = runner
             .set_abort_divergent(true)
             .set_abort_missing(true)
-            .run_async(client)
-            .await
-            .map_err(|e| match e.kind() {
-                refinery::error::Kind::Connection(..) => MigrateError::Unreachable(e.to_string()),
-                _ => MigrateError::Refused(e.to_string()),
-            })?;
+            .run_async(&mut *client)
+            .await;
+        let _ = client
+            .batch_execute("SELECT pg_advisory_unlock(hashtext('inmail migrations'))")
+            .await;
+        let report = report.map_err(|e| {
+            // refinery reports every SQL failure as a connection error:
+            // what PostgreSQL refused (a broken migration, a permission) is
+            // a refusal, never retried; only a failure to answer is.
+            let refused = match e.kind() {
+                refinery::error::Kind::Connection(_, source) => source
+                    .downcast_ref::<tokio_postgres::Error>()
+                    .is_some_and(is_refusal),
+                _ => true,
+            };
+            if refused {
+                MigrateError::Refused(e.to_string())
+            } else {
+                MigrateError::Unreachable(e.to_string())
+            }
+        })?;
         Ok(report.applied_migrations().len())
     }
 }
@@ -131,10 +158,38 @@ pub enum MigrateError {
     Refused(String),
 }
 
-/// A PostgreSQL failure as the caller sees it.
-pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::unavailable(
-        reasons::HISTORY_UNAVAILABLE,
-        format!("the history store (PostgreSQL) cannot be reached: {e}"),
-    )
+/// Whether PostgreSQL refused this statement for what it is (bad data, a
+/// permission, a broken migration) rather than because it cannot answer
+/// now (connection, resources, shutdown, timeout: SQLSTATE classes 08, 53,
+/// 57): the first is not cured by retrying.
+pub fn is_refusal(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        !(code.starts_with("08") || code.starts_with("53") || code.starts_with("57"))
+    })
+}
+
+/// A PostgreSQL failure as the caller sees it: `UNAVAILABLE`
+/// (`HISTORY_UNAVAILABLE`) when it cannot answer now, `INTERNAL` when it
+/// refused the statement.
+pub fn unavailable(e: impl Into<HistoryError>) -> ApiError {
+    match e.into() {
+        HistoryError::Postgres(e) if is_refusal(&e) => {
+            tracing::error!(error = %e, "the history store refused a statement");
+            ApiError::internal(format!("the history store refused a statement: {e}"))
+        }
+        e => ApiError::unavailable(
+            reasons::HISTORY_UNAVAILABLE,
+            format!("the history store (PostgreSQL) cannot be reached: {e}"),
+        ),
+    }
+}
+
+/// What reaching the history store can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("{0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
 }

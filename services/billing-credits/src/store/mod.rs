@@ -504,8 +504,6 @@ impl BillingStore {
         })
     }
 
-    /// A member's archive position (`arch_id`) and up to `limit` verified
-    /// entries after it (up to the reconciliation checkpoint), oldest first.
     /// Entries after the stream id `after` (from the start when `None`)
     /// whose time is in `[start_ms, end_ms)`, oldest first, at most `limit`:
     /// a walk in batches that stops at the first entry at or past `end_ms`
@@ -594,6 +592,8 @@ impl BillingStore {
             .await?)
     }
 
+    /// A member's archive position (`arch_id`) and up to `limit` verified
+    /// entries after it (up to the reconciliation checkpoint), oldest first.
     pub async fn verified_entries(
         &self,
         member: &str,
