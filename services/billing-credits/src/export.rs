@@ -152,12 +152,10 @@ async fn export(args: &Args, range: Range) -> Result<(u64, u64), String> {
     }
     let span = (range.since.timestamp_millis(), until.timestamp_millis());
     let store = BillingStore::new(redis);
-    let history = match &args.database_url {
-        Some(url) => Some(LedgerHistory::new(History::open(&HistorySettings {
-            url: url.clone(),
-            password_file: args.database_password_file.clone(),
+    let history = match args.history.settings() {
+        Some(settings) => Some(LedgerHistory::new(History::open(&HistorySettings {
             pool_size: 1,
-            timeout: args.database_timeout,
+            ..settings
         })?)),
         None => None,
     };

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use inmail_shared::runtime::bootstrap::Runtime;
 use inmail_shared::runtime::cli::ServiceBinary;
-use inmail_shared::runtime::config::CommonArgs;
-use inmail_shared::state::history::{History, HistorySettings, MigrateError};
+use inmail_shared::runtime::config::{CommonArgs, HistoryArgs};
+use inmail_shared::state::history::{History, MigrateError};
 use inmail_shared::state::idempotency::REQUEST_RETENTION;
 use inmail_shared::state::sweep::{LEAVE_WAIT, await_leave};
 use tokio::net::TcpListener;
@@ -153,24 +153,9 @@ pub struct Args {
     #[arg(long, env = "ENTITLEMENT_CACHE_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub entitlement_cache_ttl: Duration,
 
-    /// The history store (PostgreSQL) where verified ledger entries older
-    /// than LEDGER_HOT_RETENTION go, e.g.
-    /// `postgres://inmail_billing@127.0.0.1:5432/billing`; unset: every
-    /// entry stays in Redis.
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: Option<String>,
-
-    /// The database user's password (one line).
-    #[arg(long, env = "DATABASE_PASSWORD_FILE")]
-    pub database_password_file: Option<std::path::PathBuf>,
-
-    /// Connections to the history store at most.
-    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 4)]
-    pub database_pool_size: usize,
-
-    /// How long a history statement may run (and a connection be waited for).
-    #[arg(long, env = "DATABASE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub database_timeout: Duration,
+    /// Where verified ledger entries older than LEDGER_HOT_RETENTION go.
+    #[command(flatten)]
+    pub history: HistoryArgs,
 
     /// How long ledger entries stay in Redis once verified, when
     /// DATABASE_URL is set.
@@ -232,14 +217,9 @@ pub async fn serve(
         policy,
     );
     let sweeper = sweeper::spawn_hold_sweeper(credits.clone(), args.sweep_interval, stop.clone());
-    let history = match &args.database_url {
-        Some(url) => {
-            let db = History::open(&HistorySettings {
-                url: url.clone(),
-                password_file: args.database_password_file.clone(),
-                pool_size: args.database_pool_size,
-                timeout: args.database_timeout,
-            })?;
+    let history = match args.history.settings() {
+        Some(settings) => {
+            let db = History::open(&settings)?;
             // Migrations run before serving. A schema this binary cannot move
             // forward from refuses to start; PostgreSQL unreachable at start
             // does not (the hot path needs Redis only): the migrations are

@@ -12,7 +12,43 @@ use crate::runtime::auth::token::TokenVerifier;
 use crate::runtime::auth::{self, Security, Seen};
 use crate::runtime::server::ServerLimits;
 use crate::runtime::telemetry::LogFormat;
+use crate::state::history::HistorySettings;
 use crate::state::storage::RedisSettings;
+
+/// The flags of a service that keeps history in PostgreSQL (README.md,
+/// "The history store").
+#[derive(Debug, Clone, clap::Args)]
+pub struct HistoryArgs {
+    /// The history store (PostgreSQL), e.g.
+    /// `postgres://inmail_billing_credits@127.0.0.1:5432/billing_credits`
+    /// (no password: DATABASE_PASSWORD_FILE); unset: history stays in Redis.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// The database user's password (one line).
+    #[arg(long, env = "DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<PathBuf>,
+
+    /// Connections to the history store at most.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 4)]
+    pub database_pool_size: usize,
+
+    /// How long a history statement may run (and a connection be waited for).
+    #[arg(long, env = "DATABASE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub database_timeout: Duration,
+}
+
+impl HistoryArgs {
+    /// The history store's settings, when one is configured.
+    pub fn settings(&self) -> Option<HistorySettings> {
+        self.database_url.as_ref().map(|url| HistorySettings {
+            url: url.clone(),
+            password_file: self.database_password_file.clone(),
+            pool_size: self.database_pool_size,
+            timeout: self.database_timeout,
+        })
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
