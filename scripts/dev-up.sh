@@ -180,10 +180,24 @@ if [ -z "${DATABASE_URL:-}" ]; then
           echo "error: initdb failed; see $STATE_DIR/logs/postgres-initdb.log" >&2; exit 1; }
       rm -f "$PG_DIR/admin.password"
     fi
+    # TLS with the development PKI's certificate for PostgreSQL (a PKI
+    # written before it had one: plaintext on loopback, with a hint).
+    pg_tls=()
+    if [ -f "$PKI/postgres.crt" ]; then
+      install -m 0600 "$PKI/postgres.key" "$PG_DIR/server.key"
+      install -m 0644 "$PKI/postgres.crt" "$PG_DIR/server.crt"
+      [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$PG_DIR/server.key" "$PG_DIR/server.crt"
+      pg_tls=(-c ssl=on -c "ssl_cert_file=$PG_DIR/server.crt" -c "ssl_key_file=$PG_DIR/server.key")
+      # billing's user over TLS only.
+      grep -q '^hostnossl all inmail_billing_credits' "$PG_DIR/data/pg_hba.conf" ||
+        sed -i '1i hostnossl all inmail_billing_credits all reject' "$PG_DIR/data/pg_hba.conf"
+    else
+      echo "    (no $PKI/postgres.crt: PostgreSQL without TLS; messaging dev-pki --force --dir $PKI writes a PKI with one)"
+    fi
     echo "==> starting PostgreSQL on 127.0.0.1:$DEV_POSTGRES_PORT in $PG_DIR/data"
     # TCP on loopback only: no Unix socket (its path may be too long here).
     "${as_pg[@]}" "$pg_bin/postgres" -D "$PG_DIR/data" -p "$DEV_POSTGRES_PORT" \
-      -c listen_addresses=127.0.0.1 -c unix_socket_directories= \
+      -c listen_addresses=127.0.0.1 -c unix_socket_directories= "${pg_tls[@]}" \
       >"$STATE_DIR/logs/postgres.log" 2>&1 &
     pids+=($!)
     names+=(postgres)
@@ -207,12 +221,15 @@ SQL
   }
   BILLING_DATABASE_URL="postgres://inmail_billing_credits@127.0.0.1:$DEV_POSTGRES_PORT/billing_credits"
   BILLING_DATABASE_PASSWORD_FILE="$PKI/postgres-billing-credits.password"
+  BILLING_DATABASE_CA_FILE=""
+  [ -f "$PKI/postgres.crt" ] && BILLING_DATABASE_CA_FILE="$PKI/ca.crt"
 else
   echo "==> billing-credits keeps its history in the PostgreSQL at DATABASE_URL"
   BILLING_DATABASE_URL="$DATABASE_URL"
   BILLING_DATABASE_PASSWORD_FILE="${DATABASE_PASSWORD_FILE:-}"
+  BILLING_DATABASE_CA_FILE="${DATABASE_CA_FILE:-}"
 fi
-unset DATABASE_URL DATABASE_PASSWORD_FILE
+unset DATABASE_URL DATABASE_PASSWORD_FILE DATABASE_CA_FILE
 
 if [ "$plaintext" = true ]; then
   scheme=http
@@ -241,6 +258,7 @@ service_env() { # name
   if [ "$name" = billing-credits ]; then
     echo "DATABASE_URL=$BILLING_DATABASE_URL"
     [ -n "$BILLING_DATABASE_PASSWORD_FILE" ] && echo "DATABASE_PASSWORD_FILE=$BILLING_DATABASE_PASSWORD_FILE"
+    [ -n "$BILLING_DATABASE_CA_FILE" ] && echo "DATABASE_CA_FILE=$BILLING_DATABASE_CA_FILE"
   fi
   return 0
 }

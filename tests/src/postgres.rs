@@ -138,6 +138,41 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        // TLS as in production: the test PKI's certificate for PostgreSQL;
+        // the services' users may connect over TLS only (the superuser, for
+        // the tests' own inspection, either way).
+        let data = dir.join("data");
+        for (from, to) in [
+            ("postgres.crt", "server.crt"),
+            ("postgres.key", "server.key"),
+        ] {
+            std::fs::copy(crate::pki().file(from), data.join(to)).expect("copy the certificate");
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!(
+                "local all all trust\nhostssl all {} 127.0.0.1/32 scram-sha-256\n\
+                 host all postgres 127.0.0.1/32 scram-sha-256\n",
+                ROLES.join(",")
+            ),
+        )
+        .expect("write pg_hba.conf");
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&data)
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .expect("the key's mode");
+        }
         let mut server = PgServer {
             port: free_port(),
             dir,
@@ -159,6 +194,8 @@ impl PgServer {
             .arg("-k")
             .arg(&self.dir)
             .args([
+                "-c",
+                "ssl=on",
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
@@ -325,6 +362,20 @@ impl Database {
             self.url(),
             "--database-password-file".into(),
             self.password_file.to_string_lossy().into_owned(),
+            "--database-ca-file".into(),
+            crate::pki().file("ca.crt"),
+        ]
+    }
+
+    /// The same as environment variables (for the binaries).
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), self.url()),
+            (
+                "DATABASE_PASSWORD_FILE".into(),
+                self.password_file.to_string_lossy().into_owned(),
+            ),
+            ("DATABASE_CA_FILE".into(), crate::pki().file("ca.crt")),
         ]
     }
 

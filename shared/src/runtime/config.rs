@@ -29,6 +29,11 @@ pub struct HistoryArgs {
     #[arg(long, env = "DATABASE_PASSWORD_FILE")]
     pub database_password_file: Option<PathBuf>,
 
+    /// The CA of PostgreSQL's certificate: connections are then TLS only,
+    /// the server proving the URL's host name; unset: plaintext.
+    #[arg(long, env = "DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+
     /// Connections to the history store at most.
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 4)]
     pub database_pool_size: usize,
@@ -44,6 +49,7 @@ impl HistoryArgs {
         self.database_url.as_ref().map(|url| HistorySettings {
             url: url.clone(),
             password_file: self.database_password_file.clone(),
+            ca_file: self.database_ca_file.clone(),
             pool_size: self.database_pool_size,
             timeout: self.database_timeout,
         })

@@ -24,6 +24,10 @@ pub struct HistorySettings {
     pub url: String,
     /// The database user's password, one line.
     pub password_file: Option<PathBuf>,
+    /// The CA that signed PostgreSQL's certificate: with it, connections
+    /// are TLS only and the server must prove the URL's host name; without
+    /// it, plaintext (loopback or a private network only).
+    pub ca_file: Option<PathBuf>,
     /// Connections at most in the pool.
     pub pool_size: usize,
     /// How long one statement may run, and how long to wait for a
@@ -43,6 +47,28 @@ impl std::fmt::Debug for History {
             .field("pool", &self.pool.status())
             .finish()
     }
+}
+
+/// TLS towards PostgreSQL: the server's chain must lead to the CA in
+/// `ca_file` and its certificate name the URL's host (rustls checks both).
+fn tls_to(ca_file: &std::path::Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let context =
+        |e: &dyn std::fmt::Display| format!("DATABASE_CA_FILE {}: {e}", ca_file.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| context(&e))? {
+        roots
+            .add(cert.map_err(|e| context(&e))?)
+            .map_err(|e| context(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(context(&"holds no certificate"));
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// A pooled connection.
@@ -73,13 +99,16 @@ impl History {
             "-c statement_timeout={}",
             settings.timeout.as_millis()
         ));
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let recycling = || ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &settings.ca_file {
+            Some(ca) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Manager::from_config(config, tls_to(ca)?, recycling())
+            }
+            None => Manager::from_config(config, NoTls, recycling()),
+        };
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size.max(1))
             .runtime(Runtime::Tokio1)

@@ -160,12 +160,8 @@ impl Bench {
                 // expire (and be released by the sweeper) during later rows.
                 env.push(("HOLD_TTL".into(), "1h".into()));
                 if let Some(db) = &archive {
+                    env.extend(db.env());
                     env.extend([
-                        ("DATABASE_URL".to_string(), db.url()),
-                        (
-                            "DATABASE_PASSWORD_FILE".to_string(),
-                            db.password_file.to_string_lossy().into_owned(),
-                        ),
                         ("LEDGER_HOT_RETENTION".to_string(), "2s".to_string()),
                         ("ARCHIVE_INTERVAL".to_string(), "1s".to_string()),
                     ]);

@@ -178,6 +178,22 @@ async fn old_entries_move_to_postgresql_and_the_ledger_reads_on_into_it() {
     }
     assert_eq!(available(&stack, "arc").await, 12);
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
+    // billing reached PostgreSQL over TLS only (its user may not connect
+    // otherwise: pg_hba.conf), and did connect.
+    let tls: Vec<bool> = db
+        .inspect()
+        .await
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.usename = 'inmail_billing'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!tls.is_empty() && tls.iter().all(|ssl| *ssl), "{tls:?}");
 }
 
 /// 20,000 ledger entries (real grants over gRPC, 100 members), then the
@@ -365,15 +381,14 @@ async fn billing_killed_while_archiving_loses_and_doubles_nothing() {
     let db = PgServer::shared().database("inmail_billing");
     let env_db = db.clone();
     let mut stack = ProcessStack::start(move |name| match name {
-        "billing-credits" => vec![
-            ("DATABASE_URL".into(), env_db.url()),
-            (
-                "DATABASE_PASSWORD_FILE".into(),
-                env_db.password_file.to_string_lossy().into_owned(),
-            ),
-            ("LEDGER_HOT_RETENTION".into(), "1s".into()),
-            ("ARCHIVE_INTERVAL".into(), "100ms".into()),
-        ],
+        "billing-credits" => {
+            let mut env = env_db.env();
+            env.extend([
+                ("LEDGER_HOT_RETENTION".into(), "1s".into()),
+                ("ARCHIVE_INTERVAL".into(), "100ms".into()),
+            ]);
+            env
+        }
         _ => vec![],
     })
     .await;
@@ -546,8 +561,7 @@ fn export_ledger(redis: &RedisServer, db: &Database, extra: &[&str]) -> String {
     command
         .envs(redis.service_env())
         .envs(inmail_tests::pki().service_env("billing-credits"))
-        .env("DATABASE_URL", db.url())
-        .env("DATABASE_PASSWORD_FILE", &db.password_file)
+        .envs(db.env())
         .env("TEST_CLOCK", "true")
         .arg("export-ledger")
         .args(extra);

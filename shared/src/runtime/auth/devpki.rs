@@ -172,7 +172,8 @@ pub const SERVICES: &[&str] = &["subscription-plan", "billing-credits", "messagi
 #[derive(Debug)]
 pub struct DevPki {
     pub ca: Authority,
-    /// One certificate per service, then the operator's ("operator/dev").
+    /// One certificate per service, PostgreSQL's ("postgres"), then the
+    /// operator's ("operator/dev").
     pub certs: Vec<(String, Pem)>,
     pub signing: SigningKey,
     /// One Redis password per service: (service, password).
@@ -199,6 +200,11 @@ impl DevPki {
             names.push(service);
             certs.push((service.to_string(), ca.issue(service, &names)?));
         }
+        // The history store's server certificate (the services verify it
+        // with DATABASE_CA_FILE).
+        let mut names: Vec<&str> = hosts.to_vec();
+        names.push("postgres");
+        certs.push(("postgres".to_string(), ca.issue("postgres", &names)?));
         certs.push(("operator".to_string(), ca.issue_client("operator/dev")?));
         let signing = SigningKey::generate("dev-1")?;
         let password = random_password;
