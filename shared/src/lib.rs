@@ -1,27 +1,19 @@
-//! What the three InMail services share: the generated contracts, server
-//! bootstrap, telemetry, configuration, the error table, Redis, the clock.
+//! What the three InMail services share, in three layers. Each layer uses
+//! only the layers below it (`scripts/check-layers.py` checks this, and that
+//! no modules anywhere in the workspace import each other in a circle):
+//!
+//! - [`runtime`]: how a service runs — identity and trust (`auth`), the call
+//!   context, the gRPC client and server, configuration, telemetry,
+//!   bootstrap, the CLI, and the test clock's gRPC service (`testclock`).
+//! - [`state`]: what lives in Redis — the connection (`storage`), request
+//!   idempotency and the member's mutation quota, paging tokens, sweeps,
+//!   the keys subscription-plan publishes, the clock.
+//! - [`contract`]: what the wire promises — the generated proto, the error
+//!   table and its reasons, input validation, time conversions, handlers'
+//!   mapping to a `Status`.
 
-pub mod auth;
-pub mod bootstrap;
-pub mod bounds;
-pub mod cli;
-pub mod client;
-pub mod clock;
-pub mod config;
-pub mod context;
-pub mod error;
-pub mod events;
-pub mod idempotency;
-pub mod paging;
-pub mod proto;
-pub mod published;
-pub mod reasons;
-pub mod rpc;
-pub mod server;
-pub mod storage;
-pub mod sweep;
-pub mod telemetry;
-pub mod time;
-pub mod validate;
+pub mod contract;
+pub mod runtime;
+pub mod state;
 
-pub use error::ApiError;
+pub use contract::error::ApiError;

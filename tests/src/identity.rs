@@ -8,16 +8,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use inmail_shared::auth::TRUST_DOMAIN;
-use inmail_shared::auth::devpki::{Authority, DevPki, Pem};
-use inmail_shared::auth::tls::SpiffeServerVerifier;
-use inmail_shared::auth::token::TokenSigner;
+use inmail_shared::runtime::auth::TRUST_DOMAIN;
+use inmail_shared::runtime::auth::devpki::{Authority, DevPki, Pem};
+use inmail_shared::runtime::auth::tls::SpiffeServerVerifier;
+use inmail_shared::runtime::auth::token::TokenSigner;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Identity};
 
-pub use inmail_shared::auth::devpki::SERVICES;
+pub use inmail_shared::runtime::auth::devpki::SERVICES;
 
 /// The issuer and audience the services are started with.
 pub const ISSUER: &str = "inmail";
@@ -33,7 +33,7 @@ pub struct Pki {
 pub fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
-        inmail_shared::auth::tls::install_crypto_provider();
+        inmail_shared::runtime::auth::tls::install_crypto_provider();
         let pki = DevPki::generate(&["localhost", "127.0.0.1"]).expect("a development PKI");
         let dir =
             std::env::temp_dir().join(format!("inmail-pki-{}", uuid::Uuid::new_v4().simple()));
@@ -50,7 +50,8 @@ pub fn pki() -> &'static Pki {
         std::fs::write(dir.join("foreign-billing-credits.crt"), foreign.cert).unwrap();
         std::fs::write(dir.join("foreign-billing-credits.key"), foreign.key).unwrap();
         // The development key and a second one: a rotation in progress.
-        let second = inmail_shared::auth::devpki::SigningKey::generate("dev-2").expect("a key");
+        let second =
+            inmail_shared::runtime::auth::devpki::SigningKey::generate("dev-2").expect("a key");
         let keys = |jwks: &str| {
             serde_json::from_str::<serde_json::Value>(jwks).unwrap()["keys"][0].clone()
         };
@@ -126,7 +127,7 @@ impl Pki {
 
     /// REDIS_USERNAME and REDIS_PASSWORD_FILE of a service's Redis user.
     fn redis_user(&self, name: &str) -> Vec<(&'static str, String)> {
-        if !inmail_shared::auth::redis_acl::USERS
+        if !inmail_shared::runtime::auth::redis_acl::USERS
             .iter()
             .any(|(service, _)| *service == name)
         {
@@ -144,7 +145,7 @@ impl Pki {
     /// The `user` directives of the services' Redis users (and the probe's)
     /// as redis-server arguments, with the shipped rules.
     pub fn redis_user_args(&self) -> Vec<String> {
-        use inmail_shared::auth::redis_acl::{PROBE_USER, USERS, rules};
+        use inmail_shared::runtime::auth::redis_acl::{PROBE_USER, USERS, rules};
         let mut args: Vec<String> =
             format!("--user {PROBE_USER} on nopass resetchannels -@all +ping")
                 .split(' ')
@@ -173,7 +174,7 @@ impl Pki {
 
     /// A token of `member` that expired an hour ago.
     pub fn expired_token(&self, member: &str) -> String {
-        let now = inmail_shared::clock::system_ms() as u64 / 1000;
+        let now = inmail_shared::state::clock::system_ms() as u64 / 1000;
         self.signer
             .mint_at(member, now - 7200, Duration::from_secs(3600))
             .expect("a token")

@@ -4,17 +4,18 @@
 
 pub mod grpcurl;
 pub mod identity;
+pub mod postgres;
 pub mod processes;
 pub mod redis_server;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use inmail_shared::cli::parse_from;
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::messaging::v1 as messaging_pb;
-use inmail_shared::proto::plans::v1 as plans;
-use inmail_shared::proto::testclock::v1 as testclock;
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::messaging::v1 as messaging_pb;
+use inmail_shared::contract::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::testclock::v1 as testclock;
+use inmail_shared::runtime::cli::parse_from;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -418,7 +419,7 @@ impl Stack {
             .clock()
             .set_time(testclock::SetTimeRequest {
                 request_id: uuid::Uuid::new_v4().to_string(),
-                time: Some(inmail_shared::time::to_timestamp(to)),
+                time: Some(inmail_shared::contract::time::to_timestamp(to)),
             })
             .await
             .expect("SetTime");
@@ -435,7 +436,7 @@ impl Stack {
             .into_inner()
             .now
             .unwrap();
-        inmail_shared::time::from_timestamp(&now).unwrap()
+        inmail_shared::contract::time::from_timestamp(&now).unwrap()
     }
 
     pub async fn stop(mut self) {
@@ -453,7 +454,7 @@ pub async fn advance(clock: &mut ClockClient, by: Duration) -> chrono::DateTime<
         })
         .await
         .expect("AdvanceTime");
-    inmail_shared::time::from_timestamp(&response.into_inner().now.unwrap()).unwrap()
+    inmail_shared::contract::time::from_timestamp(&response.into_inner().now.unwrap()).unwrap()
 }
 
 /// A listener for an in-process service, on a [`free_port`]: below the

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use inmail_shared::storage::{Redis, RedisConn, RedisSettings};
+use inmail_shared::state::storage::{Redis, RedisConn, RedisSettings};
 
 /// The redis-server binary: on PATH, or where Debian puts it.
 pub fn redis_server_binary() -> PathBuf {

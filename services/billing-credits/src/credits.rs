@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::clock::Clock;
-use inmail_shared::context::CallContext;
+use inmail_shared::runtime::context::CallContext;
+use inmail_shared::state::clock::Clock;
 
-use inmail_shared::reasons;
+use inmail_shared::contract::reasons;
 
 use crate::entitlement::Entitlements;
 use crate::error::refusal;
@@ -123,7 +123,7 @@ impl Credits {
         if !matches!(op, Op::Confirm { .. }) {
             match self
                 .store
-                .index_for_feed(member, inmail_shared::events::wall_clock_ms())
+                .index_for_feed(member, inmail_shared::state::events::wall_clock_ms())
                 .await
             {
                 Ok(()) => {}

@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::client::Downstream;
-use inmail_shared::context::CallContext;
-use inmail_shared::proto::plans::v1 as plans;
-use inmail_shared::time::from_timestamp;
+use inmail_shared::contract::proto::plans::v1 as plans;
+use inmail_shared::contract::time::from_timestamp;
+use inmail_shared::runtime::client::Downstream;
+use inmail_shared::runtime::context::CallContext;
 use serde::Serialize;
 use tonic::transport::Channel;
 

@@ -4,11 +4,11 @@
 //! frames.
 
 use inmail_shared::ApiError;
-use inmail_shared::events::{self, Entry, StreamId, Watch};
-use inmail_shared::paging::PageTokens;
-use inmail_shared::proto::billing::v1 as pb;
-use inmail_shared::time::ms_to_timestamp;
-use inmail_shared::validate::Checks;
+use inmail_shared::contract::proto::billing::v1 as pb;
+use inmail_shared::contract::time::ms_to_timestamp;
+use inmail_shared::contract::validate::Checks;
+use inmail_shared::state::events::{self, Entry, StreamId, Watch};
+use inmail_shared::state::paging::PageTokens;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -90,7 +90,7 @@ pub fn event_of(entry: &Entry) -> Option<pb::BalanceEvent> {
     })
 }
 
-/// Serves one watch (see [`inmail_shared::events::serve_watch`]).
+/// Serves one watch (see [`inmail_shared::state::events::serve_watch`]).
 pub async fn serve_watch(
     watch: Watch,
     tokens: PageTokens,

@@ -12,12 +12,12 @@
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::events::{EndReason, StreamId};
-use inmail_shared::paging::PageTokens;
-use inmail_shared::proto::billing::v1 as pb;
-use inmail_shared::reasons;
-use inmail_shared::time::ms_to_timestamp;
-use inmail_shared::validate::Checks;
+use inmail_shared::contract::proto::billing::v1 as pb;
+use inmail_shared::contract::reasons;
+use inmail_shared::contract::time::ms_to_timestamp;
+use inmail_shared::contract::validate::Checks;
+use inmail_shared::state::events::{EndReason, StreamId};
+use inmail_shared::state::paging::PageTokens;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -173,7 +173,7 @@ pub async fn serve(
                 resume_token,
                 member_id: String::new(),
                 event: None,
-                heartbeat_at: ms_to_timestamp(inmail_shared::events::wall_clock_ms()),
+                heartbeat_at: ms_to_timestamp(inmail_shared::state::events::wall_clock_ms()),
             };
             if out.send(Ok(frame)).await.is_err() {
                 return;
@@ -218,7 +218,7 @@ async fn advance(
         // The index is stamped with the services' wall clock, Redis' ids
         // with Redis' own: the margin covers both the call's time and skew.
         let since = from.id.0 as i64 - margin;
-        let forget = inmail_shared::events::wall_clock_ms() - retention - margin;
+        let forget = inmail_shared::state::events::wall_clock_ms() - retention - margin;
         let members = store.feed_members(partition as u32, since, forget).await?;
         let mut entries = store.events_between(&members, from.id, watermark).await?;
         entries.sort_by(|(a_member, a), (b_member, b)| {

@@ -2,21 +2,22 @@
 //! the reply.
 
 use inmail_shared::ApiError;
-use inmail_shared::auth::access::{Table, Who};
-use inmail_shared::context::{CallContext, record_identity};
-use inmail_shared::events::EventHub;
-use inmail_shared::idempotency::{Mutation, Quota, RequestLog};
-use inmail_shared::paging::{self, PageTokens};
-use inmail_shared::proto::billing::v1 as pb;
-use inmail_shared::reasons;
-use inmail_shared::rpc::handle;
-use inmail_shared::time::from_timestamp;
-use inmail_shared::validate::Checks;
+use inmail_shared::contract::proto::billing::v1 as pb;
+use inmail_shared::contract::reasons;
+use inmail_shared::contract::rpc::handle;
+use inmail_shared::contract::time::from_timestamp;
+use inmail_shared::contract::validate::Checks;
+use inmail_shared::runtime::auth::access::{Table, Who};
+use inmail_shared::runtime::context::{CallContext, record_identity};
+use inmail_shared::state::events::EventHub;
+use inmail_shared::state::idempotency::{Mutation, Quota, RequestLog};
+use inmail_shared::state::paging::{self, PageTokens};
 use tonic::{Request, Response, Status};
 
 use crate::credits::{Credits, MAX_CLOCK_SKEW_MS, Op};
 use crate::error::DOMAIN;
 use crate::feed::FeedSettings;
+use crate::history::{LedgerHistory, split_id};
 use crate::reconcile::reconcile_page;
 use crate::store::{ReleaseCause, keys};
 use crate::views;
@@ -57,6 +58,10 @@ pub const ACCESS: Table = &[
         &[Who::Member, Who::Operator],
     ),
     (
+        "/inmail.billing.v1.BillingCreditsService/GetBalanceHistory",
+        &[Who::Member, Who::Operator],
+    ),
+    (
         "/inmail.billing.v1.BillingCreditsService/ReconcileLedgers",
         &[Who::Operator],
     ),
@@ -94,6 +99,8 @@ pub const MAX_MESSAGE_ID_LEN: usize = 128;
 pub struct BillingApi {
     credits: Credits,
     tokens: PageTokens,
+    /// The archived ledger, when the history store is configured.
+    history: Option<LedgerHistory>,
     events: EventHub,
     requests: RequestLog,
     quota: Quota,
@@ -109,6 +116,7 @@ impl BillingApi {
     /// each member's mutation quota (SetLowBalanceAlert spends from it).
     pub fn new(
         credits: Credits,
+        history: Option<LedgerHistory>,
         events: EventHub,
         lease: std::time::Duration,
         quota: Quota,
@@ -120,6 +128,7 @@ impl BillingApi {
         Self {
             credits,
             tokens,
+            history,
             events,
             requests,
             quota,
@@ -133,8 +142,8 @@ impl BillingApi {
         self,
     ) -> pb::billing_credits_service_server::BillingCreditsServiceServer<Self> {
         pb::billing_credits_service_server::BillingCreditsServiceServer::new(self)
-            .max_decoding_message_size(inmail_shared::server::MAX_REQUEST_BYTES)
-            .max_encoding_message_size(inmail_shared::server::MAX_RESPONSE_BYTES)
+            .max_decoding_message_size(inmail_shared::runtime::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(inmail_shared::runtime::server::MAX_RESPONSE_BYTES)
     }
 }
 
@@ -204,7 +213,7 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             let member = &request.member_id;
             let mut without_id = request.clone();
             without_id.request_id.clear();
-            let fp = inmail_shared::idempotency::fingerprint(&without_id);
+            let fp = inmail_shared::state::idempotency::fingerprint(&without_id);
             self.requests
                 .run(
                     &ctx,
@@ -605,20 +614,164 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             }
             checks.finish()?;
             ctx.act_for("member_id", &request.member_id)?;
-            let mut entries = self
-                .credits
-                .store()
-                .ledger_page(&request.member_id, before.as_deref(), size)
-                .await?;
-            let next_page_token = match entries.get(size) {
-                Some(_) => {
-                    entries.truncate(size);
-                    let last = &entries[size - 1].id;
-                    self.tokens.encode("ledger", &scope, last).await?
+            let store = self.credits.store();
+            let member = request.member_id.as_str();
+            let mut entries = store.ledger_page(member, before.as_deref(), size).await?;
+            // Past the entries still in Redis, the page goes on in the
+            // history store, strictly before the oldest entry read here (or
+            // the token's): the archiver commits there before it trims here,
+            // so an entry trimmed meanwhile is found there, and one in both
+            // is read once.
+            // A page that Redis fills exactly answers without asking the
+            // history store, with a token when anything is archived (its
+            // next page may then be empty): recent pages never need
+            // PostgreSQL.
+            let mut more = entries.len() > size;
+            if !more
+                && let Some(history) = &self.history
+                && store.archived_through(member).await?.is_some()
+            {
+                if entries.len() == size {
+                    more = true;
+                } else {
+                    let from = entries.last().map(|e| e.id.clone()).or(before);
+                    let older = history
+                        .page(member, from.as_deref(), size + 1 - entries.len())
+                        .await?;
+                    entries.extend(older);
+                    more = entries.len() > size;
                 }
-                None => String::new(),
+            }
+            let next_page_token = if more {
+                entries.truncate(size);
+                let last = &entries[size - 1].id;
+                self.tokens.encode("ledger", &scope, last).await?
+            } else {
+                String::new()
             };
             Ok(pb::ListLedgerEntriesResponse {
+                entries: entries.iter().map(views::entry).collect(),
+                next_page_token,
+            })
+        })
+        .await
+    }
+
+    async fn get_balance_history(
+        &self,
+        request: Request<pb::GetBalanceHistoryRequest>,
+    ) -> Answer<pb::GetBalanceHistoryResponse> {
+        let ctx = CallContext::of(&request);
+        let request = request.into_inner();
+        record_identity(&request.member_id, "");
+        handle(DOMAIN, async {
+            let mut checks = Checks::new();
+            checks.member_id("member_id", &request.member_id);
+            let size = paging::page_size(
+                &mut checks,
+                request.page_size,
+                paging::DEFAULT_PAGE_SIZE,
+                paging::MAX_PAGE_SIZE,
+            );
+            let time =
+                |checks: &mut Checks, field: &str, ts: &Option<prost_types::Timestamp>| match ts
+                    .as_ref()
+                    .map(from_timestamp)
+                {
+                    Some(Some(t)) => Some(t.timestamp_millis()),
+                    Some(None) => {
+                        checks.add(field, "is not a valid timestamp");
+                        None
+                    }
+                    None => None,
+                };
+            let start = time(&mut checks, "start_time", &request.start_time);
+            if request.start_time.is_none() {
+                checks.add("start_time", "is required");
+            }
+            let end = time(&mut checks, "end_time", &request.end_time);
+            if let (Some(start), Some(end)) = (start, end)
+                && end <= start
+            {
+                checks.add("end_time", "must be after start_time");
+            }
+            // The token is bound to the member and the range as asked (an
+            // absent end stays "now" on every page).
+            let (start_text, end_text) = (
+                start.map(|t| t.to_string()).unwrap_or_default(),
+                end.map(|t| t.to_string()).unwrap_or_default(),
+            );
+            let scope = [request.member_id.as_str(), &start_text, &end_text];
+            let after = self
+                .tokens
+                .decode(&mut checks, "balance-history", &scope, &request.page_token)
+                .await?;
+            if after.as_deref().is_some_and(|c| !is_stream_id(c)) {
+                checks.add("page_token", "is not a token returned by this list");
+            }
+            checks.finish()?;
+            ctx.act_for("member_id", &request.member_id)?;
+            let start = start.expect("checked above");
+            let end = match end {
+                Some(end) => end,
+                None => self.credits.clock().now_ms().await? + 1,
+            };
+            let member = request.member_id.as_str();
+            let store = self.credits.store();
+            // Redis first, then the history store: the archiver commits
+            // there before it trims here, so whatever left Redis before the
+            // read below is found there, older than anything read here.
+            let (_, hot) = store
+                .ledger_range(member, after.as_deref(), start, end, size + 1)
+                .await?;
+            let opening_hot = store.ledger_last_before(member, start).await?;
+            // PostgreSQL holds only entries older than every one in Redis:
+            // when Redis holds one from before the range, the archive has
+            // nothing in the range and no later opening balance, and the
+            // answer needs Redis only (PostgreSQL down does not matter).
+            let archived = match (&self.history, &opening_hot) {
+                (Some(_), None) => store.archived_through(member).await?,
+                _ => None,
+            };
+            let history = self.history.as_ref().filter(|_| archived.is_some());
+            // Nor has it anything past a cursor at or beyond its newest.
+            let past_archive = match (
+                after.as_deref().and_then(split_id),
+                archived.as_deref().and_then(split_id),
+            ) {
+                (Some(after), Some(newest)) => after >= newest,
+                _ => false,
+            };
+            let mut entries = match history.filter(|_| !past_archive) {
+                Some(history) => {
+                    history
+                        .range(
+                            member,
+                            after.as_deref(),
+                            hot.first().map(|e| e.id.as_str()),
+                            (start, end),
+                            size + 1,
+                        )
+                        .await?
+                }
+                None => Vec::new(),
+            };
+            entries.extend(hot);
+            entries.truncate(size + 1);
+            let opening = match (opening_hot, history) {
+                (Some(entry), _) => Some(entry),
+                (None, Some(history)) => history.last_before(member, start).await?,
+                (None, None) => None,
+            };
+            let next_page_token = if entries.len() > size {
+                entries.truncate(size);
+                let last = &entries[size - 1].id;
+                self.tokens.encode("balance-history", &scope, last).await?
+            } else {
+                String::new()
+            };
+            Ok(pb::GetBalanceHistoryResponse {
+                opening_balance: opening.map_or(0, |e| e.balance_after),
                 entries: entries.iter().map(views::entry).collect(),
                 next_page_token,
             })
@@ -674,7 +827,7 @@ mod tests {
     #[test]
     fn the_access_table_lists_every_method() {
         assert_eq!(
-            inmail_shared::auth::access::unlisted(
+            inmail_shared::runtime::auth::access::unlisted(
                 ACCESS,
                 "inmail.billing.v1.BillingCreditsService"
             ),

@@ -7,8 +7,10 @@ pub mod credits;
 pub mod entitlement;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod feed;
 pub mod grpc;
+pub mod history;
 pub mod reconcile;
 pub mod store;
 pub mod sweeper;
@@ -19,11 +21,12 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use inmail_shared::bootstrap::Runtime;
-use inmail_shared::cli::ServiceBinary;
-use inmail_shared::config::CommonArgs;
-use inmail_shared::idempotency::REQUEST_RETENTION;
-use inmail_shared::sweep::{LEAVE_WAIT, await_leave};
+use inmail_shared::runtime::bootstrap::Runtime;
+use inmail_shared::runtime::cli::ServiceBinary;
+use inmail_shared::runtime::config::{CommonArgs, HistoryArgs};
+use inmail_shared::state::history::{History, MigrateError};
+use inmail_shared::state::idempotency::REQUEST_RETENTION;
+use inmail_shared::state::sweep::{LEAVE_WAIT, await_leave};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -54,7 +57,23 @@ pub enum Commands {
         #[arg(long)]
         full: bool,
         #[command(flatten)]
-        operator: inmail_shared::auth::tls::OperatorArgs,
+        operator: inmail_shared::runtime::auth::tls::OperatorArgs,
+    },
+    /// Write every ledger entry of a time range (from Redis and the history
+    /// store) to stdout as JSON Lines or CSV: the audit export. Runs with
+    /// the service's own Redis and database settings.
+    ExportLedger {
+        /// Start of the range (inclusive), RFC 3339.
+        #[arg(long)]
+        since: chrono::DateTime<chrono::Utc>,
+        /// End of the range (exclusive), RFC 3339; default now.
+        #[arg(long)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only this member's entries.
+        #[arg(long)]
+        member: Option<String>,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: export::Format,
     },
 }
 
@@ -81,13 +100,27 @@ impl ServiceBinary for Service {
         serve(args, listener, stop)
     }
 
-    fn run_command(command: Commands, _args: Args) -> ExitCode {
+    fn run_command(command: Commands, args: Args) -> ExitCode {
         match command {
             Commands::Reconcile {
                 url,
                 full,
                 operator,
             } => reconcile::run_command(&url, full, &operator),
+            Commands::ExportLedger {
+                since,
+                until,
+                member,
+                format,
+            } => export::run_command(
+                &args,
+                export::Range {
+                    since,
+                    until,
+                    member,
+                    format,
+                },
+            ),
         }
     }
 }
@@ -122,19 +155,18 @@ pub struct Args {
     #[arg(long, env = "ENTITLEMENT_CACHE_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub entitlement_cache_ttl: Duration,
 
-    /// Where verified ledger entries older than LEDGER_HOT_RETENTION go
-    /// (append-only JSON Lines files); unset: every entry stays in Redis.
-    #[arg(long, env = "LEDGER_ARCHIVE_DIR")]
-    pub ledger_archive_dir: Option<std::path::PathBuf>,
+    /// Where verified ledger entries older than LEDGER_HOT_RETENTION go.
+    #[command(flatten)]
+    pub history: HistoryArgs,
 
-    /// How long ledger entries stay in Redis (and in ListLedgerEntries) once
-    /// verified, when LEDGER_ARCHIVE_DIR is set.
+    /// How long ledger entries stay in Redis once verified, when
+    /// DATABASE_URL is set.
     #[arg(long, env = "LEDGER_HOT_RETENTION", default_value = "400days", value_parser = humantime::parse_duration)]
     pub ledger_hot_retention: Duration,
 
-    /// How often old verified entries are moved to the archive.
-    #[arg(long, env = "LEDGER_COMPACT_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
-    pub ledger_compact_interval: Duration,
+    /// How often old verified entries are moved to the history store.
+    #[arg(long, env = "ARCHIVE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub archive_interval: Duration,
 
     /// How often expired holds are looked for.
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -154,7 +186,7 @@ pub struct Args {
     pub cdc_lag: Duration,
 
     #[command(flatten)]
-    pub watch: inmail_shared::events::WatchArgs,
+    pub watch: inmail_shared::state::events::WatchArgs,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -207,23 +239,39 @@ pub async fn serve(
         policy,
     );
     let sweeper = sweeper::spawn_hold_sweeper(credits.clone(), args.sweep_interval, stop.clone());
-    if let Some(dir) = &args.ledger_archive_dir {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            format!(
-                "LEDGER_ARCHIVE_DIR {}: cannot create it: {e}",
-                dir.display()
-            )
-        })?;
-        let archive = archive::Archive::new(dir.clone(), args.ledger_hot_retention);
-        archive::spawn_compactor(
-            archive,
-            credits.clone(),
-            args.ledger_compact_interval,
-            stop.clone(),
-        );
-    }
+    let history = match args.history.settings() {
+        Some(settings) => {
+            let db = History::open(&settings)?;
+            // Migrations run before serving. A schema this binary cannot move
+            // forward from refuses to start; PostgreSQL unreachable at start
+            // does not (the hot path needs Redis only): the migrations are
+            // retried in the background and archiving waits for them.
+            let migrated = match db.migrate(history::migrations()).await {
+                Ok(applied) => {
+                    tracing::info!(applied, "history store migrated");
+                    true
+                }
+                Err(e @ MigrateError::Refused(_)) => return Err(e.to_string()),
+                Err(e @ MigrateError::Unreachable(_)) => {
+                    tracing::warn!(error = %e, "history store not reachable at start; archiving waits for it");
+                    false
+                }
+            };
+            let history = history::LedgerHistory::new(db.clone());
+            spawn_history(
+                db,
+                migrated,
+                history.clone(),
+                &args,
+                credits.clone(),
+                stop.clone(),
+            );
+            Some(history)
+        }
+        None => None,
+    };
     let mut server = runtime.server(SERVICE, args.common.limits());
-    let events = inmail_shared::events::EventHub::spawn(
+    let events = inmail_shared::state::events::EventHub::spawn(
         runtime.redis.clone(),
         "billing",
         args.watch
@@ -233,6 +281,7 @@ pub async fn serve(
     server.add_service(
         BillingApi::new(
             credits,
+            history,
             events,
             args.common.request_timeout,
             args.common.mutation_quota(),
@@ -251,4 +300,36 @@ pub async fn serve(
     let served = runtime.serve(server, listener, stop).await;
     await_leave(sweeper, LEAVE_WAIT).await;
     served
+}
+
+/// Runs the history store's migrations unless done (retrying while
+/// PostgreSQL cannot be reached), then archives every ARCHIVE_INTERVAL until
+/// `stop`.
+fn spawn_history(
+    db: History,
+    mut migrated: bool,
+    history: history::LedgerHistory,
+    args: &Args,
+    credits: Credits,
+    stop: CancellationToken,
+) {
+    let (hot, interval) = (args.ledger_hot_retention, args.archive_interval);
+    tokio::spawn(async move {
+        while !migrated {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval.max(Duration::from_secs(1))) => {}
+            }
+            match db.migrate(history::migrations()).await {
+                Ok(applied) => {
+                    tracing::info!(applied, "history store migrated");
+                    migrated = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "history store not ready; archiving waits"),
+            }
+        }
+        // It leaves the archivers' group itself when `stop` is cancelled.
+        let _archiver =
+            archive::spawn_compactor(archive::Archive::new(history, hot), credits, interval, stop);
+    });
 }

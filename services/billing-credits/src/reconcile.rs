@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::context::CallContext;
-use inmail_shared::proto::billing::v1 as pb;
+use inmail_shared::contract::proto::billing::v1 as pb;
+use inmail_shared::runtime::context::CallContext;
 
 use crate::store::{BillingStore, ReconcileStep};
 
@@ -144,7 +144,7 @@ pub async fn reconcile_page(
 pub fn run_command(
     url: &str,
     full: bool,
-    operator: &inmail_shared::auth::tls::OperatorArgs,
+    operator: &inmail_shared::runtime::auth::tls::OperatorArgs,
 ) -> std::process::ExitCode {
     use std::process::ExitCode;
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -183,7 +183,7 @@ pub fn run_command(
 async fn reconcile_all(
     url: &str,
     full: bool,
-    operator: &inmail_shared::auth::tls::OperatorArgs,
+    operator: &inmail_shared::runtime::auth::tls::OperatorArgs,
 ) -> Result<(u64, u64, Vec<pb::LedgerMismatch>), String> {
     let channel = operator
         .connect(url)

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::context::CallContext;
-use inmail_shared::sweep::{SweepGroup, spawn_shared_sweep};
+use inmail_shared::runtime::context::CallContext;
+use inmail_shared::state::sweep::{SweepGroup, spawn_shared_sweep};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -93,7 +93,7 @@ async fn sweep_shards(credits: &Credits, shards: &[u32]) -> Result<usize, ApiErr
                     }
                     // Confirmed meanwhile: nothing to release, ever.
                     Err(ApiError::FailedPrecondition {
-                        reason: inmail_shared::reasons::DEBIT_CONFIRMED,
+                        reason: inmail_shared::contract::reasons::DEBIT_CONFIRMED,
                         ..
                     }) => settled.push(entry),
                     Err(err) => {

@@ -1,8 +1,8 @@
 //! How billing's stored records look on the wire.
 
 use inmail_shared::ApiError;
-use inmail_shared::proto::billing::v1 as pb;
-use inmail_shared::time::ms_to_timestamp;
+use inmail_shared::contract::proto::billing::v1 as pb;
+use inmail_shared::contract::time::ms_to_timestamp;
 
 use crate::store::{
     BalanceView, DebitState, DebitView, EntryKind, ReleaseCause, Reply, StoredEntry,

@@ -2,7 +2,7 @@
 //! conversation a member asks about.
 
 use inmail_shared::ApiError;
-use inmail_shared::validate::Checks;
+use inmail_shared::contract::validate::Checks;
 
 use crate::domain;
 use crate::error::conversation_not_found;

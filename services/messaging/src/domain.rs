@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 
-use inmail_shared::idempotency::digest;
-use inmail_shared::validate::is_member_id;
+use inmail_shared::contract::reasons;
+use inmail_shared::contract::validate::is_member_id;
+use inmail_shared::state::idempotency::digest;
 
 /// Longest InMail subject, in characters (Unicode scalar values).
 pub const SUBJECT_MAX_CHARS: usize = 200;
@@ -255,14 +256,14 @@ pub fn message_id(sender: &str, request_id: &str) -> String {
 /// monthly limit counts per calendar month.
 pub fn calendar_month(now_ms: i64) -> String {
     use chrono::Datelike;
-    let t = inmail_shared::clock::millis_to_datetime(now_ms);
+    let t = inmail_shared::state::clock::millis_to_datetime(now_ms);
     format!("{:04}{:02}", t.year(), t.month())
 }
 
 /// Start of the next calendar month (UTC), epoch ms.
 pub fn next_month_start_ms(now_ms: i64) -> i64 {
     use chrono::{Datelike, NaiveDate};
-    let t = inmail_shared::clock::millis_to_datetime(now_ms);
+    let t = inmail_shared::state::clock::millis_to_datetime(now_ms);
     let (year, month) = if t.month() == 12 {
         (t.year() + 1, 1)
     } else {
@@ -272,6 +273,76 @@ pub fn next_month_start_ms(now_ms: i64) -> i64 {
         .and_then(|d| d.and_hms_opt(0, 0, 0))
         .map(|d| d.and_utc().timestamp_millis())
         .unwrap_or(i64::MAX)
+}
+
+/// Why a send ended without a delivery, as stored with its request (a
+/// refusal) or its message (a failure), so a retry answers the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFailure {
+    Blocked,
+    AwaitingResponse,
+    NoInmailAwaitingResponse,
+    /// billing refused the debit: no credit left.
+    InsufficientCredits,
+    /// billing refused the debit: not on a paid plan.
+    PaidPlanRequired,
+    /// billing released the debit (its hold ran out) before it was confirmed.
+    DebitReleased,
+    /// The sweeper gave up a send whose process died before the commit,
+    /// after billing had taken its credit (given back by the release).
+    Abandoned,
+    /// The sweeper gave up a send whose process died before billing took
+    /// any credit for it.
+    AbandonedUncharged,
+    /// The send failed after its debit and gave the credit back.
+    NotStored,
+    /// billing had the message id under another member or amount.
+    MessageIdConflict,
+}
+
+impl SendFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Blocked => reasons::BLOCKED,
+            Self::AwaitingResponse => reasons::AWAITING_RESPONSE,
+            Self::NoInmailAwaitingResponse => reasons::NO_INMAIL_AWAITING_RESPONSE,
+            Self::InsufficientCredits => reasons::INSUFFICIENT_CREDITS,
+            Self::PaidPlanRequired => reasons::PAID_PLAN_REQUIRED,
+            Self::DebitReleased => reasons::DEBIT_RELEASED,
+            Self::Abandoned => "ABANDONED",
+            Self::AbandonedUncharged => "ABANDONED_UNCHARGED",
+            Self::NotStored => "NOT_STORED",
+            Self::MessageIdConflict => reasons::MESSAGE_ID_CONFLICT,
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        [
+            Self::Blocked,
+            Self::AwaitingResponse,
+            Self::NoInmailAwaitingResponse,
+            Self::InsufficientCredits,
+            Self::PaidPlanRequired,
+            Self::DebitReleased,
+            Self::Abandoned,
+            Self::AbandonedUncharged,
+            Self::NotStored,
+            Self::MessageIdConflict,
+        ]
+        .into_iter()
+        .find(|f| f.as_str() == value)
+    }
+
+    /// billing's refusal of a debit or confirmation, as a failure of the send.
+    pub fn of_billing(reason: &str) -> Option<Self> {
+        match reason {
+            reasons::INSUFFICIENT_CREDITS => Some(Self::InsufficientCredits),
+            reasons::PAID_PLAN_REQUIRED => Some(Self::PaidPlanRequired),
+            reasons::DEBIT_RELEASED => Some(Self::DebitReleased),
+            reasons::MESSAGE_ID_CONFLICT => Some(Self::MessageIdConflict),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

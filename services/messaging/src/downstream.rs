@@ -5,10 +5,10 @@
 //! from the message id), and goes through a circuit breaker per service.
 
 use inmail_shared::ApiError;
-use inmail_shared::client::Downstream;
-use inmail_shared::context::CallContext;
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::plans::v1 as plans;
+use inmail_shared::runtime::client::Downstream;
+use inmail_shared::runtime::context::CallContext;
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -122,7 +122,7 @@ impl Billing {
             request_id: format!("refund:{message_id}"),
             member_id: member.to_string(),
             message_id: message_id.to_string(),
-            responded_at: inmail_shared::time::ms_to_timestamp(responded_at_ms),
+            responded_at: inmail_shared::contract::time::ms_to_timestamp(responded_at_ms),
         };
         self.downstream
             .call(ctx, || {

@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use inmail_shared::{ApiError, reasons};
+use inmail_shared::{ApiError, contract::reasons};
 
+use crate::domain::SendFailure;
 use crate::domain::SendRefusal;
-use crate::store::{InvitationRefusal, Refusal};
+use crate::store::InvitationRefusal;
 
 /// `ErrorInfo.domain` of this service's errors.
 pub const DOMAIN: &str = "messaging.inmail";
@@ -28,111 +29,35 @@ impl From<SendRefusal> for ApiError {
     }
 }
 
-/// Why a send ended without a delivery, as stored with its request (a
-/// refusal) or its message (a failure), so a retry answers the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendFailure {
-    Blocked,
-    AwaitingResponse,
-    NoInmailAwaitingResponse,
-    /// billing refused the debit: no credit left.
-    InsufficientCredits,
-    /// billing refused the debit: not on a paid plan.
-    PaidPlanRequired,
-    /// billing released the debit (its hold ran out) before it was confirmed.
-    DebitReleased,
-    /// The sweeper gave up a send whose process died before the commit,
-    /// after billing had taken its credit (given back by the release).
-    Abandoned,
-    /// The sweeper gave up a send whose process died before billing took
-    /// any credit for it.
-    AbandonedUncharged,
-    /// The send failed after its debit and gave the credit back.
-    NotStored,
-    /// billing had the message id under another member or amount.
-    MessageIdConflict,
-}
-
-impl SendFailure {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Blocked => reasons::BLOCKED,
-            Self::AwaitingResponse => reasons::AWAITING_RESPONSE,
-            Self::NoInmailAwaitingResponse => reasons::NO_INMAIL_AWAITING_RESPONSE,
-            Self::InsufficientCredits => reasons::INSUFFICIENT_CREDITS,
-            Self::PaidPlanRequired => reasons::PAID_PLAN_REQUIRED,
-            Self::DebitReleased => reasons::DEBIT_RELEASED,
-            Self::Abandoned => "ABANDONED",
-            Self::AbandonedUncharged => "ABANDONED_UNCHARGED",
-            Self::NotStored => "NOT_STORED",
-            Self::MessageIdConflict => reasons::MESSAGE_ID_CONFLICT,
-        }
-    }
-
-    pub fn parse(value: &str) -> Option<Self> {
-        [
-            Self::Blocked,
-            Self::AwaitingResponse,
-            Self::NoInmailAwaitingResponse,
-            Self::InsufficientCredits,
-            Self::PaidPlanRequired,
-            Self::DebitReleased,
-            Self::Abandoned,
-            Self::AbandonedUncharged,
-            Self::NotStored,
-            Self::MessageIdConflict,
-        ]
-        .into_iter()
-        .find(|f| f.as_str() == value)
-    }
-
-    /// billing's refusal of a debit or confirmation, as a failure of the send.
-    pub fn of_billing(reason: &str) -> Option<Self> {
-        match reason {
-            reasons::INSUFFICIENT_CREDITS => Some(Self::InsufficientCredits),
-            reasons::PAID_PLAN_REQUIRED => Some(Self::PaidPlanRequired),
-            reasons::DEBIT_RELEASED => Some(Self::DebitReleased),
-            reasons::MESSAGE_ID_CONFLICT => Some(Self::MessageIdConflict),
-            _ => None,
-        }
-    }
-
-    pub fn error(self) -> ApiError {
-        match self {
-            Self::Blocked => SendRefusal::Blocked.into(),
-            Self::AwaitingResponse => SendRefusal::AwaitingResponse.into(),
-            Self::NoInmailAwaitingResponse => no_inmail_awaiting_response(),
-            Self::InsufficientCredits => ApiError::failed_precondition(
+impl From<SendFailure> for ApiError {
+    fn from(failure: SendFailure) -> Self {
+        match failure {
+            SendFailure::Blocked => SendRefusal::Blocked.into(),
+            SendFailure::AwaitingResponse => SendRefusal::AwaitingResponse.into(),
+            SendFailure::NoInmailAwaitingResponse => no_inmail_awaiting_response(),
+            SendFailure::InsufficientCredits => ApiError::failed_precondition(
                 reasons::INSUFFICIENT_CREDITS,
                 "the sender has no InMail credit left",
             ),
-            Self::PaidPlanRequired => ApiError::failed_precondition(
+            SendFailure::PaidPlanRequired => ApiError::failed_precondition(
                 reasons::PAID_PLAN_REQUIRED,
                 "InMail needs a paid plan; free members can message connections and Open Profiles",
             ),
             // The send was given up (README.md, "Money guarantees"); the
             // message says truthfully whether a credit moved. A new request
             // id sends again.
-            Self::DebitReleased | Self::Abandoned | Self::NotStored => {
+            SendFailure::DebitReleased | SendFailure::Abandoned | SendFailure::NotStored => {
                 ApiError::failed_precondition(
                     reasons::SEND_ABANDONED,
                     "the message was not delivered; the credit taken for it was returned; send it again with a new request_id",
                 )
             }
-            Self::AbandonedUncharged | Self::MessageIdConflict => ApiError::failed_precondition(
-                reasons::SEND_ABANDONED,
-                "the message was not delivered and no credit was taken for it; send it again with a new request_id",
-            ),
-        }
-    }
-}
-
-impl From<Refusal> for SendFailure {
-    fn from(refusal: Refusal) -> Self {
-        match refusal {
-            Refusal::Blocked => Self::Blocked,
-            Refusal::AwaitingResponse => Self::AwaitingResponse,
-            Refusal::NoInmailAwaitingResponse => Self::NoInmailAwaitingResponse,
+            SendFailure::AbandonedUncharged | SendFailure::MessageIdConflict => {
+                ApiError::failed_precondition(
+                    reasons::SEND_ABANDONED,
+                    "the message was not delivered and no credit was taken for it; send it again with a new request_id",
+                )
+            }
         }
     }
 }

@@ -11,14 +11,12 @@
 //! two steps the sweeper appends them (late, at least once). Responses'
 //! and refunds' events have no such entry (README.md says so).
 
-use std::time::Duration;
-
 use inmail_shared::ApiError;
-use inmail_shared::events::{self, Entry, StreamId, Watch};
-use inmail_shared::paging::PageTokens;
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::time::ms_to_timestamp;
-use inmail_shared::validate::Checks;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::time::ms_to_timestamp;
+use inmail_shared::contract::validate::Checks;
+use inmail_shared::state::events::{self, Entry, StreamId, Watch};
+use inmail_shared::state::paging::PageTokens;
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -27,15 +25,6 @@ use crate::error::DOMAIN;
 use crate::send::{Messaging, Refund};
 use crate::store::{OutboxItem, StoredMessage};
 use crate::views;
-
-/// How much of each member's events is kept.
-#[derive(Debug, Clone, Copy)]
-pub struct EventRetention {
-    /// The most events kept per member.
-    pub keep: usize,
-    /// How long an event is kept.
-    pub retention: Duration,
-}
 
 /// The resume tokens' list name (tokens are bound to it and the member).
 const TOKEN_LIST: &str = "inbox-events";
@@ -147,7 +136,7 @@ pub async fn decode_token(
     Ok(id)
 }
 
-/// Serves one watch (see [`inmail_shared::events::serve_watch`]).
+/// Serves one watch (see [`inmail_shared::state::events::serve_watch`]).
 pub async fn serve_watch(
     watch: Watch,
     tokens: PageTokens,

@@ -5,22 +5,23 @@
 //! `checks.rs`, the views in `views.rs`, the work behind them elsewhere.
 
 use inmail_shared::ApiError;
-use inmail_shared::auth::access::{Table, Who};
-use inmail_shared::context::{CallContext, record_identity};
-use inmail_shared::events::EventHub;
-use inmail_shared::idempotency::{Mutation, Quota, RequestLog};
-use inmail_shared::paging::{self, PageTokens};
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::rpc::handle;
-use inmail_shared::time::ms_to_timestamp;
-use inmail_shared::validate::Checks;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::rpc::handle;
+use inmail_shared::contract::time::ms_to_timestamp;
+use inmail_shared::contract::validate::Checks;
+use inmail_shared::runtime::auth::access::{Table, Who};
+use inmail_shared::runtime::context::{CallContext, record_identity};
+use inmail_shared::state::events::EventHub;
+use inmail_shared::state::idempotency::{Mutation, Quota, RequestLog};
+use inmail_shared::state::paging::{self, PageTokens};
 use tonic::{Request, Response, Status};
 
 use crate::checks::{check_pair, member_conversation, other_member, request_and_pair};
+use crate::domain::SendFailure;
 use crate::domain::{
     BODY_MAX_CHARS, INVITATION_NOTE_MAX_CHARS, InmailStage, Pair, SUBJECT_MAX_CHARS,
 };
-use crate::error::{DOMAIN, SendFailure, conversation_not_found};
+use crate::error::{DOMAIN, conversation_not_found};
 use crate::relations::{InvitationSent, MemberList, Page};
 use crate::send::{Messaging, SendInput};
 use crate::store::keys;
@@ -144,8 +145,8 @@ impl MessagingApi {
 
     pub fn into_server(self) -> pb::messaging_service_server::MessagingServiceServer<Self> {
         pb::messaging_service_server::MessagingServiceServer::new(self)
-            .max_decoding_message_size(inmail_shared::server::MAX_REQUEST_BYTES)
-            .max_encoding_message_size(inmail_shared::server::MAX_RESPONSE_BYTES)
+            .max_decoding_message_size(inmail_shared::runtime::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(inmail_shared::runtime::server::MAX_RESPONSE_BYTES)
     }
 
     /// Runs a mutation once per request id (AIP-155): a retry answers the
@@ -731,7 +732,7 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                     if awaits {
                         Ok(())
                     } else {
-                        Err(SendFailure::NoInmailAwaitingResponse.error())
+                        Err(SendFailure::NoInmailAwaitingResponse.into())
                     }
                 };
                 let sent = self.messaging.send(&ctx, &input, awaiting_me).await?;
@@ -953,7 +954,10 @@ mod tests {
     #[test]
     fn the_access_table_lists_every_method() {
         assert_eq!(
-            inmail_shared::auth::access::unlisted(ACCESS, "inmail.messaging.v1.MessagingService"),
+            inmail_shared::runtime::auth::access::unlisted(
+                ACCESS,
+                "inmail.messaging.v1.MessagingService"
+            ),
             Vec::<String>::new()
         );
     }

@@ -21,11 +21,11 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use inmail_shared::bootstrap::Runtime;
-use inmail_shared::cli::ServiceBinary;
-use inmail_shared::config::CommonArgs;
-use inmail_shared::idempotency::REQUEST_RETENTION;
-use inmail_shared::sweep::{LEAVE_WAIT, await_leave};
+use inmail_shared::runtime::bootstrap::Runtime;
+use inmail_shared::runtime::cli::ServiceBinary;
+use inmail_shared::runtime::config::CommonArgs;
+use inmail_shared::state::idempotency::REQUEST_RETENTION;
+use inmail_shared::state::sweep::{LEAVE_WAIT, await_leave};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -87,12 +87,12 @@ fn run_dev_command(command: Commands, args: &Args) -> Result<String, String> {
             kid,
             ttl,
         } => {
-            if !inmail_shared::validate::is_member_id(&member) {
+            if !inmail_shared::contract::validate::is_member_id(&member) {
                 return Err(format!("--member {member:?} is not a member id"));
             }
             let pem = std::fs::read(&signing_key_file)
                 .map_err(|e| format!("JWT_SIGNING_KEY_FILE {}: {e}", signing_key_file.display()))?;
-            let signer = inmail_shared::auth::token::TokenSigner::new(
+            let signer = inmail_shared::runtime::auth::token::TokenSigner::new(
                 &pem,
                 &kid,
                 &args.common.jwt_issuer,
@@ -103,15 +103,16 @@ fn run_dev_command(command: Commands, args: &Args) -> Result<String, String> {
         }
         Commands::DevPki { dir, force, hosts } => {
             if !force && dir.join("ca.crt").exists() {
-                inmail_shared::auth::devpki::DevPki::refresh_acl_files(&dir)?;
+                inmail_shared::runtime::auth::devpki::DevPki::refresh_acl_files(&dir)?;
                 return Ok(format!(
                     "{} already holds a development PKI; left as it is, its Redis ACL files \
-                     rewritten to the current rules (--force replaces it all)",
+                     rewritten to the current rules and passwords it lacked added \
+                     (--force replaces it all)",
                     dir.display()
                 ));
             }
             let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
-            let pki = inmail_shared::auth::devpki::DevPki::generate(&hosts)?;
+            let pki = inmail_shared::runtime::auth::devpki::DevPki::generate(&hosts)?;
             pki.write(&dir)?;
             Ok(format!("development PKI written to {}", dir.display()))
         }
@@ -257,7 +258,7 @@ pub struct Args {
     pub events_max_per_member: u32,
 
     #[command(flatten)]
-    pub watch: inmail_shared::events::WatchArgs,
+    pub watch: inmail_shared::state::events::WatchArgs,
 
     #[command(flatten)]
     pub common: CommonArgs,
@@ -351,7 +352,7 @@ pub async fn serve_with_faults(
         // answers the same refusal.
         failed_keep: REQUEST_RETENTION,
         page_bytes: args.page_bytes as usize,
-        events: crate::events::EventRetention {
+        events: crate::service::EventRetention {
             keep: args.events_max_per_member as usize,
             retention: args.events_retention,
         },
@@ -366,7 +367,7 @@ pub async fn serve_with_faults(
     );
     let sweeper =
         sweeper::spawn_outbox_sweeper(messaging.clone(), args.sweep_interval, stop.clone());
-    let events = inmail_shared::events::EventHub::spawn(
+    let events = inmail_shared::state::events::EventHub::spawn(
         runtime.redis.clone(),
         "messaging",
         args.watch

@@ -1,5 +1,5 @@
 fn main() -> std::process::ExitCode {
-    inmail_shared::cli::main::<messaging::Service>()
+    inmail_shared::runtime::cli::main::<messaging::Service>()
 }
 
 // mimalloc: glibc's malloc and free were ~14 % of billing's CPU under load.

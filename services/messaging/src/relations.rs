@@ -6,9 +6,8 @@ use std::time::Duration;
 use inmail_shared::ApiError;
 
 use crate::domain;
-use crate::error::{
-    self, SendFailure, connection_limit_reached, invitation_cooling_off, invitation_not_found,
-};
+use crate::domain::SendFailure;
+use crate::error::{self, connection_limit_reached, invitation_cooling_off, invitation_not_found};
 use crate::send::Messaging;
 use crate::store::{
     Answered, Connected, InvitationAnswer, InvitationRefusal, Invited, Reserved, keys,
@@ -259,7 +258,7 @@ impl Messaging {
         let now = self.clock().now_ms().await?;
         let since = match self.store().connect(&conv, a, b, now).await? {
             Connected::Ok { since } => since,
-            Connected::Refused { reason } => return Err(SendFailure::from(reason).error()),
+            Connected::Refused { reason } => return Err(SendFailure::from(reason).into()),
         };
         self.store().unindex_invitations(me, other).await?;
         self.store().index_connection(me, other, since).await?;

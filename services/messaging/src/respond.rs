@@ -3,10 +3,11 @@
 //! once).
 
 use inmail_shared::ApiError;
-use inmail_shared::context::CallContext;
+use inmail_shared::runtime::context::CallContext;
 
+use crate::domain::SendFailure;
 use crate::domain::{self, InmailInfo, InmailStage, RefundState};
-use crate::error::{SendFailure, conversation_not_found};
+use crate::error::conversation_not_found;
 use crate::send::{Messaging, Refund};
 use crate::store::{OutboxItem, Responded, Response};
 
@@ -75,7 +76,7 @@ impl Messaging {
             .inmail
             .filter(|i| i.stage == InmailStage::AwaitingResponse && i.sender != responder)
         else {
-            return Err(SendFailure::NoInmailAwaitingResponse.error());
+            return Err(SendFailure::NoInmailAwaitingResponse.into());
         };
         let now = self.clock.now_ms().await?;
         let item = OutboxItem::Refund {
@@ -102,15 +103,15 @@ impl Messaging {
             Response::NotFound => return Err(conversation_not_found()),
             // The entry may be another response's: the sweeper drops it when
             // no refund is due.
-            Response::Refused { reason } => return Err(SendFailure::from(reason).error()),
+            Response::Refused { reason } => return Err(SendFailure::from(reason).into()),
         };
         let refund = self
             .settle_response(ctx, conv, Some(&responded), Some(item))
             .await;
         let state = if accept {
-            inmail_shared::proto::messaging::v1::InmailState::Accepted
+            inmail_shared::contract::proto::messaging::v1::InmailState::Accepted
         } else {
-            inmail_shared::proto::messaging::v1::InmailState::Declined
+            inmail_shared::contract::proto::messaging::v1::InmailState::Declined
         };
         self.publish_response(
             conv,
@@ -200,7 +201,7 @@ impl Messaging {
                 Err(_) => Refund::Pending,
             },
             Err(ApiError::FailedPrecondition {
-                reason: inmail_shared::reasons::REFUND_WINDOW_CLOSED,
+                reason: inmail_shared::contract::reasons::REFUND_WINDOW_CLOSED,
                 ..
             }) => match self
                 .store

@@ -16,15 +16,16 @@
 
 use std::time::Duration;
 
-use inmail_shared::context::CallContext;
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::{ApiError, reasons};
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::runtime::context::CallContext;
+use inmail_shared::{ApiError, contract::reasons};
 
+use crate::domain::SendFailure;
 use crate::domain::{
     self, BODY_MAX_CHARS, Decision, INMAIL_BODY_MAX_CHARS, InmailStage, Kind, Pair,
     SUBJECT_MAX_CHARS, decide,
 };
-use crate::error::{SendFailure, open_profile_limited, rate_limited, send_rate_limited};
+use crate::error::{open_profile_limited, rate_limited, send_rate_limited};
 pub use crate::service::{AfterDebitHook, Config, Faults, Messaging, Refund, SendInput, Sent};
 use crate::store::{
     Begin, Begun, Delivering, Delivery, Envelope, GivenUp, MessageState, OutboxItem, Staged,
@@ -59,7 +60,7 @@ impl Messaging {
         };
         // The recipient's Open Profile, when the kind depends on it, comes
         // from what subscription-plan publishes in Redis, read with the pair
-        // (inmail_shared::published); only when that is missing or stale is
+        // (inmail_shared::state::published); only when that is missing or stale is
         // subscription-plan asked, at most once per send.
         let mut asked: Option<Result<bool, ApiError>> = None;
         for _ in 0..DECIDE_ATTEMPTS {
@@ -73,7 +74,7 @@ impl Messaging {
                     return Err(ApiError::request_id_reused());
                 }
                 if let Some(refused) = record.refused {
-                    return Err(refused.error());
+                    return Err(refused.into());
                 }
                 if let Some(message) = self.store.message(&conv, &message_id).await? {
                     if message.fingerprint != input.fingerprint {
@@ -235,7 +236,7 @@ impl Messaging {
                     self.store
                         .record_refusal(envelope.sender, request_id, failure)
                         .await?;
-                    return Err(failure.error());
+                    return Err(failure.into());
                 }
                 let refund = self
                     .recorded_refund(ctx, envelope.conv, &recorded.response)
@@ -252,7 +253,7 @@ impl Messaging {
                 self.store
                     .record_refusal(envelope.sender, request_id, failure)
                     .await?;
-                return Err(failure.error());
+                return Err(failure.into());
             }
         };
         if let Some(hook) = &self.config.faults.after_deliver
@@ -284,7 +285,7 @@ impl Messaging {
                 envelope.conv,
                 [&response.inmail_sender, envelope.sender],
                 &response.inmail_id,
-                inmail_shared::proto::messaging::v1::InmailState::Replied,
+                inmail_shared::contract::proto::messaging::v1::InmailState::Replied,
                 refund,
                 response.responded_at,
             )
@@ -347,7 +348,7 @@ impl Messaging {
                 self.store
                     .record_refusal(envelope.sender, request_id, failure)
                     .await?;
-                return Err(failure.error());
+                return Err(failure.into());
             }
             Staged::Retry => {
                 self.store.outbox_remove(&item).await?;
@@ -387,7 +388,7 @@ impl Messaging {
                 // Refused before any credit moved (or released long ago).
                 let failure = SendFailure::of_billing(reason).ok_or(err)?;
                 self.give_up(conv, &message, failure).await?;
-                return Err(failure.error());
+                return Err(failure.into());
             }
             // Unknown outcome: the message stays staged; the retry or the
             // sweeper finishes it, billing's hold expiry bounds the charge.
@@ -405,7 +406,7 @@ impl Messaging {
             Err(err @ ApiError::FailedPrecondition { reason, .. }) => {
                 let failure = SendFailure::of_billing(reason).ok_or(err)?;
                 self.give_up(conv, &message, failure).await?;
-                return Err(failure.error());
+                return Err(failure.into());
             }
             Err(err) => return Err(self.abort_before_commit(ctx, conv, &message, err).await),
         }
@@ -571,7 +572,7 @@ impl Messaging {
             }
             MessageState::Failed => Err(message
                 .reason
-                .map(SendFailure::error)
+                .map(ApiError::from)
                 .unwrap_or_else(|| ApiError::internal("a failed message without a reason"))),
             MessageState::Staged => self.commit_inmail(ctx, conv, message).await,
         }
@@ -588,7 +589,9 @@ fn begin_refused(begun: Begun, now_ms: i64) -> ApiError {
             open_profile_limited(Duration::from_millis(wait.max(0) as u64))
         }
         Begun::MutationLimited { retry_ms } => {
-            inmail_shared::idempotency::mutation_rate_limited(Duration::from_millis(retry_ms))
+            inmail_shared::state::idempotency::mutation_rate_limited(Duration::from_millis(
+                retry_ms,
+            ))
         }
         Begun::Mismatch => ApiError::request_id_reused(),
         Begun::New | Begun::Exists { .. } => {
@@ -599,7 +602,7 @@ fn begin_refused(begun: Begun, now_ms: i64) -> ApiError {
 
 /// Subject and body limits depend on the kind (README.md, "How it behaves").
 fn check_size(kind: Kind, subject: &str, body: &str) -> Result<(), ApiError> {
-    let mut checks = inmail_shared::validate::Checks::new();
+    let mut checks = inmail_shared::contract::validate::Checks::new();
     if kind == Kind::Inmail {
         checks
             .text("subject", subject, true, SUBJECT_MAX_CHARS)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::clock::Clock;
+use inmail_shared::state::clock::Clock;
 
 use crate::domain::{self, PendingInmailPolicy};
 use crate::downstream::{Billing, Plans};
@@ -53,8 +53,17 @@ pub struct Config {
     /// The most bytes one page of a list answers (at least one item).
     pub page_bytes: usize,
     /// How much of each member's inbox events is kept.
-    pub events: crate::events::EventRetention,
+    pub events: EventRetention,
     pub faults: Faults,
+}
+
+/// How much of each member's inbox events is kept (README.md, "Events").
+#[derive(Debug, Clone, Copy)]
+pub struct EventRetention {
+    /// The most events kept per member.
+    pub keep: usize,
+    /// How long an event is kept.
+    pub retention: Duration,
 }
 
 /// Whether a response brought the sender's credit back.

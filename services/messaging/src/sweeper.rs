@@ -6,16 +6,16 @@
 
 use std::time::Duration;
 
-use inmail_shared::context::CallContext;
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::billing::v1::DebitState;
-use inmail_shared::sweep::{SweepGroup, spawn_shared_sweep};
-use inmail_shared::{ApiError, reasons};
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::billing::v1::DebitState;
+use inmail_shared::runtime::context::CallContext;
+use inmail_shared::state::sweep::{SweepGroup, spawn_shared_sweep};
+use inmail_shared::{ApiError, contract::reasons};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::RefundState;
-use crate::error::SendFailure;
+use crate::domain::SendFailure;
 use crate::respond::responded_at;
 use crate::send::{Messaging, Refund};
 use crate::store::{MessageState, OUTBOX_SHARDS, OutboxItem};

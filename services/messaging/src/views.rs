@@ -1,7 +1,7 @@
 //! How messaging's records look on the wire.
 
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::time::ms_to_timestamp;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::time::ms_to_timestamp;
 
 use crate::domain::{self, InmailStage, Kind};
 use crate::send::{Refund, Sent};

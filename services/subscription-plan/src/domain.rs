@@ -8,8 +8,8 @@
 //! had been applied on time.
 
 use chrono::{DateTime, Utc};
-use inmail_shared::clock::millis_to_datetime;
-use inmail_shared::published::OpenProfile;
+use inmail_shared::state::clock::millis_to_datetime;
+use inmail_shared::state::published::OpenProfile;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, Plan};

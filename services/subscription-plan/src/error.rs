@@ -2,7 +2,7 @@
 //! becomes.
 
 use inmail_shared::ApiError;
-use inmail_shared::reasons;
+use inmail_shared::contract::reasons;
 
 use crate::domain::PlanError;
 

@@ -3,16 +3,16 @@
 use std::sync::Arc;
 
 use inmail_shared::ApiError;
-use inmail_shared::auth::access::{Table, Who};
-use inmail_shared::clock::Clock;
-use inmail_shared::context::{CallContext, record_identity};
-use inmail_shared::idempotency::{Mutation, Outcome, mutation_rate_limited};
-use inmail_shared::paging::{self, PageTokens};
-use inmail_shared::proto::plans::v1 as pb;
-use inmail_shared::reasons;
-use inmail_shared::rpc::handle;
-use inmail_shared::time::{ms_to_timestamp, to_timestamp};
-use inmail_shared::validate::Checks;
+use inmail_shared::contract::proto::plans::v1 as pb;
+use inmail_shared::contract::reasons;
+use inmail_shared::contract::rpc::handle;
+use inmail_shared::contract::time::{ms_to_timestamp, to_timestamp};
+use inmail_shared::contract::validate::Checks;
+use inmail_shared::runtime::auth::access::{Table, Who};
+use inmail_shared::runtime::context::{CallContext, record_identity};
+use inmail_shared::state::clock::Clock;
+use inmail_shared::state::idempotency::{Mutation, Outcome, mutation_rate_limited};
+use inmail_shared::state::paging::{self, PageTokens};
 use tonic::{Request, Response, Status};
 
 use crate::catalog::{Catalog, Plan};
@@ -96,8 +96,8 @@ impl PlansApi {
         self,
     ) -> pb::subscription_plan_service_server::SubscriptionPlanServiceServer<Self> {
         pb::subscription_plan_service_server::SubscriptionPlanServiceServer::new(self)
-            .max_decoding_message_size(inmail_shared::server::MAX_REQUEST_BYTES)
-            .max_encoding_message_size(inmail_shared::server::MAX_RESPONSE_BYTES)
+            .max_decoding_message_size(inmail_shared::runtime::server::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(inmail_shared::runtime::server::MAX_RESPONSE_BYTES)
     }
 
     /// The member's state as of now (scheduled changes applied), and now.
@@ -541,7 +541,7 @@ mod tests {
     #[test]
     fn the_access_table_lists_every_method() {
         assert_eq!(
-            inmail_shared::auth::access::unlisted(
+            inmail_shared::runtime::auth::access::unlisted(
                 ACCESS,
                 "inmail.plans.v1.SubscriptionPlanService"
             ),

@@ -14,9 +14,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use inmail_shared::bootstrap::Runtime;
-use inmail_shared::cli::{NoCommands, ServiceBinary};
-use inmail_shared::config::CommonArgs;
+use inmail_shared::runtime::bootstrap::Runtime;
+use inmail_shared::runtime::cli::{NoCommands, ServiceBinary};
+use inmail_shared::runtime::config::CommonArgs;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -1,5 +1,5 @@
 fn main() -> std::process::ExitCode {
-    inmail_shared::cli::main::<subscription_plan::Service>()
+    inmail_shared::runtime::cli::main::<subscription_plan::Service>()
 }
 
 // mimalloc: glibc's malloc and free were ~14 % of billing's CPU under load.

@@ -9,7 +9,7 @@
 //!   arguments), `outcome` (the first outcome, JSON). Expires after 7 days.
 //! - `plans:{M}:rev` and `plans:{M}:open` strings: the revision and the
 //!   Open Profile published for the other services (written with every
-//!   change; see `inmail_shared::published`). Billing's Redis user may reach
+//!   change; see `inmail_shared::state::published`). Billing's Redis user may reach
 //!   the revision, messaging's may read both and `plans:published`, and no
 //!   other key of ours.
 //! - `plans:published`: set once every stored subscription has both (after
@@ -17,16 +17,16 @@
 //!   a member with neither never subscribed.
 
 use inmail_shared::ApiError;
-use inmail_shared::idempotency::{Outcome, Quota, REQUEST_RETENTION};
-use inmail_shared::published::{self, OpenProfile};
-use inmail_shared::storage::Redis;
+use inmail_shared::state::idempotency::{Outcome, Quota, REQUEST_RETENTION};
+use inmail_shared::state::published::{self, OpenProfile};
+use inmail_shared::state::storage::Redis;
 use redis::Script;
 
 use crate::domain::SubscriptionState;
 
 /// Commits a change; see the script's header.
 const COMMIT: &str = concat!(
-    include_str!("../../../shared/src/lua/bucket.lua"),
+    include_str!("../../../shared/src/state/lua/bucket.lua"),
     include_str!("lua/commit.lua")
 );
 /// Publishes what the last write did not; see the script's header.

@@ -10,7 +10,12 @@
 //! 3. `debit` / `debit-plain`: DebitForMessage over gRPC as messaging (TLS)
 //!    and in plaintext;
 //! 4. `send` / `send-plain`: SendMessage, InMails to distinct recipients
-//!    from many senders with their tokens (the whole saga).
+//!    from many senders with their tokens (the whole saga);
+//! 5. `debit-archived` / `send-archived`: the same on a third secured stack
+//!    whose billing archives its ledger to a real PostgreSQL (started by the
+//!    bench, as the tests do) with a 2 s hot window every second: the
+//!    archiver's price, as a ratio to `debit` / `send`, and Redis's memory
+//!    per 1,000 calls after each row (once the archiver had time to drain).
 //!
 //! Each row: throughput, p50/p99/p999, errors, Redis time and commands per
 //! call (INFO commandstats), CPU per call of every process, and the
@@ -53,10 +58,10 @@ use std::time::{Duration, Instant};
 use billing_credits::store::{BillingStore, Call};
 use clap::Parser;
 use hdrhistogram::Histogram;
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::messaging::v1 as messaging;
-use inmail_shared::proto::plans::v1 as plans;
-use inmail_shared::storage::{Redis, RedisSettings};
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::messaging::v1 as messaging;
+use inmail_shared::contract::proto::plans::v1 as plans;
+use inmail_shared::state::storage::{Redis, RedisSettings};
 use inmail_tests::processes::ProcessStack;
 use inmail_tests::{
     As, Authed, BillingClient, MessagingClient, PlansClient, channel_as, pki, plaintext_authed,
@@ -87,7 +92,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "thin,direct,debit,debit-plain,send,send-plain"
+        default_value = "thin,direct,debit,debit-plain,send,send-plain,debit-archived,send-archived"
     )]
     scenarios: Vec<String>,
     /// Where the thin ideal's release binaries (`server`, `load`) are;
@@ -140,6 +145,16 @@ struct Bench {
 
 impl Bench {
     async fn start(args: &Args, plaintext: bool) -> Self {
+        Self::start_archiving(args, plaintext, None).await
+    }
+
+    /// The stack; with `archive`, billing archives its ledger there (hot
+    /// window 2 s, every second).
+    async fn start_archiving(
+        args: &Args,
+        plaintext: bool,
+        archive: Option<inmail_tests::postgres::Database>,
+    ) -> Self {
         let workers = args.service_worker_threads;
         let redis = inmail_tests::RedisServer::start_single().await;
         let stack = ProcessStack::start_with(redis, plaintext, |name| {
@@ -155,6 +170,13 @@ impl Bench {
                 // Debit-only load leaves its holds unconfirmed: they must not
                 // expire (and be released by the sweeper) during later rows.
                 env.push(("HOLD_TTL".into(), "1h".into()));
+                if let Some(db) = &archive {
+                    env.extend(db.env());
+                    env.extend([
+                        ("LEDGER_HOT_RETENTION".to_string(), "2s".to_string()),
+                        ("ARCHIVE_INTERVAL".to_string(), "1s".to_string()),
+                    ]);
+                }
             }
             if name == "messaging" {
                 env.push(("INMAIL_BURST".into(), "1000000000".into()));
@@ -209,6 +231,19 @@ impl Bench {
     /// plaintext).
     fn token(&self, member: &str) -> Option<MetadataValue<Ascii>> {
         (!self.plaintext).then(|| format!("Bearer {}", pki().token(member)).parse().unwrap())
+    }
+
+    /// Redis's `used_memory`, bytes.
+    async fn used_memory(&mut self) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut self.redis)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     async fn reset_redis_stats(&mut self) {
@@ -349,6 +384,9 @@ struct Outcome {
     logged: Vec<Logged>,
     /// Resident memory of the services, KiB.
     rss_kib: Vec<(String, u64)>,
+    /// Redis's `used_memory` growth over the row per 1,000 calls made,
+    /// measured a few seconds after the row (the archiver's drain).
+    redis_bytes_per_1k: Option<f64>,
 }
 
 impl Outcome {
@@ -536,8 +574,8 @@ fn script_names() -> std::collections::HashMap<String, &'static str> {
         .iter()
         .chain(&::messaging::store::SCRIPTS)
         .chain(&subscription_plan::store::SCRIPTS)
-        .chain(&inmail_shared::idempotency::SCRIPTS)
-        .chain(&inmail_shared::sweep::SCRIPTS)
+        .chain(&inmail_shared::state::idempotency::SCRIPTS)
+        .chain(&inmail_shared::state::sweep::SCRIPTS)
         .map(|(name, source)| (redis::Script::new(source).get_hash().to_string(), *name))
         .collect()
 }
@@ -658,6 +696,12 @@ async fn run(args: Args) {
     } else {
         None
     };
+    let mut archived = if args.scenarios.iter().any(|s| s.ends_with("-archived")) {
+        let db = inmail_tests::postgres::PgServer::shared().database("inmail_billing");
+        Some(Bench::start_archiving(&args, false, Some(db)).await)
+    } else {
+        None
+    };
     println!(
         "inmail-bench: concurrency {}, {:?} members, {:?} measured after {:?} warm-up, {} cores; \
          redis: appendonly yes, appendfsync {}",
@@ -677,10 +721,17 @@ async fn run(args: Args) {
         for scenario in &args.scenarios {
             if matches!(
                 scenario.as_str(),
-                "debit" | "debit-plain" | "send" | "send-plain"
+                "debit"
+                    | "debit-plain"
+                    | "send"
+                    | "send-plain"
+                    | "debit-archived"
+                    | "send-archived"
             ) {
                 let bench = if scenario.ends_with("-plain") {
                     plain.as_mut().unwrap()
+                } else if scenario.ends_with("-archived") {
+                    archived.as_mut().unwrap()
                 } else {
                     &mut secured
                 };
@@ -699,10 +750,13 @@ async fn run(args: Args) {
             }
             let bench = if scenario.ends_with("-plain") {
                 plain.as_mut().unwrap()
+            } else if scenario.ends_with("-archived") {
+                archived.as_mut().unwrap()
             } else {
                 &mut secured
             };
             let prefix = scenario.replace('-', "");
+            let memory_before = bench.used_memory().await;
             bench.reset_redis_stats().await;
             if args.script_profile {
                 bench.log_every_command(true).await;
@@ -719,12 +773,25 @@ async fn run(args: Args) {
                     }
                 },
                 "direct" => direct(&args, bench, members).await,
-                "debit" | "debit-plain" => debit(&args, bench, &prefix, members).await,
-                "send" | "send-plain" => send(&args, bench, &prefix, members).await,
+                "debit" | "debit-plain" | "debit-archived" => {
+                    debit(&args, bench, &prefix, members).await
+                }
+                "send" | "send-plain" | "send-archived" => {
+                    send(&args, bench, &prefix, members).await
+                }
                 other => panic!(
-                    "unknown scenario {other:?} (idle, thin, direct, debit, debit-plain, send, send-plain)"
+                    "unknown scenario {other:?} (idle, thin, direct, debit, debit-plain, send, \
+                     send-plain, debit-archived, send-archived)"
                 ),
             };
+            if matches!(scenario.as_str(), "send" | "send-archived") {
+                // The same wait for both: the archived stack's hot window
+                // (2 s) and two passes.
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                let grown = bench.used_memory().await as f64 - memory_before as f64;
+                outcome.redis_bytes_per_1k =
+                    Some(grown / outcome.calls_total.max(1) as f64 * 1000.0);
+            }
             outcome.redis_commands = bench.redis_commands().await;
             outcome.redis_usec = outcome.redis_commands.iter().map(|r| r.2).sum();
             if args.script_profile {
@@ -787,6 +854,21 @@ fn summary(results: &[(String, Outcome)]) {
                 "{kind}: TLS and authentication / plaintext = {:.2} (throughput)",
                 tls.rate() / plain.rate()
             );
+        }
+        if let (Some(base), Some(archived)) = (find(kind), find(&format!("{kind}-archived"))) {
+            println!(
+                "{kind}: with the ledger archiver / without = {:.2} (throughput), p99 {:.2}",
+                archived.rate() / base.rate(),
+                archived.p99_ms / base.p99_ms
+            );
+            if let (Some(b), Some(a)) = (base.redis_bytes_per_1k, archived.redis_bytes_per_1k) {
+                println!(
+                    "{kind}: Redis memory per 1,000 calls: {:.0} KiB without the archiver, \
+                     {:.0} KiB with it (after a 4 s drain)",
+                    b / 1024.0,
+                    a / 1024.0
+                );
+            }
         }
     }
     // Cost per call at the largest member count against the smallest.
@@ -1030,7 +1112,7 @@ fn redis_pid(stack: &ProcessStack) -> u32 {
 }
 
 fn now_ms() -> i64 {
-    inmail_shared::clock::system_ms()
+    inmail_shared::state::clock::system_ms()
 }
 
 /// The thin ideal: its server on this stack's Redis, driven by its own load
@@ -1614,8 +1696,8 @@ mod tests {
         let scripts = billing_credits::store::SCRIPTS.len()
             + ::messaging::store::SCRIPTS.len()
             + subscription_plan::store::SCRIPTS.len()
-            + inmail_shared::idempotency::SCRIPTS.len()
-            + inmail_shared::sweep::SCRIPTS.len();
+            + inmail_shared::state::idempotency::SCRIPTS.len()
+            + inmail_shared::state::sweep::SCRIPTS.len();
         assert_eq!(names.len(), scripts, "two scripts share a hash");
     }
 }

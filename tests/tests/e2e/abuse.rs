@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::plans::v1 as plans;
 use inmail_tests::{Stack, StackOptions, rid};
 use tonic::Code;
 
@@ -240,12 +240,14 @@ async fn a_full_redis_refuses_writes_with_storage_full_and_reads_go_on() {
     assert_storage_full("Subscribe", &refused);
     let refused = stack
         .billing_operator()
-        .grant_credits(inmail_shared::proto::billing::v1::GrantCreditsRequest {
-            request_id: rid(),
-            member_id: "ana".into(),
-            amount: 1,
-            reason: "support".into(),
-        })
+        .grant_credits(
+            inmail_shared::contract::proto::billing::v1::GrantCreditsRequest {
+                request_id: rid(),
+                member_id: "ana".into(),
+                amount: 1,
+                reason: "support".into(),
+            },
+        )
         .await
         .unwrap_err();
     assert_storage_full("GrantCredits", &refused);

@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
-use inmail_shared::auth::access::{Table, Who};
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::messaging::v1 as msg;
-use inmail_shared::proto::plans::v1 as plans;
-use inmail_shared::proto::testclock::v1 as clock;
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::messaging::v1 as msg;
+use inmail_shared::contract::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::testclock::v1 as clock;
+use inmail_shared::runtime::auth::access::{Table, Who};
 use inmail_tests::identity::foreign_certificate;
 use inmail_tests::{As, Stack, channel_as, rid};
 use prost::Message;
@@ -136,7 +136,7 @@ fn cases() -> Vec<Case> {
     const P: Table = subscription_plan::grpc::ACCESS;
     const B: Table = billing_credits::grpc::ACCESS;
     const M: Table = messaging::grpc::ACCESS;
-    const C: Table = inmail_shared::auth::access::TEST_CLOCK;
+    const C: Table = inmail_shared::runtime::auth::access::TEST_CLOCK;
     let nia = || As::member("nia");
     let sam = || As::member("sam");
     let messaging = || As::Service("messaging");
@@ -346,6 +346,20 @@ fn cases() -> Vec<Case> {
                 member_id: "sam".into(),
                 page_size: 0,
                 page_token: String::new(),
+            },
+        ),
+        case(
+            "/inmail.billing.v1.BillingCreditsService/GetBalanceHistory",
+            Billing,
+            B,
+            sam(),
+            billing::GetBalanceHistoryRequest {
+                member_id: "sam".into(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                ..Default::default()
             },
         ),
         case(
@@ -604,12 +618,12 @@ fn the_matrix_covers_every_rpc() {
         ),
         (
             "inmail.testclock.v1.TestClockService",
-            inmail_shared::auth::access::TEST_CLOCK,
+            inmail_shared::runtime::auth::access::TEST_CLOCK,
         ),
     ] {
         // Every method of the service, from its table (the services' tests
         // prove the tables list every method of the contracts).
-        assert!(inmail_shared::auth::access::unlisted(table, service).is_empty());
+        assert!(inmail_shared::runtime::auth::access::unlisted(table, service).is_empty());
         for (path, _) in table {
             if !covered.contains(path) && !path.ends_with("/SetTime") {
                 missing.push(*path);
@@ -717,7 +731,7 @@ fn readme_rows() -> Vec<String> {
         ("messaging", messaging::grpc::ACCESS),
         (
             "all (when `TEST_CLOCK` is on)",
-            inmail_shared::auth::access::TEST_CLOCK,
+            inmail_shared::runtime::auth::access::TEST_CLOCK,
         ),
     ];
     let mut rows = Vec::new();

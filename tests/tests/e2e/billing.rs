@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use inmail_shared::proto::billing::v1 as pb;
-use inmail_shared::proto::billing::v1::LedgerEntryKind as Kind;
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::billing::v1 as pb;
+use inmail_shared::contract::proto::billing::v1::LedgerEntryKind as Kind;
+use inmail_shared::contract::proto::plans::v1 as plans;
 use inmail_tests::{NOT_SERVING, SERVING, Stack, health, race, rid};
 use tonic::Code;
 

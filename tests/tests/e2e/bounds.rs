@@ -408,7 +408,7 @@ async fn header_only_streams_over_many_connections_are_capped() {
 /// buffered and held, none refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn request_bytes_buffered_at_once_have_one_budget() {
-    use inmail_shared::proto::plans::v1 as plans_pb;
+    use inmail_shared::contract::proto::plans::v1 as plans_pb;
     let (_redis, plans) = plans_process(&[
         ("REQUEST_BUFFER_BYTES", "2097152"),
         ("BODY_READ_TIMEOUT", "20s"),

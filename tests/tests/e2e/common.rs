@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::messaging::v1 as messaging;
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::messaging::v1 as messaging;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::plans::v1 as plans;
 use inmail_tests::{Stack, rid};
 
 pub use inmail_tests::{assert_ledgers_reconcile, bad_fields, reason};
@@ -238,7 +238,7 @@ pub async fn set_open_profile(
 }
 
 pub fn ts(t: &Option<prost_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
-    inmail_shared::time::from_timestamp(t.as_ref().expect("timestamp set")).unwrap()
+    inmail_shared::contract::time::from_timestamp(t.as_ref().expect("timestamp set")).unwrap()
 }
 
 pub fn utc(y: i32, m: u32, d: u32, h: u32) -> chrono::DateTime<chrono::Utc> {

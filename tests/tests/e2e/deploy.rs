@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use compose_spec::Compose;
 use compose_spec::service::{Command as ComposeCommand, Healthcheck};
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::plans::v1 as plans;
 use inmail_tests::processes::ProcessStack;
 use inmail_tests::redis_server::free_port;
 use inmail_tests::{As, messaging_at, plans_at, rid};
@@ -29,9 +29,9 @@ fn accepted_variables(command: &clap::Command) -> HashMap<String, String> {
 
 fn cli_of(binary: &str) -> clap::Command {
     match binary {
-        "subscription-plan" => inmail_shared::cli::command::<subscription_plan::Service>(),
-        "billing-credits" => inmail_shared::cli::command::<billing_credits::Service>(),
-        "messaging" => inmail_shared::cli::command::<messaging::Service>(),
+        "subscription-plan" => inmail_shared::runtime::cli::command::<subscription_plan::Service>(),
+        "billing-credits" => inmail_shared::runtime::cli::command::<billing_credits::Service>(),
+        "messaging" => inmail_shared::runtime::cli::command::<messaging::Service>(),
         other => panic!("docker-compose.yml runs an unknown binary {other:?}"),
     }
 }
@@ -82,6 +82,31 @@ fn compose_file_is_valid_and_sets_only_variables_the_binaries_accept() {
             );
             continue;
         }
+        if name.as_str() == "postgres" {
+            // A pinned image, a health check, its data on a volume, and the
+            // passwords from files (never in the compose file).
+            let image = format!("{:?}", service.image);
+            assert!(
+                image.contains("postgres:") && image.chars().any(|c| c.is_ascii_digit()),
+                "PostgreSQL's image is not pinned: {image}"
+            );
+            assert!(
+                service.healthcheck.is_some(),
+                "PostgreSQL has no health check"
+            );
+            let volumes = format!("{:?}", service.volumes);
+            assert!(
+                volumes.contains("/var/lib/postgresql/data"),
+                "PostgreSQL keeps its data on a volume: {volumes}"
+            );
+            let environment = format!("{:?}", service.environment);
+            assert!(
+                environment.contains("POSTGRES_PASSWORD_FILE")
+                    && !environment.contains("\"POSTGRES_PASSWORD\""),
+                "PostgreSQL's password comes from a file: {environment}"
+            );
+            continue;
+        }
         let Some(ComposeCommand::List(command)) = &service.command else {
             panic!("{name} has no command list");
         };
@@ -113,6 +138,26 @@ fn compose_file_is_valid_and_sets_only_variables_the_binaries_accept() {
             assert!(value.ends_with(&expected), "{name}: {key}={value}");
         }
         assert_eq!(setting("REDIS_USERNAME").as_deref(), Some(name.as_str()));
+        // The services that keep history reach PostgreSQL as their own user,
+        // the password from its file.
+        if inmail_shared::runtime::auth::devpki::HISTORY_SERVICES.contains(&name.as_str()) {
+            let url = setting("DATABASE_URL").unwrap_or_else(|| panic!("{name}: no DATABASE_URL"));
+            let user = url
+                .strip_prefix("postgres://")
+                .and_then(|rest| rest.split_once('@'))
+                .map(|(user, _)| user)
+                .unwrap_or_else(|| panic!("{name}: DATABASE_URL {url} names no user"));
+            assert!(
+                !user.contains(':'),
+                "{name}: DATABASE_URL carries a password"
+            );
+            let file = setting("DATABASE_PASSWORD_FILE")
+                .unwrap_or_else(|| panic!("{name}: no DATABASE_PASSWORD_FILE"));
+            assert!(
+                file.ends_with(&format!("postgres-{name}.password")),
+                "{name}: {file}"
+            );
+        }
         for key in [
             "INSECURE_PLAINTEXT",
             "TEST_CLOCK",
@@ -274,7 +319,10 @@ async fn metrics_endpoints_answer_with_the_named_series_after_messages() {
 async fn one_trace_id_spans_messaging_billing_and_plans() {
     let (stack, _) = process_stack_with(vec![
         ("LOG_FORMAT", "json".into()),
-        ("LOG_LEVEL", "info,inmail_shared::server=debug".into()),
+        (
+            "LOG_LEVEL",
+            "info,inmail_shared::runtime::server=debug".into(),
+        ),
     ])
     .await;
     subscribe_process(&stack, "tess").await;

@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::reasons;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::reasons;
 use inmail_tests::{As, MessagingClient, Stack, StackOptions, messaging_at};
 use tonic::Streaming;
 
@@ -403,7 +403,7 @@ async fn a_watcher_that_does_not_read_is_ended_resource_exhausted_and_others_go_
 
 // WatchBalance and SetLowBalanceAlert.
 
-use inmail_shared::proto::billing::v1 as bpb;
+use inmail_shared::contract::proto::billing::v1 as bpb;
 use inmail_tests::BillingClient;
 
 async fn watch_balance(
@@ -984,7 +984,7 @@ async fn a_message_whose_process_died_before_its_events_gets_them_from_the_sweep
     let hook: messaging::send::AfterDebitHook = std::sync::Arc::new(|| {
         Box::pin(async {
             Some(inmail_shared::ApiError::unavailable(
-                inmail_shared::reasons::STORAGE_UNAVAILABLE,
+                inmail_shared::contract::reasons::STORAGE_UNAVAILABLE,
                 "the process died",
             ))
         })

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::proto::testclock::v1 as clock;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::testclock::v1 as clock;
 use inmail_tests::{NOT_SERVING, SERVING, Stack, StackOptions, health, rid};
 use tonic::Code;
 
@@ -120,9 +120,11 @@ async fn health_follows_redis_and_service_resumes_by_itself() {
 async fn subscription_status(stack: &Stack) -> Result<(), tonic::Status> {
     stack
         .plans_as("any")
-        .get_subscription(inmail_shared::proto::plans::v1::GetSubscriptionRequest {
-            member_id: "any".into(),
-        })
+        .get_subscription(
+            inmail_shared::contract::proto::plans::v1::GetSubscriptionRequest {
+                member_id: "any".into(),
+            },
+        )
         .await
         .map(|_| ())
 }
@@ -232,7 +234,7 @@ async fn one_advance_moves_the_clock_of_all_three_services() {
         .clock()
         .set_time(clock::SetTimeRequest {
             request_id: rid(),
-            time: Some(inmail_shared::time::to_timestamp(before)),
+            time: Some(inmail_shared::contract::time::to_timestamp(before)),
         })
         .await
         .unwrap_err();
@@ -246,7 +248,7 @@ async fn the_test_clock_is_refused_when_off() {
     let redis = inmail_tests::RedisServer::start().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cli = inmail_shared::cli::parse_from::<subscription_plan::Service, _, _>(
+    let cli = inmail_shared::runtime::cli::parse_from::<subscription_plan::Service, _, _>(
         std::iter::once("subscription-plan".to_string())
             .chain(redis.service_args())
             .chain(inmail_tests::pki().service_args("subscription-plan")),
@@ -279,7 +281,7 @@ async fn the_test_clock_is_refused_when_off() {
 /// messaging), nor run what the rules leave out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
-    use inmail_shared::auth::redis_acl::PROBE_USER;
+    use inmail_shared::runtime::auth::redis_acl::PROBE_USER;
     // Every test Redis has the services' users with the shipped rules, and
     // every test service connects as its own (tests/src/identity.rs).
     let stack = Stack::start().await;
@@ -300,13 +302,13 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
     // As billing's user: its own keys, nothing of messaging's.
     // A connection as a service's Redis user, routed as the services route.
     let connect_as = |service: &str| {
-        let settings = inmail_shared::storage::RedisSettings {
+        let settings = inmail_shared::state::storage::RedisSettings {
             cluster: stack.redis.is_cluster(),
             username: Some(service.into()),
             password: Some(credentials[service].to_string()),
-            ..inmail_shared::storage::RedisSettings::new(stack.redis.url())
+            ..inmail_shared::state::storage::RedisSettings::new(stack.redis.url())
         };
-        inmail_shared::storage::Redis::open(&settings)
+        inmail_shared::state::storage::Redis::open(&settings)
             .unwrap()
             .conn()
     };
@@ -466,7 +468,7 @@ async fn each_service_uses_its_own_redis_user_limited_to_its_prefix() {
 /// user off, every credit written by a script vanished at the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipped_redis_users_keep_script_writes_across_a_restart() {
-    use inmail_shared::auth::redis_acl::{PROBE_USER, acl_file};
+    use inmail_shared::runtime::auth::redis_acl::{PROBE_USER, acl_file};
     let dir = std::env::temp_dir().join(format!("inmail-acl-aof-{}", rid()));
     std::fs::create_dir_all(&dir).unwrap();
     let password = rid();

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use inmail_shared::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::messaging::v1 as pb;
 use inmail_tests::{As, Stack, StackOptions, rid};
 use pb::{InvitationDirection, MessageKind};
 use tonic::Code;

@@ -1,12 +1,12 @@
 //! The ledger at scale (issue 9.6): reconciliation is incremental and
-//! bounded (a verified checkpoint, replayed past in bounded chunks), and old
-//! verified entries move out of Redis into an archive without losing the
-//! audit trail. Each test failed on the code before its fix.
+//! bounded (a verified checkpoint, replayed past in bounded chunks). Old
+//! verified entries moving to PostgreSQL: history.rs. Each test failed on
+//! the code before its fix.
 
 use std::time::{Duration, Instant};
 
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_tests::{NOT_SERVING, Stack, StackOptions, health, rid};
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_tests::{NOT_SERVING, Stack, health};
 
 use crate::common::*;
 
@@ -171,80 +171,4 @@ async fn a_reconciliation_cut_short_by_its_deadline_resumes_from_its_token() {
         "one page replayed all {replayed} entries: make the ledger longer"
     );
     assert_eq!(checked, 1);
-}
-
-/// Verified entries older than the hot retention move to the archive: the
-/// ledger in Redis shrinks, every entry is in the archive files, the balance
-/// and the reconciliation (incremental and full) still add up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn old_verified_entries_move_to_the_archive_and_the_trail_is_kept() {
-    let dir = std::env::temp_dir().join(format!("inmail-archive-{}", rid()));
-    let stack = Stack::start_with(StackOptions {
-        billing_args: vec![
-            "--ledger-archive-dir".into(),
-            dir.to_string_lossy().into_owned(),
-            "--ledger-hot-retention".into(),
-            "1day".into(),
-            "--ledger-compact-interval".into(),
-            "200ms".into(),
-        ],
-        ..Default::default()
-    })
-    .await;
-    subscribe(&stack, "arc", "premium-career").await;
-    for _ in 0..5 {
-        grant(&stack, "arc", 1).await;
-    }
-    let old = ledger(&stack, "arc").await;
-    assert_eq!(old.len(), 6, "a renewal and five grants");
-    assert!(reconcile(&stack).await.unwrap().mismatches.is_empty());
-    stack.advance(2 * DAY).await;
-    grant(&stack, "arc", 1).await;
-    grant(&stack, "arc", 1).await;
-
-    let ledger_len = || async {
-        let mut conn = stack.redis.conn().await;
-        redis::cmd("XLEN")
-            .arg("billing:{arc}:ledger")
-            .query_async::<u64>(&mut conn)
-            .await
-            .unwrap()
-    };
-    assert!(
-        eventually(Duration::from_secs(5), || async { ledger_len().await == 2 }).await,
-        "the old verified entries did not leave Redis"
-    );
-    // The archive holds every entry that left, as it was.
-    let mut archived = Vec::new();
-    for file in std::fs::read_dir(&dir).unwrap() {
-        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
-        for line in text.lines() {
-            let entry: serde_json::Value = serde_json::from_str(line).unwrap();
-            archived.push(entry);
-        }
-    }
-    let mut ids: Vec<&str> = archived
-        .iter()
-        .map(|e| e["entry_id"].as_str().unwrap())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    let mut expected: Vec<&str> = old.iter().map(|e| e.entry_id.as_str()).collect();
-    expected.sort();
-    assert_eq!(ids, expected);
-    assert!(archived.iter().all(|e| e["member_id"] == "arc"));
-    let last = old.first().unwrap();
-    let line = archived
-        .iter()
-        .find(|e| e["entry_id"] == last.entry_id.as_str())
-        .unwrap();
-    assert_eq!(line["balance_after"], last.balance_after);
-    assert_eq!(line["amount"], last.amount);
-
-    // What remains in Redis and in the list; the balance and the checks hold.
-    assert_eq!(ledger(&stack, "arc").await.len(), 2);
-    assert_eq!(available(&stack, "arc").await, 12);
-    assert!(reconcile(&stack).await.unwrap().mismatches.is_empty());
-    assert_ledgers_reconcile(&mut stack.billing_operator()).await;
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -10,6 +10,7 @@ mod deploy;
 mod events;
 mod foundation;
 mod grpcurl;
+mod history;
 mod invitations;
 mod ledger;
 mod messaging;

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::proto::billing::v1::LedgerEntryKind as Entry;
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::proto::messaging::v1::{InmailResponse, MessageKind, RefundStatus};
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::billing::v1::LedgerEntryKind as Entry;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::messaging::v1::{InmailResponse, MessageKind, RefundStatus};
+use inmail_shared::contract::proto::plans::v1 as plans;
 use inmail_tests::{As, Stack, StackOptions, messaging_at, rid};
 use messaging::send::{AfterDebitHook, Faults};
 use tonic::Code;
@@ -1068,7 +1068,7 @@ async fn a_refund_owed_while_billing_is_down_comes_back_later() {
 }
 
 /// The recipient's Open Profile comes from what subscription-plan publishes
-/// in Redis with every change (inmail_shared::published), not from a call
+/// in Redis with every change (inmail_shared::state::published), not from a call
 /// per send: with subscription-plan stopped, a message to an Open Profile is
 /// still free, one to a closed profile or to a member who never subscribed
 /// costs an InMail, and a scheduled cancellation turns Open Profile off at

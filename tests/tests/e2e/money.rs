@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::billing::v1::LedgerEntryKind as Entry;
-use inmail_shared::proto::messaging::v1::{InmailResponse, RefundStatus};
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::billing::v1::LedgerEntryKind as Entry;
+use inmail_shared::contract::proto::messaging::v1::{InmailResponse, RefundStatus};
+use inmail_shared::contract::proto::plans::v1 as plans;
 use inmail_tests::processes::ProcessStack;
 use inmail_tests::{As, BillingClient, Stack, StackOptions, billing_at, plans_at, rid};
 
@@ -47,7 +47,7 @@ async fn a_refund_owed_at_day_89_is_made_when_billing_returns_at_day_91() {
     stack.advance(89 * DAY).await;
     stack.stop_billing().await;
     let mut accept = tonic::Request::new(
-        inmail_shared::proto::messaging::v1::RespondToInmailRequest {
+        inmail_shared::contract::proto::messaging::v1::RespondToInmailRequest {
             request_id: rid(),
             member_id: "tia".into(),
             conversation_id: "sal~tia".into(),
@@ -553,7 +553,7 @@ async fn a_refund_whose_response_time_cannot_be_read_is_not_sent() {
     send(&stack, "wes", "xia").await.unwrap();
     stack.stop_billing().await;
     let mut accept = tonic::Request::new(
-        inmail_shared::proto::messaging::v1::RespondToInmailRequest {
+        inmail_shared::contract::proto::messaging::v1::RespondToInmailRequest {
             request_id: rid(),
             member_id: "xia".into(),
             conversation_id: "wes~xia".into(),

@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::plans::v1 as plans;
 use inmail_tests::{Stack, StackOptions, rid};
 
 use crate::common::*;

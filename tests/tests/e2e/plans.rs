@@ -2,8 +2,8 @@
 
 use std::collections::HashSet;
 
-use inmail_shared::proto::plans::v1 as pb;
-use inmail_tests::{As, Stack, rid};
+use inmail_shared::contract::proto::plans::v1 as pb;
+use inmail_tests::{As, Stack, race, rid};
 use tonic::Code;
 
 use crate::common::*;
@@ -449,7 +449,8 @@ async fn bad_input_names_the_field_and_changes_nothing() {
     );
 }
 
-/// Subscribe, change and cancel racing for one member apply one at a time:
+/// Subscribe, change and cancel racing for one member (started together,
+/// checked to overlap) apply one at a time:
 /// every success moved the version by exactly one, and the final state is
 /// the one the last success described.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -458,7 +459,7 @@ async fn concurrent_changes_of_one_member_apply_one_at_a_time() {
     let mut calls = Vec::new();
     for i in 0..60 {
         let mut plans = stack.plans_as("race");
-        calls.push(tokio::spawn(async move {
+        calls.push(async move {
             match i % 4 {
                 0 => plans
                     .subscribe(pb::SubscribeRequest {
@@ -495,11 +496,13 @@ async fn concurrent_changes_of_one_member_apply_one_at_a_time() {
                     .await
                     .map(|r| r.into_inner().subscription),
             }
-        }));
+        });
     }
     let mut successes = Vec::new();
-    for call in calls {
-        match call.await.unwrap() {
+    // Started together; at least ten in flight at once, or the test did not
+    // race anything.
+    for answer in race(calls, 10).await {
+        match answer {
             Ok(Some(s)) => successes.push(s),
             Ok(None) => panic!("no subscription in answer"),
             Err(status) => assert!(

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-use inmail_shared::proto::billing::v1 as billing;
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::proto::plans::v1 as plans;
+use inmail_shared::contract::proto::billing::v1 as billing;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::plans::v1 as plans;
 use inmail_tests::processes::{ProcessStack, ServiceProcess, binary};
 use inmail_tests::redis_server::free_port;
 use inmail_tests::{As, RedisServer, billing_at, channel, clock_at, messaging_at, plans_at, rid};
@@ -659,7 +659,7 @@ async fn idle_services_whose_sweeps_reach_redis_do_not_ping_it_for_health() {
     // reach Redis within two intervals. Slack: one ping for where the window
     // falls, one for a sweep round a loaded machine delays past two
     // intervals (every service pinging would be three times as many).
-    let interval = inmail_shared::bootstrap::REDIS_WATCH_INTERVAL;
+    let interval = inmail_shared::runtime::bootstrap::REDIS_WATCH_INTERVAL;
     let plans_alone = (window.as_millis() / interval.as_millis()) as u64;
     assert!(
         pings <= plans_alone + 2,

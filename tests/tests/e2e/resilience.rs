@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::proto::messaging::v1::InmailResponse;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::messaging::v1::InmailResponse;
 use inmail_tests::{Stack, StackOptions, rid};
 use rustls::pki_types::pem::PemObject;
 use tonic::Code;
@@ -131,7 +131,7 @@ async fn a_dead_billing_costs_milliseconds_and_free_messages_are_not_shed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn page_tokens_are_bound_to_their_list_and_member_and_cannot_be_forged() {
     use base64::Engine;
-    use inmail_shared::proto::billing::v1 as billing;
+    use inmail_shared::contract::proto::billing::v1 as billing;
     let stack = Stack::start().await;
     for member in ["rae", "sid"] {
         subscribe(&stack, member, "premium-career").await;
@@ -402,8 +402,8 @@ async fn streams_that_never_send_a_body_do_not_lock_callers_out() {
 /// counted as billing failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn callers_spent_deadlines_do_not_open_the_breaker() {
-    use inmail_shared::client::Downstream;
-    use inmail_shared::context::CallContext;
+    use inmail_shared::runtime::client::Downstream;
+    use inmail_shared::runtime::context::CallContext;
     use inmail_tests::{As, tls_channel};
     use messaging::downstream::Billing;
 
@@ -466,8 +466,8 @@ async fn one_call_of_every_kind(
     messaging: std::net::SocketAddr,
     tag: &str,
 ) -> Vec<String> {
-    use inmail_shared::proto::billing::v1 as billing;
-    use inmail_shared::proto::plans::v1 as plans;
+    use inmail_shared::contract::proto::billing::v1 as billing;
+    use inmail_shared::contract::proto::plans::v1 as plans;
     let mut client = inmail_tests::messaging_at(messaging, &inmail_tests::As::member("ada"));
     let mut failures = Vec::new();
     let mut note = |call: &str, answer: Result<(), tonic::Status>| {
@@ -621,7 +621,7 @@ fn wait_for_one_replica(timeout: &str) -> StackOptions {
 /// each service, each waiting for the replica (`WAIT`), succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn once_serving_again_after_a_redis_outage_the_first_replicated_writes_succeed() {
-    use inmail_shared::proto::plans::v1 as plans;
+    use inmail_shared::contract::proto::plans::v1 as plans;
     use inmail_tests::{NOT_SERVING, RedisServer, SERVING};
     // A single primary with a replica; the cluster run has no replicas.
     inmail_tests::redis_server::single_redis_only();
@@ -650,12 +650,14 @@ async fn once_serving_again_after_a_redis_outage_the_first_replicated_writes_suc
     }
     if let Err(status) = stack
         .billing_operator()
-        .grant_credits(inmail_shared::proto::billing::v1::GrantCreditsRequest {
-            request_id: rid(),
-            member_id: "fay".into(),
-            amount: 1,
-            reason: "after the outage".into(),
-        })
+        .grant_credits(
+            inmail_shared::contract::proto::billing::v1::GrantCreditsRequest {
+                request_id: rid(),
+                member_id: "fay".into(),
+                amount: 1,
+                reason: "after the outage".into(),
+            },
+        )
         .await
     {
         failures.push(format!("GrantCredits: {status:?}"));
@@ -718,8 +720,8 @@ async fn set_preference(
 /// services turned NOT_SERVING.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stalled_replica_holds_only_the_writes_that_wait_for_it() {
-    use inmail_shared::proto::billing::v1 as billing;
-    use inmail_shared::proto::plans::v1 as plans;
+    use inmail_shared::contract::proto::billing::v1 as billing;
+    use inmail_shared::contract::proto::plans::v1 as plans;
     use inmail_tests::{RedisServer, SERVING, health};
     // A single primary with a replica; the cluster run has no replicas.
     inmail_tests::redis_server::single_redis_only();
@@ -900,7 +902,7 @@ async fn a_stalled_replica_holds_only_the_writes_that_wait_for_it() {
 /// no key behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_the_replicas_required_each_write_is_not_replicated_on_its_own_primary() {
-    use inmail_shared::proto::plans::v1 as plans;
+    use inmail_shared::contract::proto::plans::v1 as plans;
     let stack = Stack::start_with(wait_for_one_replica("100ms")).await;
     // Members on every primary of a cluster.
     for i in 0..12 {

@@ -5,9 +5,9 @@
 
 use std::collections::HashSet;
 
-use inmail_shared::proto::billing::v1::LedgerEntryKind as Entry;
-use inmail_shared::proto::messaging::v1 as pb;
-use inmail_shared::proto::messaging::v1::{InmailResponse, RefundStatus};
+use inmail_shared::contract::proto::billing::v1::LedgerEntryKind as Entry;
+use inmail_shared::contract::proto::messaging::v1 as pb;
+use inmail_shared::contract::proto::messaging::v1::{InmailResponse, RefundStatus};
 use inmail_tests::{As, MessagingClient, Stack, messaging_at, rid};
 
 use crate::common::*;

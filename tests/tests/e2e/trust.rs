@@ -105,9 +105,11 @@ fn claims(ttl_s: u64, extra: serde_json::Value) -> serde_json::Value {
 /// sam reads their balance on `addr`'s billing-credits with `token`.
 async fn balance_with(addr: std::net::SocketAddr, token: &str) -> Result<(), tonic::Status> {
     inmail_tests::billing_at(addr, &As::Header(format!("Bearer {token}")))
-        .get_balance(inmail_shared::proto::billing::v1::GetBalanceRequest {
-            member_id: "sam".into(),
-        })
+        .get_balance(
+            inmail_shared::contract::proto::billing::v1::GetBalanceRequest {
+                member_id: "sam".into(),
+            },
+        )
         .await
         .map(|_| ())
 }
@@ -171,9 +173,11 @@ async fn a_token_valid_longer_than_the_maximum_lifetime_is_refused() {
             inmail_tests::plans_at(stack.plans.addr, &As::Header(format!("Bearer {token}")));
         async move {
             client
-                .get_subscription(inmail_shared::proto::plans::v1::GetSubscriptionRequest {
-                    member_id: "sam".into(),
-                })
+                .get_subscription(
+                    inmail_shared::contract::proto::plans::v1::GetSubscriptionRequest {
+                        member_id: "sam".into(),
+                    },
+                )
                 .await
         }
     };
@@ -467,9 +471,11 @@ async fn a_certificate_from_another_ca_identifies_nobody() {
             "billing-credits",
         )),
     )
-    .get_balance(inmail_shared::proto::billing::v1::GetBalanceRequest {
-        member_id: "sam".into(),
-    })
+    .get_balance(
+        inmail_shared::contract::proto::billing::v1::GetBalanceRequest {
+            member_id: "sam".into(),
+        },
+    )
     .await
     .expect_err("a certificate of another CA was accepted");
     assert!(

@@ -5,7 +5,7 @@ use std::time::Duration;
 use billing_credits::store::{
     BillingStore, Call, DebitState, EntryKind, Outcome, ReconcileStep, Refusal, ReleaseCause, Reply,
 };
-use inmail_shared::storage::{Redis, RedisSettings};
+use inmail_shared::state::storage::{Redis, RedisSettings};
 use inmail_tests::RedisServer;
 
 const DAY: i64 = 24 * 3600 * 1000;

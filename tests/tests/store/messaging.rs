@@ -1,6 +1,6 @@
 //! messaging's scripts.
 
-use inmail_shared::storage::{Redis, RedisSettings};
+use inmail_shared::state::storage::{Redis, RedisSettings};
 use inmail_tests::RedisServer;
 use messaging::domain::{InmailStage, Kind, RefundState};
 use messaging::store::{
@@ -31,7 +31,7 @@ fn limits(burst: u32) -> SendLimits {
         open_profile_counter_ttl_ms: 3_600_000,
         request_retention_ms: 3_600_000,
         // Large enough not to be what a store test meets.
-        quota: inmail_shared::idempotency::Quota::per_day(10_000, 10_000),
+        quota: inmail_shared::state::idempotency::Quota::per_day(10_000, 10_000),
     }
 }
 

@@ -24,7 +24,7 @@
 //!   watchers' dispatcher.
 //! - `billing:{M}:alertreq:<request_id>` hash, `billing:{M}:quota` hash:
 //!   SetLowBalanceAlert's request records and the member's mutation quota
-//!   (`inmail_shared::idempotency`).
+//!   (`inmail_shared::state::idempotency`).
 //! - `billing:{M}:debit:<message_id>` hash: a message's debit (held,
 //!   confirmed, released or refunded). Held debits never expire; the others
 //!   expire after the refund window plus a margin (confirmed/refunded) or the
@@ -43,7 +43,7 @@
 //! entitlement came from (README.md, "How it behaves"); of
 //! subscription-plan's keys, billing's Redis user may reach these only.
 
-use inmail_shared::sweep::shard_of;
+use inmail_shared::state::sweep::shard_of;
 
 /// Partitions of the operators' ledger feed (WatchLedger).
 pub const CDC_PARTITIONS: u32 = 8;

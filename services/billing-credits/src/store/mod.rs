@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use inmail_shared::ApiError;
-use inmail_shared::storage::{Batch, Redis};
-use inmail_shared::sweep::forget_unchanged;
+use inmail_shared::state::storage::{Batch, Redis};
+use inmail_shared::state::sweep::forget_unchanged;
 use redis::Script;
 
 pub use self::keys::HOLD_SHARDS;
@@ -388,9 +388,9 @@ impl BillingStore {
     pub async fn events_between(
         &self,
         members: &[String],
-        from: inmail_shared::events::StreamId,
-        to: inmail_shared::events::StreamId,
-    ) -> Result<Vec<(String, inmail_shared::events::Entry)>, ApiError> {
+        from: inmail_shared::state::events::StreamId,
+        to: inmail_shared::state::events::StreamId,
+    ) -> Result<Vec<(String, inmail_shared::state::events::Entry)>, ApiError> {
         if members.is_empty() {
             return Ok(Vec::new());
         }
@@ -409,7 +409,7 @@ impl BillingStore {
             .iter()
             .zip(replies)
             .flat_map(|(member, reply)| {
-                inmail_shared::events::parse_entries(reply)
+                inmail_shared::state::events::parse_entries(reply)
                     .into_iter()
                     .map(move |entry| (member.clone(), entry))
             })
@@ -425,9 +425,9 @@ impl BillingStore {
     }
 
     /// Tells the watchers' dispatcher that `member`'s balance events may
-    /// have grown (inmail_shared::events).
+    /// have grown (inmail_shared::state::events).
     pub async fn notify_events(&self, member: &str) -> Result<(), ApiError> {
-        let _: String = inmail_shared::events::notify_cmd("billing", &keys::events(member))
+        let _: String = inmail_shared::state::events::notify_cmd("billing", &keys::events(member))
             .query_async(&mut self.redis.conn())
             .await?;
         Ok(())
@@ -630,6 +630,94 @@ impl BillingStore {
                 )));
             }
         })
+    }
+
+    /// Entries after the stream id `after` (from the start when `None`)
+    /// whose time is in `[start_ms, end_ms)`, oldest first, at most `limit`:
+    /// a walk in batches that stops at the first entry at or past `end_ms`
+    /// (entry times follow the ledger's order). Also answers the first id
+    /// the walk saw (with no `after`: the oldest entry in Redis then).
+    pub async fn ledger_range(
+        &self,
+        member: &str,
+        after: Option<&str>,
+        start_ms: i64,
+        end_ms: i64,
+        limit: usize,
+    ) -> Result<(Option<String>, Vec<StoredEntry>), ApiError> {
+        const BATCH: usize = 500;
+        let mut from = after.map_or("-".to_string(), |id| format!("({id}"));
+        let mut found = Vec::new();
+        let mut first = None;
+        loop {
+            let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(keys::ledger(member))
+                .arg(&from)
+                .arg("+")
+                .arg("COUNT")
+                .arg(BATCH)
+                .query_async(&mut self.redis.conn())
+                .await?;
+            let full = raw.len() == BATCH;
+            for (id, fields) in raw {
+                from = format!("({id}");
+                first.get_or_insert_with(|| id.clone());
+                let entry = StoredEntry::parse(id, fields);
+                if entry.at_ms >= end_ms {
+                    return Ok((first, found));
+                }
+                if entry.at_ms >= start_ms {
+                    found.push(entry);
+                    if found.len() == limit {
+                        return Ok((first, found));
+                    }
+                }
+            }
+            if !full {
+                return Ok((first, found));
+            }
+        }
+    }
+
+    /// The newest entry still in Redis whose time is before `before_ms`.
+    pub async fn ledger_last_before(
+        &self,
+        member: &str,
+        before_ms: i64,
+    ) -> Result<Option<StoredEntry>, ApiError> {
+        const BATCH: usize = 500;
+        let mut to = "+".to_string();
+        loop {
+            let raw: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+                .arg(keys::ledger(member))
+                .arg(&to)
+                .arg("-")
+                .arg("COUNT")
+                .arg(BATCH)
+                .query_async(&mut self.redis.conn())
+                .await?;
+            let full = raw.len() == BATCH;
+            for (id, fields) in raw {
+                to = format!("({id}");
+                let entry = StoredEntry::parse(id, fields);
+                if entry.at_ms < before_ms {
+                    return Ok(Some(entry));
+                }
+            }
+            if !full {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The id of the newest entry archived to the history store (and
+    /// trimmed from Redis), if any.
+    pub async fn archived_through(&self, member: &str) -> Result<Option<String>, ApiError> {
+        Ok(redis::cmd("HGET")
+            .arg(keys::account(member))
+            .arg("arch_id")
+            .query_async(&mut self.redis.conn())
+            .await?)
     }
 
     /// A member's archive position (`arch_id`) and up to `limit` verified

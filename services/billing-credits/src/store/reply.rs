@@ -2,7 +2,7 @@
 //! script's reply is JSON with named fields, read into these types; no caller
 //! looks at a raw string.
 
-use inmail_shared::reasons;
+use inmail_shared::contract::reasons;
 use serde::Deserialize;
 
 /// How a balance script ended.

@@ -36,12 +36,12 @@
 //!   field `e`, an encoded `InboxEvent`; trimmed to EVENTS_MAX_PER_MEMBER
 //!   and EVENTS_RETENTION.
 //! - `messaging:eventnotify:{n<N>}` streams — which event streams were
-//!   appended to, for the watchers' dispatcher (`inmail_shared::events`).
+//!   appended to, for the watchers' dispatcher (`inmail_shared::state::events`).
 //! - `messaging:outbox:{o<N>}` sorted sets ([`OUTBOX_SHARDS`] shards) —
 //!   sends, refunds and messages' owed inbox events to finish if their
 //!   process died, by when to look at them.
 
-use inmail_shared::sweep::shard_of;
+use inmail_shared::state::sweep::shard_of;
 
 pub const OUTBOX_SHARDS: u32 = 16;
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use inmail_shared::ApiError;
-use inmail_shared::storage::Batch;
+use inmail_shared::state::storage::Batch;
 
 use super::{ConversationRecord, MessagingStore, StoredMessage, keys};
 

@@ -18,13 +18,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use inmail_shared::ApiError;
-use inmail_shared::idempotency::Quota;
-use inmail_shared::published::{self, OpenProfile};
-use inmail_shared::storage::{Batch, Redis, args};
+use inmail_shared::state::idempotency::Quota;
+use inmail_shared::state::published::{self, OpenProfile};
+use inmail_shared::state::storage::{Batch, Redis, args};
 use redis::Script;
 
-use crate::domain::{Kind, RefundState};
-use crate::error::SendFailure;
+use crate::domain::{Kind, RefundState, SendFailure};
 
 pub use self::keys::OUTBOX_SHARDS;
 pub use self::outbox::OutboxItem;
@@ -37,7 +36,7 @@ pub use self::reply::{
 };
 
 const BEGIN_SEND: &str = concat!(
-    include_str!("../../../../shared/src/lua/bucket.lua"),
+    include_str!("../../../../shared/src/state/lua/bucket.lua"),
     include_str!("lua/begin_send.lua")
 );
 const STAGE_INMAIL: &str = include_str!("lua/stage_inmail.lua");
@@ -52,7 +51,7 @@ const INVITE: &str = include_str!("lua/invite.lua");
 const ANSWER_INVITATION: &str = include_str!("lua/answer_invitation.lua");
 const APPEND_EVENT: &str = include_str!("lua/append_event.lua");
 const RESERVE_INVITATION: &str = concat!(
-    include_str!("../../../../shared/src/lua/bucket.lua"),
+    include_str!("../../../../shared/src/state/lua/bucket.lua"),
     include_str!("lua/reserve_invitation.lua")
 );
 
@@ -628,7 +627,7 @@ impl MessagingStore {
             batch.script(&self.append_event, &[keys::events(member)], a);
         }
         for member in members {
-            batch.add_ignored(inmail_shared::events::notify_cmd(
+            batch.add_ignored(inmail_shared::state::events::notify_cmd(
                 "messaging",
                 &keys::events(member),
             ));

@@ -3,8 +3,8 @@
 //! look at them, so the sweeper finishes them if that process dies.
 
 use inmail_shared::ApiError;
-use inmail_shared::storage::Batch;
-use inmail_shared::sweep::forget_unchanged;
+use inmail_shared::state::storage::Batch;
+use inmail_shared::state::sweep::forget_unchanged;
 
 use super::{MessageState, MessagingStore, keys};
 

@@ -1,7 +1,7 @@
 //! Connections, blocks and InMail preferences in Redis.
 
 use inmail_shared::ApiError;
-use inmail_shared::storage::Batch;
+use inmail_shared::state::storage::Batch;
 
 use super::reply::parse;
 use super::{Answered, Connected, Invited, MessagingStore, Reserved, keys};

@@ -7,8 +7,7 @@ use std::collections::HashMap;
 use inmail_shared::ApiError;
 use serde::Deserialize;
 
-use crate::domain::{InmailInfo, InmailStage, Kind, Pair, RefundState};
-use crate::error::SendFailure;
+use crate::domain::{InmailInfo, InmailStage, Kind, Pair, RefundState, SendFailure};
 
 /// Where a stored message stands (the message's `state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -39,6 +38,16 @@ pub enum Refusal {
     Blocked,
     AwaitingResponse,
     NoInmailAwaitingResponse,
+}
+
+impl From<Refusal> for SendFailure {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Blocked => Self::Blocked,
+            Refusal::AwaitingResponse => Self::AwaitingResponse,
+            Refusal::NoInmailAwaitingResponse => Self::NoInmailAwaitingResponse,
+        }
+    }
 }
 
 /// The message a script found in place of a new or staged one.

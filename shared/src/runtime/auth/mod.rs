@@ -16,8 +16,8 @@ pub mod seen;
 pub mod tls;
 pub mod token;
 
-use crate::error::ApiError;
-use crate::reasons;
+use crate::contract::error::ApiError;
+use crate::contract::reasons;
 
 /// The trust domain of the SPIFFE ids.
 pub const TRUST_DOMAIN: &str = "inmail";
@@ -134,15 +134,12 @@ mod tests {
     }
 }
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tonic::transport::Channel;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use self::tls::{TlsFiles, TlsMaterial};
+use self::tls::TlsMaterial;
 use self::token::TokenVerifier;
-use crate::config::CommonArgs;
 
 /// How a service proves itself and checks its callers.
 #[derive(Clone, Debug)]
@@ -159,7 +156,7 @@ pub enum Security {
     Plaintext,
 }
 
-fn is_loopback_url(url: &str) -> bool {
+pub(crate) fn is_loopback_url(url: &str) -> bool {
     let host = url
         .split_once("://")
         .map_or(url, |(_, rest)| rest)
@@ -189,108 +186,6 @@ impl std::fmt::Debug for Seen {
 }
 
 impl Security {
-    /// Reads and checks the security settings of a service serving on
-    /// `listen` and calling `downstreams` (setting name, URL).
-    pub fn from_args(
-        common: &CommonArgs,
-        listen: SocketAddr,
-        downstreams: &[(&str, &str)],
-    ) -> Result<Self, String> {
-        if common.test_clock && !listen.ip().is_loopback() && !common.test_clock_unsafe_allow_remote
-        {
-            return Err(format!(
-                "TEST_CLOCK is on and LISTEN_ADDR {listen} is beyond loopback: anyone who reaches \
-                 it could move every service's time. Listen on loopback, turn TEST_CLOCK off, or \
-                 set TEST_CLOCK_UNSAFE_ALLOW_REMOTE=true (never in production)"
-            ));
-        }
-        if common.insecure_plaintext {
-            if !listen.ip().is_loopback() {
-                return Err(format!(
-                    "INSECURE_PLAINTEXT serves without TLS or authentication, so only on \
-                     loopback; LISTEN_ADDR {listen} is not"
-                ));
-            }
-            for (var, url) in downstreams {
-                if !url.starts_with("http://") || !is_loopback_url(url) {
-                    return Err(format!(
-                        "INSECURE_PLAINTEXT calls other services in plaintext, so only on \
-                         loopback: {var} {url:?} must be an http:// loopback URL"
-                    ));
-                }
-            }
-            tracing::warn!(
-                "INSECURE PLAINTEXT: no TLS and no authentication; loopback only, for local experiments"
-            );
-            return Ok(Self::Plaintext);
-        }
-        for (var, url) in downstreams {
-            if !url.starts_with("https://") {
-                return Err(format!(
-                    "{var} {url:?} must be an https:// URL: calls between services use mutual TLS"
-                ));
-            }
-        }
-        let missing = |var: &str| {
-            format!(
-                "{var} is required: TLS and authentication are on (set INSECURE_PLAINTEXT=true \
-                 for plaintext on loopback only)"
-            )
-        };
-        let files = TlsFiles {
-            cert: common
-                .tls_cert_file
-                .clone()
-                .ok_or_else(|| missing("TLS_CERT_FILE"))?,
-            key: common
-                .tls_key_file
-                .clone()
-                .ok_or_else(|| missing("TLS_KEY_FILE"))?,
-            ca: common
-                .tls_ca_file
-                .clone()
-                .ok_or_else(|| missing("TLS_CA_FILE"))?,
-        };
-        let material = TlsMaterial::load(&files)?;
-        let keys = common
-            .jwt_public_keys_file
-            .clone()
-            .ok_or_else(|| missing("JWT_PUBLIC_KEYS_FILE"))?;
-        let tokens = TokenVerifier::load(
-            &keys,
-            "JWT_PUBLIC_KEYS_FILE",
-            &token::TokenRules {
-                issuer: common.jwt_issuer.clone(),
-                audience: common.jwt_audience.clone(),
-                max_lifetime: common.jwt_max_lifetime,
-            },
-        )?;
-        Ok(Self::Tls {
-            material: Arc::new(material),
-            tokens: Arc::new(tokens),
-            seen: Arc::new(Seen::default()),
-        })
-    }
-
-    /// A lazily connected channel to `service` (mutual TLS unless in
-    /// plaintext mode; the server must prove it is
-    /// `spiffe://inmail/<service>`).
-    pub fn channel(&self, var: &str, url: &str, service: &str) -> Result<Channel, String> {
-        let tls = match self {
-            Self::Tls { material, .. } => {
-                let (tls, verifier) = material
-                    .client_config_for(service)
-                    .map_err(|e| format!("{var}: {e}"))?;
-                Some((
-                    tls,
-                    verifier as Arc<dyn rustls::client::danger::ServerCertVerifier>,
-                ))
-            }
-            Self::Plaintext => None,
-        };
-        crate::client::lazy_channel(url, tls).map_err(|e| format!("{var}: {e}"))
-    }
-
     /// Who is calling: the verified client certificate's SPIFFE id, else
     /// the bearer token's member, else nobody. A token that does not verify
     /// is UNAUTHENTICATED.

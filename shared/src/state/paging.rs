@@ -17,9 +17,9 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use tokio::sync::OnceCell;
 
-use crate::error::ApiError;
-use crate::storage::Redis;
-use crate::validate::Checks;
+use crate::contract::error::ApiError;
+use crate::contract::validate::Checks;
+use crate::state::storage::Redis;
 
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 500;

@@ -9,7 +9,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::validate::is_member_id;
+use crate::contract::validate::is_member_id;
 
 /// The claims of a member token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,7 +130,7 @@ impl TokenVerifier {
             .as_ref()
             .and_then(serde_json::Value::as_u64)
             .ok_or("its exp claim is malformed")?;
-        let now_s = crate::clock::system_ms() as u64 / 1000;
+        let now_s = crate::state::clock::system_ms() as u64 / 1000;
         let iat = match &claims.iat {
             None => now_s,
             Some(iat) => iat.as_u64().ok_or("its iat claim is malformed")?,
@@ -206,7 +206,7 @@ impl TokenSigner {
 
     /// A token for `member`, valid for `ttl`.
     pub fn mint(&self, member: &str, ttl: Duration) -> Result<String, String> {
-        self.mint_at(member, crate::clock::system_ms() as u64 / 1000, ttl)
+        self.mint_at(member, crate::state::clock::system_ms() as u64 / 1000, ttl)
     }
 
     /// A token issued at `now_s` (seconds since the epoch).

@@ -34,10 +34,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::error::ApiError;
-use crate::reasons;
-use crate::storage::{Batch, Redis};
-use crate::sweep::shard_of;
+use crate::contract::error::ApiError;
+use crate::contract::reasons;
+use crate::state::storage::{Batch, Redis};
+use crate::state::sweep::shard_of;
 
 /// Shards of the notify stream (spread over cluster nodes).
 pub const NOTIFY_SHARDS: u32 = 8;

@@ -175,7 +175,7 @@ mod tests {
 /// entry is found by the services' tests.
 pub fn unlisted(table: Table, service: &str) -> Vec<String> {
     use prost::Message;
-    let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+    let set = prost_types::FileDescriptorSet::decode(crate::contract::proto::FILE_DESCRIPTOR_SET)
         .expect("the descriptor set decodes");
     let mut missing = Vec::new();
     let mut found = false;

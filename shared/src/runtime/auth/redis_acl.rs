@@ -23,7 +23,7 @@ pub const PROBE_USER: &str = "probe";
 
 /// Keys of another service a service's user may reach: (its prefix, the
 /// Redis key selector). They are what subscription-plan publishes for the
-/// others (`inmail_shared::published`):
+/// others (`inmail_shared::state::published`):
 /// - billing's balance scripts read the revision of a member's
 ///   subscription. Only read, but Redis checks every key handed to a script
 ///   as read-write, so a read-only selector (`%R~`) would refuse the

@@ -9,8 +9,8 @@ use clap::{CommandFactory, FromArgMatches};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::bootstrap::{healthcheck, run_service};
-use crate::config::CommonArgs;
+use crate::runtime::bootstrap::{healthcheck, run_service};
+use crate::runtime::config::CommonArgs;
 
 /// A service binary: its name, its flags and how it serves.
 pub trait ServiceBinary {

@@ -26,15 +26,15 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::auth::Security;
-use crate::auth::access::{Access, Decision, Table};
-use crate::bounds::{
+use crate::contract::error::ApiError;
+use crate::runtime::auth::Security;
+use crate::runtime::auth::access::{Access, Decision, Table};
+use crate::runtime::bounds::{
     BufferRefusal, LimitedIncoming, ResponseDeadline, Slots, StreamRequest, buffer_body,
     remote_addr,
 };
-use crate::context::{CallContext, TRACEPARENT, TraceContext};
-use crate::error::ApiError;
-use crate::storage::Redis;
+use crate::runtime::context::{CallContext, TRACEPARENT, TraceContext};
+use crate::state::storage::Redis;
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
@@ -194,7 +194,7 @@ impl HealthGate {
         self.publish().await;
     }
 
-    /// Follows [`crate::error::storage_full`]: logs and publishes a change.
+    /// Follows [`crate::contract::error::storage_full`]: logs and publishes a change.
     pub async fn set_storage_full(&self, full: bool) {
         let changed = {
             let mut state = self.state.lock().unwrap();
@@ -283,7 +283,8 @@ pub fn spawn_redis_watch(
             if gate.state.lock().unwrap().draining {
                 return;
             }
-            gate.set_storage_full(crate::error::storage_full()).await;
+            gate.set_storage_full(crate::contract::error::storage_full())
+                .await;
             match &error {
                 None => {
                     misses = 0;
@@ -471,7 +472,7 @@ impl GrpcServer {
 
     fn reflection_builder(&self) -> tonic_reflection::server::Builder<'static> {
         let mut builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(crate::contract::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             // google.rpc error details, so grpcurl can print ErrorInfo,
             // BadRequest and RetryInfo.
@@ -620,11 +621,11 @@ where
                     },
                 }),
                 Decision::Unauthenticated => Err(ApiError::unauthenticated(
-                    crate::reasons::UNAUTHENTICATED,
+                    crate::contract::reasons::UNAUTHENTICATED,
                     format!("{method} needs credentials (a client certificate or a bearer token)"),
                 )),
                 Decision::Denied => Err(ApiError::permission_denied(
-                    crate::reasons::PERMISSION_DENIED,
+                    crate::contract::reasons::PERMISSION_DENIED,
                     format!("{} may not call {method}", caller.describe()),
                 )),
             });
@@ -655,7 +656,7 @@ where
                 Ok(slot) => Some(slot),
                 Err(_) => {
                     let status = ApiError::resource_exhausted(
-                        crate::reasons::SERVER_OVERLOADED,
+                        crate::contract::reasons::SERVER_OVERLOADED,
                         format!(
                             "{} already serves its maximum of such calls open at once (from {} or in all); retry shortly",
                             shared.service,
@@ -737,7 +738,7 @@ where
                                     "the request is larger than {MAX_REQUEST_BYTES} bytes"
                                 )),
                                 BufferRefusal::BudgetSpent => ApiError::resource_exhausted(
-                                    crate::reasons::SERVER_OVERLOADED,
+                                    crate::contract::reasons::SERVER_OVERLOADED,
                                     format!(
                                         "{} is buffering its maximum of request bytes; retry shortly",
                                         shared.service
@@ -768,7 +769,7 @@ where
                         Ok(taken) => permit = Some(taken),
                         Err(_) => {
                             let status = ApiError::resource_exhausted(
-                                crate::reasons::SERVER_OVERLOADED,
+                                crate::contract::reasons::SERVER_OVERLOADED,
                                 format!(
                                     "{} is serving its maximum of concurrent calls; retry shortly",
                                     shared.service

@@ -9,12 +9,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Security;
-use crate::clock::{Clock, TestClockApi};
-use crate::config::CommonArgs;
-use crate::server::{GrpcServer, ServerLimits, shutdown_signal, spawn_redis_watch};
-use crate::storage::Redis;
-use crate::telemetry::{init_tracing, install_metrics};
+use crate::runtime::auth::Security;
+use crate::runtime::config::CommonArgs;
+use crate::runtime::server::{GrpcServer, ServerLimits, shutdown_signal, spawn_redis_watch};
+use crate::runtime::telemetry::{init_tracing, install_metrics};
+use crate::runtime::testclock::TestClockApi;
+use crate::state::clock::Clock;
+use crate::state::storage::Redis;
 
 /// How often health re-checks Redis.
 pub const REDIS_WATCH_INTERVAL: Duration = Duration::from_millis(500);
@@ -37,9 +38,9 @@ impl Runtime {
         listen: SocketAddr,
         downstreams: &[(&str, &str)],
     ) -> Result<Self, String> {
-        crate::auth::tls::install_crypto_provider();
+        crate::runtime::auth::tls::install_crypto_provider();
         let redis = Redis::open(&common.redis()?)?;
-        let security = Security::from_args(common, listen, downstreams)?;
+        let security = common.security(listen, downstreams)?;
         let clock = if common.test_clock {
             tracing::warn!(
                 "TEST CLOCK ON: time can be moved through TestClockService; never use this in production"
@@ -64,7 +65,7 @@ impl Runtime {
         url: &str,
         service: &str,
     ) -> Result<tonic::transport::Channel, String> {
-        self.security.channel(var, url, service)
+        crate::runtime::client::channel(&self.security, var, url, service)
     }
 
     /// The gRPC server of `service`: health, reflection (unless turned off),
@@ -75,7 +76,7 @@ impl Runtime {
         if self.clock.is_test() {
             server.add_service(
                 TestClockApi::new(self.clock.clone()).into_server(),
-                crate::auth::access::TEST_CLOCK,
+                crate::runtime::auth::access::TEST_CLOCK,
             );
         }
         server
@@ -175,7 +176,7 @@ pub fn healthcheck(listen: SocketAddr, common: &CommonArgs) -> ExitCode {
     } else {
         listen
     };
-    crate::auth::tls::install_crypto_provider();
+    crate::runtime::auth::tls::install_crypto_provider();
     let tls = if common.insecure_plaintext {
         None
     } else {
@@ -184,7 +185,7 @@ pub fn healthcheck(listen: SocketAddr, common: &CommonArgs) -> ExitCode {
             &common.tls_key_file,
             &common.tls_ca_file,
         ) {
-            (Some(cert), Some(key), Some(ca)) => crate::auth::tls::TlsFiles {
+            (Some(cert), Some(key), Some(ca)) => crate::runtime::auth::tls::TlsFiles {
                 cert: cert.clone(),
                 key: key.clone(),
                 ca: ca.clone(),
@@ -196,7 +197,7 @@ pub fn healthcheck(listen: SocketAddr, common: &CommonArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match crate::auth::tls::TlsMaterial::load(&files) {
+        match crate::runtime::auth::tls::TlsMaterial::load(&files) {
             Ok(material) => Some(material.trust_only()),
             Err(message) => {
                 eprintln!("healthcheck: {message}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::reasons;
+use crate::contract::reasons;
 
 /// One invalid field of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]

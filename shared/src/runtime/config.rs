@@ -5,9 +5,56 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::server::ServerLimits;
-use crate::storage::RedisSettings;
-use crate::telemetry::LogFormat;
+use std::sync::Arc;
+
+use crate::runtime::auth::tls::{TlsFiles, TlsMaterial};
+use crate::runtime::auth::token::TokenVerifier;
+use crate::runtime::auth::{self, Security, Seen};
+use crate::runtime::server::ServerLimits;
+use crate::runtime::telemetry::LogFormat;
+use crate::state::history::HistorySettings;
+use crate::state::storage::RedisSettings;
+
+/// The flags of a service that keeps history in PostgreSQL (README.md,
+/// "The history store").
+#[derive(Debug, Clone, clap::Args)]
+pub struct HistoryArgs {
+    /// The history store (PostgreSQL), e.g.
+    /// `postgres://inmail_billing_credits@127.0.0.1:5432/billing_credits`
+    /// (no password: DATABASE_PASSWORD_FILE); unset: history stays in Redis.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// The database user's password (one line).
+    #[arg(long, env = "DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<PathBuf>,
+
+    /// The CA of PostgreSQL's certificate: connections are then TLS only,
+    /// the server proving the URL's host name; unset: plaintext.
+    #[arg(long, env = "DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+
+    /// Connections to the history store at most.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 4)]
+    pub database_pool_size: usize,
+
+    /// How long a history statement may run (and a connection be waited for).
+    #[arg(long, env = "DATABASE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub database_timeout: Duration,
+}
+
+impl HistoryArgs {
+    /// The history store's settings, when one is configured.
+    pub fn settings(&self) -> Option<HistorySettings> {
+        self.database_url.as_ref().map(|url| HistorySettings {
+            url: url.clone(),
+            password_file: self.database_password_file.clone(),
+            ca_file: self.database_ca_file.clone(),
+            pool_size: self.database_pool_size,
+            timeout: self.database_timeout,
+        })
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
@@ -194,8 +241,8 @@ pub struct CommonArgs {
 
 impl CommonArgs {
     /// Each member's quota of changes.
-    pub fn mutation_quota(&self) -> crate::idempotency::Quota {
-        crate::idempotency::Quota::per_day(self.mutation_burst, self.mutations_per_day)
+    pub fn mutation_quota(&self) -> crate::state::idempotency::Quota {
+        crate::state::idempotency::Quota::per_day(self.mutation_burst, self.mutations_per_day)
     }
 
     pub fn limits(&self) -> ServerLimits {
@@ -239,6 +286,88 @@ impl CommonArgs {
             min_replicas: self.redis_min_replicas,
             replica_timeout: self.redis_replica_timeout,
             ..RedisSettings::new(self.redis_url.clone())
+        })
+    }
+
+    /// Reads and checks the security settings of a service serving on
+    /// `listen` and calling `downstreams` (setting name, URL).
+    pub fn security(
+        &self,
+        listen: SocketAddr,
+        downstreams: &[(&str, &str)],
+    ) -> Result<Security, String> {
+        if self.test_clock && !listen.ip().is_loopback() && !self.test_clock_unsafe_allow_remote {
+            return Err(format!(
+                "TEST_CLOCK is on and LISTEN_ADDR {listen} is beyond loopback: anyone who reaches \
+                 it could move every service's time. Listen on loopback, turn TEST_CLOCK off, or \
+                 set TEST_CLOCK_UNSAFE_ALLOW_REMOTE=true (never in production)"
+            ));
+        }
+        if self.insecure_plaintext {
+            if !listen.ip().is_loopback() {
+                return Err(format!(
+                    "INSECURE_PLAINTEXT serves without TLS or authentication, so only on \
+                     loopback; LISTEN_ADDR {listen} is not"
+                ));
+            }
+            for (var, url) in downstreams {
+                if !url.starts_with("http://") || !auth::is_loopback_url(url) {
+                    return Err(format!(
+                        "INSECURE_PLAINTEXT calls other services in plaintext, so only on \
+                         loopback: {var} {url:?} must be an http:// loopback URL"
+                    ));
+                }
+            }
+            tracing::warn!(
+                "INSECURE PLAINTEXT: no TLS and no authentication; loopback only, for local experiments"
+            );
+            return Ok(Security::Plaintext);
+        }
+        for (var, url) in downstreams {
+            if !url.starts_with("https://") {
+                return Err(format!(
+                    "{var} {url:?} must be an https:// URL: calls between services use mutual TLS"
+                ));
+            }
+        }
+        let missing = |var: &str| {
+            format!(
+                "{var} is required: TLS and authentication are on (set INSECURE_PLAINTEXT=true \
+                 for plaintext on loopback only)"
+            )
+        };
+        let files = TlsFiles {
+            cert: self
+                .tls_cert_file
+                .clone()
+                .ok_or_else(|| missing("TLS_CERT_FILE"))?,
+            key: self
+                .tls_key_file
+                .clone()
+                .ok_or_else(|| missing("TLS_KEY_FILE"))?,
+            ca: self
+                .tls_ca_file
+                .clone()
+                .ok_or_else(|| missing("TLS_CA_FILE"))?,
+        };
+        let material = TlsMaterial::load(&files)?;
+        let keys = self
+            .jwt_public_keys_file
+            .clone()
+            .ok_or_else(|| missing("JWT_PUBLIC_KEYS_FILE"))?;
+        let tokens = TokenVerifier::load(
+            &keys,
+            "JWT_PUBLIC_KEYS_FILE",
+            &auth::token::TokenRules {
+                issuer: self.jwt_issuer.clone(),
+                audience: self.jwt_audience.clone(),
+                max_lifetime: self.jwt_max_lifetime,
+            },
+        )?;
+        Ok(Security::Tls {
+            material: Arc::new(material),
+            tokens: Arc::new(tokens),
+            seen: Arc::new(Seen::default()),
         })
     }
 }

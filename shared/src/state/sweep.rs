@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
-use crate::storage::{Batch, Redis};
+use crate::contract::error::ApiError;
+use crate::state::storage::{Batch, Redis};
 
 const FORGET_UNCHANGED: &str = include_str!("lua/forget_unchanged.lua");
 
@@ -90,7 +90,7 @@ impl SweepGroup {
     /// `0..shards`, it sweeps this round: one round trip of two commands
     /// (three every [`CLEANUP_EVERY`] rounds).
     pub async fn shards(&self, shards: u32) -> Result<Vec<u32>, ApiError> {
-        let now = crate::clock::system_ms();
+        let now = crate::state::clock::system_ms();
         let mut batch = Batch::new();
         if self
             .rounds

@@ -11,13 +11,14 @@ use rustls::client::danger::ServerCertVerifier;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
-use crate::context::CallContext;
+use crate::runtime::auth::Security;
+use crate::runtime::context::CallContext;
 
 /// A channel that dials on first use and redials by itself, so a service
 /// starts even while the services it calls are down. With `tls`, the URL
 /// must be `https://` (mutual TLS with the service's own certificate).
 /// `tls`: the client's settings and the verifier of the server's
-/// certificate (e.g. [`crate::auth::tls::SpiffeServerVerifier`]).
+/// certificate (e.g. [`crate::runtime::auth::tls::SpiffeServerVerifier`]).
 pub fn lazy_channel(
     url: &str,
     tls: Option<(ClientTlsConfig, Arc<dyn ServerCertVerifier>)>,
@@ -206,6 +207,30 @@ impl Verdict {
 /// because of that deadline.
 const CALLERS_DEADLINE_SLACK: Duration = Duration::from_millis(1);
 
+/// A lazily connected channel to `service` (mutual TLS unless in
+/// plaintext mode; the server must prove it is
+/// `spiffe://inmail/<service>`).
+pub fn channel(
+    security: &Security,
+    var: &str,
+    url: &str,
+    service: &str,
+) -> Result<Channel, String> {
+    let tls = match security {
+        Security::Tls { material, .. } => {
+            let (tls, verifier) = material
+                .client_config_for(service)
+                .map_err(|e| format!("{var}: {e}"))?;
+            Some((
+                tls,
+                verifier as Arc<dyn rustls::client::danger::ServerCertVerifier>,
+            ))
+        }
+        Security::Plaintext => None,
+    };
+    lazy_channel(url, tls).map_err(|e| format!("{var}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,8 +278,9 @@ mod tests {
     async fn does_not_retry_an_unavailable_answer() {
         let ctx = CallContext::background(Duration::from_secs(2));
         let mut attempts = 0;
-        let answered = crate::error::ApiError::unavailable("STORAGE_UNAVAILABLE", "redis down")
-            .into_status("d");
+        let answered =
+            crate::contract::error::ApiError::unavailable("STORAGE_UNAVAILABLE", "redis down")
+                .into_status("d");
         let result: Result<(), Status> = with_retries(&ctx, || {
             attempts += 1;
             let answered = answered.clone();

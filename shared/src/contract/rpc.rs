@@ -5,7 +5,7 @@ use std::future::Future;
 
 use tonic::{Response, Status};
 
-use crate::error::ApiError;
+use crate::contract::error::ApiError;
 
 /// Runs a handler's work and maps its outcome for the wire; `domain` names
 /// the service in `ErrorInfo`.

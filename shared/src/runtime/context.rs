@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 
-use crate::auth::Caller;
+use crate::runtime::auth::Caller;
 
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -93,7 +93,11 @@ impl CallContext {
     }
 
     /// The caller may act for (or read) `member`, named by `field`.
-    pub fn act_for(&self, field: &str, member: &str) -> Result<(), crate::error::ApiError> {
+    pub fn act_for(
+        &self,
+        field: &str,
+        member: &str,
+    ) -> Result<(), crate::contract::error::ApiError> {
         self.caller.act_for(field, member)
     }
 
@@ -135,6 +139,16 @@ pub fn record_identity(member_id: &str, request_id: &str) {
     }
     if !request_id.is_empty() {
         span.record("request_id", request_id);
+    }
+}
+
+impl crate::state::idempotency::ServedCall for CallContext {
+    fn is_members_own(&self) -> bool {
+        self.caller.is_member()
+    }
+
+    fn remaining(&self) -> Duration {
+        CallContext::remaining(self)
     }
 }
 

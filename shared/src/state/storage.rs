@@ -31,7 +31,7 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::ApiError;
+use crate::contract::error::ApiError;
 
 /// How to reach Redis.
 #[derive(Debug, Clone)]
@@ -550,7 +550,7 @@ impl Replication {
             let (reply, answer) = oneshot::channel();
             self.lane(&lane).send(Waiter { key, reply }).map_err(|_| {
                 ApiError::unavailable(
-                    crate::reasons::STORAGE_UNAVAILABLE,
+                    crate::contract::reasons::STORAGE_UNAVAILABLE,
                     "the replica wait stopped",
                 )
             })?;
@@ -573,7 +573,7 @@ impl Replication {
         if acked < i64::from(self.replicas) {
             let (replicas, timeout) = (self.replicas, self.timeout);
             return Err(ApiError::unavailable(
-                crate::reasons::NOT_REPLICATED,
+                crate::contract::reasons::NOT_REPLICATED,
                 format!(
                     "the write reached {acked} of the {replicas} replica(s) it needs within {timeout:?}; retry the same request"
                 ),
@@ -602,7 +602,7 @@ impl Replication {
             let Some(range) = ranges.iter().find(|r| r.first <= slot && slot <= r.last) else {
                 *slots = None;
                 return Err(ApiError::unavailable(
-                    crate::reasons::STORAGE_UNAVAILABLE,
+                    crate::contract::reasons::STORAGE_UNAVAILABLE,
                     format!("no primary serves slot {slot}"),
                 ));
             };

@@ -9,6 +9,9 @@ pub const INVALID_FIELD: &str = "INVALID_FIELD";
 pub const REQUEST_ID_REUSED: &str = "REQUEST_ID_REUSED";
 /// Redis cannot be reached or timed out.
 pub const STORAGE_UNAVAILABLE: &str = "STORAGE_UNAVAILABLE";
+/// The history store (PostgreSQL) cannot be reached: only reads of history
+/// older than Redis's hot window need it.
+pub const HISTORY_UNAVAILABLE: &str = "HISTORY_UNAVAILABLE";
 /// Redis is at its maxmemory and refuses writes (reads go on).
 pub const STORAGE_FULL: &str = "STORAGE_FULL";
 /// The server is serving its maximum of concurrent calls.
@@ -109,10 +112,10 @@ mod tests {
     use std::collections::BTreeSet;
 
     const PROTOS: [&str; 4] = [
-        include_str!("../../proto/inmail/plans/v1/plans.proto"),
-        include_str!("../../proto/inmail/billing/v1/billing.proto"),
-        include_str!("../../proto/inmail/messaging/v1/messaging.proto"),
-        include_str!("../../proto/inmail/testclock/v1/test_clock.proto"),
+        include_str!("../../../proto/inmail/plans/v1/plans.proto"),
+        include_str!("../../../proto/inmail/billing/v1/billing.proto"),
+        include_str!("../../../proto/inmail/messaging/v1/messaging.proto"),
+        include_str!("../../../proto/inmail/testclock/v1/test_clock.proto"),
     ];
 
     const CODES: [&str; 12] = [

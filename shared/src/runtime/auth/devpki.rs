@@ -156,6 +156,15 @@ fn ed25519_pkcs8_v1_pem(der: &[u8]) -> Result<String, String> {
     ))
 }
 
+/// 64 random hex digits.
+fn random_password() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
 /// The services of the stack.
 pub const SERVICES: &[&str] = &["subscription-plan", "billing-credits", "messaging"];
 
@@ -163,14 +172,23 @@ pub const SERVICES: &[&str] = &["subscription-plan", "billing-credits", "messagi
 #[derive(Debug)]
 pub struct DevPki {
     pub ca: Authority,
-    /// One certificate per service, then the operator's ("operator/dev").
+    /// One certificate per service, PostgreSQL's ("postgres"), then the
+    /// operator's ("operator/dev").
     pub certs: Vec<(String, Pem)>,
     pub signing: SigningKey,
     /// One Redis password per service: (service, password).
     pub redis_passwords: Vec<(String, String)>,
     /// The Redis administrator's (the default user's) password.
     pub redis_admin_password: String,
+    /// The history store's (PostgreSQL) superuser password, and one
+    /// database user password per service that keeps history.
+    pub database_admin_password: String,
+    pub database_passwords: Vec<(String, String)>,
 }
+
+/// The services that keep history in PostgreSQL (each its own database and
+/// user, `inmail_<service with _>`).
+pub const HISTORY_SERVICES: &[&str] = &["billing-credits"];
 
 impl DevPki {
     /// `hosts`: the names and addresses the services are reached at.
@@ -182,15 +200,14 @@ impl DevPki {
             names.push(service);
             certs.push((service.to_string(), ca.issue(service, &names)?));
         }
+        // The history store's server certificate (the services verify it
+        // with DATABASE_CA_FILE).
+        let mut names: Vec<&str> = hosts.to_vec();
+        names.push("postgres");
+        certs.push(("postgres".to_string(), ca.issue("postgres", &names)?));
         certs.push(("operator".to_string(), ca.issue_client("operator/dev")?));
         let signing = SigningKey::generate("dev-1")?;
-        let password = || {
-            format!(
-                "{}{}",
-                uuid::Uuid::new_v4().simple(),
-                uuid::Uuid::new_v4().simple()
-            )
-        };
+        let password = random_password;
         let redis_passwords = SERVICES
             .iter()
             .map(|service| (service.to_string(), password()))
@@ -201,6 +218,11 @@ impl DevPki {
             signing,
             redis_passwords,
             redis_admin_password: password(),
+            database_admin_password: password(),
+            database_passwords: HISTORY_SERVICES
+                .iter()
+                .map(|service| (service.to_string(), password()))
+                .collect(),
         })
     }
 
@@ -217,6 +239,27 @@ impl DevPki {
     /// passwords: the rules follow the code (a release may grant a service
     /// a new key pattern); certificates, keys and passwords stay.
     pub fn refresh_acl_files(dir: &Path) -> Result<(), String> {
+        // Passwords a release added (the history store's) are created for a
+        // PKI written before it; existing ones stay.
+        let mut names = vec!["postgres-admin.password".to_string()];
+        names.extend(
+            HISTORY_SERVICES
+                .iter()
+                .map(|s| format!("postgres-{s}.password")),
+        );
+        for name in names {
+            let path = dir.join(&name);
+            if !path.exists() {
+                std::fs::write(&path, random_password())
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                }
+            }
+        }
         let read = |name: &str| -> Result<String, String> {
             let path = dir.join(name);
             std::fs::read_to_string(&path)
@@ -245,8 +288,9 @@ impl DevPki {
     }
 
     /// Writes `ca.crt`, `<name>.crt` / `<name>.key`, `jwt-signing.pem`,
-    /// `jwks.json`, `redis-<service>.password`, `redis-admin.password`, and
-    /// the Redis ACL files
+    /// `jwks.json`, `redis-<service>.password`, `redis-admin.password`,
+    /// `postgres-admin.password`, `postgres-<service>.password`, and the
+    /// Redis ACL files
     /// `redis-users.acl` (test clock off) and `redis-users-test-clock.acl`
     /// into `dir` (keys and passwords readable by the owner only; the ACL
     /// files hold only hashes).
@@ -274,6 +318,14 @@ impl DevPki {
             write(&format!("redis-{service}.password"), password, true)?;
         }
         write("redis-admin.password", &self.redis_admin_password, true)?;
+        write(
+            "postgres-admin.password",
+            &self.database_admin_password,
+            true,
+        )?;
+        for (service, password) in &self.database_passwords {
+            write(&format!("postgres-{service}.password"), password, true)?;
+        }
         let passwords: Vec<(&str, &str)> = self
             .redis_passwords
             .iter()

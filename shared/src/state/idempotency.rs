@@ -13,10 +13,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
-use crate::context::CallContext;
-use crate::error::ApiError;
-use crate::reasons;
-use crate::storage::Redis;
+use crate::contract::error::ApiError;
+use crate::contract::reasons;
+use crate::state::storage::Redis;
 
 /// How long a request id is remembered.
 pub const REQUEST_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -28,6 +27,16 @@ pub fn fingerprint<M: prost::Message + prost::Name>(request_without_id: &M) -> S
         M::full_name().as_bytes(),
         &request_without_id.encode_to_vec(),
     ])
+}
+
+/// What [`RequestLog::run`] needs of the call it serves (the runtime's call
+/// context implements it).
+pub trait ServedCall {
+    /// Whether a member makes the call as itself: only those calls spend the
+    /// member's mutation quota.
+    fn is_members_own(&self) -> bool;
+    /// Time left before the call's deadline.
+    fn remaining(&self) -> Duration;
 }
 
 /// A mutating request: it carries a `request_id` (AIP-155), and its
@@ -50,7 +59,7 @@ pub trait Mutation: prost::Message + prost::Name + Clone {
 macro_rules! mutations {
     ($($request:ty),* $(,)?) => {
         $(
-            impl $crate::idempotency::Mutation for $request {
+            impl $crate::state::idempotency::Mutation for $request {
                 fn request_id(&self) -> &str {
                     &self.request_id
                 }
@@ -61,6 +70,34 @@ macro_rules! mutations {
         )*
     };
 }
+
+// Every generated request with a `request_id` (the contract layer generates
+// them; their idempotency belongs to this layer).
+crate::mutations!(
+    crate::contract::proto::plans::v1::SubscribeRequest,
+    crate::contract::proto::plans::v1::ChangePlanRequest,
+    crate::contract::proto::plans::v1::CancelSubscriptionRequest,
+    crate::contract::proto::plans::v1::ClearScheduledChangeRequest,
+    crate::contract::proto::plans::v1::SetOpenProfileRequest,
+    crate::contract::proto::billing::v1::DebitForMessageRequest,
+    crate::contract::proto::billing::v1::ConfirmDebitRequest,
+    crate::contract::proto::billing::v1::ReleaseDebitRequest,
+    crate::contract::proto::billing::v1::RefundMessageRequest,
+    crate::contract::proto::billing::v1::GrantCreditsRequest,
+    crate::contract::proto::messaging::v1::SendInvitationRequest,
+    crate::contract::proto::messaging::v1::AcceptInvitationRequest,
+    crate::contract::proto::messaging::v1::IgnoreInvitationRequest,
+    crate::contract::proto::messaging::v1::WithdrawInvitationRequest,
+    crate::contract::proto::messaging::v1::AddConnectionRequest,
+    crate::contract::proto::messaging::v1::RemoveConnectionRequest,
+    crate::contract::proto::messaging::v1::BlockMemberRequest,
+    crate::contract::proto::messaging::v1::UnblockMemberRequest,
+    crate::contract::proto::messaging::v1::SetInmailPreferenceRequest,
+    crate::contract::proto::messaging::v1::SendMessageRequest,
+    crate::contract::proto::messaging::v1::RespondToInmailRequest,
+    crate::contract::proto::testclock::v1::AdvanceTimeRequest,
+    crate::contract::proto::testclock::v1::SetTimeRequest,
+);
 
 /// Hex SHA-256 (first 128 bits) of the parts, length-prefixed so that
 /// ("ab","c") and ("a","bc") differ.
@@ -281,7 +318,7 @@ impl RequestLog {
     /// call spends from the quota at `quota` (`None`: not charged).
     pub async fn run<M, F, Fut>(
         &self,
-        ctx: &CallContext,
+        ctx: &impl ServedCall,
         key: &str,
         quota: Option<(&str, Quota)>,
         fingerprint: &str,
@@ -295,7 +332,7 @@ impl RequestLog {
         let owner = uuid::Uuid::new_v4().simple().to_string();
         // Services and operators act for members; only a member's own calls
         // spend the member's quota.
-        let quota = quota.filter(|_| ctx.caller.is_member());
+        let quota = quota.filter(|_| ctx.is_members_own());
         loop {
             match self.claim(key, fingerprint, &owner, quota).await? {
                 Claim::Done(outcome) => return outcome.into_result(),
@@ -322,7 +359,7 @@ mod tests {
 
     #[test]
     fn look_alike_requests_of_two_rpcs_differ() {
-        use crate::proto::messaging::v1 as pb;
+        use crate::contract::proto::messaging::v1 as pb;
         let add = pb::AddConnectionRequest {
             request_id: String::new(),
             member_id: "a".into(),

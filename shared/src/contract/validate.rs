@@ -1,7 +1,7 @@
 //! Field checks shared by every service. A handler collects every violation of
 //! a request, then refuses it as a whole, before touching any state.
 
-use crate::error::{ApiError, Violation};
+use crate::contract::error::{ApiError, Violation};
 
 /// Longest member id (README.md, "How it behaves").
 pub const MEMBER_ID_MAX_LEN: usize = 64;
@@ -69,6 +69,10 @@ impl Checks {
                 field,
                 format!("must be at most {max_chars} characters, got {chars}"),
             );
+        } else if value.contains('\0') {
+            // Text is kept as text everywhere, PostgreSQL included, which
+            // has no NUL character.
+            self.add(field, "must not contain NUL characters");
         }
         self
     }
@@ -148,6 +152,17 @@ mod tests {
         let mut checks = Checks::new();
         checks.text("body", "   ", true, 10);
         assert!(checks.finish().is_err());
+    }
+
+    #[test]
+    fn text_with_a_nul_character_is_refused() {
+        let mut checks = Checks::new();
+        checks.text("reason", "top-up\0", true, 200);
+        let error = checks.finish().unwrap_err();
+        assert!(format!("{error:?}").contains("NUL"), "{error:?}");
+        let mut checks = Checks::new();
+        checks.text("reason", "line one\nline two\ttab", true, 200);
+        assert!(checks.finish().is_ok());
     }
 
     #[test]

@@ -1,0 +1,325 @@
+//! The archived ledger in the history store (PostgreSQL; the table is
+//! `migrations/V1__ledger_entries.sql`): what the archiver inserts and what
+//! ListLedgerEntries reads past Redis's hot window.
+
+use chrono::{Datelike, TimeZone, Utc};
+use inmail_shared::ApiError;
+use inmail_shared::state::history::{History, unavailable};
+
+use crate::store::{EntryKind, StoredEntry};
+
+refinery::embed_migrations!("migrations");
+
+/// The migrations of billing-credits' history database.
+pub fn migrations() -> refinery::Runner {
+    migrations::runner()
+}
+
+/// billing-credits' view of the history store.
+#[derive(Debug, Clone)]
+pub struct LedgerHistory {
+    db: History,
+}
+
+/// A stream id `<ms>-<seq>` as its two numbers.
+pub fn split_id(id: &str) -> Option<(i64, i64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+pub fn kind_name(kind: Option<EntryKind>) -> &'static str {
+    match kind {
+        Some(EntryKind::Renewal) => "RENEWAL",
+        Some(EntryKind::Debit) => "DEBIT",
+        Some(EntryKind::Release) => "RELEASE",
+        Some(EntryKind::Refund) => "REFUND",
+        Some(EntryKind::Grant) => "GRANT",
+        Some(EntryKind::WriteOff) => "WRITE_OFF",
+        Some(EntryKind::PlanChange) => "PLAN_CHANGE",
+        None => "UNKNOWN",
+    }
+}
+
+/// The month partition holding entries of id time `ms`: its name and range.
+fn partition_of(ms: i64) -> (String, i64, i64) {
+    let at = Utc
+        .timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+    let start = Utc
+        .with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)
+        .single()
+        .expect("the first of a month exists");
+    let (y, m) = if at.month() == 12 {
+        (at.year() + 1, 1)
+    } else {
+        (at.year(), at.month() + 1)
+    };
+    let end = Utc
+        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .single()
+        .expect("the first of a month exists");
+    (
+        format!("ledger_entries_{}{:02}", at.year(), at.month()),
+        start.timestamp_millis(),
+        end.timestamp_millis(),
+    )
+}
+
+const COLUMNS: &str = "entry_ms, entry_seq, at_ms, kind, amount, balance_after, message_id, \
+                       request_id, plan_id, plan_version, cycle_index, note";
+
+fn entry_of(row: &tokio_postgres::Row) -> StoredEntry {
+    let ms: i64 = row.get(0);
+    let seq: i64 = row.get(1);
+    StoredEntry {
+        id: format!("{ms}-{seq}"),
+        at_ms: row.get(2),
+        kind: EntryKind::parse(row.get(3)),
+        amount: row.get(4),
+        balance_after: row.get(5),
+        message_id: row.get(6),
+        request_id: row.get(7),
+        plan_id: row.get(8),
+        plan_version: row.get::<_, i64>(9) as u64,
+        cycle_index: row.get::<_, i32>(10) as u32,
+        note: row.get(11),
+    }
+}
+
+impl LedgerHistory {
+    pub fn new(db: History) -> Self {
+        Self { db }
+    }
+
+    /// Inserts `entries` of `member` in one transaction, skipping those
+    /// already there (a crash between this commit and the trim in Redis
+    /// archives them again); answers how many were new.
+    pub async fn insert(&self, member: &str, entries: &[StoredEntry]) -> Result<u64, ApiError> {
+        let mut rows = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (ms, seq) = split_id(&e.id)
+                .ok_or_else(|| ApiError::internal(format!("ledger entry id {:?}", e.id)))?;
+            rows.push((ms, seq, e));
+        }
+        let mut conn = self.db.connection().await?;
+        let tx = conn.transaction().await.map_err(unavailable)?;
+        // Each month's partition exists before its first row (two archivers
+        // creating one take turns on the lock).
+        let mut months: Vec<(String, i64, i64)> =
+            rows.iter().map(|(ms, _, _)| partition_of(*ms)).collect();
+        months.dedup();
+        for (name, from, to) in months {
+            // Only a missing month takes the lock (and creating it, the
+            // table's lock): every other insert runs alongside the others.
+            let exists: bool = tx
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                .await
+                .map_err(unavailable)?
+                .get(0);
+            if exists {
+                continue;
+            }
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('ledger_entries partitions'))",
+                &[],
+            )
+            .await
+            .map_err(unavailable)?;
+            tx.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF ledger_entries \
+                 FOR VALUES FROM ({from}) TO ({to})"
+            ))
+            .await
+            .map_err(unavailable)?;
+        }
+        let col = |f: &dyn Fn(&(i64, i64, &StoredEntry)) -> i64| -> Vec<i64> {
+            rows.iter().map(f).collect()
+        };
+        let text = |f: &dyn Fn(&StoredEntry) -> String| -> Vec<String> {
+            rows.iter().map(|(_, _, e)| f(e)).collect()
+        };
+        let ms = col(&|r| r.0);
+        let seq = col(&|r| r.1);
+        let at = col(&|r| r.2.at_ms);
+        let amount = col(&|r| r.2.amount);
+        let balance = col(&|r| r.2.balance_after);
+        let version = col(&|r| r.2.plan_version as i64);
+        let cycle: Vec<i32> = rows.iter().map(|r| r.2.cycle_index as i32).collect();
+        let kind = text(&|e| kind_name(e.kind).to_string());
+        let message = text(&|e| e.message_id.clone());
+        let request = text(&|e| e.request_id.clone());
+        let plan = text(&|e| e.plan_id.clone());
+        let note = text(&|e| e.note.clone());
+        let inserted = tx
+            .execute(
+                &format!(
+                    "INSERT INTO ledger_entries (member_id, {COLUMNS}) \
+                     SELECT $1, * FROM UNNEST($2::int8[], $3::int8[], $4::int8[], $5::text[], \
+                     $6::int8[], $7::int8[], $8::text[], $9::text[], $10::text[], $11::int8[], \
+                     $12::int4[], $13::text[]) \
+                     ON CONFLICT DO NOTHING"
+                ),
+                &[
+                    &member, &ms, &seq, &at, &kind, &amount, &balance, &message, &request, &plan,
+                    &version, &cycle, &note,
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(inserted)
+    }
+
+    /// A member's archived entries newest first, strictly before the stream
+    /// id `before` when given; at most `limit`.
+    pub async fn page(
+        &self,
+        member: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, ApiError> {
+        let (ms, seq) = match before {
+            Some(id) => {
+                split_id(id).ok_or_else(|| ApiError::internal(format!("ledger cursor {id:?}")))?
+            }
+            None => (i64::MAX, i64::MAX),
+        };
+        let conn = self.db.connection().await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM ledger_entries \
+                     WHERE member_id = $1 AND (entry_ms, entry_seq) < ($2, $3) \
+                     ORDER BY entry_ms DESC, entry_seq DESC LIMIT $4"
+                ),
+                &[&member, &ms, &seq, &(limit as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(entry_of).collect())
+    }
+}
+
+impl LedgerHistory {
+    /// A member's archived entries whose time is in `[start_ms, end_ms)`,
+    /// oldest first, after the stream id `after` and before `before` when
+    /// given; at most `limit`.
+    pub async fn range(
+        &self,
+        member: &str,
+        after: Option<&str>,
+        before: Option<&str>,
+        (start_ms, end_ms): (i64, i64),
+        limit: usize,
+    ) -> Result<Vec<StoredEntry>, ApiError> {
+        let cursor = |id: Option<&str>, none: (i64, i64)| match id {
+            Some(id) => {
+                split_id(id).ok_or_else(|| ApiError::internal(format!("ledger cursor {id:?}")))
+            }
+            None => Ok(none),
+        };
+        let (after_ms, after_seq) = cursor(after, (-1, -1))?;
+        let (before_ms, before_seq) = cursor(before, (i64::MAX, i64::MAX))?;
+        let conn = self.db.connection().await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM ledger_entries \
+                     WHERE member_id = $1 AND at_ms >= $2 AND at_ms < $3 \
+                     AND (entry_ms, entry_seq) > ($4, $5) AND (entry_ms, entry_seq) < ($6, $7) \
+                     ORDER BY entry_ms, entry_seq LIMIT $8"
+                ),
+                &[
+                    &member,
+                    &start_ms,
+                    &end_ms,
+                    &after_ms,
+                    &after_seq,
+                    &before_ms,
+                    &before_seq,
+                    &(limit as i64),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(rows.iter().map(entry_of).collect())
+    }
+
+    /// Every archived entry whose time is in `[start_ms, end_ms)` (of
+    /// `member` only, when given), streamed to `each` as (member, entry) in
+    /// member and ledger order, without holding them in memory.
+    pub async fn export(
+        &self,
+        member: Option<&str>,
+        (start_ms, end_ms): (i64, i64),
+        mut each: impl FnMut(&str, StoredEntry) -> Result<(), ApiError>,
+    ) -> Result<u64, ApiError> {
+        use tonic::codegen::tokio_stream::StreamExt;
+        let conn = self.db.connection().await?;
+        // One long streamed query: DATABASE_TIMEOUT bounds the service's
+        // statements, not an audit export.
+        conn.batch_execute("SET statement_timeout = 0")
+            .await
+            .map_err(unavailable)?;
+        let member = member.map(str::to_string);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&member, &start_ms, &end_ms];
+        let rows = conn
+            .query_raw(
+                &format!(
+                    "SELECT {COLUMNS}, member_id FROM ledger_entries \
+                     WHERE ($1::text IS NULL OR member_id = $1) AND at_ms >= $2 AND at_ms < $3 \
+                     ORDER BY member_id, entry_ms, entry_seq"
+                ),
+                params,
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut rows = std::pin::pin!(rows);
+        let mut count = 0;
+        while let Some(row) = rows.next().await {
+            let row = row.map_err(unavailable)?;
+            let member: String = row.get(12);
+            each(&member, entry_of(&row))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// A member's newest archived entry whose time is before `before_ms`.
+    pub async fn last_before(
+        &self,
+        member: &str,
+        before_ms: i64,
+    ) -> Result<Option<StoredEntry>, ApiError> {
+        let conn = self.db.connection().await?;
+        let row = conn
+            .query_opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM ledger_entries WHERE member_id = $1 AND at_ms < $2 \
+                     ORDER BY at_ms DESC, entry_ms DESC, entry_seq DESC LIMIT 1"
+                ),
+                &[&member, &before_ms],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(entry_of))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_partition_the_id_time() {
+        // 2026-12-05T04:00:00Z
+        let (name, from, to) = partition_of(1_796_443_200_000);
+        assert_eq!(name, "ledger_entries_202612");
+        assert_eq!(from, 1_796_083_200_000); // 2026-12-01
+        assert_eq!(to, 1_798_761_600_000); // 2027-01-01
+        assert!(from <= 1_796_443_200_000 && 1_796_443_200_000 < to);
+        assert_eq!(split_id("17-3"), Some((17, 3)));
+        assert_eq!(split_id("17"), None);
+    }
+}
