@@ -125,6 +125,10 @@ pub struct HealthGate {
     reporter: HealthReporter,
     names: Arc<Mutex<Vec<String>>>,
     state: Arc<Mutex<GateState>>,
+    /// Held across one publication (the status read and reported as one
+    /// step, so a stale SERVING cannot land after a drain's NOT_SERVING);
+    /// holds what was last reported, and for how many names.
+    published: Arc<tokio::sync::Mutex<Option<(ServingStatus, ServingStatus, usize)>>>,
 }
 
 /// The health service name that reports whether Redis takes writes: NOT_SERVING
@@ -154,6 +158,7 @@ impl HealthGate {
                 redis_known: false,
                 draining: false,
             })),
+            published: Arc::default(),
         }
     }
 
@@ -216,25 +221,32 @@ impl HealthGate {
         self.publish().await;
     }
 
+    /// Reports the current status, once per change: watchers see each
+    /// transition once, and in the order the state changed.
     async fn publish(&self) {
+        let mut published = self.published.lock().await;
         let status = if self.is_serving() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        let names = self.names.lock().unwrap().clone();
-        for name in names {
-            self.reporter.set_service_status(name, status).await;
-        }
         let writes = if status == ServingStatus::Serving && !self.state.lock().unwrap().storage_full
         {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
+        let names = self.names.lock().unwrap().clone();
+        if *published == Some((status, writes, names.len())) {
+            return;
+        }
+        for name in &names {
+            self.reporter.set_service_status(name, status).await;
+        }
         self.reporter
             .set_service_status(WRITES_HEALTH, writes)
             .await;
+        *published = Some((status, writes, names.len()));
     }
 }
 
