@@ -27,18 +27,15 @@ pub async fn decode_token(
     member: &str,
     token: &str,
 ) -> Result<Option<StreamId>, ApiError> {
-    let mut own = Checks::new();
-    let cursor = tokens
-        .decode(&mut own, TOKEN_LIST, &[member], token)
-        .await?;
-    let id = cursor.as_deref().and_then(StreamId::parse);
-    if !own.is_empty() || (cursor.is_some() && id.is_none()) {
-        checks.add(
-            "resume_token",
-            "is not a resume_token of this member's balance events (use a frame's resume_token as-is)",
-        );
-    }
-    Ok(id)
+    inmail_shared::state::events::decode_resume_token(
+        tokens,
+        checks,
+        TOKEN_LIST,
+        member,
+        token,
+        "this member's balance events",
+    )
+    .await
 }
 
 /// The event an entry of the stream stands for.

@@ -842,6 +842,29 @@ pub fn wall_clock_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Reads the `resume_token` of `member`'s events kept under `list` (None:
+/// from now). A token that does not verify, or names no event, is added to
+/// `checks` (`what`: whose events, for the message).
+pub async fn decode_resume_token(
+    tokens: &crate::state::paging::PageTokens,
+    checks: &mut crate::contract::validate::Checks,
+    list: &str,
+    member: &str,
+    token: &str,
+    what: &str,
+) -> Result<Option<StreamId>, ApiError> {
+    let mut own = crate::contract::validate::Checks::new();
+    let cursor = tokens.decode(&mut own, list, &[member], token).await?;
+    let id = cursor.as_deref().and_then(StreamId::parse);
+    if !own.is_empty() || (cursor.is_some() && id.is_none()) {
+        checks.add(
+            "resume_token",
+            format!("is not a resume_token of {what} (use a frame's resume_token as-is)"),
+        );
+    }
+    Ok(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
