@@ -2,9 +2,8 @@
 //! `migrations/V1__ledger_entries.sql`): what the archiver inserts and what
 //! ListLedgerEntries reads past Redis's hot window.
 
-use chrono::{Datelike, TimeZone, Utc};
 use inmail_shared::ApiError;
-use inmail_shared::state::history::{History, unavailable};
+use inmail_shared::state::history::{History, ensure_month_partitions, unavailable};
 
 use crate::store::{EntryKind, StoredEntry};
 
@@ -38,32 +37,6 @@ pub fn kind_name(kind: Option<EntryKind>) -> &'static str {
         Some(EntryKind::PlanChange) => "PLAN_CHANGE",
         None => "UNKNOWN",
     }
-}
-
-/// The month partition holding entries of id time `ms`: its name and range.
-fn partition_of(ms: i64) -> (String, i64, i64) {
-    let at = Utc
-        .timestamp_millis_opt(ms)
-        .single()
-        .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
-    let start = Utc
-        .with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)
-        .single()
-        .expect("the first of a month exists");
-    let (y, m) = if at.month() == 12 {
-        (at.year() + 1, 1)
-    } else {
-        (at.year(), at.month() + 1)
-    };
-    let end = Utc
-        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
-        .single()
-        .expect("the first of a month exists");
-    (
-        format!("ledger_entries_{}{:02}", at.year(), at.month()),
-        start.timestamp_millis(),
-        end.timestamp_millis(),
-    )
 }
 
 const COLUMNS: &str = "entry_ms, entry_seq, at_ms, kind, amount, balance_after, message_id, \
@@ -104,35 +77,8 @@ impl LedgerHistory {
         }
         let mut conn = self.db.connection().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
-        // Each month's partition exists before its first row (two archivers
-        // creating one take turns on the lock).
-        let mut months: Vec<(String, i64, i64)> =
-            rows.iter().map(|(ms, _, _)| partition_of(*ms)).collect();
-        months.dedup();
-        for (name, from, to) in months {
-            // Only a missing month takes the lock (and creating it, the
-            // table's lock): every other insert runs alongside the others.
-            let exists: bool = tx
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-                .await
-                .map_err(unavailable)?
-                .get(0);
-            if exists {
-                continue;
-            }
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('ledger_entries partitions'))",
-                &[],
-            )
-            .await
-            .map_err(unavailable)?;
-            tx.batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF ledger_entries \
-                 FOR VALUES FROM ({from}) TO ({to})"
-            ))
-            .await
-            .map_err(unavailable)?;
-        }
+        // Each month's partition exists before its first row.
+        ensure_month_partitions(&tx, "ledger_entries", rows.iter().map(|(ms, _, _)| *ms)).await?;
         let col = |f: &dyn Fn(&(i64, i64, &StoredEntry)) -> i64| -> Vec<i64> {
             rows.iter().map(f).collect()
         };
@@ -312,13 +258,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn months_partition_the_id_time() {
-        // 2026-12-05T04:00:00Z
-        let (name, from, to) = partition_of(1_796_443_200_000);
-        assert_eq!(name, "ledger_entries_202612");
-        assert_eq!(from, 1_796_083_200_000); // 2026-12-01
-        assert_eq!(to, 1_798_761_600_000); // 2027-01-01
-        assert!(from <= 1_796_443_200_000 && 1_796_443_200_000 < to);
+    fn stream_ids_split_in_two() {
         assert_eq!(split_id("17-3"), Some((17, 3)));
         assert_eq!(split_id("17"), None);
     }

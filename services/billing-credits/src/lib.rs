@@ -24,7 +24,7 @@ use std::time::Duration;
 use inmail_shared::runtime::bootstrap::Runtime;
 use inmail_shared::runtime::cli::ServiceBinary;
 use inmail_shared::runtime::config::{CommonArgs, HistoryArgs};
-use inmail_shared::state::history::{History, MigrateError};
+use inmail_shared::state::history::{open_and_migrate, when_migrated};
 use inmail_shared::state::idempotency::REQUEST_RETENTION;
 use inmail_shared::state::sweep::{LEAVE_WAIT, await_leave};
 use tokio::net::TcpListener;
@@ -241,30 +241,21 @@ pub async fn serve(
     let sweeper = sweeper::spawn_hold_sweeper(credits.clone(), args.sweep_interval, stop.clone());
     let history = match args.history.settings() {
         Some(settings) => {
-            let db = History::open(&settings)?;
-            // Migrations run before serving. A schema this binary cannot move
-            // forward from refuses to start; PostgreSQL unreachable at start
-            // does not (the hot path needs Redis only): the migrations are
-            // retried in the background and archiving waits for them.
-            let migrated = match db.migrate(history::migrations()).await {
-                Ok(applied) => {
-                    tracing::info!(applied, "history store migrated");
-                    true
-                }
-                Err(e @ MigrateError::Refused(_)) => return Err(e.to_string()),
-                Err(e @ MigrateError::Unreachable(_)) => {
-                    tracing::warn!(error = %e, "history store not reachable at start; archiving waits for it");
-                    false
-                }
-            };
+            let (db, migrated) = open_and_migrate(&settings, history::migrations).await?;
             let history = history::LedgerHistory::new(db.clone());
-            spawn_history(
+            let archive = archive::Archive::new(history.clone(), args.ledger_hot_retention);
+            let (credits, interval) = (credits.clone(), args.archive_interval);
+            // The archiver leaves the archivers' group itself when `stop` is
+            // cancelled.
+            when_migrated(
                 db,
                 migrated,
-                history.clone(),
-                &args,
-                credits.clone(),
+                history::migrations,
+                interval,
                 stop.clone(),
+                move |stop| {
+                    archive::spawn_compactor(archive, credits, interval, stop);
+                },
             );
             Some(history)
         }
@@ -300,36 +291,4 @@ pub async fn serve(
     let served = runtime.serve(server, listener, stop).await;
     await_leave(sweeper, LEAVE_WAIT).await;
     served
-}
-
-/// Runs the history store's migrations unless done (retrying while
-/// PostgreSQL cannot be reached), then archives every ARCHIVE_INTERVAL until
-/// `stop`.
-fn spawn_history(
-    db: History,
-    mut migrated: bool,
-    history: history::LedgerHistory,
-    args: &Args,
-    credits: Credits,
-    stop: CancellationToken,
-) {
-    let (hot, interval) = (args.ledger_hot_retention, args.archive_interval);
-    tokio::spawn(async move {
-        while !migrated {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(interval.max(Duration::from_secs(1))) => {}
-            }
-            match db.migrate(history::migrations()).await {
-                Ok(applied) => {
-                    tracing::info!(applied, "history store migrated");
-                    migrated = true;
-                }
-                Err(e) => tracing::warn!(error = %e, "history store not ready; archiving waits"),
-            }
-        }
-        // It leaves the archivers' group itself when `stop` is cancelled.
-        let _archiver =
-            archive::spawn_compactor(archive::Archive::new(history, hot), credits, interval, stop);
-    });
 }

@@ -175,6 +175,126 @@ impl History {
     }
 }
 
+/// The month partition of a table partitioned by a time in ms since the
+/// epoch: its name (`<table>_YYYYMM`) and its range `[from, to)`.
+pub fn month_partition(table: &str, ms: i64) -> (String, i64, i64) {
+    use chrono::{Datelike, TimeZone, Utc};
+    let at = Utc
+        .timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+    let first = |y: i32, m: u32| {
+        Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+            .single()
+            .expect("the first of a month exists")
+            .timestamp_millis()
+    };
+    let (y, m) = if at.month() == 12 {
+        (at.year() + 1, 1)
+    } else {
+        (at.year(), at.month() + 1)
+    };
+    (
+        format!("{table}_{}{:02}", at.year(), at.month()),
+        first(at.year(), at.month()),
+        first(y, m),
+    )
+}
+
+/// Creates the month partitions of `table` that rows at `times` (ms) need,
+/// inside the inserting transaction. Only a missing month takes the lock
+/// (and creating it, the table's lock): every other insert runs alongside
+/// the others; two archivers creating one take turns.
+pub async fn ensure_month_partitions(
+    tx: &deadpool_postgres::Transaction<'_>,
+    table: &str,
+    times: impl IntoIterator<Item = i64>,
+) -> Result<(), ApiError> {
+    let mut months: Vec<(String, i64, i64)> = times
+        .into_iter()
+        .map(|ms| month_partition(table, ms))
+        .collect();
+    months.sort();
+    months.dedup();
+    for (name, from, to) in months {
+        let exists: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        if exists {
+            continue;
+        }
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!("{table} partitions")],
+        )
+        .await
+        .map_err(unavailable)?;
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {name} PARTITION OF {table} \
+             FOR VALUES FROM ({from}) TO ({to})"
+        ))
+        .await
+        .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+/// Opens a service's history store and runs its migrations before it
+/// serves. A schema this binary cannot move forward from refuses to start
+/// (`Err`); PostgreSQL unreachable at start does not (the hot path needs
+/// Redis only): the answer says whether the migrations ran, and
+/// [`when_migrated`] retries them.
+pub async fn open_and_migrate(
+    settings: &HistorySettings,
+    migrations: fn() -> refinery::Runner,
+) -> Result<(History, bool), String> {
+    let db = History::open(settings)?;
+    match db.migrate(migrations()).await {
+        Ok(applied) => {
+            tracing::info!(applied, "history store migrated");
+            Ok((db, true))
+        }
+        Err(e @ MigrateError::Refused(_)) => Err(e.to_string()),
+        Err(e @ MigrateError::Unreachable(_)) => {
+            tracing::warn!(error = %e, "history store not reachable at start; archiving waits for it");
+            Ok((db, false))
+        }
+    }
+}
+
+/// Runs `then` (the archiver) once the migrations have run: at once when
+/// `migrated`, else after retrying them every `retry` (at least a second)
+/// until they do, or never if `stop` comes first.
+pub fn when_migrated<F>(
+    db: History,
+    mut migrated: bool,
+    migrations: fn() -> refinery::Runner,
+    retry: Duration,
+    stop: tokio_util::sync::CancellationToken,
+    then: F,
+) where
+    F: FnOnce(tokio_util::sync::CancellationToken) + Send + 'static,
+{
+    tokio::spawn(async move {
+        while !migrated {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(retry.max(Duration::from_secs(1))) => {}
+            }
+            match db.migrate(migrations()).await {
+                Ok(applied) => {
+                    tracing::info!(applied, "history store migrated");
+                    migrated = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "history store not ready; archiving waits"),
+            }
+        }
+        then(stop);
+    });
+}
+
 /// Why the migrations did not run.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -221,4 +341,21 @@ pub enum HistoryError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("{0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_partition_the_time() {
+        // 2026-12-05T04:00:00Z
+        let (name, from, to) = month_partition("ledger_entries", 1_796_443_200_000);
+        assert_eq!(name, "ledger_entries_202612");
+        assert_eq!(from, 1_796_083_200_000); // 2026-12-01
+        assert_eq!(to, 1_798_761_600_000); // 2027-01-01
+        let (name, from, _) = month_partition("messages", 1_798_761_600_000);
+        assert_eq!(name, "messages_202701");
+        assert_eq!(from, 1_798_761_600_000);
+    }
 }
