@@ -6,7 +6,7 @@
 # come from the files the `secrets` job wrote (copied for the postgres user
 # by the container's entrypoint, see docker-compose.yml).
 set -eu
-for service in billing-credits; do
+for service in billing-credits messaging; do
   user="inmail_$(echo "$service" | tr '-' '_')"
   db="$(echo "$service" | tr '-' '_')"
   password="$(cat "/run/inmail/postgres-$service.password")"

@@ -139,8 +139,10 @@ else
 fi
 export REDIS_URL TEST_CLOCK
 
-# PostgreSQL, the history store (billing's archived ledger): the caller's
-# (DATABASE_URL, with DATABASE_PASSWORD_FILE), else our own on
+# PostgreSQL, the history store (billing's archived ledger, messaging's
+# archived messages): the caller's (DATABASE_URL for billing-credits and
+# MESSAGING_DATABASE_URL for messaging, each with its *_PASSWORD_FILE), else
+# our own on
 # DEV_POSTGRES_PORT, its data in $STATE_DIR/postgres (or
 # postgres-test-clock). initdb refuses root, so as root it runs as the
 # `postgres` user (its data then lives where that user can reach it).
@@ -188,9 +190,11 @@ if [ -z "${DATABASE_URL:-}" ]; then
       install -m 0644 "$PKI/postgres.crt" "$PG_DIR/server.crt"
       [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$PG_DIR/server.key" "$PG_DIR/server.crt"
       pg_tls=(-c ssl=on -c "ssl_cert_file=$PG_DIR/server.crt" -c "ssl_key_file=$PG_DIR/server.key")
-      # billing's user over TLS only.
-      grep -q '^hostnossl all inmail_billing_credits' "$PG_DIR/data/pg_hba.conf" ||
-        sed -i '1i hostnossl all inmail_billing_credits all reject' "$PG_DIR/data/pg_hba.conf"
+      # The services' users over TLS only.
+      for user in inmail_billing_credits inmail_messaging; do
+        grep -q "^hostnossl all $user" "$PG_DIR/data/pg_hba.conf" ||
+          sed -i "1i hostnossl all $user all reject" "$PG_DIR/data/pg_hba.conf"
+      done
     else
       echo "    (no $PKI/postgres.crt: PostgreSQL without TLS; messaging dev-pki --force --dir $PKI writes a PKI with one)"
     fi
@@ -204,30 +208,46 @@ if [ -z "${DATABASE_URL:-}" ]; then
     for _ in $(seq 100); do pg_ready && break; sleep 0.1; done
     pg_ready || { echo "error: PostgreSQL did not start; see $STATE_DIR/logs/postgres.log" >&2; exit 1; }
   fi
-  # billing-credits' database and user (created once; the password follows
+  # Each service's database and user (created once; the password follows
   # the PKI's file).
-  PGPASSWORD="$(cat "$PKI/postgres-admin.password")" "$pg_bin/psql" -q -h 127.0.0.1 \
-    -p "$DEV_POSTGRES_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
-    -v password="$(cat "$PKI/postgres-billing-credits.password")" >/dev/null <<'SQL' || {
-SELECT 'CREATE ROLE inmail_billing_credits LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE'
-  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'inmail_billing_credits') \gexec
-ALTER ROLE inmail_billing_credits PASSWORD :'password';
-SELECT 'CREATE DATABASE billing_credits OWNER inmail_billing_credits'
-  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'billing_credits') \gexec
-REVOKE ALL ON DATABASE billing_credits FROM PUBLIC;
+  for service in billing-credits messaging; do
+    user="inmail_$(echo "$service" | tr '-' '_')"
+    db="$(echo "$service" | tr '-' '_')"
+    PGPASSWORD="$(cat "$PKI/postgres-admin.password")" "$pg_bin/psql" -q -h 127.0.0.1 \
+      -p "$DEV_POSTGRES_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+      -v user="$user" -v db="$db" \
+      -v password="$(cat "$PKI/postgres-$service.password")" >/dev/null <<'SQL' || {
+SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE', :'user')
+  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'user') \gexec
+ALTER ROLE :"user" PASSWORD :'password';
+SELECT format('CREATE DATABASE %I OWNER %I', :'db', :'user')
+  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db') \gexec
+REVOKE ALL ON DATABASE :"db" FROM PUBLIC;
 SQL
-    echo "error: cannot create billing-credits' database; see $STATE_DIR/logs/postgres.log" >&2
-    exit 1
-  }
+      echo "error: cannot create $service's database; see $STATE_DIR/logs/postgres.log" >&2
+      exit 1
+    }
+  done
   BILLING_DATABASE_URL="postgres://inmail_billing_credits@127.0.0.1:$DEV_POSTGRES_PORT/billing_credits"
   BILLING_DATABASE_PASSWORD_FILE="$PKI/postgres-billing-credits.password"
+  MESSAGING_DATABASE_URL="postgres://inmail_messaging@127.0.0.1:$DEV_POSTGRES_PORT/messaging"
+  MESSAGING_DATABASE_PASSWORD_FILE="$PKI/postgres-messaging.password"
   BILLING_DATABASE_CA_FILE=""
   [ -f "$PKI/postgres.crt" ] && BILLING_DATABASE_CA_FILE="$PKI/ca.crt"
+  MESSAGING_DATABASE_CA_FILE="$BILLING_DATABASE_CA_FILE"
 else
   echo "==> billing-credits keeps its history in the PostgreSQL at DATABASE_URL"
   BILLING_DATABASE_URL="$DATABASE_URL"
   BILLING_DATABASE_PASSWORD_FILE="${DATABASE_PASSWORD_FILE:-}"
   BILLING_DATABASE_CA_FILE="${DATABASE_CA_FILE:-}"
+  MESSAGING_DATABASE_URL="${MESSAGING_DATABASE_URL:-}"
+  MESSAGING_DATABASE_PASSWORD_FILE="${MESSAGING_DATABASE_PASSWORD_FILE:-}"
+  MESSAGING_DATABASE_CA_FILE="${MESSAGING_DATABASE_CA_FILE:-$BILLING_DATABASE_CA_FILE}"
+  if [ -n "$MESSAGING_DATABASE_URL" ]; then
+    echo "==> messaging keeps its history in the PostgreSQL at MESSAGING_DATABASE_URL"
+  else
+    echo "==> no MESSAGING_DATABASE_URL: messaging keeps every message in Redis"
+  fi
 fi
 unset DATABASE_URL DATABASE_PASSWORD_FILE DATABASE_CA_FILE
 
@@ -259,6 +279,11 @@ service_env() { # name
     echo "DATABASE_URL=$BILLING_DATABASE_URL"
     [ -n "$BILLING_DATABASE_PASSWORD_FILE" ] && echo "DATABASE_PASSWORD_FILE=$BILLING_DATABASE_PASSWORD_FILE"
     [ -n "$BILLING_DATABASE_CA_FILE" ] && echo "DATABASE_CA_FILE=$BILLING_DATABASE_CA_FILE"
+  fi
+  if [ "$name" = messaging ] && [ -n "$MESSAGING_DATABASE_URL" ]; then
+    echo "DATABASE_URL=$MESSAGING_DATABASE_URL"
+    [ -n "$MESSAGING_DATABASE_PASSWORD_FILE" ] && echo "DATABASE_PASSWORD_FILE=$MESSAGING_DATABASE_PASSWORD_FILE"
+    [ -n "$MESSAGING_DATABASE_CA_FILE" ] && echo "DATABASE_CA_FILE=$MESSAGING_DATABASE_CA_FILE"
   fi
   return 0
 }

@@ -12,6 +12,7 @@ use inmail_shared::contract::validate::Checks;
 use inmail_shared::runtime::auth::access::{Table, Who};
 use inmail_shared::runtime::context::{CallContext, record_identity};
 use inmail_shared::state::events::EventHub;
+use inmail_shared::state::history::History;
 use inmail_shared::state::idempotency::{Mutation, Quota, RequestLog};
 use inmail_shared::state::paging::{self, PageTokens};
 use tonic::{Request, Response, Status};
@@ -240,6 +241,27 @@ impl MessagingApi {
     }
 
     /// The conversation as the member sees it now.
+    /// The conversation in a change's answer. While the history store is
+    /// down, one whose last message is archived comes without that message:
+    /// the change is done and recorded, and failing its answer would only
+    /// make the client retry into the same outage (README.md, "The history
+    /// store").
+    async fn conversation_after_change(
+        &self,
+        conv: &str,
+    ) -> Result<Option<pb::Conversation>, ApiError> {
+        match self.conversation_view(conv).await {
+            Err(e) if History::is_unavailable(&e) => {
+                let record = self.messaging.store().conversation(conv).await?;
+                Ok(record
+                    .last_message_id
+                    .is_some()
+                    .then(|| views::conversation(conv, &record, None)))
+            }
+            shown => shown,
+        }
+    }
+
     async fn conversation_view(&self, conv: &str) -> Result<Option<pb::Conversation>, ApiError> {
         Ok(self
             .messaging
@@ -737,24 +759,32 @@ impl pb::messaging_service_server::MessagingService for MessagingApi {
                 };
                 let sent = self.messaging.send(&ctx, &input, awaiting_me).await?;
                 return Ok(pb::RespondToInmailResponse {
-                    conversation: self.conversation_view(conv).await?,
+                    conversation: self.conversation_after_change(conv).await?,
                     reply: Some(views::message(conv, &sent.message)),
                     refund_status: views::refund_status(sent.refund) as i32,
                 });
             }
-            self.once(&ctx, me, &request, || async {
-                let accept = response == pb::InmailResponse::Accept;
-                let refund = self
-                    .messaging
-                    .accept_or_decline(&ctx, conv, me, accept)
-                    .await?;
-                Ok(pb::RespondToInmailResponse {
-                    conversation: self.conversation_view(conv).await?,
-                    reply: None,
-                    refund_status: views::refund_status(refund) as i32,
+            // The request record keeps the outcome only (7 days, for
+            // retries); the conversation is read afresh, from wherever its
+            // last message now lives, on the first answer and on a replay.
+            let outcome = self
+                .once(&ctx, me, &request, || async {
+                    let accept = response == pb::InmailResponse::Accept;
+                    let refund = self
+                        .messaging
+                        .accept_or_decline(&ctx, conv, me, accept)
+                        .await?;
+                    Ok(pb::RespondToInmailResponse {
+                        conversation: None,
+                        reply: None,
+                        refund_status: views::refund_status(refund) as i32,
+                    })
                 })
+                .await?;
+            Ok(pb::RespondToInmailResponse {
+                conversation: self.conversation_after_change(conv).await?,
+                ..outcome
             })
-            .await
         })
         .await
     }

@@ -1,6 +1,7 @@
 //! messaging: invitations, connections, blocks, InMail preferences, conversations and
 //! messages; InMail charged through billing-credits and refunded on response.
 
+pub mod archive;
 mod checks;
 pub mod conversations;
 pub mod domain;
@@ -8,6 +9,7 @@ pub mod downstream;
 pub mod error;
 pub mod events;
 pub mod grpc;
+pub mod history;
 pub mod relations;
 pub mod respond;
 pub mod send;
@@ -24,6 +26,7 @@ use std::time::Duration;
 use inmail_shared::runtime::bootstrap::Runtime;
 use inmail_shared::runtime::cli::ServiceBinary;
 use inmail_shared::runtime::config::CommonArgs;
+use inmail_shared::state::history::{open_and_migrate, when_migrated};
 use inmail_shared::state::idempotency::REQUEST_RETENTION;
 use inmail_shared::state::sweep::{LEAVE_WAIT, await_leave};
 use tokio::net::TcpListener;
@@ -260,6 +263,19 @@ pub struct Args {
     #[command(flatten)]
     pub watch: inmail_shared::state::events::WatchArgs,
 
+    /// Where delivered messages older than HISTORY_HOT_RETENTION go.
+    #[command(flatten)]
+    pub history: inmail_shared::runtime::config::HistoryArgs,
+
+    /// How long delivered messages stay in Redis when DATABASE_URL is set
+    /// (then they move to the history store, still read by ListMessages).
+    #[arg(long, env = "HISTORY_HOT_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub history_hot_retention: Duration,
+
+    /// How often messages past HISTORY_HOT_RETENTION are moved.
+    #[arg(long, env = "ARCHIVE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub archive_interval: Duration,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -268,6 +284,9 @@ pub struct Args {
 fn check_timing(args: &Args) -> Result<(), String> {
     if args.events_retention < Duration::from_secs(1) {
         return Err("EVENTS_RETENTION must be at least 1s".into());
+    }
+    if args.archive_interval.is_zero() {
+        return Err("ARCHIVE_INTERVAL must be positive".into());
     }
     if args.sweep_interval.is_zero() {
         return Err("SWEEP_INTERVAL must be positive".into());
@@ -358,13 +377,32 @@ pub async fn serve_with_faults(
         },
         faults,
     };
-    let messaging = Messaging::new(
+    let mut messaging = Messaging::new(
         MessagingStore::new(runtime.redis.clone()),
         Billing::new(billing, args.common.downstream_timeout),
         Plans::new(plans, args.common.downstream_timeout),
         runtime.clock.clone(),
         config,
     );
+    if let Some(settings) = args.history.settings() {
+        let (db, migrated) = open_and_migrate(&settings, history::migrations).await?;
+        let history = history::MessageHistory::new(db.clone());
+        messaging = messaging.with_history(history.clone());
+        let archive = archive::Archive::new(history, args.history_hot_retention);
+        let (archiving, interval) = (messaging.clone(), args.archive_interval);
+        // The archiver leaves the archivers' group itself when `stop` is
+        // cancelled.
+        when_migrated(
+            db,
+            migrated,
+            history::migrations,
+            interval,
+            stop.clone(),
+            move |stop| {
+                archive::spawn_archiver(archive, archiving, interval, stop);
+            },
+        );
+    }
     let sweeper =
         sweeper::spawn_outbox_sweeper(messaging.clone(), args.sweep_interval, stop.clone());
     let events = inmail_shared::state::events::EventHub::spawn(

@@ -76,7 +76,7 @@ impl Messaging {
                 if let Some(refused) = record.refused {
                     return Err(refused.into());
                 }
-                if let Some(message) = self.store.message(&conv, &message_id).await? {
+                if let Some(message) = self.message(&conv, &message_id).await? {
                     if message.fingerprint != input.fingerprint {
                         // Staged by a concurrent request that reused this
                         // request id with other arguments; it is about to
@@ -227,7 +227,6 @@ impl Messaging {
             // refused (one response per InMail).
             Delivery::Responded(recorded) => {
                 let reply = self
-                    .store
                     .message(envelope.conv, &recorded.reply_id)
                     .await?
                     .ok_or_else(|| ApiError::internal("the recorded reply vanished"))?;
@@ -518,7 +517,6 @@ impl Messaging {
                 message
             }
             Delivery::Exists(existing) if existing.state == Some(MessageState::Delivered) => self
-                .store
                 .message(conv, &message.id)
                 .await?
                 .ok_or_else(|| ApiError::internal("delivered message vanished"))?,

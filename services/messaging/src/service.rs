@@ -9,6 +9,7 @@ use inmail_shared::state::clock::Clock;
 
 use crate::domain::{self, PendingInmailPolicy};
 use crate::downstream::{Billing, Plans};
+use crate::history::MessageHistory;
 use crate::store::{InvitationLimits, MessagingStore, SendLimits, StoredMessage};
 
 /// A hook tests use to break the saga right after the debit (a store
@@ -117,6 +118,9 @@ pub struct Messaging {
     pub(crate) plans: Plans,
     pub(crate) clock: Clock,
     pub(crate) config: Arc<Config>,
+    /// Where delivered messages older than the hot window live (none: they
+    /// stay in Redis).
+    pub(crate) history: Option<MessageHistory>,
 }
 
 impl Messaging {
@@ -133,7 +137,14 @@ impl Messaging {
             plans,
             clock,
             config: Arc::new(config),
+            history: None,
         }
+    }
+
+    /// Reads archived messages from `history` where Redis no longer has them.
+    pub fn with_history(mut self, history: MessageHistory) -> Self {
+        self.history = Some(history);
+        self
     }
 
     pub fn store(&self) -> &MessagingStore {

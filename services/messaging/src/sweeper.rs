@@ -83,16 +83,28 @@ async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, Ap
                     // Owed events of a message its process delivered
                     // and died: appended (at least once); of one not
                     // delivered: nothing to append.
+                    // Owed events of a message archived since (its hash is
+                    // gone from Redis): read from the history store.
                     OutboxItem::Events {
                         conv, message_id, ..
-                    } => {
-                        if state == Some(MessageState::Delivered)
-                            && let Some(message) = store.message(conv, message_id).await?
-                        {
-                            messaging.publish_message(conv, &message).await;
+                    } => match state {
+                        Some(MessageState::Delivered) | None => {
+                            match messaging.message(conv, message_id).await {
+                                Ok(Some(message)) if message.state == MessageState::Delivered => {
+                                    messaging.publish_message(conv, &message).await;
+                                    true
+                                }
+                                Ok(_) => true,
+                                // The history store is down: kept for a
+                                // later pass; the rest of the outbox goes on.
+                                Err(err) => {
+                                    tracing::warn!(%message_id, error = %err, "cannot read an archived message yet");
+                                    false
+                                }
+                            }
                         }
-                        true
-                    }
+                        Some(_) => true,
+                    },
                     OutboxItem::Refund {
                         conv,
                         inmail_id,
@@ -146,7 +158,7 @@ impl Messaging {
         message_id: &str,
         sender: &str,
     ) -> Result<(), ApiError> {
-        let Some(message) = self.store.message(conv, message_id).await? else {
+        let Some(message) = self.message(conv, message_id).await? else {
             return Ok(());
         };
         if message.state != MessageState::Staged {

@@ -12,8 +12,9 @@
 //! 4. `send` / `send-plain`: SendMessage, InMails to distinct recipients
 //!    from many senders with their tokens (the whole saga);
 //! 5. `debit-archived` / `send-archived`: the same on a third secured stack
-//!    whose billing archives its ledger to a real PostgreSQL (started by the
-//!    bench, as the tests do) with a 2 s hot window every second: the
+//!    whose billing archives its ledger and messaging its messages to a real
+//!    PostgreSQL (started by the bench, as the tests do; a database each)
+//!    with a 2 s hot window every second: the
 //!    archiver's price, as a ratio to `debit` / `send`, and Redis's memory
 //!    per 1,000 calls after each row (once the archiver had time to drain).
 //!
@@ -148,12 +149,16 @@ impl Bench {
         Self::start_archiving(args, plaintext, None).await
     }
 
-    /// The stack; with `archive`, billing archives its ledger there (hot
-    /// window 2 s, every second).
+    /// The stack; with `archive`, billing archives its ledger in the first
+    /// database and messaging its messages in the second (hot window 2 s,
+    /// every second).
     async fn start_archiving(
         args: &Args,
         plaintext: bool,
-        archive: Option<inmail_tests::postgres::Database>,
+        archive: Option<(
+            inmail_tests::postgres::Database,
+            inmail_tests::postgres::Database,
+        )>,
     ) -> Self {
         let workers = args.service_worker_threads;
         let redis = inmail_tests::RedisServer::start_single().await;
@@ -170,7 +175,7 @@ impl Bench {
                 // Debit-only load leaves its holds unconfirmed: they must not
                 // expire (and be released by the sweeper) during later rows.
                 env.push(("HOLD_TTL".into(), "1h".into()));
-                if let Some(db) = &archive {
+                if let Some((db, _)) = &archive {
                     env.extend(db.env());
                     env.extend([
                         ("LEDGER_HOT_RETENTION".to_string(), "2s".to_string()),
@@ -185,6 +190,13 @@ impl Bench {
                 env.push(("MAX_CALLS_PER_ADDRESS".into(), "1000000".into()));
                 env.push(("MAX_INBOUND_CONNECTIONS_PER_ADDRESS".into(), "2048".into()));
                 env.push(("MAX_INBOUND_CONNECTIONS".into(), "4096".into()));
+                if let Some((_, db)) = &archive {
+                    env.extend(db.env());
+                    env.extend([
+                        ("HISTORY_HOT_RETENTION".to_string(), "2s".to_string()),
+                        ("ARCHIVE_INTERVAL".to_string(), "1s".to_string()),
+                    ]);
+                }
             }
             env
         })
@@ -697,8 +709,12 @@ async fn run(args: Args) {
         None
     };
     let mut archived = if args.scenarios.iter().any(|s| s.ends_with("-archived")) {
-        let db = inmail_tests::postgres::PgServer::shared().database("inmail_billing");
-        Some(Bench::start_archiving(&args, false, Some(db)).await)
+        let pg = inmail_tests::postgres::PgServer::shared();
+        let dbs = (
+            pg.database("inmail_billing"),
+            pg.database("inmail_messaging"),
+        );
+        Some(Bench::start_archiving(&args, false, Some(dbs)).await)
     } else {
         None
     };
@@ -857,14 +873,14 @@ fn summary(results: &[(String, Outcome)]) {
         }
         if let (Some(base), Some(archived)) = (find(kind), find(&format!("{kind}-archived"))) {
             println!(
-                "{kind}: with the ledger archiver / without = {:.2} (throughput), p99 {:.2}",
+                "{kind}: with the archivers / without = {:.2} (throughput), p99 {:.2}",
                 archived.rate() / base.rate(),
                 archived.p99_ms / base.p99_ms
             );
             if let (Some(b), Some(a)) = (base.redis_bytes_per_1k, archived.redis_bytes_per_1k) {
                 println!(
-                    "{kind}: Redis memory per 1,000 calls: {:.0} KiB without the archiver, \
-                     {:.0} KiB with it (after a 4 s drain)",
+                    "{kind}: Redis memory per 1,000 calls: {:.0} KiB without the archivers, \
+                     {:.0} KiB with them (after a 4 s drain)",
                     b / 1024.0,
                     a / 1024.0
                 );

@@ -13,6 +13,7 @@ mod grpcurl;
 mod history;
 mod invitations;
 mod ledger;
+mod message_history;
 mod messaging;
 mod money;
 mod plan_rules;

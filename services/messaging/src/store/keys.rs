@@ -8,7 +8,8 @@
 //!   `cool_b` (until when a may not invite b again / b may not invite a);
 //!   `blk_a` / `blk_b` (when a blocked b / b blocked a); `w_a`, `w_b`
 //!   (messages delivered from each); `open` (someone responded to an InMail);
-//!   `seq`, `count`, `last`, `last_msg`; the conversation's InMail `im_id`,
+//!   `seq`, `count`, `last`, `last_msg`; `arch_seq`, `arch_n` (the last
+//!   seq moved to the history store, and how many moved); the conversation's InMail `im_id`,
 //!   `im_from`, `im_at` (sent), `im_state` (staged, awaiting, replied,
 //!   accepted, declined), `im_resp_at`, `im_refund` ("", due, refunded,
 //!   closed).
@@ -55,6 +56,14 @@ pub fn msg(conv: &str, message_id: &str) -> String {
 
 pub fn timeline(conv: &str) -> String {
     format!("messaging:{{{conv}}}:timeline")
+}
+
+/// Every conversation's timeline (SCAN's pattern).
+pub const TIMELINE_PATTERN: &str = "messaging:{*}:timeline";
+
+/// The conversation of a timeline key.
+pub fn conv_of_timeline(key: &str) -> Option<&str> {
+    key.strip_prefix("messaging:{")?.strip_suffix("}:timeline")
 }
 
 pub fn prefs(member: &str) -> String {
@@ -127,6 +136,8 @@ mod tests {
         for key in [conv("a~b"), msg("a~b", "m"), timeline("a~b")] {
             assert!(key.contains("{a~b}"), "{key}");
         }
+        assert_eq!(conv_of_timeline(&timeline("a~b")), Some("a~b"));
+        assert_eq!(conv_of_timeline(&conv("a~b")), None);
         for key in [
             inbox("m"),
             request("m", "r"),

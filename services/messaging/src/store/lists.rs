@@ -7,6 +7,18 @@ use inmail_shared::state::storage::Batch;
 
 use super::{ConversationRecord, MessagingStore, StoredMessage, keys};
 
+/// What follows a page of messages read from Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tail {
+    /// Nothing: the conversation's first message is on the page (or it has
+    /// none).
+    End,
+    /// More messages in Redis.
+    More,
+    /// Older messages, if any, are in the history store, before this seq.
+    Archived { before_seq: u64 },
+}
+
 impl MessagingStore {
     pub async fn conversation(&self, conv: &str) -> Result<ConversationRecord, ApiError> {
         let fields: HashMap<String, String> = redis::cmd("HGETALL")
@@ -59,17 +71,18 @@ impl MessagingStore {
             .collect())
     }
 
-    /// Delivered messages newest first, before `before_seq` when given: at
-    /// most `limit`, and no more than `byte_budget` bytes of them (at least
-    /// one). Answers whether more follow. Bodies are read a few at a time,
-    /// so a page of large messages never reads more than it answers.
+    /// Delivered messages in Redis newest first, before `before_seq` when
+    /// given: at most `limit`, and no more than `byte_budget` bytes of them
+    /// (at least one); and what follows them ([`Tail`]). Bodies are read a
+    /// few at a time, so a page of large messages never reads more than it
+    /// answers.
     pub async fn messages_page(
         &self,
         conv: &str,
         before_seq: Option<u64>,
         limit: usize,
         byte_budget: usize,
-    ) -> Result<(Vec<(u64, StoredMessage)>, bool), ApiError> {
+    ) -> Result<(Vec<(u64, StoredMessage)>, Tail), ApiError> {
         const CHUNK: usize = 16;
         let max = before_seq.map_or("+inf".to_string(), |s| format!("({s}"));
         let ids: Vec<(String, u64)> = redis::cmd("ZRANGE")
@@ -94,17 +107,37 @@ impl MessagingStore {
             let bodies: Vec<HashMap<String, String>> = self.redis.run_bulk(&batch).await?;
             for ((id, seq), fields) in chunk.iter().zip(bodies) {
                 let Some(message) = StoredMessage::from_fields(id, fields) else {
-                    continue;
+                    // Archived since the timeline was read: this message and
+                    // every older one are in the history store.
+                    return Ok((
+                        page,
+                        Tail::Archived {
+                            before_seq: seq + 1,
+                        },
+                    ));
                 };
                 let size = message.wire_size();
                 if !page.is_empty() && bytes + size > byte_budget {
-                    return Ok((page, true));
+                    return Ok((page, Tail::More));
                 }
                 bytes += size;
                 page.push((*seq, message));
             }
         }
-        Ok((page, ids.len() > limit))
+        if ids.len() > limit {
+            return Ok((page, Tail::More));
+        }
+        // Redis's timeline ends here. Seqs run 1, 2, … without a gap, and
+        // the archive takes the oldest first: below the oldest seq Redis
+        // holds, every message is archived.
+        let oldest = page.last().map(|(seq, _)| *seq).or(before_seq);
+        Ok(match oldest {
+            Some(seq) if seq <= 1 => (page, Tail::End),
+            _ => {
+                let before_seq = oldest.unwrap_or(u64::MAX);
+                (page, Tail::Archived { before_seq })
+            }
+        })
     }
 
     /// A page of a member's sorted set (inbox, connections, blocks), newest

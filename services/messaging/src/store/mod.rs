@@ -7,6 +7,7 @@
 //! slot (inboxes, connection lists, the outbox) are written in an order that
 //! makes a crash between the steps harmless, and are repaired by retries.
 
+mod archive;
 pub mod keys;
 mod lists;
 pub mod outbox;
@@ -26,6 +27,7 @@ use redis::Script;
 use crate::domain::{Kind, RefundState, SendFailure};
 
 pub use self::keys::OUTBOX_SHARDS;
+pub use self::lists::Tail;
 pub use self::outbox::OutboxItem;
 pub use self::relations::{InvitationAnswer, InvitationLimits, PendingInvitation};
 use self::reply::parse;
@@ -50,6 +52,7 @@ const BLOCK: &str = include_str!("lua/block.lua");
 const INVITE: &str = include_str!("lua/invite.lua");
 const ANSWER_INVITATION: &str = include_str!("lua/answer_invitation.lua");
 const APPEND_EVENT: &str = include_str!("lua/append_event.lua");
+const ARCHIVE_TRIM: &str = include_str!("lua/archive_trim.lua");
 const RESERVE_INVITATION: &str = concat!(
     include_str!("../../../../shared/src/state/lua/bucket.lua"),
     include_str!("lua/reserve_invitation.lua")
@@ -57,7 +60,7 @@ const RESERVE_INVITATION: &str = concat!(
 
 /// Every script by name, as sent to Redis: what a profile labels a script
 /// hash (EVALSHA) with (inmail-bench's per-script Redis time).
-pub const SCRIPTS: [(&str, &str); 13] = [
+pub const SCRIPTS: [(&str, &str); 14] = [
     ("begin_send", BEGIN_SEND),
     ("stage_inmail", STAGE_INMAIL),
     ("deliver", DELIVER),
@@ -71,6 +74,7 @@ pub const SCRIPTS: [(&str, &str); 13] = [
     ("answer_invitation", ANSWER_INVITATION),
     ("reserve_invitation", RESERVE_INVITATION),
     ("append_event", APPEND_EVENT),
+    ("archive_trim", ARCHIVE_TRIM),
 ];
 
 /// The sender allowances BEGIN_SEND enforces.
@@ -192,6 +196,7 @@ pub struct MessagingStore {
     answer_invitation: Script,
     reserve_invitation: Script,
     append_event: Script,
+    archive_trim: Script,
     /// Whether subscription-plan has published every subscription (then
     /// never unset, so no longer read).
     all_published: Arc<AtomicBool>,
@@ -214,6 +219,7 @@ impl MessagingStore {
             answer_invitation: Script::new(ANSWER_INVITATION),
             reserve_invitation: Script::new(RESERVE_INVITATION),
             append_event: Script::new(APPEND_EVENT),
+            archive_trim: Script::new(ARCHIVE_TRIM),
             all_published: Arc::new(AtomicBool::new(false)),
         }
     }

@@ -188,7 +188,7 @@ pub struct DevPki {
 
 /// The services that keep history in PostgreSQL (each its own database and
 /// user, `inmail_<service with _>`).
-pub const HISTORY_SERVICES: &[&str] = &["billing-credits"];
+pub const HISTORY_SERVICES: &[&str] = &["billing-credits", "messaging"];
 
 impl DevPki {
     /// `hosts`: the names and addresses the services are reached at.
