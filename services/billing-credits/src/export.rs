@@ -1,9 +1,8 @@
-//! `billing-credits export-ledger`: the audit export. Every ledger entry of a
-//! time range (one member's, or everyone's) as JSON Lines or CSV on stdout,
-//! streamed: the entries still in Redis, then those archived in the history
-//! store. It runs with the service's own settings (REDIS_URL and its Redis
-//! user, DATABASE_URL and DATABASE_PASSWORD_FILE): credentials only an
-//! operator of billing-credits holds.
+//! The audit export: every ledger entry of a time range (one member's, or
+//! everyone's), the entries still in Redis, then those archived in the
+//! history store. The service streams it (ExportLedger, operator
+//! credentials only: [`produce`]); `billing-credits export-ledger` calls
+//! it as the operator and writes JSON Lines or CSV on stdout ([`run_command`]).
 //!
 //! An entry the archiver moves while the export runs is written once: for
 //! each member, the oldest entry in Redis at the moment it was read bounds
@@ -16,14 +15,16 @@ use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
 use inmail_shared::ApiError;
-use inmail_shared::state::clock::Clock;
-use inmail_shared::state::history::{History, HistorySettings};
-use inmail_shared::state::storage::Redis;
+use inmail_shared::contract::proto::billing::v1 as pb;
+use inmail_shared::runtime::auth::tls::OperatorArgs;
 use serde::Serialize;
+use tokio::sync::mpsc;
 
-use crate::Args;
-use crate::history::{LedgerHistory, kind_name, split_id};
+use crate::history::{LedgerHistory, caller_gone, split_id};
 use crate::store::{BillingStore, StoredEntry};
+
+/// Entries per ExportLedger frame.
+pub const FRAME: usize = 500;
 
 /// The export's output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,15 +65,20 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, member: &str, entry: &StoredEntry) -> Result<(), ApiError> {
-        let occurred_at = DateTime::<Utc>::from_timestamp_millis(entry.at_ms)
-            .unwrap_or(DateTime::<Utc>::MIN_UTC)
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    fn write(&mut self, member: &str, entry: &pb::LedgerEntry) -> Result<(), ApiError> {
+        let at = entry
+            .occurred_at
+            .as_ref()
+            .and_then(|t| DateTime::<Utc>::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let kind = pb::LedgerEntryKind::try_from(entry.kind)
+            .unwrap_or(pb::LedgerEntryKind::Unspecified)
+            .as_str_name();
         let row = Row {
             member_id: member,
-            entry_id: &entry.id,
-            occurred_at,
-            kind: kind_name(entry.kind),
+            entry_id: &entry.entry_id,
+            occurred_at: at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            kind: kind.strip_prefix("LEDGER_ENTRY_KIND_").unwrap_or(kind),
             amount: entry.amount,
             balance_after: entry.balance_after,
             message_id: &entry.message_id,
@@ -101,7 +107,7 @@ impl Writer {
     }
 }
 
-/// What to export.
+/// What to export (the command's flags).
 #[derive(Debug, Clone)]
 pub struct Range {
     pub since: DateTime<Utc>,
@@ -110,9 +116,10 @@ pub struct Range {
     pub format: Format,
 }
 
-/// The subcommand: exit 0 with every entry written, 1 otherwise (the cause
+/// The subcommand: asks the service at `url` as the operator and writes
+/// what it streams; exit 0 with every entry written, 1 otherwise (the cause
 /// on stderr).
-pub fn run_command(args: &Args, range: Range) -> ExitCode {
+pub fn run_command(url: &str, operator: &OperatorArgs, range: Range) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -123,9 +130,9 @@ pub fn run_command(args: &Args, range: Range) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(export(args, range)) {
-        Ok((hot, archived)) => {
-            eprintln!("export-ledger: {hot} entries from Redis, {archived} from the history store");
+    match runtime.block_on(export(url, operator, range)) {
+        Ok(count) => {
+            eprintln!("export-ledger: {count} entries");
             ExitCode::SUCCESS
         }
         Err(message) => {
@@ -135,55 +142,73 @@ pub fn run_command(args: &Args, range: Range) -> ExitCode {
     }
 }
 
-async fn export(args: &Args, range: Range) -> Result<(u64, u64), String> {
-    let redis = Redis::open(&args.common.redis()?)?;
-    // Now is the service's now (the test clock's, when it is on).
-    let clock = if args.common.test_clock {
-        Clock::test(redis.clone())
-    } else {
-        Clock::system()
+async fn export(url: &str, operator: &OperatorArgs, range: Range) -> Result<u64, String> {
+    let channel = operator
+        .connect(url)
+        .await
+        .map_err(|e| format!("BILLING_CREDITS_URL: {e}"))?;
+    let mut client = pb::billing_credits_service_client::BillingCreditsServiceClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let timestamp = |t: DateTime<Utc>| prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
     };
-    let until = match range.until {
-        Some(until) => until,
-        None => clock.now().await.map_err(|e| e.to_string())? + chrono::Duration::milliseconds(1),
-    };
-    if until <= range.since {
-        return Err("--until must be after --since".into());
-    }
-    let span = (range.since.timestamp_millis(), until.timestamp_millis());
-    let store = BillingStore::new(redis);
-    let history = match args.history.settings() {
-        Some(settings) => Some(LedgerHistory::new(History::open(&HistorySettings {
-            pool_size: 1,
-            ..settings
-        })?)),
-        None => None,
-    };
-    let text = |e: ApiError| e.to_string();
+    let mut frames = client
+        .export_ledger(pb::ExportLedgerRequest {
+            start_time: Some(timestamp(range.since)),
+            end_time: range.until.map(timestamp),
+            member_id: range.member.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
     let mut out = Writer::new(range.format);
+    let mut count = 0;
+    while let Some(frame) = frames
+        .message()
+        .await
+        .map_err(|s| format!("after {count} entries: {}: {}", s.code(), s.message()))?
+    {
+        for exported in &frame.entries {
+            let entry = exported.entry.as_ref().ok_or("a frame without its entry")?;
+            out.write(&exported.member_id, entry)
+                .map_err(|e| e.to_string())?;
+            count += 1;
+        }
+    }
+    out.finish().map_err(|e| e.to_string())?;
+    Ok(count)
+}
+
+/// The server's side: sends every entry of `span` (ms, `[start, end)`) of
+/// `member` (every member when `None`) to `out`, Redis first, then the
+/// history store; answers how many.
+pub async fn produce(
+    store: &BillingStore,
+    history: Option<&LedgerHistory>,
+    member: Option<&str>,
+    span: (i64, i64),
+    out: &mpsc::Sender<(String, StoredEntry)>,
+) -> Result<u64, ApiError> {
     // Redis first, remembering per member the oldest entry it held.
     let mut floors: HashMap<String, (i64, i64)> = HashMap::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut hot = 0;
-    match &range.member {
+    let mut count = 0;
+    match member {
         Some(member) => {
-            hot += export_member(&store, member.clone(), span, &mut out, &mut floors)
-                .await
-                .map_err(text)?
+            count += export_member(store, member.to_string(), span, out, &mut floors).await?;
         }
         None => {
             // SCAN may return a key twice (while Redis rehashes): each
             // member is exported once, its floor recorded the first time.
+            let mut seen = std::collections::HashSet::new();
             let mut cursor = "0".to_string();
             loop {
-                let (next, members) = store.scan_members(&cursor, 200).await.map_err(text)?;
+                let (next, members) = store.scan_members(&cursor, 200).await?;
                 for member in members {
-                    if floors.contains_key(&member) || !seen.insert(member.clone()) {
+                    if !seen.insert(member.clone()) {
                         continue;
                     }
-                    hot += export_member(&store, member, span, &mut out, &mut floors)
-                        .await
-                        .map_err(text)?;
+                    count += export_member(store, member, span, out, &mut floors).await?;
                 }
                 if next == "0" {
                     break;
@@ -192,44 +217,39 @@ async fn export(args: &Args, range: Range) -> Result<(u64, u64), String> {
             }
         }
     }
-    let mut archived = 0;
-    if let Some(history) = &history {
-        history
-            .export(range.member.as_deref(), span, |member, entry| {
-                let id = split_id(&entry.id);
-                if let (Some(floor), Some(id)) = (floors.get(member), id)
-                    && id >= *floor
-                {
-                    // Read from Redis already (archived since).
-                    return Ok(());
-                }
-                archived += 1;
-                out.write(member, &entry)
-            })
-            .await
-            .map_err(text)?;
+    if let Some(history) = history {
+        let skip = |member: &str, entry: &StoredEntry| {
+            // Read from Redis already (archived since).
+            matches!(
+                (floors.get(member), split_id(&entry.id)),
+                (Some(floor), Some(id)) if id >= *floor
+            )
+        };
+        count += history.export(member, span, skip, out).await?;
     }
-    out.finish().map_err(text)?;
-    Ok((hot, archived))
+    Ok(count)
 }
 
-/// Writes one member's entries of `span` still in Redis, and remembers the
+/// Sends one member's entries of `span` still in Redis, and remembers the
 /// oldest entry Redis held for it (what PostgreSQL then skips).
 async fn export_member(
     store: &BillingStore,
     member: String,
     span: (i64, i64),
-    out: &mut Writer,
+    out: &mpsc::Sender<(String, StoredEntry)>,
     floors: &mut HashMap<String, (i64, i64)>,
 ) -> Result<u64, ApiError> {
     let (first, entries) = store
         .ledger_range(&member, None, span.0, span.1, usize::MAX)
         .await?;
-    for entry in &entries {
-        out.write(&member, entry)?;
-    }
+    let count = entries.len() as u64;
     if let Some(floor) = first.as_deref().and_then(split_id) {
-        floors.insert(member, floor);
+        floors.insert(member.clone(), floor);
     }
-    Ok(entries.len() as u64)
+    for entry in entries {
+        out.send((member.clone(), entry))
+            .await
+            .map_err(|_| caller_gone())?;
+    }
+    Ok(count)
 }

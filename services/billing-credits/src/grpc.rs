@@ -78,7 +78,15 @@ pub const ACCESS: Table = &[
         "/inmail.billing.v1.BillingCreditsService/WatchLedger",
         &[Who::Operator],
     ),
+    (
+        "/inmail.billing.v1.BillingCreditsService/ExportLedger",
+        &[Who::Operator],
+    ),
 ];
+
+/// Audit exports one process streams at once (each holds a PostgreSQL
+/// connection and walks every member).
+pub const MAX_EXPORTS: usize = 2;
 
 /// Ledger feeds one process serves at once (each polls Redis itself).
 pub const MAX_LEDGER_FEEDS: usize = 16;
@@ -106,6 +114,7 @@ pub struct BillingApi {
     quota: Quota,
     feed: FeedSettings,
     feeds: std::sync::Arc<tokio::sync::Semaphore>,
+    exports: std::sync::Arc<tokio::sync::Semaphore>,
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -134,6 +143,7 @@ impl BillingApi {
             quota,
             feed,
             feeds: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LEDGER_FEEDS)),
+            exports: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_EXPORTS)),
             stop,
         }
     }
@@ -319,6 +329,114 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
         let stop = self.stop.clone();
         tokio::spawn(async move {
             crate::feed::serve(store, tokens, settings, start, stop, tx).await;
+            drop(permit);
+        });
+        Ok(Response::new(
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+
+    type ExportLedgerStream = tonic::codegen::tokio_stream::wrappers::ReceiverStream<
+        Result<pb::ExportLedgerResponse, Status>,
+    >;
+
+    async fn export_ledger(
+        &self,
+        request: Request<pb::ExportLedgerRequest>,
+    ) -> Answer<Self::ExportLedgerStream> {
+        let request = request.into_inner();
+        let (member, span) = handle(DOMAIN, async {
+            let mut checks = Checks::new();
+            let member = (!request.member_id.is_empty()).then_some(request.member_id.clone());
+            if let Some(member) = &member {
+                checks.member_id("member_id", member);
+            }
+            let time =
+                |checks: &mut Checks, field: &str, ts: &Option<prost_types::Timestamp>| match ts
+                    .as_ref()
+                    .map(from_timestamp)
+                {
+                    Some(Some(t)) => Some(t.timestamp_millis()),
+                    Some(None) => {
+                        checks.add(field, "is not a valid timestamp");
+                        None
+                    }
+                    None => None,
+                };
+            let start = time(&mut checks, "start_time", &request.start_time);
+            if request.start_time.is_none() {
+                checks.add("start_time", "is required");
+            }
+            let end = time(&mut checks, "end_time", &request.end_time);
+            checks.finish()?;
+            let end = match end {
+                Some(end) => end,
+                None => self.credits.clock().now_ms().await? + 1,
+            };
+            let start = start.expect("checked above");
+            if end <= start {
+                let mut checks = Checks::new();
+                checks.add("end_time", "must be after start_time");
+                checks.finish()?;
+            }
+            Ok((member, (start, end)))
+        })
+        .await?
+        .into_inner();
+        let permit = self.exports.clone().try_acquire_owned().map_err(|_| {
+            ApiError::resource_exhausted(
+                reasons::SERVER_OVERLOADED,
+                format!("this server streams its maximum of {MAX_EXPORTS} exports"),
+                std::time::Duration::from_secs(5),
+            )
+            .into_status(DOMAIN)
+        })?;
+        let (entries_tx, mut entries) = tokio::sync::mpsc::channel(crate::export::FRAME);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (store, history) = (self.credits.store().clone(), self.history.clone());
+        // One task reads (Redis, then PostgreSQL) into a small queue; this
+        // one packs frames of up to FRAME entries. A slow caller slows the
+        // read down (both channels are bounded); one that leaves stops it.
+        tokio::spawn(async move {
+            let produced = tokio::spawn(async move {
+                let member = member.as_deref();
+                crate::export::produce(&store, history.as_ref(), member, span, &entries_tx).await
+            });
+            let mut frame = Vec::with_capacity(crate::export::FRAME);
+            while let Some((member_id, entry)) = entries.recv().await {
+                frame.push(pb::ExportedLedgerEntry {
+                    member_id,
+                    entry: Some(views::entry(&entry)),
+                });
+                while frame.len() < crate::export::FRAME
+                    && let Ok((member_id, entry)) = entries.try_recv()
+                {
+                    frame.push(pb::ExportedLedgerEntry {
+                        member_id,
+                        entry: Some(views::entry(&entry)),
+                    });
+                }
+                let entries = std::mem::take(&mut frame);
+                if tx
+                    .send(Ok(pb::ExportLedgerResponse { entries }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            drop(entries);
+            match produced.await {
+                Ok(Ok(count)) => tracing::info!(count, "ledger exported"),
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(e.into_status(DOMAIN))).await;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(ApiError::internal(e.to_string()).into_status(DOMAIN)))
+                        .await;
+                }
+            }
             drop(permit);
         });
         Ok(Response::new(

@@ -14,6 +14,14 @@ pub fn migrations() -> refinery::Runner {
     migrations::runner()
 }
 
+/// A streamed read's caller went away: the read stops.
+pub fn caller_gone() -> ApiError {
+    ApiError::unavailable(
+        inmail_shared::contract::reasons::SHUTTING_DOWN,
+        "the caller went away",
+    )
+}
+
 /// billing-credits' view of the history store.
 #[derive(Debug, Clone)]
 pub struct LedgerHistory {
@@ -193,21 +201,25 @@ impl LedgerHistory {
     }
 
     /// Every archived entry whose time is in `[start_ms, end_ms)` (of
-    /// `member` only, when given), streamed to `each` as (member, entry) in
-    /// member and ledger order, without holding them in memory.
+    /// `member` only, when given) that `skip` does not name, sent to `out`
+    /// as (member, entry) in member and ledger order, streamed from
+    /// PostgreSQL without holding them in memory; answers how many.
     pub async fn export(
         &self,
         member: Option<&str>,
         (start_ms, end_ms): (i64, i64),
-        mut each: impl FnMut(&str, StoredEntry) -> Result<(), ApiError>,
+        skip: impl Fn(&str, &StoredEntry) -> bool,
+        out: &tokio::sync::mpsc::Sender<(String, StoredEntry)>,
     ) -> Result<u64, ApiError> {
         use tonic::codegen::tokio_stream::StreamExt;
         let conn = self.db.connection().await?;
         // One long streamed query: DATABASE_TIMEOUT bounds the service's
-        // statements, not an audit export.
+        // statements, not an audit export. The setting is the session's:
+        // the connection is not returned to the pool with it.
         conn.batch_execute("SET statement_timeout = 0")
             .await
             .map_err(unavailable)?;
+        let conn = deadpool_postgres::Object::take(conn);
         let member = member.map(str::to_string);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&member, &start_ms, &end_ms];
         let rows = conn
@@ -226,7 +238,11 @@ impl LedgerHistory {
         while let Some(row) = rows.next().await {
             let row = row.map_err(unavailable)?;
             let member: String = row.get(12);
-            each(&member, entry_of(&row))?;
+            let entry = entry_of(&row);
+            if skip(&member, &entry) {
+                continue;
+            }
+            out.send((member, entry)).await.map_err(|_| caller_gone())?;
             count += 1;
         }
         Ok(count)

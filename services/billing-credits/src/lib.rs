@@ -60,9 +60,18 @@ pub enum Commands {
         operator: inmail_shared::runtime::auth::tls::OperatorArgs,
     },
     /// Write every ledger entry of a time range (from Redis and the history
-    /// store) to stdout as JSON Lines or CSV: the audit export. Runs with
-    /// the service's own Redis and database settings.
+    /// store) to stdout as JSON Lines or CSV: the audit export, streamed by
+    /// the running service (ExportLedger) to the operator.
     ExportLedger {
+        /// The billing-credits service to ask.
+        #[arg(
+            long,
+            env = "BILLING_CREDITS_URL",
+            default_value = "https://127.0.0.1:50052"
+        )]
+        url: String,
+        #[command(flatten)]
+        operator: inmail_shared::runtime::auth::tls::OperatorArgs,
         /// Start of the range (inclusive), RFC 3339.
         #[arg(long)]
         since: chrono::DateTime<chrono::Utc>,
@@ -100,7 +109,7 @@ impl ServiceBinary for Service {
         serve(args, listener, stop)
     }
 
-    fn run_command(command: Commands, args: Args) -> ExitCode {
+    fn run_command(command: Commands, _args: Args) -> ExitCode {
         match command {
             Commands::Reconcile {
                 url,
@@ -108,12 +117,15 @@ impl ServiceBinary for Service {
                 operator,
             } => reconcile::run_command(&url, full, &operator),
             Commands::ExportLedger {
+                url,
+                operator,
                 since,
                 until,
                 member,
                 format,
             } => export::run_command(
-                &args,
+                &url,
+                &operator,
                 export::Range {
                     since,
                     until,

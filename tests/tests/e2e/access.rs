@@ -328,6 +328,17 @@ fn cases() -> Vec<Case> {
             billing::WatchLedgerRequest::default(),
         ),
         case(
+            "/inmail.billing.v1.BillingCreditsService/ExportLedger",
+            Billing,
+            B,
+            As::Operator,
+            billing::ExportLedgerRequest {
+                start_time: Some(prost_types::Timestamp::default()),
+                end_time: None,
+                member_id: "sam".into(),
+            },
+        ),
+        case(
             "/inmail.billing.v1.BillingCreditsService/WatchBalance",
             Billing,
             B,

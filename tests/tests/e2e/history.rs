@@ -553,19 +553,24 @@ async fn a_member_postgresql_refuses_does_not_hold_up_the_others() {
     assert!(status.message().contains("reason"), "{status:?}");
 }
 
-/// Runs `billing-credits export-ledger` with billing's own settings;
+/// Runs `billing-credits export-ledger` as the operator against the
+/// running billing (no Redis or database settings: the service streams it);
 /// answers stdout.
-fn export_ledger(redis: &RedisServer, db: &Database, extra: &[&str]) -> String {
-    let mut command =
-        std::process::Command::new(inmail_tests::processes::binary("billing-credits"));
-    command
-        .envs(redis.service_env())
-        .envs(inmail_tests::pki().service_env("billing-credits"))
-        .envs(db.env())
-        .env("TEST_CLOCK", "true")
+fn export_ledger(stack: &Stack, extra: &[&str]) -> String {
+    let pki = inmail_tests::pki();
+    let output = std::process::Command::new(inmail_tests::processes::binary("billing-credits"))
+        .env_clear()
+        .env(
+            "BILLING_CREDITS_URL",
+            format!("https://127.0.0.1:{}", stack.billing.addr.port()),
+        )
+        .env("OPERATOR_CERT_FILE", pki.file("operator.crt"))
+        .env("OPERATOR_KEY_FILE", pki.file("operator.key"))
+        .env("OPERATOR_CA_FILE", pki.file("ca.crt"))
         .arg("export-ledger")
-        .args(extra);
-    let output = command.output().expect("run billing-credits export-ledger");
+        .args(extra)
+        .output()
+        .expect("run billing-credits export-ledger");
     assert!(
         output.status.success(),
         "export-ledger failed: {}",
@@ -611,7 +616,7 @@ async fn export_ledger_writes_every_entry_of_both_tiers_once() {
         "ex1: a renewal and four grants; ex2: three grants"
     );
 
-    let jsonl = export_ledger(&stack.redis, &db, &["--since", "2000-01-01T00:00:00Z"]);
+    let jsonl = export_ledger(&stack, &["--since", "2000-01-01T00:00:00Z"]);
     let mut exported: Vec<(String, String)> = jsonl
         .lines()
         .map(|line| {
@@ -630,8 +635,7 @@ async fn export_ledger_writes_every_entry_of_both_tiers_once() {
     assert_eq!(exported, expected, "every entry once");
 
     let csv = export_ledger(
-        &stack.redis,
-        &db,
+        &stack,
         &[
             "--since",
             "2000-01-01T00:00:00Z",
@@ -651,7 +655,7 @@ async fn export_ledger_writes_every_entry_of_both_tiers_once() {
     assert!(lines[1..].iter().all(|l| l.starts_with("ex2,")), "{csv}");
 
     let since = (later - chrono::Duration::minutes(1)).to_rfc3339();
-    let recent = export_ledger(&stack.redis, &db, &["--since", &since]);
+    let recent = export_ledger(&stack, &["--since", &since]);
     assert_eq!(recent.lines().count(), 2, "{recent}");
 }
 
