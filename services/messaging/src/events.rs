@@ -8,8 +8,11 @@
 //! answered that it made the change (never for a change it refused). A
 //! message's events are owed in the outbox from before it is delivered
 //! (OutboxItem::Events) until appended, so if the process dies between the
-//! two steps the sweeper appends them (late, at least once). Responses'
-//! and refunds' events have no such entry (README.md says so).
+//! two steps the sweeper appends them (late, at least once). A response's
+//! events are owed by its refund entry (OutboxItem::Refund), dropped only
+//! after they were appended (`Messaging::response_done`); the sweeper
+//! appends them from what the conversation recorded
+//! (`Messaging::finish_owed_response`).
 
 use inmail_shared::ApiError;
 use inmail_shared::contract::proto::messaging::v1 as pb;

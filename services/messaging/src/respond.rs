@@ -9,22 +9,22 @@ use crate::domain::SendFailure;
 use crate::domain::{self, InmailInfo, InmailStage, RefundState};
 use crate::error::conversation_not_found;
 use crate::send::{Messaging, Refund};
+use inmail_shared::contract::proto::messaging::v1 as pb;
+
 use crate::store::{OutboxItem, Responded, Response};
 
 impl Messaging {
     /// After a response: asks billing for the refund when one is due.
-    /// `outbox` is the refund entry this call wrote before responding.
     pub(crate) async fn settle_response(
         &self,
         ctx: &CallContext,
         conv: &str,
         response: Option<&Responded>,
-        outbox: Option<OutboxItem>,
     ) -> Refund {
         let Some(response) = response else {
             return Refund::None;
         };
-        let result = match response.refund {
+        match response.refund {
             RefundState::Due => {
                 self.refund_inmail(
                     ctx,
@@ -37,16 +37,71 @@ impl Messaging {
             }
             RefundState::Closed => Refund::WindowClosed,
             RefundState::Refunded => Refund::Refunded,
-        };
-        // Only the call whose script made the refund due (or closed) may drop
-        // the entry: other calls answering the same InMail share it.
-        if result != Refund::Pending
+        }
+    }
+
+    /// After a response's events were appended: drops the outbox entry that
+    /// owed its refund and events (`outbox`: the entry this call wrote
+    /// before responding, only when its script made the response: other
+    /// calls answering the same InMail share it). A refund still pending
+    /// leaves it for the sweeper, which settles the refund and appends the
+    /// events again (at least once; their ids are the same).
+    pub(crate) async fn response_done(&self, outbox: Option<OutboxItem>, refund: Refund) {
+        if refund != Refund::Pending
             && let Some(item) = outbox
             && let Err(err) = self.store.outbox_remove(&item).await
         {
             tracing::debug!(error = %err, "outbox entry left for the sweeper");
         }
-        result
+    }
+
+    /// What a response owed in the outbox (`item`) still needs, for the
+    /// sweeper: the refund asked for when due, then the response's and the
+    /// refund's events appended again (a process that died after the
+    /// response recorded them perhaps not; at least once, the same ids).
+    /// Answers whether the entry is finished.
+    pub(crate) async fn finish_owed_response(
+        &self,
+        ctx: &CallContext,
+        conv: &str,
+        inmail_id: &str,
+        sender: &str,
+    ) -> Result<bool, ApiError> {
+        let pair = self.store.conversation(conv).await?.pair;
+        // Another InMail since, or none answered: nothing owed.
+        let Some(inmail) = pair.inmail.filter(|i| i.message_id == inmail_id) else {
+            return Ok(true);
+        };
+        let state = match inmail.stage {
+            InmailStage::Accepted => pb::InmailState::Accepted,
+            InmailStage::Declined => pb::InmailState::Declined,
+            InmailStage::Replied => pb::InmailState::Replied,
+            _ => return Ok(true),
+        };
+        let at = match responded_at(&inmail) {
+            Ok(at) => at,
+            // Left owed, never sent with a guessed time.
+            Err(err) => {
+                tracing::error!(%inmail_id, error = %err, "refund owed but not asked for");
+                return Ok(false);
+            }
+        };
+        let refund = match inmail.refund {
+            Some(RefundState::Due) => self.refund_inmail(ctx, conv, inmail_id, sender, at).await,
+            other => Refund::of(other),
+        };
+        if refund == Refund::Pending {
+            return Ok(false);
+        }
+        let (a, b) = domain::conversation_members(conv)
+            .ok_or_else(|| ApiError::internal("bad conversation id"))?;
+        let responder = if a == sender { b } else { a };
+        self.publish_response(conv, [sender, responder], inmail_id, state, refund, at)
+            .await;
+        if matches!(refund, Refund::Refunded | Refund::WindowClosed) {
+            self.publish_refund(conv, sender, inmail_id, refund).await;
+        }
+        Ok(true)
     }
 
     /// The recipient accepts or declines the InMail awaiting their response.
@@ -105,9 +160,13 @@ impl Messaging {
             // no refund is due.
             Response::Refused { reason } => return Err(SendFailure::from(reason).into()),
         };
-        let refund = self
-            .settle_response(ctx, conv, Some(&responded), Some(item))
-            .await;
+        if let Some(hook) = &self.config.faults.after_respond
+            && let Some(injected) = hook().await
+        {
+            // As if the process died here: the refund and events stay owed.
+            return Err(injected);
+        }
+        let refund = self.settle_response(ctx, conv, Some(&responded)).await;
         let state = if accept {
             inmail_shared::contract::proto::messaging::v1::InmailState::Accepted
         } else {
@@ -122,6 +181,7 @@ impl Messaging {
             responded.responded_at,
         )
         .await;
+        self.response_done(Some(item), refund).await;
         Ok(refund)
     }
 

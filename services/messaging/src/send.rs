@@ -262,7 +262,7 @@ impl Messaging {
             return Err(injected);
         }
         let refund = self
-            .settle_response(ctx, envelope.conv, delivered.response.as_ref(), refund_item)
+            .settle_response(ctx, envelope.conv, delivered.response.as_ref())
             .await;
         let message = StoredMessage {
             id: envelope.message_id.to_string(),
@@ -289,6 +289,7 @@ impl Messaging {
                 response.responded_at,
             )
             .await;
+            self.response_done(refund_item, refund).await;
         }
         Ok(Some(Sent {
             conv: envelope.conv.to_string(),

@@ -27,6 +27,9 @@ pub struct Faults {
     /// Breaks a free send right after its message was delivered, before its
     /// events are appended (as if the process died there).
     pub after_deliver: Option<AfterDebitHook>,
+    /// Breaks an accept or decline right after the response was recorded,
+    /// before its refund and events (as if the process died there).
+    pub after_respond: Option<AfterDebitHook>,
 }
 
 impl std::fmt::Debug for Faults {
@@ -34,6 +37,7 @@ impl std::fmt::Debug for Faults {
         f.debug_struct("Faults")
             .field("after_debit", &self.after_debit.is_some())
             .field("after_deliver", &self.after_deliver.is_some())
+            .field("after_respond", &self.after_respond.is_some())
             .finish()
     }
 }

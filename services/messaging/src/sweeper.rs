@@ -14,10 +14,8 @@ use inmail_shared::{ApiError, contract::reasons};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::RefundState;
 use crate::domain::SendFailure;
-use crate::respond::responded_at;
-use crate::send::{Messaging, Refund};
+use crate::send::Messaging;
 use crate::store::{MessageState, OUTBOX_SHARDS, OutboxItem};
 
 const BATCH: usize = 100;
@@ -105,30 +103,16 @@ async fn sweep_shards(messaging: &Messaging, shards: &[u32]) -> Result<usize, Ap
                         }
                         Some(_) => true,
                     },
+                    // A response's refund and events, owed from before it
+                    // was recorded.
                     OutboxItem::Refund {
                         conv,
                         inmail_id,
                         sender,
                     } => {
-                        let pair = store.conversation(conv).await?.pair;
-                        match pair.inmail.filter(|i| {
-                            &i.message_id == inmail_id && i.refund == Some(RefundState::Due)
-                        }) {
-                            None => true,
-                            Some(inmail) => match responded_at(&inmail) {
-                                Ok(at) => {
-                                    messaging
-                                        .refund_inmail(&ctx, conv, inmail_id, sender, at)
-                                        .await
-                                        != Refund::Pending
-                                }
-                                // Left owed, never sent with a guessed time.
-                                Err(err) => {
-                                    tracing::error!(%inmail_id, error = %err, "refund owed but not asked for");
-                                    false
-                                }
-                            },
-                        }
+                        messaging
+                            .finish_owed_response(&ctx, conv, inmail_id, sender)
+                            .await?
                     }
                 };
                 if finished_now {

@@ -142,6 +142,8 @@ struct Bench {
     redis: redis::aio::MultiplexedConnection,
     /// Members loaded, per name prefix.
     loaded: std::collections::HashMap<String, usize>,
+    /// SendMessage calls this stack served so far (warm-ups included).
+    sends_served: u64,
 }
 
 impl Bench {
@@ -228,6 +230,7 @@ impl Bench {
             processes,
             redis,
             loaded: Default::default(),
+            sends_served: 0,
         }
     }
 
@@ -256,6 +259,40 @@ impl Bench {
             .find_map(|l| l.strip_prefix("used_memory:"))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Bytes Redis holds in keys matching `pattern` (SCAN, then MEMORY
+    /// USAGE of each): what one class of data costs.
+    async fn bytes_of(&mut self, pattern: &str) -> u64 {
+        let mut cursor = 0u64;
+        let mut total = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.redis)
+                .await
+                .unwrap();
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("MEMORY")
+                        .arg("USAGE")
+                        .arg(key)
+                        .arg("SAMPLES")
+                        .arg(0);
+                }
+                let sizes: Vec<Option<u64>> = pipe.query_async(&mut self.redis).await.unwrap();
+                total += sizes.into_iter().flatten().sum::<u64>();
+            }
+            if next == 0 {
+                return total;
+            }
+            cursor = next;
+        }
     }
 
     async fn reset_redis_stats(&mut self) {
@@ -399,6 +436,9 @@ struct Outcome {
     /// Redis's `used_memory` growth over the row per 1,000 calls made,
     /// measured a few seconds after the row (the archiver's drain).
     redis_bytes_per_1k: Option<f64>,
+    /// Messages in Redis (their hashes and the conversations' timelines,
+    /// MEMORY USAGE) per 1,000 sends the stack served so far.
+    message_bytes_per_1k: Option<f64>,
 }
 
 impl Outcome {
@@ -807,6 +847,13 @@ async fn run(args: Args) {
                 let grown = bench.used_memory().await as f64 - memory_before as f64;
                 outcome.redis_bytes_per_1k =
                     Some(grown / outcome.calls_total.max(1) as f64 * 1000.0);
+                // Every row's messages so far: the stack's messages
+                // divided by every send it served.
+                let messages = bench.bytes_of("messaging:{*}:msg:*").await
+                    + bench.bytes_of("messaging:{*}:timeline").await;
+                bench.sends_served += outcome.calls_total;
+                outcome.message_bytes_per_1k =
+                    Some(messages as f64 / bench.sends_served.max(1) as f64 * 1000.0);
             }
             outcome.redis_commands = bench.redis_commands().await;
             outcome.redis_usec = outcome.redis_commands.iter().map(|r| r.2).sum();
@@ -881,6 +928,14 @@ fn summary(results: &[(String, Outcome)]) {
                 println!(
                     "{kind}: Redis memory per 1,000 calls: {:.0} KiB without the archivers, \
                      {:.0} KiB with them (after a 4 s drain)",
+                    b / 1024.0,
+                    a / 1024.0
+                );
+            }
+            if let (Some(b), Some(a)) = (base.message_bytes_per_1k, archived.message_bytes_per_1k) {
+                println!(
+                    "{kind}: of which messages (hashes and timelines, MEMORY USAGE): \
+                     {:.0} KiB without the archivers, {:.0} KiB with them",
                     b / 1024.0,
                     a / 1024.0
                 );

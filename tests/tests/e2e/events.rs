@@ -1032,3 +1032,86 @@ async fn a_message_whose_process_died_before_its_events_gets_them_from_the_sweep
         "nothing left owed"
     );
 }
+
+/// A messaging process that dies right after recording an accept, before
+/// the refund and the events: the response owed both in the outbox from
+/// before it was recorded, and the sweeper refunds the InMail and appends
+/// the INMAIL_RESPONSE and REFUND_STATUS events (at least once, deduped by
+/// id); nothing stays owed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_whose_process_died_before_its_events_gets_them_from_the_sweeper() {
+    let hook: messaging::send::AfterDebitHook = std::sync::Arc::new(|| {
+        Box::pin(async {
+            Some(inmail_shared::ApiError::unavailable(
+                inmail_shared::contract::reasons::STORAGE_UNAVAILABLE,
+                "the process died",
+            ))
+        })
+    });
+    let mut options = with_args(&[
+        "--request-timeout",
+        "2s",
+        "--send-recovery-after",
+        "3s",
+        "--sweep-interval",
+        "200ms",
+    ]);
+    options.faults = messaging::send::Faults {
+        after_respond: Some(hook),
+        ..Default::default()
+    };
+    let stack = Stack::start_with(options).await;
+    crate::common::subscribe(&stack, "sam", "premium-career").await;
+    stack
+        .messaging_as("sam")
+        .send_message(send_request("sam", "rae", "Role", "Interested?"))
+        .await
+        .unwrap();
+    assert_eq!(crate::common::available(&stack, "sam").await, 4);
+    let conv = messaging::domain::conversation_id("sam", "rae");
+    let mut watcher = stack.messaging_as("sam");
+    let mut stream = watch(&mut watcher, "sam", "").await.unwrap();
+    first_heartbeat(&mut stream).await;
+    let broken = crate::common::respond(&stack, "rae", &conv, pb::InmailResponse::Accept, "")
+        .await
+        .expect_err("the accept broke after it was recorded");
+    assert_eq!(broken.code(), tonic::Code::Unavailable);
+    // Recorded, not announced nor refunded: nothing before the sweeper.
+    let early = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let frame = stream.message().await.unwrap().unwrap();
+            if frame.event.is_some() {
+                return frame;
+            }
+        }
+    })
+    .await;
+    assert!(early.is_err(), "no event before the sweeper: {early:?}");
+    assert_eq!(crate::common::available(&stack, "sam").await, 4);
+    // The sweeper's turn: both events, each kind once after dedupe by id.
+    let mut kinds = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while kinds.len() < 2 {
+        let frame = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("the owed events within 20 s")
+            .unwrap()
+            .unwrap();
+        if let Some(event) = frame.event {
+            kinds.entry(event.kind()).or_insert(event);
+        }
+    }
+    let response = &kinds[&pb::InboxEventKind::InmailResponse];
+    assert_eq!(response.inmail_state(), pb::InmailState::Accepted);
+    assert_eq!(response.conversation_id, conv);
+    let refund = &kinds[&pb::InboxEventKind::RefundStatus];
+    assert_eq!(refund.refund_status(), pb::RefundStatus::Refunded);
+    assert_eq!(crate::common::available(&stack, "sam").await, 5);
+    assert!(
+        crate::common::eventually(Duration::from_secs(5), || async {
+            inmail_tests::outbox_len(&stack.redis).await == 0
+        })
+        .await,
+        "nothing left owed"
+    );
+}
