@@ -355,10 +355,13 @@ impl EventHub {
             state.dirty.insert(key.to_string());
         }
         self.inner.wake.notify_one();
-        let mut heartbeat = tokio::time::interval_at(
-            tokio::time::Instant::now() + limits.heartbeat,
-            limits.heartbeat,
-        );
+        // The first heartbeat between half and the whole period, spread by
+        // the watch's id: watches opened together (a reconnect storm, a
+        // deploy) do not all beat in the same instant ever after.
+        let spread = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as u32; // 0..1024
+        let first = limits.heartbeat / 2 + limits.heartbeat / 2 * spread / 1024;
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + first, limits.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Watch {
             rx,
@@ -401,6 +404,10 @@ impl EventHub {
             .collect();
         let mut started = false;
         let mut last_rescan = tokio::time::Instant::now();
+        let slices = (inner.limits.rescan.as_millis() / inner.limits.poll.as_millis().max(1))
+            .clamp(1, 1000) as u64;
+        let slice_every = inner.limits.rescan / slices as u32;
+        let mut slice = 0u64;
         loop {
             tokio::select! {
                 () = inner.stop.cancelled() => break,
@@ -431,10 +438,22 @@ impl EventHub {
                     }
                 }
             }
-            if last_rescan.elapsed() >= inner.limits.rescan {
+            // The safety net for a lost notice: every watched stream is read
+            // again once per `rescan`, a slice of them at a time (by the id
+            // of its first watcher), so the reads are spread over the period
+            // instead of all landing on Redis in one batch.
+            if last_rescan.elapsed() >= slice_every {
                 last_rescan = tokio::time::Instant::now();
+                slice = (slice + 1) % slices;
                 let mut state = inner.state.lock().unwrap();
-                let keys: Vec<String> = state.streams.keys().cloned().collect();
+                let keys: Vec<String> = state
+                    .streams
+                    .iter()
+                    .filter(|(_, watchers)| {
+                        watchers.first().is_some_and(|w| w.id % slices == slice)
+                    })
+                    .map(|(key, _)| key.clone())
+                    .collect();
                 state.dirty.extend(keys);
             }
             // Read every dirty stream from the cursor of its slowest watcher
