@@ -691,13 +691,20 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
                 .entry_id
                 .clone()
                 .ok_or_else(|| ApiError::internal("grant answered no ledger entry"))?;
-            // The entry as written, read back by its id.
-            let entry = self
+            // The entry as written, read back by its id (the request record
+            // keeps the id only): from Redis, or from the history store once
+            // archived (a retry after the hot window).
+            let mut entry = self
                 .credits
                 .store()
                 .ledger_entry(&request.member_id, &entry_id)
-                .await?
-                .map(|e| views::entry(&e));
+                .await?;
+            if entry.is_none()
+                && let Some(history) = &self.history
+            {
+                entry = history.entry(&request.member_id, &entry_id).await?;
+            }
+            let entry = entry.map(|e| views::entry(&e));
             Ok(pb::GrantCreditsResponse {
                 entry,
                 balance_after: views::balance_after(&out),

@@ -248,6 +248,24 @@ impl LedgerHistory {
         Ok(count)
     }
 
+    /// One archived entry of a member by its id.
+    pub async fn entry(&self, member: &str, id: &str) -> Result<Option<StoredEntry>, ApiError> {
+        let (ms, seq) =
+            split_id(id).ok_or_else(|| ApiError::internal(format!("ledger entry id {id:?}")))?;
+        let conn = self.db.connection().await?;
+        let row = conn
+            .query_opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM ledger_entries \
+                     WHERE member_id = $1 AND entry_ms = $2 AND entry_seq = $3"
+                ),
+                &[&member, &ms, &seq],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(row.as_ref().map(entry_of))
+    }
+
     /// A member's newest archived entry whose time is before `before_ms`.
     pub async fn last_before(
         &self,

@@ -128,7 +128,19 @@ async fn old_entries_move_to_postgresql_and_the_ledger_reads_on_into_it() {
     let db = PgServer::shared().database("inmail_billing");
     let stack = Stack::start_with(history_options(&db, "1day", "200ms")).await;
     subscribe(&stack, "arc", "premium-career").await;
-    for _ in 0..5 {
+    let first_grant = billing::GrantCreditsRequest {
+        request_id: rid(),
+        member_id: "arc".into(),
+        amount: 1,
+        reason: "first".into(),
+    };
+    let granted = stack
+        .billing_operator()
+        .grant_credits(first_grant.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..4 {
         grant(&stack, "arc", 1).await;
     }
     let old = ledger(&stack, "arc").await;
@@ -178,6 +190,17 @@ async fn old_entries_move_to_postgresql_and_the_ledger_reads_on_into_it() {
     }
     assert_eq!(available(&stack, "arc").await, 12);
     assert_ledgers_reconcile(&mut stack.billing_operator()).await;
+    // A retried grant answers its entry as written, read back from
+    // PostgreSQL (the request record keeps only its id), and grants nothing.
+    let replayed = stack
+        .billing_operator()
+        .grant_credits(first_grant)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(granted.entry.is_some());
+    assert_eq!(replayed.entry, granted.entry);
+    assert_eq!(available(&stack, "arc").await, 12);
     // billing reached PostgreSQL over TLS only (its user may not connect
     // otherwise: pg_hba.conf), and did connect.
     let tls: Vec<bool> = db
