@@ -7,7 +7,9 @@
 //! A conversation's oldest messages move first, in seq order: they are
 //! inserted (idempotently, by conversation and seq) and committed before a
 //! script trims exactly them from Redis, and only if nobody trimmed the
-//! conversation meanwhile. A crash at any point loses nothing and
+//! conversation meanwhile. Conversations go in batches (one InMail is
+//! usually a conversation of its own): one read of Redis, one transaction,
+//! one pipeline of trims for a batch. A crash at any point loses nothing and
 //! duplicates nothing. Everything below a conversation's oldest seq in
 //! Redis is archived, so a page reads Redis, then PostgreSQL before that
 //! seq: no gap and no duplicate at the boundary. Replicas share the
@@ -23,9 +25,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::history::MessageHistory;
 use crate::send::Messaging;
+use crate::store::Oldest;
 
-/// Messages moved per conversation per step (one insert, one trim).
+/// Messages moved per conversation per step.
 const STEP: usize = 200;
+
+/// Conversations read, inserted (one transaction) and trimmed (one
+/// pipeline) together.
+const BATCH: usize = 200;
 
 /// Conversations are archived in this many shards, shared among the
 /// replicas.
@@ -46,40 +53,82 @@ impl Archive {
         Self { history, hot }
     }
 
-    /// Moves one conversation's messages older than the hot retention to
-    /// the history store; answers how many moved.
-    pub async fn archive_conversation(
+    /// Moves the messages older than the hot retention of `convs` to the
+    /// history store, a batch of conversations at a time (one read of
+    /// Redis, one transaction, one pipeline of trims); answers how many
+    /// moved. Conversations PostgreSQL refuses are logged and counted, and
+    /// the others go on.
+    pub async fn archive_conversations(
         &self,
         messaging: &Messaging,
-        conv: &str,
+        convs: &[String],
     ) -> Result<usize, ApiError> {
         let cutoff = messaging.clock().now_ms().await? - self.hot.as_millis() as i64;
         let store = messaging.store();
         let mut moved = 0;
-        loop {
-            let (arch, oldest) = store.oldest_messages(conv, STEP).await?;
-            let read = oldest.len();
-            // The oldest first, up to the first one still hot (a staged
-            // InMail delivered late keeps its send time, so times are not
-            // quite in seq order: the prefix stops at it).
-            let old: Vec<_> = oldest
-                .into_iter()
-                .take_while(|(_, m)| m.at_ms < cutoff)
-                .collect();
+        let mut pending: Vec<String> = convs.to_vec();
+        while !pending.is_empty() {
+            let mut old = Vec::new();
+            for mut oldest in store.oldest_messages(&pending, STEP).await? {
+                let read = oldest.messages.len();
+                // The oldest first, up to the first one still hot (a staged
+                // InMail delivered late keeps its send time, so times are
+                // not quite in seq order: the prefix stops at it).
+                let young = oldest
+                    .messages
+                    .iter()
+                    .position(|(_, m)| m.at_ms >= cutoff)
+                    .unwrap_or(read);
+                oldest.messages.truncate(young);
+                if !oldest.messages.is_empty() {
+                    old.push((oldest, young == read && read == STEP));
+                }
+            }
             if old.is_empty() {
-                return Ok(moved);
+                break;
             }
-            self.history.insert(conv, &old).await?;
-            if !store.trim_archived(conv, &arch, &old).await? {
-                // Another replica trimmed meanwhile; the rows it inserted
-                // are these same messages (the insert skipped them).
-                return Ok(moved);
-            }
-            moved += old.len();
-            if old.len() < read || read < STEP {
-                return Ok(moved);
+            let batch: Vec<Oldest> = old.iter().map(|(o, _)| o.clone()).collect();
+            let batch = match self.history.insert(&batch).await {
+                Ok(_) => batch,
+                Err(e) if History::is_unavailable(&e) => return Err(e),
+                // Refused: one conversation at a time, to set the refused
+                // aside and archive the others.
+                Err(_) => self.insert_one_by_one(batch).await?,
+            };
+            let trimmed = store.trim_archived(&batch).await?;
+            pending.clear();
+            for (item, done) in batch.iter().zip(trimmed) {
+                // Not trimmed: another replica trimmed meanwhile; the rows
+                // it inserted are these same messages (the insert skipped
+                // them).
+                if !done {
+                    continue;
+                }
+                moved += item.messages.len();
+                let more = old.iter().any(|(o, more)| *more && o.conv == item.conv);
+                if more {
+                    pending.push(item.conv.clone());
+                }
             }
         }
+        Ok(moved)
+    }
+
+    /// Inserts each conversation of `batch` alone; answers those inserted.
+    async fn insert_one_by_one(&self, batch: Vec<Oldest>) -> Result<Vec<Oldest>, ApiError> {
+        let mut inserted = Vec::with_capacity(batch.len());
+        for item in batch {
+            match self.history.insert(std::slice::from_ref(&item)).await {
+                Ok(_) => inserted.push(item),
+                Err(e) if History::is_unavailable(&e) => return Err(e),
+                Err(e) => {
+                    tracing::error!(conv = %item.conv, error = %e, "cannot archive this conversation");
+                    metrics::counter!("inmail_archive_refused_total", "history" => "messages")
+                        .increment(1);
+                }
+            }
+        }
+        Ok(inserted)
     }
 
     /// One pass over the conversations whose shard (of [`ARCHIVE_SHARDS`])
@@ -91,31 +140,20 @@ impl Archive {
     ) -> Result<usize, ApiError> {
         let mut cursor = "0".to_string();
         let mut moved = 0;
+        let mut batch = Vec::with_capacity(BATCH);
         loop {
-            let (next, convs) = messaging.store().scan_conversations(&cursor, 200).await?;
+            let (next, convs) = messaging.store().scan_conversations(&cursor, 1000).await?;
             for conv in convs {
-                if !shards.contains(&shard_of(&conv, ARCHIVE_SHARDS)) {
-                    continue;
+                if shards.contains(&shard_of(&conv, ARCHIVE_SHARDS)) && !batch.contains(&conv) {
+                    batch.push(conv);
                 }
-                match self.archive_conversation(messaging, &conv).await {
-                    Ok(n) => moved += n,
-                    // The store cannot answer (or Redis): end the pass, the
-                    // next one resumes.
-                    Err(e)
-                        if History::is_unavailable(&e) || e.code() == tonic::Code::Unavailable =>
-                    {
-                        return Err(e);
-                    }
-                    // This conversation's messages were refused: the others
-                    // go on; the refusal is logged and counted.
-                    Err(e) => {
-                        tracing::error!(%conv, error = %e, "cannot archive this conversation");
-                        metrics::counter!("inmail_archive_refused_total", "history" => "messages")
-                            .increment(1);
-                    }
+                if batch.len() >= BATCH {
+                    moved += self.archive_conversations(messaging, &batch).await?;
+                    batch.clear();
                 }
             }
             if next == "0" {
+                moved += self.archive_conversations(messaging, &batch).await?;
                 return Ok(moved);
             }
             cursor = next;

@@ -9,7 +9,7 @@ use inmail_shared::ApiError;
 use inmail_shared::state::history::{History, ensure_month_partitions, unavailable};
 
 use crate::domain::Kind;
-use crate::store::{MessageState, StoredMessage};
+use crate::store::{MessageState, Oldest, StoredMessage};
 
 refinery::embed_migrations!("migrations");
 
@@ -52,25 +52,29 @@ impl MessageHistory {
         Self { db }
     }
 
-    /// Inserts delivered `messages` (with their seq) of `conv` in one
-    /// transaction, skipping those already there (a crash between this
-    /// commit and the trim in Redis archives them again); answers how many
-    /// were new.
-    pub async fn insert(
-        &self,
-        conv: &str,
-        messages: &[(u64, StoredMessage)],
-    ) -> Result<u64, ApiError> {
+    /// Inserts the delivered messages (with their seq) of every
+    /// conversation in `batch` in one transaction, skipping those already
+    /// there (a crash between this commit and the trim in Redis archives
+    /// them again); answers how many were new.
+    pub async fn insert(&self, batch: &[Oldest]) -> Result<u64, ApiError> {
+        let rows: Vec<(&str, u64, &StoredMessage)> = batch
+            .iter()
+            .flat_map(|o| o.messages.iter().map(|(seq, m)| (o.conv.as_str(), *seq, m)))
+            .collect();
+        if rows.is_empty() {
+            return Ok(0);
+        }
         let mut conn = self.db.connection().await?;
         let tx = conn.transaction().await.map_err(unavailable)?;
-        ensure_month_partitions(&tx, "messages", messages.iter().map(|(_, m)| m.at_ms)).await?;
+        ensure_month_partitions(&tx, "messages", rows.iter().map(|(_, _, m)| m.at_ms)).await?;
         let text = |f: &dyn Fn(&StoredMessage) -> &str| -> Vec<&str> {
-            messages.iter().map(|(_, m)| f(m)).collect()
+            rows.iter().map(|(_, _, m)| f(m)).collect()
         };
-        let seq: Vec<i64> = messages.iter().map(|(s, _)| *s as i64).collect();
-        let at: Vec<i64> = messages.iter().map(|(_, m)| m.at_ms).collect();
-        let credits: Vec<i32> = messages.iter().map(|(_, m)| m.credits).collect();
-        let balance: Vec<Option<i64>> = messages.iter().map(|(_, m)| m.balance_after).collect();
+        let conv: Vec<&str> = rows.iter().map(|(c, _, _)| *c).collect();
+        let seq: Vec<i64> = rows.iter().map(|(_, s, _)| *s as i64).collect();
+        let at: Vec<i64> = rows.iter().map(|(_, _, m)| m.at_ms).collect();
+        let credits: Vec<i32> = rows.iter().map(|(_, _, m)| m.credits).collect();
+        let balance: Vec<Option<i64>> = rows.iter().map(|(_, _, m)| m.balance_after).collect();
         let (id, from, to) = (text(&|m| &m.id), text(&|m| &m.from), text(&|m| &m.to));
         let kind = text(&|m| m.kind.as_str());
         let (subject, body) = (text(&|m| &m.subject), text(&|m| &m.body));
@@ -79,9 +83,9 @@ impl MessageHistory {
             .execute(
                 &format!(
                     "INSERT INTO messages (conversation_id, {COLUMNS}) \
-                     SELECT $1, * FROM UNNEST($2::int8[], $3::text[], $4::text[], $5::text[], \
-                     $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], $11::int8[], \
-                     $12::text[]) \
+                     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], \
+                     $5::text[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], \
+                     $11::int8[], $12::text[]) \
                      ON CONFLICT DO NOTHING"
                 ),
                 &[

@@ -490,14 +490,26 @@ async fn postgresql_down_for_a_while_loses_no_message_and_blocks_only_archived_r
 }
 
 /// Delivered messages written straight into Redis the way DELIVER writes
-/// them, sent at `at_ms`: `count` of them from `a` to `b`, seqs 1..=count.
+/// them, sent at `at_ms`: `count` of them from `a` to `b`, seqs 1..=count,
+/// bodies "bulk 1", "bulk 2", ….
 async fn grow_conversation(redis: &RedisServer, a: &str, b: &str, count: usize, at_ms: i64) {
+    grow_conversation_saying(redis, a, b, count, at_ms, "bulk ").await;
+}
+
+async fn grow_conversation_saying(
+    redis: &RedisServer,
+    a: &str,
+    b: &str,
+    count: usize,
+    at_ms: i64,
+    body: &str,
+) {
     let script = redis::Script::new(
         r#"
 for i = 1, tonumber(ARGV[3]) do
   local id = ARGV[5] .. '-' .. i
   redis.call('HSET', KEYS[2] .. id, 'from', ARGV[1], 'to', ARGV[2], 'kind', 'CONNECTION',
-    'subject', '', 'body', 'bulk ' .. i, 'credits', 0, 'at', ARGV[4], 'fp', 'f' .. i,
+    'subject', '', 'body', ARGV[6] .. i, 'credits', 0, 'at', ARGV[4], 'fp', 'f' .. i,
     'state', 'delivered', 'seq', i, 'bal_after', '')
   redis.call('ZADD', KEYS[3], i, id)
   redis.call('HSET', KEYS[1], 'last_msg', id)
@@ -518,6 +530,7 @@ return 1
         .arg(count)
         .arg(at_ms)
         .arg(format!("m{a}"))
+        .arg(body)
         .invoke_async(&mut conn)
         .await
         .unwrap();
@@ -590,4 +603,45 @@ async fn messaging_killed_while_archiving_loses_and_doubles_no_message() {
         let expected: Vec<String> = (1..=MESSAGES).rev().map(|i| format!("bulk {i}")).collect();
         assert_eq!(bodies, expected, "{conv}");
     }
+}
+
+/// A conversation whose messages PostgreSQL refuses (a NUL byte, written
+/// straight into Redis: the edge refuses one) stays whole in Redis, and the
+/// conversations archived in the same batch still move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_conversation_postgresql_refuses_does_not_hold_up_the_others() {
+    let db = PgServer::shared().database("inmail_messaging");
+    let stack = Stack::start_with(history_options(&db, "1s", "200ms")).await;
+    grow_conversation_saying(&stack.redis, "bada", "badb", 3, 0, "broken\0").await;
+    let good: Vec<String> = (0..6)
+        .map(|i| messaging::domain::conversation_id(&format!("gooda{i}"), &format!("goodb{i}")))
+        .collect();
+    for i in 0..6 {
+        grow_conversation(
+            &stack.redis,
+            &format!("gooda{i}"),
+            &format!("goodb{i}"),
+            3,
+            0,
+        )
+        .await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            hot_messages(&stack.redis, &good).await == 0
+        })
+        .await,
+        "the good conversations were not archived"
+    );
+    assert_eq!(archived_count(&db).await, 3 * good.len() as i64);
+    let bad = [messaging::domain::conversation_id("bada", "badb")];
+    assert_eq!(hot_messages(&stack.redis, &bad).await, 3);
+    // And the edge refuses a NUL now.
+    let status = stack
+        .messaging_as("gooda0")
+        .send_message(send_request("gooda0", "goodb0", "", "nul\0"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("body"), "{status:?}");
 }

@@ -26,6 +26,7 @@ use redis::Script;
 
 use crate::domain::{Kind, RefundState, SendFailure};
 
+pub use self::archive::Oldest;
 pub use self::keys::OUTBOX_SHARDS;
 pub use self::lists::Tail;
 pub use self::outbox::OutboxItem;
