@@ -6,9 +6,10 @@
 //! notify streams (a writer appends the stream key it wrote to one of
 //! [`NOTIFY_SHARDS`] after the event, in the same batch) and then the
 //! streams of the watched members that were notified, with plain XRANGEs on
-//! the service's own connection. Every `rescan` it reads every watched
-//! stream, whatever the notify streams said (a notice lost when a writer
-//! died between its two writes delays an event by at most that). So the
+//! the service's own connection. Every rescan period it reads every watched
+//! stream, whatever the notify streams said, a slice each poll (a notice
+//! lost when a writer died between its two writes delays an event by at
+//! most that): `rescan` (2 s), longer past [`RESCAN_RATE`] streams a second. So the
 //! number of Redis connections and of Redis commands per poll does not grow
 //! with the watchers of one member, and no watcher holds a connection or a
 //! blocking read.
@@ -84,7 +85,8 @@ pub struct EventLimits {
     pub heartbeat: Duration,
     /// How often the dispatcher looks for new events.
     pub poll: Duration,
-    /// How often it reads every watched stream regardless of notices.
+    /// How often it reads every watched stream regardless of notices (at
+    /// least: see [`rescan_period`]).
     pub rescan: Duration,
     /// How long events are kept (the writers trim older ones).
     pub retention: Duration,
@@ -404,10 +406,9 @@ impl EventHub {
             .collect();
         let mut started = false;
         let mut last_rescan = tokio::time::Instant::now();
-        let slices = (inner.limits.rescan.as_millis() / inner.limits.poll.as_millis().max(1))
-            .clamp(1, 1000) as u64;
-        let slice_every = inner.limits.rescan / slices as u32;
-        let mut slice = 0u64;
+        // A slice of the watched streams is read again every poll.
+        let slice_every = inner.limits.poll;
+        let mut tick = 0u64;
         loop {
             tokio::select! {
                 () = inner.stop.cancelled() => break,
@@ -439,13 +440,18 @@ impl EventHub {
                 }
             }
             // The safety net for a lost notice: every watched stream is read
-            // again once per `rescan`, a slice of them at a time (by the id
-            // of its first watcher), so the reads are spread over the period
-            // instead of all landing on Redis in one batch.
+            // again once per rescan period, a slice of them each poll (by
+            // the id of its first watcher), so the reads are spread over the
+            // period instead of all landing on Redis in one batch; and the
+            // period grows with the watched streams past RESCAN_RATE reads
+            // per second, so the safety net's cost stays bounded.
             if last_rescan.elapsed() >= slice_every {
                 last_rescan = tokio::time::Instant::now();
-                slice = (slice + 1) % slices;
+                tick += 1;
                 let mut state = inner.state.lock().unwrap();
+                let period = rescan_period(inner.limits.rescan, state.streams.len());
+                let slices = (period.as_millis() / slice_every.as_millis().max(1)).max(1) as u64;
+                let slice = tick % slices;
                 let keys: Vec<String> = state
                     .streams
                     .iter()
@@ -746,6 +752,17 @@ async fn read_notices(
     Ok(keys)
 }
 
+/// Watched streams read again per second at most by the lost-notice
+/// rescan.
+pub const RESCAN_RATE: usize = 500;
+
+/// How long one round of the lost-notice rescan over `streams` watched
+/// streams takes: `rescan`, or longer when that would read more than
+/// [`RESCAN_RATE`] streams a second (10,000 watched streams: 20 s).
+pub fn rescan_period(rescan: Duration, streams: usize) -> Duration {
+    rescan.max(Duration::from_millis((streams * 1000 / RESCAN_RATE) as u64))
+}
+
 /// One open watch; dropping it closes it.
 pub struct Watch {
     rx: mpsc::Receiver<Entry>,
@@ -896,6 +913,14 @@ mod tests {
         assert!(a > StreamId::default());
         assert_eq!(a.to_string(), "5-2");
         assert!(StreamId::parse("5").is_none());
+    }
+
+    #[test]
+    fn the_rescan_period_grows_past_its_rate() {
+        let two = Duration::from_secs(2);
+        assert_eq!(rescan_period(two, 0), two);
+        assert_eq!(rescan_period(two, 1000), two);
+        assert_eq!(rescan_period(two, 10_000), Duration::from_secs(20));
     }
 
     #[test]
