@@ -30,7 +30,8 @@
 //! `--scenarios watch --watchers 10000 --watch-rate 500` opens that many
 //! WatchInbox streams on one messaging process and prints send → event
 //! latency, CPU and RSS per 1,000 idle watchers and Redis connections,
-//! beside the same run's SendMessage figures without watchers.
+//! beside the same run's SendMessage figures without watchers, in
+//! `--watch-rounds` rounds (the median round is the figure).
 //!
 //! `--scenarios idle --idle-replicas 1,2,4` measures Redis's load with the
 //! services idle at each replica count (every service replicated), on a
@@ -126,6 +127,9 @@ struct Args {
     /// Watchers the `watch` scenario opens on one messaging process.
     #[arg(long, default_value_t = 10_000)]
     watchers: usize,
+    /// Rounds of the `watch` scenario (each without, then with watchers).
+    #[arg(long, default_value_t = 3)]
+    watch_rounds: usize,
     /// Sends per second of the `watch` scenario (with and without watchers).
     #[arg(long, default_value_t = 500)]
     watch_rate: u64,
@@ -1511,11 +1515,13 @@ async fn redis_clients(bench: &Bench) -> u64 {
         .unwrap_or(0)
 }
 
-/// `--scenarios watch`: SendMessage at `--watch-rate` without watchers,
-/// then `--watchers` WatchInbox streams on the one messaging process and
-/// the same sends to the watched members: send → event latency, CPU and RSS
-/// per 1,000 idle watchers, Redis connections, and the sends' latency
-/// beside the run without watchers.
+/// `--scenarios watch`: `--watch-rounds` rounds, each SendMessage at
+/// `--watch-rate` without watchers, then with `--watchers` WatchInbox
+/// streams open on the one messaging process and the same sends to the
+/// watched members (the watchers are closed again between rounds): the
+/// sends' latency with against without in each round (the machine is
+/// shared: the median round is the figure), send → event latency, CPU and
+/// RSS per 1,000 idle watchers, Redis connections.
 async fn watch(args: &Args) {
     let mut bench = Bench::start(args, false).await;
     let senders = args.members[0].clamp(1, THROUGH_SERVICES);
@@ -1523,27 +1529,125 @@ async fn watch(args: &Args) {
     let base = Instant::now();
     let messaging_pid = bench.stack.messaging.pid();
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-
-    let (alone, alone_errors) = paced_sends(&bench, args.watch_rate, args.duration, base, |i| {
-        format!("unwatched-{i}")
-    })
-    .await;
-    let clients_before = redis_clients(&bench).await;
-    let idle_window = Duration::from_secs(5);
-    let (rss_before, cpu_before) = (rss_kib(messaging_pid), {
-        let start = cpu_of(messaging_pid);
-        tokio::time::sleep(idle_window).await;
-        cpu_of(messaging_pid).saturating_sub(start)
-    });
-
-    // The watchers, 200 to a connection (HTTP/2 streams per connection).
     let latencies = Arc::new(std::sync::Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
     ));
     let events = Arc::new(AtomicU64::new(0));
+    let idle_window = Duration::from_secs(5);
+    let mut rounds = Vec::new();
+    let mut idle = None;
+    for round in 0..args.watch_rounds.max(1) {
+        let (alone, alone_errors) =
+            paced_sends(&bench, args.watch_rate, args.duration, base, |i| {
+                format!("unwatched-{round}-{i}")
+            })
+            .await;
+        let clients_before = redis_clients(&bench).await;
+        let (rss_before, cpu_before) = (rss_kib(messaging_pid), {
+            let start = cpu_of(messaging_pid);
+            tokio::time::sleep(idle_window).await;
+            cpu_of(messaging_pid).saturating_sub(start)
+        });
+        let (opened, watchers) =
+            open_watchers(&bench, args.watchers, base, &latencies, &events).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let clients_after = redis_clients(&bench).await;
+        let (rss_after, cpu_after) = (rss_kib(messaging_pid), {
+            let start = cpu_of(messaging_pid);
+            tokio::time::sleep(idle_window).await;
+            cpu_of(messaging_pid).saturating_sub(start)
+        });
+        let watched = opened.max(1) as u64;
+        // Each round its own (sender, recipient) pairs: sender i mod S,
+        // recipient i + round mod W (W a multiple of S), so no InMail is
+        // refused for one still awaiting a response from an earlier round.
+        let (with, with_errors) = paced_sends(&bench, args.watch_rate, args.duration, base, |i| {
+            format!("watched-{}", (i + round as u64) % watched)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for watcher in watchers {
+            watcher.abort();
+        }
+        let per_thousand = 1000.0 / opened.max(1) as f64;
+        idle.get_or_insert((
+            opened,
+            (rss_after as f64 - rss_before as f64) * per_thousand,
+            (cpu_after.as_secs_f64() - cpu_before.as_secs_f64()) * 1e3 / idle_window.as_secs_f64()
+                * per_thousand,
+            clients_before,
+            clients_after,
+        ));
+        println!(
+            "watch round {}: no watchers {:>5} ok p50 {:>6.2} ms p99 {:>6.2} ms errors {alone_errors}; \
+             {opened} watchers {:>5} ok p50 {:>6.2} ms p99 {:>6.2} ms errors {with_errors} \
+             ({:+.1} % p50, {:+.1} % p99)",
+            round + 1,
+            alone.len(),
+            ms(&alone, 0.5),
+            ms(&alone, 0.99),
+            with.len(),
+            ms(&with, 0.5),
+            ms(&with, 0.99),
+            (ms(&with, 0.5) / ms(&alone, 0.5).max(1e-9) - 1.0) * 100.0,
+            (ms(&with, 0.99) / ms(&alone, 0.99).max(1e-9) - 1.0) * 100.0,
+        );
+        rounds.push((alone, with));
+        // The closed streams' resources go before the next round.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let latencies = latencies.lock().unwrap().clone();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let p50_ratio = median(
+        rounds
+            .iter()
+            .map(|(a, w)| ms(w, 0.5) / ms(a, 0.5).max(1e-9))
+            .collect(),
+    );
+    let p99_ratio = median(
+        rounds
+            .iter()
+            .map(|(a, w)| ms(w, 0.99) / ms(a, 0.99).max(1e-9))
+            .collect(),
+    );
+    let (opened, rss, cpu, clients_before, clients_after) = idle.expect("one round");
+    println!(
+        "watch: {opened} watchers on one messaging process, {} sends/s for {:?}, {} rounds",
+        args.watch_rate,
+        args.duration,
+        rounds.len()
+    );
+    println!(
+        "  send with watchers / without (median round): p50 {:+.1} %, p99 {:+.1} %",
+        (p50_ratio - 1.0) * 100.0,
+        (p99_ratio - 1.0) * 100.0
+    );
+    println!(
+        "  send -> event:       {:>6} events  p50 {:>7.2} ms  p99 {:>7.2} ms",
+        events.load(Ordering::Relaxed),
+        ms(&latencies, 0.5),
+        ms(&latencies, 0.99)
+    );
+    println!("  per 1,000 idle watchers: RSS {rss:+.0} KiB, CPU {cpu:.1} ms/s");
+    println!("  Redis connections: {clients_before} without watchers, {clients_after} with them");
+}
+
+/// Opens `count` WatchInbox streams (members `watched-<k>`), 200 to a
+/// connection (HTTP/2 streams per connection), each recording send → event
+/// latency; answers how many opened and their tasks (abort to close).
+async fn open_watchers(
+    bench: &Bench,
+    count: usize,
+    base: Instant,
+    latencies: &Arc<std::sync::Mutex<Histogram<u64>>>,
+    events: &Arc<AtomicU64>,
+) -> (usize, Vec<tokio::task::JoinHandle<()>>) {
     let mut channel = bench.channel(bench.stack.messaging.addr, As::Anonymous);
-    let mut opened = 0;
-    for k in 0..args.watchers {
+    let mut tasks = Vec::with_capacity(count);
+    for k in 0..count {
         if k % 200 == 0 {
             channel = bench.channel(bench.stack.messaging.addr, As::Anonymous);
         }
@@ -1559,9 +1663,8 @@ async fn watch(args: &Args) {
         let Ok(stream) = client.watch_inbox(request).await else {
             continue;
         };
-        opened += 1;
         let (latencies, events) = (latencies.clone(), events.clone());
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut stream = stream.into_inner();
             while let Ok(Some(frame)) = stream.message().await {
                 let Some(message) = frame.event.and_then(|e| e.message) else {
@@ -1580,54 +1683,9 @@ async fn watch(args: &Args) {
                     events.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        });
+        }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let clients_after = redis_clients(&bench).await;
-    let (rss_after, cpu_after) = (rss_kib(messaging_pid), {
-        let start = cpu_of(messaging_pid);
-        tokio::time::sleep(idle_window).await;
-        cpu_of(messaging_pid).saturating_sub(start)
-    });
-    let watched = opened.max(1) as u64;
-    let (with, with_errors) = paced_sends(&bench, args.watch_rate, args.duration, base, |i| {
-        format!("watched-{}", member_index(i, watched))
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let latencies = latencies.lock().unwrap().clone();
-
-    let per_thousand = 1000.0 / opened.max(1) as f64;
-    println!(
-        "watch: {opened} watchers on one messaging process, {} sends/s for {:?}",
-        args.watch_rate, args.duration
-    );
-    println!(
-        "  send, no watchers:   {:>6} ok  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {alone_errors}",
-        alone.len(),
-        ms(&alone, 0.5),
-        ms(&alone, 0.99)
-    );
-    println!(
-        "  send, with watchers: {:>6} ok  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {with_errors}  ({:+.1} % p50)",
-        with.len(),
-        ms(&with, 0.5),
-        ms(&with, 0.99),
-        (ms(&with, 0.5) / ms(&alone, 0.5).max(1e-9) - 1.0) * 100.0
-    );
-    println!(
-        "  send -> event:       {:>6} events  p50 {:>7.2} ms  p99 {:>7.2} ms",
-        events.load(Ordering::Relaxed),
-        ms(&latencies, 0.5),
-        ms(&latencies, 0.99)
-    );
-    println!(
-        "  per 1,000 idle watchers: RSS {:+.0} KiB, CPU {:.1} ms/s",
-        (rss_after as f64 - rss_before as f64) * per_thousand,
-        (cpu_after.as_secs_f64() - cpu_before.as_secs_f64()) * 1e3 / idle_window.as_secs_f64()
-            * per_thousand
-    );
-    println!("  Redis connections: {clients_before} without watchers, {clients_after} with them");
+    (tasks.len(), tasks)
 }
 
 /// Redis's load with the services idle, at each replica count of every
