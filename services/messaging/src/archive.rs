@@ -68,32 +68,21 @@ impl Archive {
         let mut moved = 0;
         let mut pending: Vec<String> = convs.to_vec();
         while !pending.is_empty() {
-            let mut old = Vec::new();
-            for mut oldest in store.oldest_messages(&pending, STEP).await? {
-                let read = oldest.messages.len();
-                // The oldest first, up to the first one still hot (a staged
-                // InMail delivered late keeps its send time, so times are
-                // not quite in seq order: the prefix stops at it).
-                let young = oldest
-                    .messages
-                    .iter()
-                    .position(|(_, m)| m.at_ms >= cutoff)
-                    .unwrap_or(read);
-                oldest.messages.truncate(young);
-                if !oldest.messages.is_empty() {
-                    old.push((oldest, young == read && read == STEP));
-                }
-            }
+            let old = store.oldest_messages(&pending, STEP, cutoff).await?;
             if old.is_empty() {
                 break;
             }
-            let batch: Vec<Oldest> = old.iter().map(|(o, _)| o.clone()).collect();
-            let batch = match self.history.insert(&batch).await {
-                Ok(_) => batch,
+            let more: Vec<String> = old
+                .iter()
+                .filter(|o| o.more)
+                .map(|o| o.conv.clone())
+                .collect();
+            let batch = match self.history.insert(&old).await {
+                Ok(_) => old,
                 Err(e) if History::is_unavailable(&e) => return Err(e),
                 // Refused: one conversation at a time, to set the refused
                 // aside and archive the others.
-                Err(_) => self.insert_one_by_one(batch).await?,
+                Err(_) => self.insert_one_by_one(old).await?,
             };
             let trimmed = store.trim_archived(&batch).await?;
             pending.clear();
@@ -105,8 +94,7 @@ impl Archive {
                     continue;
                 }
                 moved += item.messages.len();
-                let more = old.iter().any(|(o, more)| *more && o.conv == item.conv);
-                if more {
+                if more.contains(&item.conv) {
                     pending.push(item.conv.clone());
                 }
             }

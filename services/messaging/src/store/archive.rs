@@ -15,25 +15,41 @@ pub struct Oldest {
     pub conv: String,
     /// The archive position read first (`arch_seq`, "" for none).
     pub arch: String,
-    /// Oldest first, with their seq.
+    /// Oldest first, with their seq: those sent before the cutoff.
     pub messages: Vec<(u64, StoredMessage)>,
+    /// Whether older-than-cutoff messages may follow these (a full step).
+    pub more: bool,
+}
+
+/// (conversation, message id) of every id read, in order.
+fn flatten(convs: &[String], ids: &[Vec<(String, u64)>]) -> Vec<(String, String)> {
+    convs
+        .iter()
+        .zip(ids)
+        .flat_map(|(conv, ids)| ids.iter().map(|(id, _)| (conv.clone(), id.clone())))
+        .collect()
 }
 
 impl MessagingStore {
-    /// For each conversation, its archive position and its oldest delivered
-    /// messages in Redis with their seq (at most `limit`), in three
-    /// pipelined round trips on the bulk connection whatever the number of
-    /// conversations.
+    /// For each conversation whose oldest message in Redis was sent before
+    /// `cutoff_ms`: its archive position and its oldest delivered messages
+    /// sent before the cutoff, with their seq (at most `limit`, a prefix in
+    /// seq order: it stops at the first younger one). Pipelined on the bulk
+    /// connection; a conversation with nothing to archive costs three cheap
+    /// commands (its position, its oldest id, that message's time), and only
+    /// the messages that move are read whole.
     pub async fn oldest_messages(
         &self,
         convs: &[String],
         limit: usize,
+        cutoff_ms: i64,
     ) -> Result<Vec<Oldest>, ApiError> {
         if convs.is_empty() {
             return Ok(Vec::new());
         }
-        // The position first: a trim between the two reads then fails its
-        // check (harmless) instead of trimming what this pass did not read.
+        // The position first: a trim between it and the reads below then
+        // fails its check (harmless) instead of trimming what this pass did
+        // not read.
         let mut batch = Batch::new();
         for conv in convs {
             batch.add(
@@ -44,38 +60,61 @@ impl MessagingStore {
             );
         }
         let archs: Vec<Option<String>> = self.redis.run_bulk(&batch).await?;
-        let mut batch = Batch::new();
-        for conv in convs {
-            batch.add(
-                redis::cmd("ZRANGE")
-                    .arg(keys::timeline(conv))
-                    .arg(0)
-                    .arg(limit.max(1) as i64 - 1)
-                    .arg("WITHSCORES")
-                    .clone(),
-            );
+        let oldest_ids = self.timeline_heads(convs, 1).await?;
+        let times = self.sent_times(&flatten(convs, &oldest_ids)).await?;
+        let mut times = times.into_iter();
+        let mut due = Vec::new();
+        for ((conv, arch), ids) in convs.iter().zip(archs).zip(&oldest_ids) {
+            if ids.is_empty() {
+                continue;
+            }
+            if times.next().flatten().is_some_and(|at| at < cutoff_ms) {
+                due.push((conv.clone(), arch.unwrap_or_default()));
+            }
         }
-        let timelines: Vec<Vec<(String, u64)>> = self.redis.run_bulk(&batch).await?;
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let due_convs: Vec<String> = due.iter().map(|(c, _)| c.clone()).collect();
+        let heads = self.timeline_heads(&due_convs, limit).await?;
+        let times = self.sent_times(&flatten(&due_convs, &heads)).await?;
+        // Each conversation's prefix sent before the cutoff.
+        let mut times = times.into_iter();
+        let mut prefixes = Vec::with_capacity(heads.len());
+        for ids in heads {
+            let read = ids.len();
+            let mut prefix = Vec::new();
+            let mut open = true;
+            for (id, seq) in ids {
+                let at = times.next().flatten();
+                if open && at.is_some_and(|at| at < cutoff_ms) {
+                    prefix.push((id, seq));
+                } else {
+                    open = false;
+                }
+            }
+            let more = prefix.len() == read && read == limit;
+            prefixes.push((prefix, more));
+        }
         let mut batch = Batch::new();
-        for (conv, ids) in convs.iter().zip(&timelines) {
-            for (id, _) in ids {
+        for (conv, (prefix, _)) in due_convs.iter().zip(&prefixes) {
+            for (id, _) in prefix {
                 batch.add(redis::cmd("HGETALL").arg(keys::msg(conv, id)).clone());
             }
         }
-        let mut bodies: std::vec::IntoIter<HashMap<String, String>> =
-            if timelines.iter().all(Vec::is_empty) {
-                Vec::new().into_iter()
-            } else {
-                self.redis
-                    .run_bulk::<Vec<HashMap<String, String>>>(&batch)
-                    .await?
-                    .into_iter()
-            };
-        let mut out = Vec::with_capacity(convs.len());
-        for ((conv, arch), ids) in convs.iter().zip(archs).zip(timelines) {
-            let mut messages = Vec::with_capacity(ids.len());
+        let mut bodies = if prefixes.iter().all(|(p, _)| p.is_empty()) {
+            Vec::new().into_iter()
+        } else {
+            self.redis
+                .run_bulk::<Vec<HashMap<String, String>>>(&batch)
+                .await?
+                .into_iter()
+        };
+        let mut out = Vec::with_capacity(due.len());
+        for ((conv, arch), (prefix, more)) in due.into_iter().zip(prefixes) {
+            let mut messages = Vec::with_capacity(prefix.len());
             let mut whole = true;
-            for (id, seq) in ids {
+            for (id, seq) in prefix {
                 let fields = bodies.next().unwrap_or_default();
                 // Trimmed meanwhile by another archiver: what follows is
                 // left to the next pass.
@@ -87,13 +126,56 @@ impl MessagingStore {
                     None => whole = false,
                 }
             }
-            out.push(Oldest {
-                conv: conv.clone(),
-                arch: arch.unwrap_or_default(),
-                messages,
-            });
+            if !messages.is_empty() {
+                out.push(Oldest {
+                    conv,
+                    arch,
+                    messages,
+                    more: more && whole,
+                });
+            }
         }
         Ok(out)
+    }
+
+    /// The first `count` ids of each conversation's timeline, with their seq.
+    async fn timeline_heads(
+        &self,
+        convs: &[String],
+        count: usize,
+    ) -> Result<Vec<Vec<(String, u64)>>, ApiError> {
+        let mut batch = Batch::new();
+        for conv in convs {
+            batch.add(
+                redis::cmd("ZRANGE")
+                    .arg(keys::timeline(conv))
+                    .arg(0)
+                    .arg(count.max(1) as i64 - 1)
+                    .arg("WITHSCORES")
+                    .clone(),
+            );
+        }
+        self.redis.run_bulk(&batch).await
+    }
+
+    /// When each (conversation, message id) was sent (`None`: gone).
+    async fn sent_times(
+        &self,
+        messages: &[(String, String)],
+    ) -> Result<Vec<Option<i64>>, ApiError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = Batch::new();
+        for (conv, id) in messages {
+            batch.add(
+                redis::cmd("HGET")
+                    .arg(keys::msg(conv, id))
+                    .arg("at")
+                    .clone(),
+            );
+        }
+        self.redis.run_bulk(&batch).await
     }
 
     /// Removes each conversation's archived messages (oldest first,
