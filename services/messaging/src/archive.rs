@@ -30,6 +30,11 @@ use crate::store::Oldest;
 /// Messages moved per conversation per step.
 const STEP: usize = 200;
 
+/// Messages moved per step at most, over all its conversations: the
+/// step's pipelines share the bulk connection with other calls' reads, so
+/// they stay small.
+const BUDGET: usize = 1000;
+
 /// Conversations read, inserted (one transaction) and trimmed (one
 /// pipeline) together.
 const BATCH: usize = 200;
@@ -68,7 +73,9 @@ impl Archive {
         let mut moved = 0;
         let mut pending: Vec<String> = convs.to_vec();
         while !pending.is_empty() {
-            let old = store.oldest_messages(&pending, STEP, cutoff).await?;
+            let old = store
+                .oldest_messages(&pending, (STEP, BUDGET), cutoff)
+                .await?;
             if old.is_empty() {
                 break;
             }

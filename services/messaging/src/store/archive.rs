@@ -33,15 +33,16 @@ fn flatten(convs: &[String], ids: &[Vec<(String, u64)>]) -> Vec<(String, String)
 impl MessagingStore {
     /// For each conversation whose oldest message in Redis was sent before
     /// `cutoff_ms`: its archive position and its oldest delivered messages
-    /// sent before the cutoff, with their seq (at most `limit`, a prefix in
-    /// seq order: it stops at the first younger one). Pipelined on the bulk
+    /// sent before the cutoff, with their seq (at most `limit` of one
+    /// conversation and `budget` in all, a prefix in seq order: it stops at
+    /// the first younger one). Pipelined on the bulk
     /// connection; a conversation with nothing to archive costs three cheap
     /// commands (its position, its oldest id, that message's time), and only
     /// the messages that move are read whole.
     pub async fn oldest_messages(
         &self,
         convs: &[String],
-        limit: usize,
+        (limit, budget): (usize, usize),
         cutoff_ms: i64,
     ) -> Result<Vec<Oldest>, ApiError> {
         if convs.is_empty() {
@@ -75,6 +76,10 @@ impl MessagingStore {
         if due.is_empty() {
             return Ok(Vec::new());
         }
+        // At most `budget` messages read in all (a step's pipelines stay
+        // small: other calls share the bulk connection), and as many from
+        // each conversation.
+        let limit = (budget / due.len()).clamp(1, limit.max(1));
         let due_convs: Vec<String> = due.iter().map(|(c, _)| c.clone()).collect();
         let heads = self.timeline_heads(&due_convs, limit).await?;
         let times = self.sent_times(&flatten(&due_convs, &heads)).await?;
