@@ -120,6 +120,31 @@ pub struct BillingApi {
 
 type Answer<T> = Result<Response<T>, Status>;
 
+/// A request's `start_time` (required) and `end_time` (optional) in ms;
+/// one that is not a valid timestamp, or a missing start, is added to
+/// `checks`.
+fn time_range(
+    checks: &mut Checks,
+    start: &Option<prost_types::Timestamp>,
+    end: &Option<prost_types::Timestamp>,
+) -> (Option<i64>, Option<i64>) {
+    fn time(checks: &mut Checks, field: &str, ts: &Option<prost_types::Timestamp>) -> Option<i64> {
+        match ts.as_ref().map(from_timestamp) {
+            Some(Some(t)) => Some(t.timestamp_millis()),
+            Some(None) => {
+                checks.add(field, "is not a valid timestamp");
+                None
+            }
+            None => None,
+        }
+    }
+    let start_ms = time(checks, "start_time", start);
+    if start.is_none() {
+        checks.add("start_time", "is required");
+    }
+    (start_ms, time(checks, "end_time", end))
+}
+
 impl BillingApi {
     /// `lease`: the longest one call may take (REQUEST_TIMEOUT); `quota`:
     /// each member's mutation quota (SetLowBalanceAlert spends from it).
@@ -351,23 +376,7 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
             if let Some(member) = &member {
                 checks.member_id("member_id", member);
             }
-            let time =
-                |checks: &mut Checks, field: &str, ts: &Option<prost_types::Timestamp>| match ts
-                    .as_ref()
-                    .map(from_timestamp)
-                {
-                    Some(Some(t)) => Some(t.timestamp_millis()),
-                    Some(None) => {
-                        checks.add(field, "is not a valid timestamp");
-                        None
-                    }
-                    None => None,
-                };
-            let start = time(&mut checks, "start_time", &request.start_time);
-            if request.start_time.is_none() {
-                checks.add("start_time", "is required");
-            }
-            let end = time(&mut checks, "end_time", &request.end_time);
+            let (start, end) = time_range(&mut checks, &request.start_time, &request.end_time);
             checks.finish()?;
             let end = match end {
                 Some(end) => end,
@@ -798,23 +807,7 @@ impl pb::billing_credits_service_server::BillingCreditsService for BillingApi {
                 paging::DEFAULT_PAGE_SIZE,
                 paging::MAX_PAGE_SIZE,
             );
-            let time =
-                |checks: &mut Checks, field: &str, ts: &Option<prost_types::Timestamp>| match ts
-                    .as_ref()
-                    .map(from_timestamp)
-                {
-                    Some(Some(t)) => Some(t.timestamp_millis()),
-                    Some(None) => {
-                        checks.add(field, "is not a valid timestamp");
-                        None
-                    }
-                    None => None,
-                };
-            let start = time(&mut checks, "start_time", &request.start_time);
-            if request.start_time.is_none() {
-                checks.add("start_time", "is required");
-            }
-            let end = time(&mut checks, "end_time", &request.end_time);
+            let (start, end) = time_range(&mut checks, &request.start_time, &request.end_time);
             if let (Some(start), Some(end)) = (start, end)
                 && end <= start
             {

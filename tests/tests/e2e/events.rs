@@ -976,11 +976,10 @@ async fn watches_hold_no_concurrency_slot_and_no_redis_connection() {
     assert_eq!(after, before, "watchers opened no Redis connection");
 }
 
-/// A messaging process that dies right after delivering a message, before
-/// appending its inbox events: the events were owed in the outbox from
-/// before the delivery, and the sweeper appends them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_whose_process_died_before_its_events_gets_them_from_the_sweeper() {
+/// A stack whose outbox sweeper takes over 3 s after a call (requests time
+/// out in 2 s, the sweeper looks every 200 ms), and a fault hook that breaks
+/// a call as if its process died there.
+fn dying_stack_options() -> (StackOptions, messaging::send::AfterDebitHook) {
     let hook: messaging::send::AfterDebitHook = std::sync::Arc::new(|| {
         Box::pin(async {
             Some(inmail_shared::ApiError::unavailable(
@@ -989,7 +988,7 @@ async fn a_message_whose_process_died_before_its_events_gets_them_from_the_sweep
             ))
         })
     });
-    let mut options = with_args(&[
+    let options = with_args(&[
         "--request-timeout",
         "2s",
         "--send-recovery-after",
@@ -997,6 +996,15 @@ async fn a_message_whose_process_died_before_its_events_gets_them_from_the_sweep
         "--sweep-interval",
         "200ms",
     ]);
+    (options, hook)
+}
+
+/// A messaging process that dies right after delivering a message, before
+/// appending its inbox events: the events were owed in the outbox from
+/// before the delivery, and the sweeper appends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_process_died_before_its_events_gets_them_from_the_sweeper() {
+    let (mut options, hook) = dying_stack_options();
     options.faults = messaging::send::Faults {
         after_deliver: Some(hook),
         ..Default::default()
@@ -1040,22 +1048,7 @@ async fn a_message_whose_process_died_before_its_events_gets_them_from_the_sweep
 /// id); nothing stays owed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_whose_process_died_before_its_events_gets_them_from_the_sweeper() {
-    let hook: messaging::send::AfterDebitHook = std::sync::Arc::new(|| {
-        Box::pin(async {
-            Some(inmail_shared::ApiError::unavailable(
-                inmail_shared::contract::reasons::STORAGE_UNAVAILABLE,
-                "the process died",
-            ))
-        })
-    });
-    let mut options = with_args(&[
-        "--request-timeout",
-        "2s",
-        "--send-recovery-after",
-        "3s",
-        "--sweep-interval",
-        "200ms",
-    ]);
+    let (mut options, hook) = dying_stack_options();
     options.faults = messaging::send::Faults {
         after_respond: Some(hook),
         ..Default::default()
