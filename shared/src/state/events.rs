@@ -24,7 +24,8 @@
 //! request-concurrency slot (the server's permit is released once the
 //! handler answers the stream).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -218,8 +219,9 @@ struct Watcher {
 
 #[derive(Default)]
 struct State {
-    /// Watchers by the stream key they watch.
-    streams: HashMap<String, Vec<Watcher>>,
+    /// Watchers by the stream key they watch (ordered: the rescan walks
+    /// them a slice at a time from where it stopped).
+    streams: BTreeMap<String, Vec<Watcher>>,
     /// Members (stream keys) to read at the next poll.
     dirty: HashSet<String>,
     open: usize,
@@ -406,9 +408,10 @@ impl EventHub {
             .collect();
         let mut started = false;
         let mut last_rescan = tokio::time::Instant::now();
-        // A slice of the watched streams is read again every poll.
+        // A slice of the watched streams is read again every poll, in key
+        // order from where the last slice ended.
         let slice_every = inner.limits.poll;
-        let mut tick = 0u64;
+        let mut rescan_after: Option<String> = None;
         loop {
             tokio::select! {
                 () = inner.stop.cancelled() => break,
@@ -440,36 +443,31 @@ impl EventHub {
                 }
             }
             // The safety net for a lost notice: every watched stream is read
-            // again once per rescan period, a slice of them each poll (by
-            // the id of its first watcher), so the reads are spread over the
-            // period instead of all landing on Redis in one batch; and the
-            // period grows with the watched streams past RESCAN_RATE reads
-            // per second, so the safety net's cost stays bounded.
+            // again once per rescan period, a slice of them each poll (the
+            // next keys in order), so the reads are spread over the period
+            // instead of all landing on Redis in one batch; and the period
+            // grows with the watched streams past RESCAN_RATE reads per
+            // second, so the safety net's cost stays bounded. A poll touches
+            // only its slice and the streams it reads, never every watcher.
             if last_rescan.elapsed() >= slice_every {
                 last_rescan = tokio::time::Instant::now();
-                tick += 1;
                 let mut state = inner.state.lock().unwrap();
-                let period = rescan_period(inner.limits.rescan, state.streams.len());
-                let slices = (period.as_millis() / slice_every.as_millis().max(1)).max(1) as u64;
-                let slice = tick % slices;
-                let keys: Vec<String> = state
-                    .streams
-                    .iter()
-                    .filter(|(_, watchers)| {
-                        watchers.first().is_some_and(|w| w.id % slices == slice)
-                    })
-                    .map(|(key, _)| key.clone())
-                    .collect();
+                let keys = rescan_slice(
+                    &state.streams,
+                    &mut rescan_after,
+                    rescan_period(inner.limits.rescan, state.streams.len()),
+                    slice_every,
+                );
                 state.dirty.extend(keys);
             }
             // Read every dirty stream from the cursor of its slowest watcher
             // that has room (a full one is handed more at a later poll).
-            let reads: Vec<(String, StreamId)> = {
+            let (reads, checked): (Vec<(String, StreamId)>, Vec<String>) = {
                 let mut state = inner.state.lock().unwrap();
                 let dirty: Vec<String> = state.dirty.drain().collect();
                 let mut reads = Vec::new();
-                for key in dirty {
-                    let Some(watchers) = state.streams.get(&key) else {
+                for key in &dirty {
+                    let Some(watchers) = state.streams.get(key) else {
                         continue;
                     };
                     let from = watchers
@@ -478,13 +476,13 @@ impl EventHub {
                         .map(|w| w.cursor)
                         .min();
                     match from {
-                        Some(from) => reads.push((key, from)),
+                        Some(from) => reads.push((key.clone(), from)),
                         None => {
-                            state.dirty.insert(key);
+                            state.dirty.insert(key.clone());
                         }
                     }
                 }
-                reads
+                (reads, dirty)
             };
             let replies: Vec<Value> = if reads.is_empty() {
                 Vec::new()
@@ -513,12 +511,14 @@ impl EventHub {
             };
             let now = tokio::time::Instant::now();
             let mut state = inner.state.lock().unwrap();
+            let mut removed = 0;
             for ((key, from), reply) in reads.into_iter().zip(replies) {
                 let entries = parse_entries(reply);
                 let mut again = entries.len() >= READ_BATCH;
                 let Some(watchers) = state.streams.get_mut(&key) else {
                     continue;
                 };
+                let before = watchers.len();
                 watchers.retain_mut(|watcher| {
                     if watcher.cursor < from {
                         // Full when the read was planned: what follows its
@@ -531,15 +531,21 @@ impl EventHub {
                     }
                     deliver(watcher, &entries, now)
                 });
+                removed += before - watchers.len();
                 if again {
                     state.dirty.insert(key);
                 }
             }
             // Watchers that took nothing for the grace are ended; those
-            // still behind are handed more at the next poll.
+            // still behind are handed more at the next poll. Only streams
+            // this poll looked at can hold one: a stream with a full watcher
+            // is dirty again at every poll until none is.
             let grace = inner.limits.slow_grace;
-            let mut behind = Vec::new();
-            state.streams.retain(|key, watchers| {
+            for key in checked {
+                let Some(watchers) = state.streams.get_mut(&key) else {
+                    continue;
+                };
+                let before = watchers.len();
                 watchers.retain(|w| match w.full_since {
                     Some(since) if now.duration_since(since) >= grace => {
                         w.too_slow.store(true, Ordering::Relaxed);
@@ -548,13 +554,15 @@ impl EventHub {
                     }
                     _ => true,
                 });
-                if watchers.iter().any(|w| w.full_since.is_some()) {
-                    behind.push(key.clone());
+                removed += before - watchers.len();
+                let behind = watchers.iter().any(|w| w.full_since.is_some());
+                if watchers.is_empty() {
+                    state.streams.remove(&key);
+                } else if behind {
+                    state.dirty.insert(key);
                 }
-                !watchers.is_empty()
-            });
-            state.dirty.extend(behind);
-            state.open = state.streams.values().map(Vec::len).sum();
+            }
+            state.open -= removed;
             metrics::gauge!("inmail_event_watches", "service" => inner.prefix)
                 .set(state.open as f64);
         }
@@ -563,6 +571,34 @@ impl EventHub {
         state.streams.clear();
         state.open = 0;
     }
+}
+
+/// The next slice of the lost-notice rescan: the keys after `after` in
+/// order (on from the first past the last), as many as make every stream
+/// read once per `period` at one slice per `every`; `after` moves to the
+/// last of them.
+fn rescan_slice<V>(
+    streams: &BTreeMap<String, V>,
+    after: &mut Option<String>,
+    period: Duration,
+    every: Duration,
+) -> Vec<String> {
+    let slices = (period.as_millis() / every.as_millis().max(1)).max(1) as usize;
+    let take = streams.len().div_ceil(slices);
+    let from = match after.take() {
+        Some(key) => Bound::Excluded(key),
+        None => Bound::Unbounded,
+    };
+    let mut keys: Vec<String> = streams
+        .range::<String, _>((from, Bound::Unbounded))
+        .take(take)
+        .map(|(key, _)| key.clone())
+        .collect();
+    // Past the end: on from the start.
+    let short = take - keys.len();
+    keys.extend(streams.keys().take(short).cloned());
+    *after = keys.last().cloned();
+    keys
 }
 
 /// Hands the watcher the `entries` after its cursor while its buffer has
@@ -921,6 +957,32 @@ mod tests {
         assert_eq!(rescan_period(two, 0), two);
         assert_eq!(rescan_period(two, 1000), two);
         assert_eq!(rescan_period(two, 10_000), Duration::from_secs(20));
+    }
+
+    #[test]
+    fn the_rescan_reads_every_stream_once_per_period_a_slice_a_poll() {
+        let streams: BTreeMap<String, ()> = (0..10).map(|i| (format!("k{i}"), ())).collect();
+        let (poll, period) = (Duration::from_millis(50), Duration::from_millis(250));
+        let mut after = None;
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let slice = rescan_slice(&streams, &mut after, period, poll);
+            assert_eq!(slice.len(), 2, "{slice:?}");
+            seen.extend(slice);
+        }
+        let all: Vec<String> = streams.keys().cloned().collect();
+        assert_eq!(seen, all, "one period reads each stream once, in order");
+        // Then it starts over.
+        assert_eq!(
+            rescan_slice(&streams, &mut after, period, poll),
+            ["k0", "k1"]
+        );
+        // A stream added mid-sweep is read in its turn; one removed is not.
+        let mut streams = streams;
+        streams.insert("k15".into(), ());
+        streams.remove("k2");
+        let next = rescan_slice(&streams, &mut after, period, poll);
+        assert_eq!(next, ["k15", "k3"]);
     }
 
     #[test]

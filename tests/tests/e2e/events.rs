@@ -925,6 +925,63 @@ async fn a_retried_send_appends_its_event_again_with_the_same_event_id() {
     assert_eq!(ids[0], ids[1], "the same event, to dedupe by its id");
 }
 
+/// A writer that died between appending an event and its notice (or a
+/// notice trimmed before it was read): the events reach their watchers by
+/// the dispatcher's rescan, which reads every watched stream once per
+/// rescan period (2 s here), a slice each poll. The events are written
+/// straight to the members' streams, with no notice at all: without the
+/// rescan none would arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_whose_notices_were_lost_reach_every_watcher_by_the_rescan() {
+    use prost::Message;
+    let stack = Stack::start_with(with_args(&[])).await;
+    let members: Vec<String> = (0..20).map(|n| format!("lost-{n:02}")).collect();
+    let mut streams = Vec::new();
+    for member in &members {
+        let mut client = stack.messaging_as(member);
+        let mut stream = watch(&mut client, member, "").await.unwrap();
+        first_heartbeat(&mut stream).await;
+        streams.push(stream);
+    }
+    let mut redis = stack.redis.conn().await;
+    for member in &members {
+        let event = pb::InboxEvent {
+            event_id: format!("lost:{member}"),
+            kind: pb::InboxEventKind::Message as i32,
+            conversation_id: format!("conv-{member}"),
+            message: Some(pb::Message {
+                body: format!("for {member}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let _: String = redis::cmd("XADD")
+            .arg(format!("messaging:{{{member}}}:events"))
+            .arg("*")
+            .arg("e")
+            .arg(event.encode_to_vec())
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    // Two rescan periods, and slack for a loaded machine.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (member, stream) in members.iter().zip(&mut streams) {
+        let event = loop {
+            let frame = tokio::time::timeout_at(deadline, stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("{member}'s event never arrived"))
+                .unwrap()
+                .unwrap();
+            if let Some(event) = frame.event {
+                break event;
+            }
+        };
+        assert_eq!(event.event_id, format!("lost:{member}"));
+        assert_eq!(event.message.unwrap().body, format!("for {member}"));
+    }
+}
+
 /// Redis clients connected, over every node.
 async fn redis_clients(stack: &Stack) -> u64 {
     let mut total = 0;
