@@ -31,7 +31,10 @@
 //! WatchInbox streams on one messaging process and prints send → event
 //! latency, CPU and RSS per 1,000 idle watchers and Redis connections,
 //! beside the same run's SendMessage figures without watchers, in
-//! `--watch-rounds` rounds (the median round is the figure).
+//! `--watch-rounds` rounds (the median round and all rounds pooled are the
+//! figures), with each arm's CPU per process and the AOF fsyncs it stalled
+//! on. `TMPDIR=/dev/shm` puts the test Redis's AOF in memory: the same
+//! fsyncs, without this disk's stalls.
 //!
 //! `--scenarios idle --idle-replicas 1,2,4` measures Redis's load with the
 //! services idle at each replica count (every service replicated), on a
@@ -128,7 +131,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     watchers: usize,
     /// Rounds of the `watch` scenario (each without, then with watchers).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     watch_rounds: usize,
     /// Sends per second of the `watch` scenario (with and without watchers).
     #[arg(long, default_value_t = 500)]
@@ -1502,6 +1505,70 @@ async fn paced_sends(
     (histogram, errors.load(Ordering::Relaxed))
 }
 
+/// CPU used so far by each process of the stack and by the bench itself.
+fn cpu_by_process(bench: &Bench) -> Vec<(String, Duration)> {
+    bench
+        .processes
+        .iter()
+        .cloned()
+        .chain([("bench".to_string(), std::process::id())])
+        .map(|(name, pid)| (name, cpu_of(pid)))
+        .collect()
+}
+
+/// Each process's CPU since `start`, in ms per second of `window`.
+fn cpu_since(bench: &Bench, start: &[(String, Duration)], window: Duration) -> Vec<(String, f64)> {
+    cpu_by_process(bench)
+        .into_iter()
+        .zip(start)
+        .map(|((name, now), (_, then))| {
+            (
+                name,
+                now.saturating_sub(*then).as_secs_f64() * 1e3 / window.as_secs_f64(),
+            )
+        })
+        .collect()
+}
+
+/// BGREWRITEAOF, then waits until Redis has finished it.
+async fn rewrite_aof(bench: &Bench) {
+    let mut redis = bench.redis.clone();
+    let _: Result<String, _> = redis::cmd("BGREWRITEAOF").query_async(&mut redis).await;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let busy = info.lines().any(|l| {
+            l.trim() == "aof_rewrite_in_progress:1" || l.trim() == "aof_rewrite_scheduled:1"
+        });
+        if !busy {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The AOF fsyncs Redis waited on longer than its latency monitor's
+/// threshold since the last call (ms each; at most one a second, the
+/// second's longest), and resets them.
+async fn fsync_stalls(bench: &Bench) -> Vec<u64> {
+    let mut redis = bench.redis.clone();
+    let history: Vec<(u64, u64)> = redis::cmd("LATENCY")
+        .arg("HISTORY")
+        .arg("aof-fsync-always")
+        .query_async(&mut redis)
+        .await
+        .unwrap_or_default();
+    let _: Result<u64, _> = redis::cmd("LATENCY")
+        .arg("RESET")
+        .arg("aof-fsync-always")
+        .query_async(&mut redis)
+        .await;
+    history.into_iter().map(|(_, ms)| ms).collect()
+}
+
 /// Redis's `connected_clients`.
 async fn redis_clients(bench: &Bench) -> u64 {
     let info: String = redis::cmd("INFO")
@@ -1515,13 +1582,66 @@ async fn redis_clients(bench: &Bench) -> u64 {
         .unwrap_or(0)
 }
 
+/// One arm of a `watch` round: the sends' latencies and errors, each
+/// process's CPU (ms/s) and the AOF fsyncs Redis stalled on (ms).
+struct Arm {
+    latency: Histogram<u64>,
+    errors: u64,
+    cpu: Vec<(String, f64)>,
+    stalls: Vec<u64>,
+}
+
+impl Arm {
+    /// `--watch-rate` sends for `--duration` to `recipient(i)`, after an
+    /// AOF rewrite.
+    async fn run(
+        bench: &Bench,
+        args: &Args,
+        base: Instant,
+        recipient: impl Fn(u64) -> String,
+    ) -> Self {
+        rewrite_aof(bench).await;
+        fsync_stalls(bench).await;
+        let cpu_start = cpu_by_process(bench);
+        let (latency, errors) =
+            paced_sends(bench, args.watch_rate, args.duration, base, recipient).await;
+        Self {
+            latency,
+            errors,
+            cpu: cpu_since(bench, &cpu_start, args.duration),
+            stalls: fsync_stalls(bench).await,
+        }
+    }
+
+    fn ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn stalls(&self) -> String {
+        match self.stalls.iter().max() {
+            Some(max) => format!("{} (longest {max} ms)", self.stalls.len()),
+            None => "0".into(),
+        }
+    }
+}
+
+/// `with` against `without`, in per cent.
+fn change(with: f64, without: f64) -> f64 {
+    (with / without.max(1e-9) - 1.0) * 100.0
+}
+
+/// Redis's latency monitor threshold in the `watch` scenario: an AOF
+/// fsync that long is counted as a stall of its arm.
+const FSYNC_STALL_MS: u64 = 20;
+
 /// `--scenarios watch`: `--watch-rounds` rounds, each SendMessage at
 /// `--watch-rate` without watchers, then with `--watchers` WatchInbox
 /// streams open on the one messaging process and the same sends to the
 /// watched members (the watchers are closed again between rounds): the
 /// sends' latency with against without in each round (the machine is
-/// shared: the median round is the figure), send → event latency, CPU and
-/// RSS per 1,000 idle watchers, Redis connections.
+/// shared: the median round and all rounds pooled are the figures), each
+/// process's CPU, the AOF fsyncs each arm stalled on, send → event
+/// latency, CPU and RSS per 1,000 idle watchers, Redis connections.
 async fn watch(args: &Args) {
     let mut bench = Bench::start(args, false).await;
     let senders = args.members[0].clamp(1, THROUGH_SERVICES);
@@ -1534,14 +1654,32 @@ async fn watch(args: &Args) {
     ));
     let events = Arc::new(AtomicU64::new(0));
     let idle_window = Duration::from_secs(5);
-    let mut rounds = Vec::new();
-    let mut idle = None;
+    // Redis rewrites its AOF (a fork, and a child writing the whole data
+    // set on one of the two cores) each time the file doubles: at these
+    // sends every 10-20 s, wherever that falls. A cost of the sends, not of
+    // the watchers; landing in one arm at random it decided that arm's p99.
+    // So the bench rewrites it before each arm instead, outside the
+    // measured windows. The other stall of the shipped `appendfsync
+    // always`, an fsync this shared disk answers late (40-70 ms seen), is
+    // counted per arm from Redis's latency monitor and printed beside it.
+    for (key, value) in [
+        ("auto-aof-rewrite-percentage", "0".to_string()),
+        ("latency-monitor-threshold", FSYNC_STALL_MS.to_string()),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut bench.redis.clone())
+            .await
+            .unwrap();
+    }
+    let mut rounds: Vec<(Arm, Arm)> = Vec::new();
+    // Per round: watchers opened, RSS KiB and CPU ms/s per 1,000 idle
+    // watchers, Redis connections without and with them.
+    let mut idle: Vec<(usize, f64, f64, u64, u64)> = Vec::new();
     for round in 0..args.watch_rounds.max(1) {
-        let (alone, alone_errors) =
-            paced_sends(&bench, args.watch_rate, args.duration, base, |i| {
-                format!("unwatched-{round}-{i}")
-            })
-            .await;
+        let alone = Arm::run(&bench, args, base, |i| format!("unwatched-{round}-{i}")).await;
         let clients_before = redis_clients(&bench).await;
         let (rss_before, cpu_before) = (rss_kib(messaging_pid), {
             let start = cpu_of(messaging_pid);
@@ -1561,7 +1699,7 @@ async fn watch(args: &Args) {
         // Each round its own (sender, recipient) pairs: sender i mod S,
         // recipient i + round mod W (W a multiple of S), so no InMail is
         // refused for one still awaiting a response from an earlier round.
-        let (with, with_errors) = paced_sends(&bench, args.watch_rate, args.duration, base, |i| {
+        let with = Arm::run(&bench, args, base, |i| {
             format!("watched-{}", (i + round as u64) % watched)
         })
         .await;
@@ -1570,7 +1708,7 @@ async fn watch(args: &Args) {
             watcher.abort();
         }
         let per_thousand = 1000.0 / opened.max(1) as f64;
-        idle.get_or_insert((
+        idle.push((
             opened,
             (rss_after as f64 - rss_before as f64) * per_thousand,
             (cpu_after.as_secs_f64() - cpu_before.as_secs_f64()) * 1e3 / idle_window.as_secs_f64()
@@ -1579,18 +1717,35 @@ async fn watch(args: &Args) {
             clients_after,
         ));
         println!(
-            "watch round {}: no watchers {:>5} ok p50 {:>6.2} ms p99 {:>6.2} ms errors {alone_errors}; \
-             {opened} watchers {:>5} ok p50 {:>6.2} ms p99 {:>6.2} ms errors {with_errors} \
+            "watch round {}: no watchers {:>5} ok p50 {:>6.2} ms p99 {:>6.2} ms errors {}; \
+             {opened} watchers {:>5} ok p50 {:>6.2} ms p99 {:>6.2} ms errors {} \
              ({:+.1} % p50, {:+.1} % p99)",
             round + 1,
-            alone.len(),
-            ms(&alone, 0.5),
-            ms(&alone, 0.99),
-            with.len(),
-            ms(&with, 0.5),
-            ms(&with, 0.99),
-            (ms(&with, 0.5) / ms(&alone, 0.5).max(1e-9) - 1.0) * 100.0,
-            (ms(&with, 0.99) / ms(&alone, 0.99).max(1e-9) - 1.0) * 100.0,
+            alone.latency.len(),
+            alone.ms(0.5),
+            alone.ms(0.99),
+            alone.errors,
+            with.latency.len(),
+            with.ms(0.5),
+            with.ms(0.99),
+            with.errors,
+            change(with.ms(0.5), alone.ms(0.5)),
+            change(with.ms(0.99), alone.ms(0.99)),
+        );
+        println!(
+            "  AOF fsyncs over {FSYNC_STALL_MS} ms: {} without, {} with watchers",
+            alone.stalls(),
+            with.stalls()
+        );
+        println!(
+            "  CPU during the sends, ms/s without -> with watchers: {}",
+            alone
+                .cpu
+                .iter()
+                .zip(&with.cpu)
+                .map(|((name, a), (_, w))| format!("{name} {a:.0} -> {w:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         rounds.push((alone, with));
         // The closed streams' resources go before the next round.
@@ -1601,19 +1756,54 @@ async fn watch(args: &Args) {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let p50_ratio = median(
-        rounds
-            .iter()
-            .map(|(a, w)| ms(w, 0.5) / ms(a, 0.5).max(1e-9))
-            .collect(),
-    );
-    let p99_ratio = median(
-        rounds
-            .iter()
-            .map(|(a, w)| ms(w, 0.99) / ms(a, 0.99).max(1e-9))
-            .collect(),
-    );
-    let (opened, rss, cpu, clients_before, clients_after) = idle.expect("one round");
+    let median_change = |q: f64| {
+        median(
+            rounds
+                .iter()
+                .map(|(a, w)| change(w.ms(q), a.ms(q)))
+                .collect(),
+        )
+    };
+    let pooled = |with: bool| {
+        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for (alone, watched) in &rounds {
+            all.add(if with {
+                &watched.latency
+            } else {
+                &alone.latency
+            })
+            .unwrap();
+        }
+        all
+    };
+    let (alone, with) = (pooled(false), pooled(true));
+    let clean: Vec<&(Arm, Arm)> = rounds
+        .iter()
+        .filter(|(a, w)| a.stalls.is_empty() && w.stalls.is_empty())
+        .collect();
+    let (opened, clients_before, clients_after) = idle
+        .iter()
+        .map(|&(opened, _, _, before, after)| (opened, before, after))
+        .min()
+        .expect("one round");
+    let rss = median(idle.iter().map(|i| i.1).collect());
+    let cpu = median(idle.iter().map(|i| i.2).collect());
+    let cpu_change = |name: &str| {
+        median(
+            rounds
+                .iter()
+                .map(|(a, w)| {
+                    let of = |arm: &Arm| {
+                        arm.cpu
+                            .iter()
+                            .find(|(n, _)| n == name)
+                            .map_or(0.0, |(_, ms)| *ms)
+                    };
+                    of(w) - of(a)
+                })
+                .collect(),
+        )
+    };
     println!(
         "watch: {opened} watchers on one messaging process, {} sends/s for {:?}, {} rounds",
         args.watch_rate,
@@ -1622,16 +1812,50 @@ async fn watch(args: &Args) {
     );
     println!(
         "  send with watchers / without (median round): p50 {:+.1} %, p99 {:+.1} %",
-        (p50_ratio - 1.0) * 100.0,
-        (p99_ratio - 1.0) * 100.0
+        median_change(0.5),
+        median_change(0.99)
     );
+    println!(
+        "  send, all rounds pooled: without p50 {:.2} ms p99 {:.2} ms; with p50 {:.2} ms p99 {:.2} ms ({:+.1} %, {:+.1} %)",
+        ms(&alone, 0.5),
+        ms(&alone, 0.99),
+        ms(&with, 0.5),
+        ms(&with, 0.99),
+        change(ms(&with, 0.5), ms(&alone, 0.5)),
+        change(ms(&with, 0.99), ms(&alone, 0.99)),
+    );
+    if !clean.is_empty() {
+        println!(
+            "  rounds with no AOF fsync over {FSYNC_STALL_MS} ms in either arm: {} of {}; their median p50 {:+.1} %, p99 {:+.1} %",
+            clean.len(),
+            rounds.len(),
+            median(
+                clean
+                    .iter()
+                    .map(|(a, w)| change(w.ms(0.5), a.ms(0.5)))
+                    .collect()
+            ),
+            median(
+                clean
+                    .iter()
+                    .map(|(a, w)| change(w.ms(0.99), a.ms(0.99)))
+                    .collect()
+            ),
+        );
+    }
     println!(
         "  send -> event:       {:>6} events  p50 {:>7.2} ms  p99 {:>7.2} ms",
         events.load(Ordering::Relaxed),
         ms(&latencies, 0.5),
         ms(&latencies, 0.99)
     );
-    println!("  per 1,000 idle watchers: RSS {rss:+.0} KiB, CPU {cpu:.1} ms/s");
+    println!(
+        "  CPU during the sends, with watchers - without (median round): messaging {:+.0} ms/s, redis {:+.0} ms/s, the load tool {:+.0} ms/s",
+        cpu_change("messaging"),
+        cpu_change("redis"),
+        cpu_change("bench")
+    );
+    println!("  per 1,000 idle watchers (median round): RSS {rss:+.0} KiB, CPU {cpu:.1} ms/s");
     println!("  Redis connections: {clients_before} without watchers, {clients_after} with them");
 }
 
