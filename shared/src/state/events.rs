@@ -499,7 +499,7 @@ impl EventHub {
                             .clone(),
                     );
                 }
-                match inner.redis.run_bulk(&batch).await {
+                match inner.redis.read_bulk(&batch).await {
                     Ok(replies) => replies,
                     Err(err) => {
                         tracing::debug!(error = %err, "event read failed; retrying");
@@ -751,7 +751,7 @@ async fn last_ids(redis: &Redis, keys: &[(String, StreamId)]) -> Result<Vec<Stre
                 .clone(),
         );
     }
-    let replies: Vec<Value> = redis.run_bulk(&batch).await?;
+    let replies: Vec<Value> = redis.read_bulk(&batch).await?;
     Ok(replies
         .into_iter()
         .map(|r| parse_entries(r).first().map(|e| e.id).unwrap_or_default())
@@ -775,7 +775,7 @@ async fn read_notices(
                 .clone(),
         );
     }
-    let replies: Vec<Value> = redis.run_bulk(&batch).await?;
+    let replies: Vec<Value> = redis.read_bulk(&batch).await?;
     let mut keys = HashSet::new();
     for ((_, position), reply) in after.iter_mut().zip(replies) {
         for entry in parse_entries(reply) {

@@ -5,3 +5,4 @@
 
 mod billing;
 mod messaging;
+mod storage;

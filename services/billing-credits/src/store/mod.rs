@@ -404,7 +404,7 @@ impl BillingStore {
                     .clone(),
             );
         }
-        let replies: Vec<redis::Value> = self.redis.run_bulk(&batch).await?;
+        let replies: Vec<redis::Value> = self.redis.read_bulk(&batch).await?;
         Ok(members
             .iter()
             .zip(replies)

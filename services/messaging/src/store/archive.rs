@@ -60,7 +60,7 @@ impl MessagingStore {
                     .clone(),
             );
         }
-        let archs: Vec<Option<String>> = self.redis.run_bulk(&batch).await?;
+        let archs: Vec<Option<String>> = self.redis.read_bulk(&batch).await?;
         let oldest_ids = self.timeline_heads(convs, 1).await?;
         let times = self.sent_times(&flatten(convs, &oldest_ids)).await?;
         let mut times = times.into_iter();
@@ -111,7 +111,7 @@ impl MessagingStore {
             Vec::new().into_iter()
         } else {
             self.redis
-                .run_bulk::<Vec<HashMap<String, String>>>(&batch)
+                .read_bulk::<Vec<HashMap<String, String>>>(&batch)
                 .await?
                 .into_iter()
         };
@@ -160,7 +160,7 @@ impl MessagingStore {
                     .clone(),
             );
         }
-        self.redis.run_bulk(&batch).await
+        self.redis.read_bulk(&batch).await
     }
 
     /// When each (conversation, message id) was sent (`None`: gone).
@@ -180,7 +180,7 @@ impl MessagingStore {
                     .clone(),
             );
         }
-        self.redis.run_bulk(&batch).await
+        self.redis.read_bulk(&batch).await
     }
 
     /// Removes each conversation's archived messages (oldest first,

@@ -52,7 +52,7 @@ impl MessagingStore {
         for conv in convs {
             batch.add(redis::cmd("HGETALL").arg(keys::conv(conv)).clone());
         }
-        let pairs: Vec<HashMap<String, String>> = self.redis.run_bulk(&batch).await?;
+        let pairs: Vec<HashMap<String, String>> = self.redis.read_bulk(&batch).await?;
         let records: Vec<ConversationRecord> =
             pairs.iter().map(ConversationRecord::from_fields).collect();
         let mut batch = Batch::new();
@@ -60,7 +60,7 @@ impl MessagingStore {
             let last = record.last_message_id.as_deref().unwrap_or("-");
             batch.add(redis::cmd("HGETALL").arg(keys::msg(conv, last)).clone());
         }
-        let lasts: Vec<HashMap<String, String>> = self.redis.run_bulk(&batch).await?;
+        let lasts: Vec<HashMap<String, String>> = self.redis.read_bulk(&batch).await?;
         Ok(records
             .into_iter()
             .zip(lasts)
@@ -104,7 +104,7 @@ impl MessagingStore {
             for (id, _) in chunk {
                 batch.add(redis::cmd("HGETALL").arg(keys::msg(conv, id)).clone());
             }
-            let bodies: Vec<HashMap<String, String>> = self.redis.run_bulk(&batch).await?;
+            let bodies: Vec<HashMap<String, String>> = self.redis.read_bulk(&batch).await?;
             for ((id, seq), fields) in chunk.iter().zip(bodies) {
                 let Some(message) = StoredMessage::from_fields(id, fields) else {
                     // Archived since the timeline was read: this message and
