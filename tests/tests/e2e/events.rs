@@ -337,6 +337,8 @@ async fn a_watcher_that_does_not_read_is_ended_resource_exhausted_and_others_go_
         "5ms",
         "--stream-lifetime",
         "40s",
+        "--max-watches",
+        "3",
     ]))
     .await;
     connect(&stack, "sam", "rae").await;
@@ -399,6 +401,12 @@ async fn a_watcher_that_does_not_read_is_ended_resource_exhausted_and_others_go_
         "{}",
         &rest[0][..8]
     );
+    // The ended watch gave its place back: with `fast` and `again` open,
+    // a third fits under --max-watches 3.
+    let mut third = watch(&mut sender, "sam", "")
+        .await
+        .expect("the ended slow watch's place is free");
+    first_heartbeat(&mut third).await;
 }
 
 // WatchBalance and SetLowBalanceAlert.
